@@ -1,0 +1,35 @@
+# The two commands of README.md. Both create .venv on first use from the pinned lock file,
+# so a fresh machine needs nothing but python3 (3.11) and this repository.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+export NO_ALBUMENTATIONS_UPDATE := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export HF_HUB_OFFLINE := 1
+
+.PHONY: demo test lint bench clean-demo
+
+# --no-deps: the lock is complete, and it keeps img2dataset's `dataclasses` backport (which shadows
+# the standard library and breaks Prefect) out of the environment.
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --no-deps -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/curate demo configs/demo.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check pipeline flows tests bench
+
+bench: $(STAMP)
+	$(BIN)/python bench/download_throughput.py
+
+clean-demo:
+	rm -rf runs/demo

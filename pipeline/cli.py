@@ -1,0 +1,168 @@
+"""``curate``: the command line. Stages run directly; ``run`` and ``demo`` go through the Prefect flow.
+
+    curate run CONFIG [--set KEY=VALUE ...]      the curate flow (Prefect, no server needed)
+    curate download CONFIG [--set ...]           the download stage alone, without Prefect
+    curate demo CONFIG                           the offline demo: image server + the flow
+    curate query POOL SQL | --name NAME [--config CONFIG] [--format table|csv|json]
+    curate stats POOL [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ConfigError, load_config
+from pipeline.store.parquet import Pool
+
+
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. download.processes=4")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _existing_pool(path: str) -> Pool:
+    pool = Pool(path)
+    if not (pool.root / "completions").is_dir():
+        raise SystemExit(f"curate: {path}: not a pool (no completions/ directory); run a stage first")
+    return pool
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows.curate import run
+
+    run(args.config, _overrides(args.set))
+    cfg = load_config(args.config, _overrides(args.set))
+    return _print_stats(Pool(cfg.pool))
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from pipeline.download import run_download
+    from pipeline.engines import get_engine
+
+    cfg = load_config(args.config, _overrides(args.set))
+    run_download(Pool(cfg.pool), cfg.download, get_engine(cfg))
+    return _print_stats(Pool(cfg.pool))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline.devserver import DemoImageServer, rewrite_url_list
+
+    cfg = load_config(args.config)
+    if cfg.demo is None:
+        raise ConfigError(f"{args.config}: has no `demo` section; use `curate run` for real URL lists")
+    with DemoImageServer(port=cfg.demo.port, slow_seconds=cfg.demo.slow_seconds) as server:
+        urls = Path(cfg.download.input)
+        if not urls.exists():
+            n = rewrite_url_list(Path(cfg.demo.source), urls, server.base_url, cfg.demo.url_col, cfg.demo.caption_col)
+            print(f"demo: {n} URLs of {cfg.demo.source} now point at generated images on {server.base_url}")
+        from flows.curate import run
+
+        run(args.config)
+    _print_stats(Pool(cfg.pool))
+    print(f"\ndemo pool: {Path(cfg.pool).resolve()}")
+    print(f'try: curate query {cfg.pool} "select status, count(*) from download group by 1"')
+    return 0
+
+
+def _print_stats(pool: Pool) -> int:
+    from pipeline.query import format_stats, stats
+
+    print(format_stats(stats(pool)))
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from pipeline.query import format_stats, stats
+
+    report = stats(_existing_pool(args.pool))
+    print(json.dumps(report, indent=2, default=str) if args.json else format_stats(report))
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from pipeline.query import connect
+
+    sql = args.sql
+    if args.name:
+        if not args.config:
+            raise SystemExit("curate query: --name needs --config CONFIG (where the saved queries live)")
+        saved = load_config(args.config).queries
+        if args.name not in saved:
+            raise SystemExit(f"curate query: no saved query {args.name!r}; the config has {sorted(saved)}")
+        sql = saved[args.name]
+    if not sql:
+        raise SystemExit("curate query: give SQL or --name NAME")
+    con = connect(_existing_pool(args.pool))
+    try:
+        relation = con.sql(sql)
+    except Exception as exc:
+        raise SystemExit(f"curate query: {exc}") from None
+    if args.format == "table":
+        relation.show(max_rows=args.max_rows, max_width=200)
+        return 0
+    table = relation.fetch_arrow_table()
+    if args.format == "csv":
+        import pyarrow.csv as pacsv
+
+        pacsv.write_csv(table, sys.stdout.buffer)
+    else:
+        for row in table.to_pylist():
+            print(json.dumps(row, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="curate", description="Curate CLIP training sets.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, fn, text in (("run", cmd_run, "run the curate flow"),
+                           ("download", cmd_download, "run the download stage alone")):  # fmt: skip
+        p = sub.add_parser(name, help=text)
+        p.add_argument("config")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+        p.set_defaults(fn=fn)
+    p = sub.add_parser("demo", help="the offline demo: generated images, the real stages")
+    p.add_argument("config", nargs="?", default="configs/demo.yaml")
+    p.set_defaults(fn=cmd_demo)
+    p = sub.add_parser("query", help="SQL over a pool's DuckDB views")
+    p.add_argument("pool")
+    p.add_argument("sql", nargs="?")
+    p.add_argument("--name", help="a saved query of the config's `queries`")
+    p.add_argument("--config", help="config holding saved queries")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument("--max-rows", type=int, default=100)
+    p.set_defaults(fn=cmd_query)
+    p = sub.add_parser("stats", help="counts per stage and status")
+    p.add_argument("pool")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_stats)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from pipeline.download import InputError
+    from pipeline.engines.base import ShardFailures
+
+    try:
+        return args.fn(args)
+    except (ConfigError, InputError, ShardFailures) as exc:
+        print(f"curate: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # a pool/config mismatch, say: the message names what
+        print(f"curate: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,274 @@
+"""Frozen, keyword-only stage configs and the one YAML reader of the project.
+
+Validation is pydantic's (already a dependency through Prefect, and well kept): it checks types,
+``Literal`` choices and unknown keys for plain frozen dataclasses, so configs stay ordinary
+dataclasses that pickle to worker processes and Spark executors. Each ``__post_init__`` checks the
+value ranges and names the key in its message. Disabled means ``None``, never a sentinel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+
+_STRICT = ConfigDict(extra="forbid")
+
+ResizeMode = Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"]
+InputFormat = Literal["parquet", "csv", "tsv", "jsonl"]
+
+
+class ConfigError(ValueError):
+    """A config file or value is invalid; the message names the file and the key."""
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"{key}: {message}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DownloadConfig:
+    """How img2dataset fetches the URL list into WebDataset shards.
+
+    The defaults follow DataComp's download (``keep_ratio_largest`` at 512 px, only shrinking): the
+    original is kept up to a longest side of ``image_size``, so later stages still see the real
+    ``original_width``/``original_height`` that DataComp's basic filter needs.
+
+    Attributes:
+        input: Path of the URL list (Parquet, CSV, TSV or JSONL). Relative paths are relative to the
+            working directory.
+        input_format: File format; ``None`` infers it from the file extension.
+        url_col: Column holding the image URL.
+        caption_col: Column holding the caption; ``None`` for a list without captions.
+        image_size: Target side in pixels for ``resize_mode``.
+        resize_mode: One of img2dataset's resize modes.
+        resize_only_if_bigger: Never upscale.
+        encode_format: Image format written into the shards.
+        encode_quality: JPEG/WebP quality of re-encoded images.
+        min_image_size: Drop images whose shorter side is below this (img2dataset), 0 disables.
+        max_aspect_ratio: Drop images with ``max(w, h) / min(w, h)`` above this; ``None`` disables.
+        max_image_area: Drop images with more pixels than this (decompression bombs).
+        timeout: Seconds to wait for one URL.
+        retries: Extra attempts per URL after a failure.
+        samples_per_shard: Input rows per shard; the shard is the unit of work, retry and resume.
+        processes: Worker processes (each downloads one shard at a time).
+        threads: Download threads per process.
+        shards_per_task: Shards per orchestrator task (one Prefect task each).
+        user_agent_token: Token added to the User-Agent so sites can opt out (img2dataset's).
+        disallowed_header_directives: X-Robots-Tag directives that make a URL opt out.
+    """
+
+    __pydantic_config__ = _STRICT
+
+    input: str
+    input_format: InputFormat | None = None
+    url_col: str = "url"
+    caption_col: str | None = "caption"
+    image_size: int = 512
+    resize_mode: ResizeMode = "keep_ratio_largest"
+    resize_only_if_bigger: bool = True
+    encode_format: Literal["jpg", "png", "webp"] = "jpg"
+    encode_quality: int = 95
+    min_image_size: int = 0
+    max_aspect_ratio: float | None = None
+    max_image_area: int = 89_478_485  # Pillow's decompression-bomb limit
+    timeout: float = 10.0
+    retries: int = 0
+    samples_per_shard: int = 10_000
+    processes: int = 2
+    threads: int = 32
+    shards_per_task: int = 8
+    user_agent_token: str | None = None
+    disallowed_header_directives: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
+
+    def __post_init__(self) -> None:
+        _require(bool(self.input), "input", "must name a URL list file")
+        _require(bool(self.url_col), "url_col", "must not be empty")
+        _require(self.image_size > 0, "image_size", f"must be > 0, got {self.image_size}")
+        _require(1 <= self.encode_quality <= 100, "encode_quality", "must be in 1..100")
+        _require(self.min_image_size >= 0, "min_image_size", "must be >= 0")
+        _require(
+            self.max_aspect_ratio is None or self.max_aspect_ratio >= 1.0,
+            "max_aspect_ratio",
+            "must be >= 1.0 or null",
+        )
+        _require(self.max_image_area > 0, "max_image_area", "must be > 0")
+        _require(self.timeout > 0, "timeout", f"must be > 0 seconds, got {self.timeout}")
+        _require(self.retries >= 0, "retries", "must be >= 0")
+        _require(self.samples_per_shard > 0, "samples_per_shard", "must be > 0")
+        _require(self.processes > 0, "processes", "must be > 0")
+        _require(self.threads > 0, "threads", "must be > 0")
+        _require(self.shards_per_task > 0, "shards_per_task", "must be > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FlowConfig:
+    """Orchestration settings used by ``flows/`` only; the library ignores them.
+
+    Attributes:
+        task_retries: Prefect retries of a failed shard-batch task.
+        task_retry_delay_s: Seconds between those retries.
+        task_concurrency: Shard-batch tasks run at once. Each task already uses
+            ``download.processes`` processes, so 1 suits one machine.
+    """
+
+    __pydantic_config__ = _STRICT
+
+    task_retries: int = 1
+    task_retry_delay_s: float = 2.0
+    task_concurrency: int = 1
+
+    def __post_init__(self) -> None:
+        _require(self.task_retries >= 0, "task_retries", "must be >= 0")
+        _require(self.task_retry_delay_s >= 0, "task_retry_delay_s", "must be >= 0")
+        _require(self.task_concurrency > 0, "task_concurrency", "must be > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoConfig:
+    """The offline demo (``curate demo``): a loopback server generates an image for every URL of a
+    bundled list, which is rewritten to point at it (see :mod:`pipeline.devserver`).
+
+    Attributes:
+        source: The real URL list whose URLs are rewritten.
+        url_col: Its URL column.
+        caption_col: Its caption column.
+        port: Fixed loopback port, so a re-run of the demo resumes against the same URLs.
+        slow_seconds: Delay of the server's deliberately slow answers (beyond the demo's timeout).
+    """
+
+    __pydantic_config__ = _STRICT
+
+    source: str = "data/laion_10k.parquet"
+    url_col: str = "URL"
+    caption_col: str = "TEXT"
+    port: int = 18765
+    slow_seconds: float = 3.0
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.port < 65536, "port", f"must be a TCP port (0-65535), got {self.port}")
+        _require(self.slow_seconds >= 0, "slow_seconds", "must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineConfig:
+    """One curation run: where the pool lives, which engine runs it, and each stage's config.
+
+    Attributes:
+        pool: Directory of the pool (created if missing).
+        engine: ``local`` (processes on this machine) or ``spark``.
+        download: The download stage.
+        flow: Orchestration settings.
+        queries: Saved named SQL queries for ``curate query POOL --name NAME``.
+        demo: Set only for the bundled offline demo.
+    """
+
+    __pydantic_config__ = _STRICT
+
+    pool: str
+    engine: Literal["local", "spark"] = "local"
+    download: DownloadConfig
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    queries: dict[str, str] = field(default_factory=dict)
+    demo: DemoConfig | None = None
+
+    def __post_init__(self) -> None:
+        _require(bool(self.pool), "pool", "must name a directory")
+
+
+_ADAPTER: TypeAdapter[PipelineConfig] | None = None
+_SECTIONS = {"DownloadConfig": DownloadConfig, "FlowConfig": FlowConfig, "DemoConfig": DemoConfig}
+
+
+def _format_error(err: Any, data: Any, source: str) -> str:
+    loc = [str(part) for part in err["loc"]]
+    if err["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+        key = loc[-1]
+        known = _known_keys(loc[:-1])
+        hint = difflib.get_close_matches(key, known, n=1)
+        suggestion = f" (did you mean {hint[0]!r}?)" if hint else f" (known keys: {', '.join(known)})"
+        return f"{source}: {'.'.join(loc)}: unknown key{suggestion}"
+    if err["type"] == "missing_argument" or err["type"] == "missing":
+        return f"{source}: {'.'.join(loc)}: required key is missing"
+    prefix = ".".join(loc)
+    if err["type"] == "value_error":
+        # A __post_init__ message starts with the field name; join it to the section path.
+        msg = err["msg"].removeprefix("Value error, ")
+        return f"{source}: {prefix + '.' if prefix else ''}{msg}"
+    return f"{source}: {prefix}: {err['msg']} (got {err.get('input')!r})"
+
+
+def _known_keys(path: list[str]) -> list[str]:
+    cls: Any = PipelineConfig
+    for part in path:
+        cls = {f.name: f.type for f in dataclasses.fields(cls)}.get(part)
+        cls = _SECTIONS.get(str(cls).replace(" | None", ""), cls)
+        if not dataclasses.is_dataclass(cls):
+            return []
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def parse_config(data: Any, source: str = "<config>") -> PipelineConfig:
+    """Validate a mapping into a :class:`PipelineConfig`.
+
+    Raises:
+        ConfigError: naming ``source`` and the dotted key of the first problem.
+    """
+    global _ADAPTER
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    if _ADAPTER is None:
+        _ADAPTER = TypeAdapter(PipelineConfig)
+    try:
+        return _ADAPTER.validate_python(data)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        # An unknown key explains a "missing" one next to it (a typo), so report it first.
+        errors.sort(key=lambda e: e["type"] not in ("unexpected_keyword_argument", "extra_forbidden"))
+        raise ConfigError(_format_error(errors[0], data, source)) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Read a YAML config file; ``overrides`` maps dotted keys (``download.processes``) to values."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        raise ConfigError(f"{path}: config file is empty")
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return parse_config(data, str(path))
+
+
+def config_dict(cfg: Any, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A config dataclass as a plain dict, without the ``exclude`` fields."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in exclude}
+
+
+def config_hash(cfg: Any, exclude: tuple[str, ...] = ()) -> str:
+    """sha256 (16 hex digits) of a config's canonical JSON: equal configs give equal hashes.
+
+    ``exclude`` names fields that do not change a stage's output (worker counts, say), so changing
+    them does not invalidate finished shards.
+    """
+    blob = json.dumps(config_dict(cfg, exclude), sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,187 @@
+"""A loopback HTTP server that serves a deterministic generated image for every demo URL.
+
+The web is unreachable where the demo and the tests run, so the demo rewrites each real URL of the
+bundled LAION sample to ``http://127.0.0.1:PORT/img/<token>.jpg`` (``token`` = the first 16 hex
+digits of ``md5(url)``) and runs the real download stage against this server. Everything a URL gets
+follows from its token, so two runs serve identical bytes:
+
+- most URLs get a JPEG of varied size (long side 64-800 px) and aspect ratio (about 1:4 to 4:1);
+- about 2% share one of 50 images with other URLs (exact duplicates, for deduplication);
+- about 1.5% answer 404, 1% a truncated JPEG, 1% an HTML page, 0.5% only after ``slow_seconds``
+  (longer than the demo's timeout).
+
+This module is independent of the rest of ``pipeline`` (stdlib and Pillow only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+# Failure classes by token bucket (per mille), in order.
+KINDS = (("missing", 15), ("truncated", 10), ("not_image", 10), ("slow", 5), ("duplicate", 20))
+
+
+def token_for(url: str) -> str:
+    return hashlib.md5(url.encode("utf-8"), usedforsecurity=False).hexdigest()[:16]
+
+
+def kind_of(token: str) -> str:
+    """What the server does for ``token``: ``ok`` or one of the failure/duplicate classes."""
+    bucket = int(token, 16) % 1000
+    edge = 0
+    for kind, share in KINDS:
+        edge += share
+        if bucket < edge:
+            return kind
+    return "ok"
+
+
+def image_bytes(seed: int) -> bytes:
+    """A JPEG drawn from ``seed``: size, aspect ratio, colours and shapes all follow from it."""
+    from PIL import Image, ImageDraw
+
+    rng = _Rng(seed)
+    long_side = 64 + rng.next() % 737
+    ratio = math.exp((rng.next() % 2801 - 1400) / 1000)  # about 1:4 .. 4:1
+    width = max(8, round(long_side if ratio >= 1 else long_side * ratio))
+    height = max(8, round(long_side / ratio if ratio >= 1 else long_side))
+    bg = tuple(rng.next() % 256 for _ in range(3))
+    img = Image.new("RGB", (width, height), bg)
+    draw = ImageDraw.Draw(img)
+    for _ in range(1 + rng.next() % 5):
+        x0, y0 = rng.next() % width, rng.next() % height
+        x1, y1 = x0 + 1 + rng.next() % width, y0 + 1 + rng.next() % height
+        fill = tuple(rng.next() % 256 for _ in range(3))
+        (draw.ellipse if rng.next() % 2 else draw.rectangle)((x0, y0, x1, y1), fill=fill)
+    out = io.BytesIO()
+    img.save(out, format="JPEG", quality=85)
+    return out.getvalue()
+
+
+class _Rng:
+    """xorshift64: tiny, deterministic across Python versions (``random`` seeding is not promised)."""
+
+    def __init__(self, seed: int):
+        self.state = (seed & 0xFFFFFFFFFFFFFFFF) or 0x9E3779B97F4A7C15
+
+    def next(self) -> int:
+        x = self.state
+        x ^= (x << 13) & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 7
+        x ^= (x << 17) & 0xFFFFFFFFFFFFFFFF
+        self.state = x
+        return x
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: DemoImageServer._HTTPServer  # type: ignore[name-defined]
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        parts = self.path.strip("/").split("/")
+        if len(parts) != 2 or parts[0] != "img" or not parts[1].endswith(".jpg"):
+            return self._send(404, b"not found", "text/plain")
+        token = parts[1].removesuffix(".jpg")
+        try:
+            seed = int(token, 16)
+        except ValueError:
+            return self._send(404, b"not found", "text/plain")
+        kind = kind_of(token)
+        if kind == "missing":
+            return self._send(404, b"not found", "text/plain")
+        if kind == "not_image":
+            return self._send(200, b"<html><body>This is not an image</body></html>", "text/html")
+        if kind == "duplicate":
+            seed = seed // 1000 % 50  # one of 50 shared images
+        body = image_bytes(seed)
+        if kind == "truncated":
+            body = body[: len(body) // 3]
+        if kind == "slow":
+            time.sleep(self.server.slow_seconds)
+        elif self.server.latency_seconds:
+            time.sleep(self.server.latency_seconds)
+        return self._send(200, body, "image/jpeg")
+
+    def _send(self, code: int, body: bytes, content_type: str) -> None:
+        try:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
+            pass
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        return
+
+
+class DemoImageServer:
+    """Serve generated images on loopback in a background thread; use as a context manager."""
+
+    class _HTTPServer(ThreadingHTTPServer):
+        daemon_threads = True
+        request_queue_size = 256  # many downloader threads connect at once
+        slow_seconds = 3.0
+        latency_seconds = 0.0
+
+    def __init__(
+        self, port: int = 0, slow_seconds: float = 3.0, host: str = "127.0.0.1", latency_seconds: float = 0.0
+    ):
+        """Args:
+        port: TCP port on loopback; 0 picks a free one.
+        slow_seconds: Delay of the deliberately slow answers.
+        host: Address to bind (keep it on loopback).
+        latency_seconds: Delay added to every other image answer, to pace a test run.
+        """
+        try:
+            self._server = self._HTTPServer((host, port), _Handler)
+        except OSError as exc:
+            raise OSError(f"demo image server: cannot listen on {host}:{port}: {exc}") from exc
+        self._server.slow_seconds = slow_seconds
+        self._server.latency_seconds = latency_seconds
+        self._thread = threading.Thread(target=self._server.serve_forever, name="demo-images", daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def url_for(self, url: str) -> str:
+        return f"{self.base_url}/img/{token_for(url)}.jpg"
+
+    def __enter__(self) -> DemoImageServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def rewrite_url_list(src: Path, dst: Path, base_url: str, url_col: str = "URL", caption_col: str = "TEXT") -> int:
+    """Write ``dst`` (Parquet: url, caption, source_url) pointing every row of ``src`` at the server.
+
+    Rows whose URL is not http(s) keep it, so the download stage's refusal of other schemes shows.
+    Returns the number of rows written.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(src, columns=[url_col, caption_col])
+    urls = table[url_col].to_pylist()
+    rewritten = [
+        f"{base_url}/img/{token_for(u)}.jpg" if u and u.lower().startswith(("http://", "https://")) else u
+        for u in urls
+    ]
+    out = pa.table({"url": rewritten, "caption": table[caption_col], "source_url": urls})
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    pq.write_table(out, tmp)
+    tmp.replace(dst)
+    return out.num_rows

@@ -1,0 +1,1 @@
+"""Pool storage: Arrow schemas, atomic Parquet tables, completion markers, WebDataset shards."""

@@ -1,0 +1,212 @@
+"""The pool on disk: per-stage Parquet tables, completion markers and the manifest.
+
+Layout of one pool directory::
+
+    input/urls.parquet            the validated URL list with uids (written once)
+    input/plan.json               source file, its sha256, row and shard counts
+    shards/{shard:05d}.tar        WebDataset shard (.jpg/.txt/.json per sample)
+    shards/{shard:05d}.parquet    img2dataset's sidecar for the shard
+    shards/{shard:05d}_stats.json img2dataset's per-shard stats
+    tables/<stage>/{shard:05d}.parquet
+    completions/<stage>/{shard:05d}.json   written last: the shard is done for that stage
+    manifest.json                 rebuilt from the completions after each run
+
+Every write goes to a temporary name in the same directory and is renamed into place (atomic on
+POSIX), so a killed run leaves either the old file or the new one, never half of one. A shard counts
+as done only once its completion marker exists (datatrove's ``completions/{rank:05d}`` habit), and
+a re-run redoes exactly the shards without one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.store.schema import STAGE_SCHEMAS
+
+TRACKED_PACKAGES = (
+    "clipcurate", "img2dataset", "webdataset", "pyarrow", "duckdb", "prefect", "numpy", "pillow",
+    "open_clip_torch", "torch", "faiss-cpu", "pyspark",
+)  # fmt: skip
+
+
+def shard_name(shard: int) -> str:
+    """The zero-padded name every per-shard file uses."""
+    return f"{shard:05d}"
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path``; on success rename it over ``path``, else remove it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_parquet_atomic(path: Path, table: pa.Table, **options: Any) -> None:
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd", **options)
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+class Pool:
+    """A pool directory and the rules for writing into it. Cheap to create; holds no open files."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"Pool({str(self.root)!r})"
+
+    # paths --------------------------------------------------------------------------------
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def input_path(self) -> Path:
+        return self.root / "input" / "urls.parquet"
+
+    @property
+    def plan_path(self) -> Path:
+        return self.root / "input" / "plan.json"
+
+    @property
+    def staging_dir(self) -> Path:
+        return self.root / "_staging"
+
+    def shard_tar(self, shard: int) -> Path:
+        return self.root / "shards" / f"{shard_name(shard)}.tar"
+
+    def table_dir(self, stage: str) -> Path:
+        return self.root / "tables" / stage
+
+    def table_path(self, stage: str, shard: int) -> Path:
+        return self.table_dir(stage) / f"{shard_name(shard)}.parquet"
+
+    def marker_path(self, stage: str, shard: int) -> Path:
+        return self.root / "completions" / stage / f"{shard_name(shard)}.json"
+
+    # completion ---------------------------------------------------------------------------
+    def completed(self, stage: str) -> dict[int, dict[str, Any]]:
+        """Completion markers of ``stage`` by shard id."""
+        done = {}
+        for path in sorted((self.root / "completions" / stage).glob("[0-9]*.json")):
+            done[int(path.stem)] = json.loads(path.read_text())
+        return done
+
+    def is_done(self, stage: str, shard: int, config_hash: str | None = None) -> bool:
+        path = self.marker_path(stage, shard)
+        if not path.exists():
+            return False
+        return config_hash is None or json.loads(path.read_text()).get("config_hash") == config_hash
+
+    def mark_done(self, stage: str, shard: int, config_hash: str, counts: dict[str, int]) -> None:
+        """Write the completion marker: the last write of a shard's stage."""
+        marker = {"shard": shard, "config_hash": config_hash, "counts": counts, "finished_at": time.time()}
+        write_json_atomic(self.marker_path(stage, shard), marker)
+
+    def check_stage_config(self, stage: str, config: dict[str, Any], config_hash: str) -> None:
+        """Record the config a stage first ran with; refuse to mix shards made with another.
+
+        Raises:
+            ValueError: finished shards of ``stage`` were made with a different config; the message
+                names the keys that differ.
+        """
+        path = self.root / "completions" / stage / "config.json"
+        if path.exists():
+            recorded = json.loads(path.read_text())
+            if recorded["config_hash"] != config_hash and self.completed(stage):
+                old = recorded["config"]
+                changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+                diffs = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in changed)
+                raise ValueError(
+                    f"{self.root}: {len(self.completed(stage))} shard(s) of stage {stage!r} were made with "
+                    f"another config ({diffs}). Use a new pool directory, or delete "
+                    f"{self.root / 'completions' / stage} to redo the stage."
+                )
+            if recorded["config_hash"] == config_hash:
+                return
+        write_json_atomic(path, {"config_hash": config_hash, "config": config})
+
+    # tables -------------------------------------------------------------------------------
+    def write_table(self, stage: str, shard: int, table: pa.Table) -> Path:
+        schema = STAGE_SCHEMAS.get(stage)
+        if schema is not None and not table.schema.equals(schema):
+            raise ValueError(f"{stage} table for shard {shard} does not match its schema:\n{table.schema}")
+        path = self.table_path(stage, shard)
+        write_parquet_atomic(path, table)
+        return path
+
+    def read_table(self, stage: str, columns: list[str] | None = None) -> pa.Table:
+        """All completed shards of a stage's table, in shard order."""
+        paths = [self.table_path(stage, s) for s in sorted(self.completed(stage))]
+        if not paths:
+            schema = STAGE_SCHEMAS.get(stage, pa.schema([]))
+            return schema.empty_table() if columns is None else schema.empty_table().select(columns)
+        return pa.concat_tables(pq.read_table(p, columns=columns) for p in paths)
+
+    def stages(self) -> list[str]:
+        """Stages with at least one completed shard."""
+        base = self.root / "completions"
+        return sorted(p.name for p in base.iterdir() if any(p.glob("[0-9]*.json"))) if base.exists() else []
+
+    # manifest -----------------------------------------------------------------------------
+    def read_plan(self) -> dict[str, Any] | None:
+        return json.loads(self.plan_path.read_text()) if self.plan_path.exists() else None
+
+    def update_manifest(self, extra: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Rebuild manifest.json from the completion markers (the markers are the truth)."""
+        plan = self.read_plan()
+        stages: dict[str, Any] = {}
+        for stage in self.stages():
+            done = self.completed(stage)
+            counts: dict[str, int] = {}
+            for marker in done.values():
+                for k, v in marker["counts"].items():
+                    counts[k] = counts.get(k, 0) + v
+            stages[stage] = {
+                "config_hash": sorted({m["config_hash"] for m in done.values()}),
+                "shards_done": sorted(done),
+                "shards_planned": plan["num_shards"] if plan else None,
+                "counts": counts,
+            }
+        manifest = {
+            "pool": str(self.root.resolve()),
+            "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "input": plan,
+            "stages": stages,
+            "package_versions": package_versions(),
+        }
+        if extra is not None:
+            extra(manifest)
+        write_json_atomic(self.manifest_path, manifest)
+        return manifest

@@ -1,0 +1,88 @@
+"""Column contracts: every column name and Arrow schema a stage reads or writes lives here.
+
+A sample is identified across every table of a pool by ``uid`` (see :func:`pipeline.store.schema.make_uid`).
+Stages declare the columns they read and write as module constants below, so a change of contract is
+one edit in one place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pyarrow as pa
+
+UID = "uid"
+SHARD = "shard"
+KEY = "key"
+ROW = "row"
+URL = "url"
+CAPTION = "caption"
+STATUS = "status"
+ERROR = "error_message"
+WIDTH = "width"
+HEIGHT = "height"
+ORIGINAL_WIDTH = "original_width"
+ORIGINAL_HEIGHT = "original_height"
+SHA256 = "sha256"
+
+# Download statuses: img2dataset's own two failure classes plus the URLs we refuse to fetch.
+STATUS_SUCCESS = "success"
+STATUS_FAILED_DOWNLOAD = "failed_to_download"
+STATUS_FAILED_RESIZE = "failed_to_resize"
+STATUS_INVALID_URL = "invalid_url"
+STATUSES = (STATUS_SUCCESS, STATUS_FAILED_DOWNLOAD, STATUS_FAILED_RESIZE, STATUS_INVALID_URL)
+
+# The prepared URL list: the input after validation, deduplication and uid assignment.
+INPUT_SCHEMA = pa.schema(
+    [
+        pa.field(ROW, pa.int64(), nullable=False),  # 0-based row of the user's file
+        pa.field(UID, pa.string(), nullable=False),
+        pa.field(URL, pa.string()),
+        pa.field(CAPTION, pa.string()),
+    ]
+)
+
+# tables/download/{shard:05d}.parquet: one row per input row of the shard, whatever its fate.
+DOWNLOAD_SCHEMA = pa.schema(
+    [
+        pa.field(UID, pa.string(), nullable=False),
+        pa.field(SHARD, pa.int32(), nullable=False),
+        pa.field(KEY, pa.string()),  # WebDataset __key__ inside shards/{shard:05d}.tar; null if never written
+        pa.field(ROW, pa.int64(), nullable=False),
+        pa.field(URL, pa.string()),
+        pa.field(CAPTION, pa.string()),
+        pa.field(STATUS, pa.string(), nullable=False),
+        pa.field(ERROR, pa.string()),
+        pa.field(WIDTH, pa.int32()),  # stored image, after resizing
+        pa.field(HEIGHT, pa.int32()),
+        pa.field(ORIGINAL_WIDTH, pa.int32()),  # as served, before resizing (DataComp's basic filter uses these)
+        pa.field(ORIGINAL_HEIGHT, pa.int32()),
+        pa.field(SHA256, pa.string()),  # of the downloaded bytes, before any re-encoding
+    ]
+)
+
+STAGE_SCHEMAS: dict[str, pa.Schema] = {"download": DOWNLOAD_SCHEMA}
+
+
+def make_uid(url: str | None, caption: str | None) -> str:
+    """Stable 128-bit sample id: ``md5(url + "\\x00" + caption)`` as 32 hex digits.
+
+    md5 is used as a fingerprint, not for security: it is 128 bits, fast, and built into DuckDB and
+    Spark SQL (``md5(concat(url, chr(0), coalesce(caption, '')))``), so any engine or an ad-hoc
+    query recomputes the same id. A null caption hashes like an empty one.
+    """
+    data = (url or "").encode("utf-8") + b"\x00" + (caption or "").encode("utf-8")
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Select and cast ``table``'s columns to ``schema`` (missing nullable columns become nulls)."""
+    columns = []
+    for field in schema:
+        if field.name in table.column_names:
+            columns.append(table[field.name].cast(field.type))
+        elif field.nullable:
+            columns.append(pa.nulls(table.num_rows, field.type))
+        else:
+            raise KeyError(f"column {field.name!r} is required by the schema but missing")
+    return pa.Table.from_arrays(columns, schema=schema)
