@@ -55,7 +55,7 @@ def _samples_sql(con: duckdb.DuckDBPyConnection, stages: list[str]) -> str:
 
 def query(pool: Pool, sql: str) -> pa.Table:
     """Run ``sql`` against the pool's views and return an Arrow table."""
-    return connect(pool).execute(sql).fetch_arrow_table()
+    return connect(pool).sql(sql).fetch_arrow_table()
 
 
 def stats(pool: Pool) -> dict[str, Any]:

@@ -70,7 +70,7 @@ def write_config(path: Path, cfg: PipelineConfig) -> Path:
 
 @pytest.fixture(scope="session")
 def downloaded_pool(tmp_path_factory, image_server):
-    """300 real LAION rows (plus one ftp:// row) downloaded into a pool of 3 shards."""
+    """300 real LAION rows plus one ftp:// row, downloaded into a pool of 4 shards of 100."""
     from pipeline.download import run_download
     from pipeline.engines.local import LocalEngine
     from pipeline.store.parquet import Pool

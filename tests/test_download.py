@@ -148,7 +148,7 @@ def test_shards_hold_exactly_the_successes(downloaded_pool):
     table = pool.read_table("download")
     successes = {r["uid"]: r for r in table.to_pylist() if r["status"] == "success"}
     seen = {}
-    for shard in range(3):
+    for shard in range(4):
         for sample in iter_shard(pool.shard_tar(shard)):
             assert sample["__error__"] is None
             meta = sample["json"]
@@ -161,7 +161,7 @@ def test_shards_hold_exactly_the_successes(downloaded_pool):
             assert (w, h) == (successes[meta["uid"]]["width"], successes[meta["uid"]]["height"])
     assert set(seen) == set(successes)
     # img2dataset's sidecar and stats sit beside each tar
-    assert all((pool.root / "shards" / f"{s:05d}{suf}").exists() for s in range(3) for suf in (".parquet", "_stats.json"))
+    assert all((pool.root / "shards" / f"{s:05d}{suf}").exists() for s in range(4) for suf in (".parquet", "_stats.json"))
 
 
 def test_rerun_skips_finished_shards(downloaded_pool):
@@ -215,7 +215,7 @@ def test_killed_download_resumes_without_loss_or_duplicates(tmp_path: Path, pace
     run_download(pool, cfg.download, LocalEngine(2), progress=False)
     table = pool.read_table("download")
     assert sorted(table["row"].to_pylist()) == list(range(600))
-    assert table["uid"].unique().length() == 600
+    assert len(table["uid"].unique()) == 600
     in_tars = [s["json"]["uid"] for shard in range(12) for s in iter_shard(pool.shard_tar(shard))]
     assert len(in_tars) == len(set(in_tars))
     success = {r["uid"] for r in table.to_pylist() if r["status"] == "success"}

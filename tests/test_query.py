@@ -26,9 +26,9 @@ def test_samples_view_joins_later_stage_tables(downloaded_pool, tmp_path):
     pool.mark_done("scores", 0, "h", {"samples": 100})
     try:
         con = connect(pool)
-        assert con.sql("select count(*) from samples").fetchone()[0] == rows.num_rows
-        assert con.sql("select count(*) from samples where score >= 50").fetchone()[0] == 50
-        columns = [c[0] for c in con.sql("describe samples").fetchall()]
+        assert con.execute("select count(*) from samples").fetchone()[0] == rows.num_rows
+        assert con.execute("select count(*) from samples where score >= 50").fetchone()[0] == 50
+        columns = [c[0] for c in con.execute("describe samples").fetchall()]
         assert columns.count("shard") == 1 and "score" in columns
     finally:
         pool.table_path("scores", 0).unlink()
@@ -38,12 +38,12 @@ def test_samples_view_joins_later_stage_tables(downloaded_pool, tmp_path):
 def test_stats_report_every_failure_class_with_its_message(downloaded_pool):
     pool, rows, _ = downloaded_pool
     report = stats(pool)["stages"]["download"]
-    assert report["samples"] == rows.num_rows and report["shards_done"] == 3
+    assert report["samples"] == rows.num_rows and report["shards_done"] == 4
     assert set(report["status"]) == {"success", "failed_to_download", "failed_to_resize", "invalid_url"}
     assert "HTTP Error 404: Not Found" in report["status"]["failed_to_download"]["errors"]
     assert "timed out" in report["status"]["failed_to_download"]["errors"]
     text = format_stats(stats(pool))
-    assert "download: 3/3 shards done" in text and "HTTP Error 404" in text
+    assert "download: 4/4 shards done" in text and "HTTP Error 404" in text
 
 
 def test_cli_query_formats(downloaded_pool, capsys):

@@ -142,6 +142,7 @@ class Pool:
                 names the keys that differ.
         """
         path = self.root / "completions" / stage / "config.json"
+        config = json.loads(json.dumps(config, default=str))  # compare as stored: tuples become lists
         if path.exists():
             recorded = json.loads(path.read_text())
             if recorded["config_hash"] != config_hash and self.completed(stage):

@@ -97,11 +97,15 @@ def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[Any, 
     The size comes from the header and is checked against ``max_pixels`` before any decoding.
     """
     import io
+    import warnings
 
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with warnings.catch_warnings():  # the limit is enforced here, so Pillow's warning is noise
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+        with img:
             width, height = img.size
             if width * height > max_pixels:
                 return None, f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels"
