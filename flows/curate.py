@@ -13,16 +13,16 @@ from typing import Any
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from prefect import flow, task  # noqa: E402
-from prefect.artifacts import create_markdown_artifact  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
-from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
 
-from pipeline.config import PipelineConfig, load_config  # noqa: E402
-from pipeline.download import plan_shards, run_download  # noqa: E402
-from pipeline.engines import get_engine  # noqa: E402
-from pipeline.engines.base import Engine  # noqa: E402
-from pipeline.store.parquet import Pool  # noqa: E402
+from pipeline.config import PipelineConfig, load_config
+from pipeline.download import plan_shards, run_download
+from pipeline.engines import get_engine
+from pipeline.engines.base import Engine
+from pipeline.store.parquet import Pool
 
 
 def batches(shards: list[int], size: int) -> list[list[int]]:

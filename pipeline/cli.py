@@ -1,10 +1,10 @@
 """``curate``: the command line. Stages run directly; ``run`` and ``demo`` go through the Prefect flow.
 
-    curate run CONFIG [--set KEY=VALUE ...]      the curate flow (Prefect, no server needed)
-    curate download CONFIG [--set ...]           the download stage alone, without Prefect
-    curate demo CONFIG                           the offline demo: image server + the flow
-    curate query POOL SQL | --name NAME [--config CONFIG] [--format table|csv|json]
-    curate stats POOL [--json]
+curate run CONFIG [--set KEY=VALUE ...]      the curate flow (Prefect, no server needed)
+curate download CONFIG [--set ...]           the download stage alone, without Prefect
+curate demo CONFIG                           the offline demo: image server + the flow
+curate query POOL SQL | --name NAME [--config CONFIG] [--format table|csv|json]
+curate stats POOL [--json]
 """
 
 from __future__ import annotations

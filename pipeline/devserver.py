@@ -82,7 +82,7 @@ class _Rng:
 class _Handler(BaseHTTPRequestHandler):
     server: DemoImageServer._HTTPServer  # type: ignore[name-defined]
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+    def do_GET(self) -> None:
         parts = self.path.strip("/").split("/")
         if len(parts) != 2 or parts[0] != "img" or not parts[1].endswith(".jpg"):
             return self._send(404, b"not found", "text/plain")
@@ -117,7 +117,7 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
             pass
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: object) -> None:
         return
 
 
@@ -130,9 +130,7 @@ class DemoImageServer:
         slow_seconds = 3.0
         latency_seconds = 0.0
 
-    def __init__(
-        self, port: int = 0, slow_seconds: float = 3.0, host: str = "127.0.0.1", latency_seconds: float = 0.0
-    ):
+    def __init__(self, port: int = 0, slow_seconds: float = 3.0, host: str = "127.0.0.1", latency_seconds: float = 0.0):
         """Args:
         port: TCP port on loopback; 0 picks a free one.
         slow_seconds: Delay of the deliberately slow answers.
@@ -176,8 +174,7 @@ def rewrite_url_list(src: Path, dst: Path, base_url: str, url_col: str = "URL", 
     table = pq.read_table(src, columns=[url_col, caption_col])
     urls = table[url_col].to_pylist()
     rewritten = [
-        f"{base_url}/img/{token_for(u)}.jpg" if u and u.lower().startswith(("http://", "https://")) else u
-        for u in urls
+        f"{base_url}/img/{token_for(u)}.jpg" if u and u.lower().startswith(("http://", "https://")) else u for u in urls
     ]
     out = pa.table({"url": rewritten, "caption": table[caption_col], "source_url": urls})
     dst.parent.mkdir(parents=True, exist_ok=True)

@@ -196,7 +196,7 @@ def prepare(pool: Pool, cfg: DownloadConfig) -> dict[str, Any]:
         _check_same_input(pool, plan, _file_sha256(source) if source.is_file() else None, cfg)
         return plan
     table = read_url_list(source, cfg)
-    uids = [S.make_uid(u, c) for u, c in zip(table[S.URL].to_pylist(), table[S.CAPTION].to_pylist())]
+    uids = [S.make_uid(u, c) for u, c in zip(table[S.URL].to_pylist(), table[S.CAPTION].to_pylist(), strict=True)]
     seen: set[str] = set()
     first = [not (u in seen or seen.add(u)) for u in uids]  # type: ignore[func-returns-value]
     prepared = pa.table(
@@ -229,8 +229,28 @@ def stage_hash(cfg: DownloadConfig) -> str:
     return config_hash(cfg, exclude=_RUNTIME_FIELDS)
 
 
+def _http_only_redirects() -> None:
+    """Make urllib (which img2dataset fetches with) refuse redirects to anything but http(s).
+
+    The input is checked for http(s) URLs, but urllib's default redirect handler would still follow
+    a server's redirect to ``ftp://``. Installed once per worker process, before any download.
+    """
+    import urllib.request
+    from urllib.error import HTTPError
+    from urllib.parse import urlsplit
+
+    class HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+            if urlsplit(newurl).scheme.lower() not in _FETCHED_SCHEMES:
+                raise HTTPError(newurl, code, f"redirect to a non-http(s) URL refused: {newurl}", headers, fp)
+            return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+    urllib.request.install_opener(urllib.request.build_opener(HttpOnlyRedirects))
+
+
 def _downloader(cfg: DownloadConfig, out_dir: Path, column_list: list[str]) -> Any:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    _http_only_redirects()
     from img2dataset.downloader import Downloader
     from img2dataset.resizer import Resizer
     from img2dataset.writer import WebDatasetSampleWriter
@@ -308,7 +328,7 @@ def download_shard(pool_root: str, cfg: DownloadConfig, shard: int) -> dict[str,
     (pool.root / "shards").mkdir(parents=True, exist_ok=True)
     for suffix in (".tar", ".parquet", "_stats.json"):
         os.replace(staging / f"{name}{suffix}", pool.root / "shards" / f"{name}{suffix}")
-    counts = {k: int(v) for k, v in zip(*_value_counts(table[S.STATUS]))}
+    counts = {k: int(v) for k, v in zip(*_value_counts(table[S.STATUS]), strict=True)}
     counts["samples"] = table.num_rows
     pool.mark_done(STAGE, shard, stage_hash(cfg), counts)
     return counts

@@ -33,7 +33,9 @@ def connect(pool: Pool, con: duckdb.DuckDBPyConnection | None = None) -> duckdb.
     for stage in stages:
         files = [str(pool.table_path(stage, s)) for s in sorted(pool.completed(stage))]
         file_list = "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "]"
-        con.execute(f"CREATE OR REPLACE VIEW {_quote(stage)} AS SELECT * FROM read_parquet({file_list}, union_by_name=true)")
+        con.execute(
+            f"CREATE OR REPLACE VIEW {_quote(stage)} AS SELECT * FROM read_parquet({file_list}, union_by_name=true)"
+        )
     if BASE_STAGE in stages:
         con.execute(f"CREATE OR REPLACE VIEW samples AS {_samples_sql(con, stages)}")
     return con

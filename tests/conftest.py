@@ -18,8 +18,8 @@ import yaml
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from pipeline.config import PipelineConfig, parse_config  # noqa: E402
-from pipeline.devserver import DemoImageServer, token_for  # noqa: E402
+from pipeline.config import PipelineConfig, parse_config
+from pipeline.devserver import DemoImageServer, token_for
 
 REPO = Path(__file__).resolve().parents[1]
 LAION = REPO / "data" / "laion_10k.parquet"

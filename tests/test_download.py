@@ -88,7 +88,9 @@ def test_formats_read_the_same_rows(tmp_path: Path):
     pq.write_table(rows, tmp_path / "u.parquet")
     pacsv.write_csv(rows, tmp_path / "u.csv")
     pacsv.write_csv(rows, tmp_path / "u.tsv", pacsv.WriteOptions(delimiter="\t"))
-    (tmp_path / "u.jsonl").write_text("\n".join(pa.Table.to_pandas(rows).to_json(orient="records", lines=True).splitlines()))
+    (tmp_path / "u.jsonl").write_text(
+        "\n".join(pa.Table.to_pandas(rows).to_json(orient="records", lines=True).splitlines())
+    )
     cfg = make_config(tmp_path / "p", tmp_path / "u.parquet").download
     for name in ("u.parquet", "u.csv", "u.tsv", "u.jsonl"):
         assert read_url_list(tmp_path / name, cfg).equals(rows), name
@@ -114,15 +116,15 @@ def test_every_input_row_has_one_download_row(downloaded_pool):
     assert table.schema.equals(DOWNLOAD_SCHEMA)
     assert table.num_rows == rows.num_rows
     assert sorted(table["row"].to_pylist()) == list(range(rows.num_rows))
-    expected = [make_uid(u, c) for u, c in zip(rows["url"].to_pylist(), rows["caption"].to_pylist())]
+    expected = [make_uid(u, c) for u, c in zip(rows["url"].to_pylist(), rows["caption"].to_pylist(), strict=True)]
     assert table["uid"].to_pylist() == expected
 
 
 def test_statuses_follow_what_the_server_served(downloaded_pool):
-    pool, rows, _ = downloaded_pool
+    pool, _, _ = downloaded_pool
     table = pool.read_table("download").to_pylist()
-    source = laion_rows(300)["url"].to_pylist() + ["ftp://example.com/a.jpg"]
-    for row, url in zip(table, source):
+    source = [*laion_rows(300)["url"].to_pylist(), "ftp://example.com/a.jpg"]
+    for row, url in zip(table, source, strict=True):
         kind = kind_of(token_for(url)) if url.startswith("http") else "ftp"
         expected = {
             "ok": ("success", None), "duplicate": ("success", None),
@@ -161,7 +163,9 @@ def test_shards_hold_exactly_the_successes(downloaded_pool):
             assert (w, h) == (successes[meta["uid"]]["width"], successes[meta["uid"]]["height"])
     assert set(seen) == set(successes)
     # img2dataset's sidecar and stats sit beside each tar
-    assert all((pool.root / "shards" / f"{s:05d}{suf}").exists() for s in range(4) for suf in (".parquet", "_stats.json"))
+    assert all(
+        (pool.root / "shards" / f"{s:05d}{suf}").exists() for s in range(4) for suf in (".parquet", "_stats.json")
+    )
 
 
 def test_rerun_skips_finished_shards(downloaded_pool):
@@ -202,8 +206,14 @@ def test_killed_download_resumes_without_loss_or_duplicates(tmp_path: Path, pace
     config = write_config(tmp_path / "c.yaml", cfg)
     pool = Pool(cfg.pool)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "download", str(config)], cwd=tmp_path,
-                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "download", str(config)],
+        cwd=tmp_path,
+        env=env,
+        start_new_session=True,  # so the kill reaches the worker processes too
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while len(pool.completed("download")) < 3 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -221,3 +231,32 @@ def test_killed_download_resumes_without_loss_or_duplicates(tmp_path: Path, pace
     success = {r["uid"] for r in table.to_pylist() if r["status"] == "success"}
     assert set(in_tars) == success
     assert not list((pool.staging_dir / "download").glob("*.tar"))
+
+
+def test_redirects_to_other_schemes_are_refused(tmp_path: Path, image_server):
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from threading import Thread
+
+    class Redirect(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            target = "ftp://127.0.0.1/secret.jpg" if self.path == "/ftp" else image_server.url_for("http://x/ok.jpg")
+            self.send_response(302)
+            self.send_header("Location", target)
+            self.end_headers()
+
+        def log_message(self, *args):
+            return
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        pq.write_table(pa.table({"url": [f"{base}/ftp", f"{base}/http"], "caption": ["a", "b"]}), tmp_path / "u.parquet")
+        cfg = make_config(tmp_path / "pool", tmp_path / "u.parquet", processes=1)
+        run_download(Pool(cfg.pool), cfg.download, LocalEngine(1), progress=False)
+    finally:
+        server.shutdown()
+    rows = Pool(cfg.pool).read_table("download").to_pylist()
+    assert rows[0]["status"] == "failed_to_download"
+    assert "redirect to a non-http(s) URL refused: ftp://127.0.0.1/secret.jpg" in rows[0]["error_message"]
+    assert rows[1]["status"] == "success"  # http -> http redirects still work

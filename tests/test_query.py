@@ -12,7 +12,9 @@ from pipeline.store.parquet import write_parquet_atomic
 
 def test_download_view_and_status_counts(downloaded_pool):
     pool, rows, _ = downloaded_pool
-    counts = {r["status"]: r["n"] for r in query(pool, "select status, count(*) as n from download group by 1").to_pylist()}
+    counts = {
+        r["status"]: r["n"] for r in query(pool, "select status, count(*) as n from download group by 1").to_pylist()
+    }
     assert sum(counts.values()) == rows.num_rows
     assert counts["success"] > 250 and counts["invalid_url"] == 1
 

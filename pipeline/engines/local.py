@@ -42,7 +42,7 @@ class LocalEngine:
         progress: bool = True,
     ) -> ShardResults:
         out = ShardResults()
-        weights = weights or {s: 1 for s in shards}
+        weights = weights or dict.fromkeys(shards, 1)
         bar = Progress(total=sum(weights.get(s, 0) for s in shards), desc=desc, enabled=progress)
         with bar:
             if self.workers == 1 or len(shards) <= 1:
