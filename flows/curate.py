@@ -1,6 +1,7 @@
 """The ``curate`` flow: one Prefect task per batch of shards for each stage.
 
-Today it runs the download stage; each later stage adds its tasks here the same way. The flow
+Stages so far: download, then MetaCLIP (matching per shard batch, then one global balancing task)
+when the config has a ``metaclip`` section. Each later stage adds its tasks here the same way. The flow
 chooses the engine once and hands it to every task. Runs without a Prefect server (Prefect's
 ephemeral mode) unless ``PREFECT_API_URL`` points at one.
 """
@@ -22,6 +23,7 @@ from pipeline.config import PipelineConfig, load_config
 from pipeline.download import plan_shards, run_download
 from pipeline.engines import get_engine
 from pipeline.engines.base import Engine
+from pipeline.metaclip.stage import match_shards, pending_matches, run_metaclip
 from pipeline.store.parquet import Pool
 
 
@@ -42,6 +44,36 @@ def download_batch(cfg: PipelineConfig, engine: Engine, shards: list[int]) -> di
     return run_download(Pool(cfg.pool), cfg.download, engine, shards=shards)
 
 
+@task(name="plan-metaclip", cache_policy=NO_CACHE)
+def plan_metaclip(cfg: PipelineConfig) -> list[int]:
+    return pending_matches(Pool(cfg.pool), cfg.metaclip)
+
+
+@task(name="metaclip-match", cache_policy=NO_CACHE)
+def metaclip_match_batch(cfg: PipelineConfig, engine: Engine, shards: list[int]) -> None:
+    """Substring-match one batch of shards against the metadata entries."""
+    match_shards(Pool(cfg.pool), cfg.metaclip, engine, shards)
+
+
+@task(name="metaclip-balance", cache_policy=NO_CACHE)
+def metaclip_balance(cfg: PipelineConfig, engine: Engine) -> dict[str, Any]:
+    """Sum the entry counts over the pool, then balance every shard (global step)."""
+    return run_metaclip(Pool(cfg.pool), cfg.metaclip, engine)
+
+
+def _submit_batches(task_fn: Any, cfg: PipelineConfig, engine: Engine, shards: list[int]) -> list[Exception]:
+    """Run ``task_fn`` once per batch of shards with the configured retries; collect failures."""
+    configured = task_fn.with_options(retries=cfg.flow.task_retries, retry_delay_seconds=cfg.flow.task_retry_delay_s)
+    futures = [configured.submit(cfg, engine, batch) for batch in batches(shards, cfg.download.shards_per_task)]
+    errors = []
+    for future in futures:
+        try:
+            future.result()
+        except Exception as exc:  # report every failed batch, not only the first
+            errors.append(exc)
+    return errors
+
+
 def _counts_markdown(pool: Pool) -> str:
     manifest = pool.update_manifest()
     lines = ["| stage | shards done | counts |", "|---|---|---|"]
@@ -57,19 +89,14 @@ def curate(config_path: str, overrides: dict[str, Any] | None = None) -> dict[st
     cfg = load_config(config_path, overrides)
     engine = get_engine(cfg)
     pool = Pool(cfg.pool)
-    todo = plan_download(cfg)
-    download = download_batch.with_options(
-        retries=cfg.flow.task_retries, retry_delay_seconds=cfg.flow.task_retry_delay_s
+    errors = _submit_batches(download_batch, cfg, engine, plan_download(cfg))
+    if not errors and cfg.metaclip is not None:
+        errors = _submit_batches(metaclip_match_batch, cfg, engine, plan_metaclip(cfg))
+        if not errors:
+            metaclip_balance.with_options(retries=cfg.flow.task_retries)(cfg, engine)
+    create_markdown_artifact(
+        markdown=_counts_markdown(pool), key="curate-counts", description=f"Samples per stage in {pool.root}"
     )
-    futures = [download.submit(cfg, engine, batch) for batch in batches(todo, cfg.download.shards_per_task)]
-    errors = []
-    for future in futures:
-        try:
-            future.result()
-        except Exception as exc:  # report every failed batch, not only the first
-            errors.append(exc)
-    create_markdown_artifact(markdown=_counts_markdown(pool), key="curate-counts",
-                             description=f"Samples per stage in {pool.root}")  # fmt: skip
     if errors:
         raise errors[0]
     return pool.update_manifest()

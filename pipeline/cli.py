@@ -55,6 +55,18 @@ def cmd_download(args: argparse.Namespace) -> int:
     return _print_stats(Pool(cfg.pool))
 
 
+def cmd_metaclip(args: argparse.Namespace) -> int:
+    from pipeline.engines import get_engine
+    from pipeline.metaclip.stage import run_metaclip
+
+    cfg = load_config(args.config, _overrides(args.set))
+    if cfg.metaclip is None:
+        raise ConfigError(f"{args.config}: has no `metaclip` section")
+    summary = run_metaclip(Pool(cfg.pool), cfg.metaclip, get_engine(cfg))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.devserver import DemoImageServer, rewrite_url_list
 
@@ -126,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="curate", description="Curate CLIP training sets.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn, text in (("run", cmd_run, "run the curate flow"),
-                           ("download", cmd_download, "run the download stage alone")):  # fmt: skip
+                           ("download", cmd_download, "run the download stage alone"),
+                           ("metaclip", cmd_metaclip, "run MetaCLIP matching and balancing alone")):  # fmt: skip
         p = sub.add_parser(name, help=text)
         p.add_argument("config")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")

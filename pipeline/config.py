@@ -109,6 +109,37 @@ class DownloadConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class MetaclipConfig:
+    """MetaCLIP curation ("Demystifying CLIP Data"): substring matching and balancing.
+
+    Attributes:
+        metadata: Entries file, a JSON list of strings (MetaCLIP's official ``metadata.json``
+            works as is; the default is the offline set built by ``metadata/build.py``).
+        t: Balancing threshold; MetaCLIP uses 20,000 for a 400M pool.
+        scale_t_to_pool: Scale ``t`` linearly from 400M samples to this pool's size.
+        target_size: Solve t for this expected number of kept samples instead (overrides ``t``).
+        seed: Seed of the balancing draws; a seed selects the same samples on any engine.
+        case_sensitive: MetaCLIP matches case-sensitively; ``False`` lowercases captions first.
+        only_downloaded: Count entries over, and keep only, samples whose download succeeded.
+    """
+
+    __pydantic_config__ = _STRICT
+
+    metadata: str = "metadata/entries.json"
+    t: float = 20_000
+    scale_t_to_pool: bool = False
+    target_size: int | None = None
+    seed: int = 0
+    case_sensitive: bool = True
+    only_downloaded: bool = True
+
+    def __post_init__(self) -> None:
+        _require(bool(self.metadata), "metadata", "must name an entries file")
+        _require(self.t > 0, "t", f"must be > 0, got {self.t}")
+        _require(self.target_size is None or self.target_size > 0, "target_size", "must be > 0 or null")
+
+
+@dataclass(frozen=True, kw_only=True)
 class FlowConfig:
     """Orchestration settings used by ``flows/`` only; the library ignores them.
 
@@ -165,6 +196,7 @@ class PipelineConfig:
         pool: Directory of the pool (created if missing).
         engine: ``local`` (processes on this machine) or ``spark``.
         download: The download stage.
+        metaclip: MetaCLIP matching and balancing; ``None`` skips the stage.
         flow: Orchestration settings.
         queries: Saved named SQL queries for ``curate query POOL --name NAME``.
         demo: Set only for the bundled offline demo.
@@ -175,6 +207,7 @@ class PipelineConfig:
     pool: str
     engine: Literal["local", "spark"] = "local"
     download: DownloadConfig
+    metaclip: MetaclipConfig | None = None
     flow: FlowConfig = field(default_factory=FlowConfig)
     queries: dict[str, str] = field(default_factory=dict)
     demo: DemoConfig | None = None
@@ -184,7 +217,12 @@ class PipelineConfig:
 
 
 _ADAPTER: TypeAdapter[PipelineConfig] | None = None
-_SECTIONS = {"DownloadConfig": DownloadConfig, "FlowConfig": FlowConfig, "DemoConfig": DemoConfig}
+_SECTIONS = {
+    "DownloadConfig": DownloadConfig,
+    "FlowConfig": FlowConfig,
+    "DemoConfig": DemoConfig,
+    "MetaclipConfig": MetaclipConfig,
+}
 
 
 def _format_error(err: Any, data: Any, source: str) -> str:

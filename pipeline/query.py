@@ -3,7 +3,8 @@
 One view per stage table (``download``, later ``embed``, ``metaclip``, ``filters``, ``mode``,
 ``rebalance``: each named after its stage) over that stage's completed shards, and ``samples``,
 which left-joins every stage table present onto ``download`` by ``uid``, so one WHERE clause can use
-any stage's columns. DuckDB reads the Parquet files in place; nothing is copied.
+any stage's columns. Pool-wide tables under ``aggregates/`` get a view named after their file
+(``metaclip_entry_counts``). DuckDB reads the Parquet files in place; nothing is copied.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ def connect(pool: Pool, con: duckdb.DuckDBPyConnection | None = None) -> duckdb.
         )
     if BASE_STAGE in stages:
         con.execute(f"CREATE OR REPLACE VIEW samples AS {_samples_sql(con, stages)}")
+    for path in sorted(pool.aggregates_dir.glob("*.parquet")):  # e.g. metaclip_entry_counts
+        quoted = "'" + str(path).replace("'", "''") + "'"
+        con.execute(f"CREATE OR REPLACE VIEW {_quote(path.stem)} AS SELECT * FROM read_parquet({quoted})")
     return con
 
 

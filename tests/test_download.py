@@ -238,7 +238,7 @@ def test_redirects_to_other_schemes_are_refused(tmp_path: Path, image_server):
     from threading import Thread
 
     class Redirect(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
+        def do_GET(self):
             target = "ftp://127.0.0.1/secret.jpg" if self.path == "/ftp" else image_server.url_for("http://x/ok.jpg")
             self.send_response(302)
             self.send_header("Location", target)
@@ -251,7 +251,9 @@ def test_redirects_to_other_schemes_are_refused(tmp_path: Path, image_server):
     Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{server.server_address[1]}"
     try:
-        pq.write_table(pa.table({"url": [f"{base}/ftp", f"{base}/http"], "caption": ["a", "b"]}), tmp_path / "u.parquet")
+        pq.write_table(
+            pa.table({"url": [f"{base}/ftp", f"{base}/http"], "caption": ["a", "b"]}), tmp_path / "u.parquet"
+        )
         cfg = make_config(tmp_path / "pool", tmp_path / "u.parquet", processes=1)
         run_download(Pool(cfg.pool), cfg.download, LocalEngine(1), progress=False)
     finally:

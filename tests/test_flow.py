@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.config import MetaclipConfig
 from pipeline.store.parquet import Pool
-from tests.conftest import laion_rows, make_config, point_at, write_config
+from tests.conftest import REPO, laion_rows, make_config, point_at, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -21,22 +23,25 @@ def prefect_harness():
         yield
 
 
-def test_curate_flow_downloads_in_shard_batches_and_publishes_counts(tmp_path: Path, image_server, prefect_harness):
+def test_curate_flow_runs_download_and_metaclip_in_shard_batches(tmp_path: Path, image_server, prefect_harness):
     from prefect.artifacts import Artifact
 
     from flows.curate import batches, run
 
     pq.write_table(point_at(laion_rows(250, offset=3000), image_server), tmp_path / "u.parquet")
     cfg = make_config(tmp_path / "pool", tmp_path / "u.parquet", samples_per_shard=50, shards_per_task=2)
+    cfg = dataclasses.replace(cfg, metaclip=MetaclipConfig(metadata=str(REPO / "metadata/entries.json"), t=3))
     config = write_config(tmp_path / "c.yaml", cfg)
 
     manifest = run(str(config))
     assert manifest["stages"]["download"]["shards_done"] == [0, 1, 2, 3, 4]
     assert manifest["stages"]["download"]["counts"]["samples"] == 250
     assert Pool(cfg.pool).read_table("download").num_rows == 250
+    assert manifest["stages"]["metaclip"]["shards_done"] == [0, 1, 2, 3, 4]
+    assert manifest["stage_results"]["metaclip"]["t"] == 3
     assert batches([0, 1, 2, 3, 4], 2) == [[0, 1], [2, 3], [4]]
     artifact = Artifact.get("curate-counts")
-    assert artifact is not None and "| download | 5/5 |" in artifact.data
+    assert artifact is not None and "| download | 5/5 |" in artifact.data and "| metaclip | 5/5 |" in artifact.data
 
     again = run(str(config))  # a re-run finds every shard done
     assert again["stages"]["download"]["shards_done"] == [0, 1, 2, 3, 4]

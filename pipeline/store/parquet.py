@@ -9,6 +9,8 @@ Layout of one pool directory::
     shards/{shard:05d}_stats.json img2dataset's per-shard stats
     tables/<stage>/{shard:05d}.parquet
     completions/<stage>/{shard:05d}.json   written last: the shard is done for that stage
+    aggregates/                   pool-wide results (entry counts, thresholds) + <stage>.json summaries
+    reports/<stage>/              plots and tables for people
     manifest.json                 rebuilt from the completions after each run
 
 Every write goes to a temporary name in the same directory and is renamed into place (atomic on
@@ -103,6 +105,13 @@ class Pool:
     def staging_dir(self) -> Path:
         return self.root / "_staging"
 
+    @property
+    def aggregates_dir(self) -> Path:
+        return self.root / "aggregates"
+
+    def report_dir(self, stage: str) -> Path:
+        return self.root / "reports" / stage
+
     def shard_tar(self, shard: int) -> Path:
         return self.root / "shards" / f"{shard_name(shard)}.tar"
 
@@ -128,6 +137,24 @@ class Pool:
         if not path.exists():
             return False
         return config_hash is None or json.loads(path.read_text()).get("config_hash") == config_hash
+
+    def require_complete(self, stage: str) -> list[int]:
+        """All planned shards, once ``stage`` has finished every one of them.
+
+        Raises:
+            ValueError: some shards of ``stage`` are not done yet; names how many.
+        """
+        plan = self.read_plan()
+        if plan is None:
+            raise ValueError(f"{self.root}: no input prepared yet; run the download stage first")
+        done = self.completed(stage)
+        missing = [s for s in range(plan["num_shards"]) if s not in done]
+        if missing:
+            raise ValueError(
+                f"{self.root}: stage {stage!r} has {len(done)}/{plan['num_shards']} shards done "
+                f"(first missing: {missing[0]:05d}); finish it first"
+            )
+        return list(range(plan["num_shards"]))
 
     def mark_done(self, stage: str, shard: int, config_hash: str, counts: dict[str, int]) -> None:
         """Write the completion marker: the last write of a shard's stage."""
@@ -200,11 +227,13 @@ class Pool:
                 "shards_planned": plan["num_shards"] if plan else None,
                 "counts": counts,
             }
+        summaries = {p.stem: json.loads(p.read_text()) for p in sorted(self.aggregates_dir.glob("*.json"))}
         manifest = {
             "pool": str(self.root.resolve()),
             "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "input": plan,
             "stages": stages,
+            "stage_results": summaries,
             "package_versions": package_versions(),
         }
         if extra is not None:

@@ -61,7 +61,47 @@ DOWNLOAD_SCHEMA = pa.schema(
     ]
 )
 
-STAGE_SCHEMAS: dict[str, pa.Schema] = {"download": DOWNLOAD_SCHEMA}
+MATCHED_ENTRY_IDS = "matched_entry_ids"
+COUNTED = "counted"
+METACLIP_P = "metaclip_p"
+METACLIP_KEEP = "metaclip_keep"
+
+# tables/metaclip_match/{shard:05d}.parquet: substring matches (MetaCLIP Sec. 3.2).
+METACLIP_MATCH_SCHEMA = pa.schema(
+    [
+        pa.field(UID, pa.string(), nullable=False),
+        pa.field(SHARD, pa.int32(), nullable=False),
+        pa.field(MATCHED_ENTRY_IDS, pa.list_(pa.int32()), nullable=False),
+        pa.field(COUNTED, pa.bool_(), nullable=False),  # counted towards the pool's entry counts
+    ]
+)
+
+# tables/metaclip/{shard:05d}.parquet: balancing (MetaCLIP Sec. 3.3).
+METACLIP_SCHEMA = pa.schema(
+    [
+        pa.field(UID, pa.string(), nullable=False),
+        pa.field(SHARD, pa.int32(), nullable=False),
+        pa.field(METACLIP_P, pa.float64(), nullable=False),  # 1 - prod(1 - min(1, t / count_e))
+        pa.field(METACLIP_KEEP, pa.bool_(), nullable=False),
+    ]
+)
+
+# aggregates/metaclip_entry_counts.parquet: one row per metadata entry.
+ENTRY_COUNTS_SCHEMA = pa.schema(
+    [
+        pa.field("entry_id", pa.int32(), nullable=False),
+        pa.field("entry", pa.string(), nullable=False),
+        pa.field("count", pa.int64(), nullable=False),  # counted samples matching the entry
+        pa.field("p", pa.float64(), nullable=False),  # min(1, t / count)
+        pa.field("kept", pa.int64(), nullable=False),  # kept samples matching the entry
+    ]
+)
+
+STAGE_SCHEMAS: dict[str, pa.Schema] = {
+    "download": DOWNLOAD_SCHEMA,
+    "metaclip_match": METACLIP_MATCH_SCHEMA,
+    "metaclip": METACLIP_SCHEMA,
+}
 
 
 def make_uid(url: str | None, caption: str | None) -> str:

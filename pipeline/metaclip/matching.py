@@ -1,0 +1,124 @@
+"""MetaCLIP substring matching and entry counts.
+
+Semantics follow MetaCLIP's published ``substr_matching.py`` exactly (Sec. 3.2 of "Demystifying
+CLIP Data"): the caption is padded with a space on each side, the characters ``, . ; : ? ! `` are
+wrapped in spaces, tabs and newlines become spaces; each entry is padded with one space on each
+side; an entry matches when the padded entry is a substring of the spaced caption. Matching is
+case-sensitive, as in the reference (entries are mostly lowercase, so "Dog" does not match "dog").
+Entries containing those punctuation characters can therefore never match, also as in the
+reference. The result is the set of matched entry ids; we return it sorted.
+
+An Aho-Corasick automaton (pyahocorasick, as MetaCLIP's own faster variant uses) finds all
+occurrences, overlapping ones included, in one pass per caption; it is built once per process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+PUNCTS_TO_WRAP = (",", ".", ";", ":", "?", "!", "`")
+CHARS_TO_SPACE = ("\t", "\n", "\r")
+
+
+def spacing(text: str) -> str:
+    """MetaCLIP's caption normalisation before matching (see the module docstring)."""
+    spaced = f" {text} "
+    for punct in PUNCTS_TO_WRAP:
+        spaced = spaced.replace(punct, f" {punct} ")
+    for char in CHARS_TO_SPACE:
+        spaced = spaced.replace(char, " ")
+    return spaced
+
+
+def load_entries(path: str | Path) -> list[str]:
+    """Metadata entries from a JSON list of strings (MetaCLIP's ``metadata.json`` format).
+
+    Raises:
+        ValueError: the file is not a JSON list of strings; names the file.
+    """
+    path = Path(path)
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: metadata file not found") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+        raise ValueError(f"{path}: expected a JSON list of strings (MetaCLIP's metadata.json format)")
+    return entries
+
+
+def file_digest(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+class SubstringMatcher:
+    """Matches captions against metadata entries. ``setup()`` builds the automaton once.
+
+    Args:
+        metadata: Path of the entries file.
+        case_sensitive: MetaCLIP matches case-sensitively (the default); ``False`` lowercases the
+            caption first, a documented departure for metadata that is all lowercase.
+    """
+
+    def __init__(self, metadata: str | Path, case_sensitive: bool = True):
+        self.metadata = Path(metadata)
+        self.case_sensitive = case_sensitive
+        self.entries: list[str] = []
+        self._automaton: Any = None
+
+    def setup(self) -> SubstringMatcher:
+        if self._automaton is None:
+            import ahocorasick
+
+            self.entries = load_entries(self.metadata)
+            automaton = ahocorasick.Automaton(ahocorasick.STORE_INTS)
+            for entry_id, entry in enumerate(self.entries):
+                automaton.add_word(f" {entry} ", entry_id)
+            automaton.make_automaton()
+            self._automaton = automaton
+        return self
+
+    def match(self, caption: str | None) -> list[int]:
+        """Sorted ids of the entries ``caption`` contains (none for a null caption)."""
+        if caption is None:
+            return []
+        text = spacing(caption if self.case_sensitive else caption.lower())
+        return sorted({entry_id for _, entry_id in self.setup()._automaton.iter(text)})
+
+    def __call__(self, captions: pa.Array | pa.ChunkedArray) -> pa.ListArray:
+        """``matched_entry_ids`` (list<int32>) for a column of captions."""
+        return pa.array([self.match(c) for c in captions.to_pylist()], pa.list_(pa.int32()))
+
+
+_MATCHERS: dict[tuple[str, bool], SubstringMatcher] = {}
+
+
+def matcher_for(metadata: str | Path, case_sensitive: bool = True) -> SubstringMatcher:
+    """The process's matcher for a metadata file: built once per worker process or Spark executor."""
+    key = (str(Path(metadata).resolve()), case_sensitive)
+    if key not in _MATCHERS:
+        _MATCHERS[key] = SubstringMatcher(metadata, case_sensitive).setup()
+    return _MATCHERS[key]
+
+
+def entry_counts(
+    matched: pa.ListArray | pa.ChunkedArray, num_entries: int, mask: np.ndarray | None = None
+) -> np.ndarray:
+    """How many samples match each entry (a sample counts once per entry), over rows in ``mask``.
+
+    Counts of shards add up to the pool's counts, so each shard (or Spark partition) computes its
+    own and one sum gives the global figure (MetaCLIP uses ``numpy.unique`` over the pool likewise).
+    """
+    if isinstance(matched, pa.ChunkedArray):
+        matched = matched.combine_chunks() if matched.num_chunks else pa.array([], matched.type)
+    if mask is not None:
+        matched = matched.filter(pa.array(mask))
+    flat = matched.flatten().to_numpy(zero_copy_only=False)
+    return np.bincount(flat, minlength=num_entries).astype(np.int64)

@@ -1,0 +1,165 @@
+"""The MetaCLIP stage over a pool: match every shard, sum entry counts, balance every shard.
+
+1. ``metaclip_match`` (per shard, in parallel): ``matched_entry_ids`` of each caption and whether
+   the sample counts towards the pool (``only_downloaded``: its download succeeded).
+2. Entry counts (global): the per-shard counts summed, written to
+   ``aggregates/metaclip_entry_counts.parquet``; t is resolved (fixed, scaled, or solved for a
+   target size) and recorded in ``aggregates/metaclip.json``.
+3. ``metaclip`` (per shard): ``metaclip_p`` and ``metaclip_keep`` from the global counts. Its
+   completion markers carry a hash of the counts and t, so new counts redo it.
+4. A report of the entry distribution before and after balancing in ``reports/metaclip/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.config import MetaclipConfig, config_hash
+from pipeline.metaclip.balancing import balance, entry_probabilities, scale_t, t_for_size
+from pipeline.metaclip.matching import entry_counts, file_digest, load_entries, matcher_for
+from pipeline.store import schema as S
+from pipeline.store.parquet import Pool, write_json_atomic, write_parquet_atomic
+
+MATCH_STAGE = "metaclip_match"
+STAGE = "metaclip"
+COUNTS_FILE = "metaclip_entry_counts.parquet"
+
+
+def match_hash(cfg: MetaclipConfig) -> str:
+    """What the matches depend on: the entries file's content, case handling, what counts."""
+    blob = f"{file_digest(cfg.metadata)}|{cfg.case_sensitive}|{cfg.only_downloaded}"
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def match_shard(pool_root: str, cfg: MetaclipConfig, shard: int) -> dict[str, int]:
+    """Write ``tables/metaclip_match/{shard}`` and mark it done."""
+    pool = Pool(pool_root)
+    dl = pq.read_table(pool.table_path("download", shard), columns=[S.UID, S.CAPTION, S.STATUS])
+    matched = matcher_for(cfg.metadata, cfg.case_sensitive)(dl[S.CAPTION])
+    counted = pc.equal(dl[S.STATUS], S.STATUS_SUCCESS) if cfg.only_downloaded else pa.array([True] * dl.num_rows)
+    table = pa.table(
+        {S.UID: dl[S.UID], S.SHARD: pa.array([shard] * dl.num_rows, pa.int32()),
+         S.MATCHED_ENTRY_IDS: matched, S.COUNTED: counted},
+        schema=S.METACLIP_MATCH_SCHEMA,
+    )  # fmt: skip
+    pool.write_table(MATCH_STAGE, shard, table)
+    lengths = pc.list_value_length(matched).to_numpy(zero_copy_only=False)
+    counts = {"samples": dl.num_rows, "matched": int((lengths > 0).sum()), "matches": int(lengths.sum())}
+    pool.mark_done(MATCH_STAGE, shard, match_hash(cfg), counts)
+    return counts
+
+
+def _balance_hash(cfg: MetaclipConfig, t: float, counts_digest: str) -> str:
+    return hashlib.sha256(f"{config_hash(cfg)}|{t!r}|{counts_digest}".encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=2)
+def _load_counts(path: str, digest: str) -> np.ndarray:
+    return pq.read_table(path, columns=["count"])["count"].to_numpy()
+
+
+def balance_shard(pool_root: str, cfg: MetaclipConfig, t: float, digest: str, shard: int) -> dict[str, int]:
+    """Write ``tables/metaclip/{shard}`` (keep probability and draw) and mark it done."""
+    pool = Pool(pool_root)
+    counts = _load_counts(str(pool.aggregates_dir / COUNTS_FILE), digest)
+    match = pq.read_table(pool.table_path(MATCH_STAGE, shard))
+    matched = match[S.MATCHED_ENTRY_IDS].combine_chunks()
+    p, keep = balance(match[S.UID], matched, counts, t, cfg.seed)
+    keep &= match[S.COUNTED].to_numpy(zero_copy_only=False)
+    table = pa.table(
+        {S.UID: match[S.UID], S.SHARD: match[S.SHARD], S.METACLIP_P: p, S.METACLIP_KEEP: keep},
+        schema=S.METACLIP_SCHEMA,
+    )
+    pool.write_table(STAGE, shard, table)
+    result = {"samples": table.num_rows, "kept": int(keep.sum())}
+    pool.mark_done(STAGE, shard, _balance_hash(cfg, t, digest), result)
+    return result
+
+
+def _run(engine: Any, fn: Any, shards: list[int], desc: str, progress: bool, pool: Pool) -> None:
+    from pipeline.engines.base import ShardFailures
+
+    plan = pool.read_plan() or {}
+    per, n = plan.get("samples_per_shard", 1), plan.get("num_rows", 0)
+    result = engine.map_shards(
+        fn, shards, desc=desc, weights={s: min(per, n - s * per) for s in shards}, progress=progress
+    )
+    if result.failures:
+        pool.update_manifest()
+        raise ShardFailures(desc, result.failures)
+
+
+def resolve_t(cfg: MetaclipConfig, matched: pa.ListArray, counts: np.ndarray, pool_size: int) -> float:
+    """t as the config asks: solved for ``target_size``, scaled to the pool, or as given."""
+    if cfg.target_size is not None:
+        return t_for_size(matched, counts, cfg.target_size)
+    if cfg.scale_t_to_pool:
+        return scale_t(pool_size, cfg.t)
+    return float(cfg.t)
+
+
+def pending_matches(pool: Pool, cfg: MetaclipConfig) -> list[int]:
+    """Shards still to match (the download must be complete)."""
+    shards = pool.require_complete("download")
+    load_entries(cfg.metadata)  # a bad entries file fails here, before any work
+    recorded = {"metadata_sha256": file_digest(cfg.metadata), **dataclasses.asdict(cfg)}
+    pool.check_stage_config(MATCH_STAGE, recorded, match_hash(cfg))
+    return [s for s in shards if not pool.is_done(MATCH_STAGE, s, match_hash(cfg))]
+
+
+def match_shards(pool: Pool, cfg: MetaclipConfig, engine: Any, shards: list[int], progress: bool = True) -> None:
+    """Match ``shards`` with ``engine`` (one Prefect task per batch calls this)."""
+    _run(engine, functools.partial(match_shard, str(pool.root), cfg), shards, MATCH_STAGE, progress, pool)
+
+
+def run_metaclip(pool: Pool, cfg: MetaclipConfig, engine: Any, progress: bool = True) -> dict[str, Any]:
+    """Match what is left, count, and balance the whole pool; resumes finished shards.
+
+    Returns:
+        The summary also written to ``aggregates/metaclip.json`` (t, pool size, kept samples, ...).
+    """
+    match_shards(pool, cfg, engine, pending_matches(pool, cfg), progress)
+    shards = pool.require_complete(MATCH_STAGE)
+    entries = load_entries(cfg.metadata)
+
+    match = pool.read_table(MATCH_STAGE, columns=[S.MATCHED_ENTRY_IDS, S.COUNTED])
+    matched = match[S.MATCHED_ENTRY_IDS].combine_chunks()
+    counted = match[S.COUNTED].to_numpy(zero_copy_only=False)
+    counts = entry_counts(matched, len(entries), counted)
+    t = resolve_t(cfg, matched.filter(pa.array(counted)), counts, int(counted.sum()))
+    counts_path = pool.aggregates_dir / COUNTS_FILE
+    table = pa.table(
+        {"entry_id": pa.array(range(len(entries)), pa.int32()), "entry": entries, "count": counts,
+         "p": entry_probabilities(counts, t), "kept": np.zeros(len(entries), np.int64)},
+        schema=S.ENTRY_COUNTS_SCHEMA,
+    )  # fmt: skip
+    digest = hashlib.sha256(counts.tobytes()).hexdigest()[:16]
+    write_parquet_atomic(counts_path, table)
+
+    todo = [s for s in shards if not pool.is_done(STAGE, s, _balance_hash(cfg, t, digest))]
+    _run(engine, functools.partial(balance_shard, str(pool.root), cfg, t, digest), todo, STAGE, progress, pool)
+
+    kept = pool.read_table(STAGE, columns=[S.METACLIP_KEEP])[S.METACLIP_KEEP].to_numpy(zero_copy_only=False)
+    kept_counts = entry_counts(matched, len(entries), kept)
+    write_parquet_atomic(counts_path, table.set_column(4, "kept", pa.array(kept_counts, pa.int64())))
+    summary = {
+        "t": t, "seed": cfg.seed, "metadata": cfg.metadata, "metadata_sha256": file_digest(cfg.metadata),
+        "entries": len(entries), "pool_size": int(counted.sum()),
+        "samples_matched": int((pc.list_value_length(matched).to_numpy(zero_copy_only=False)[counted] > 0).sum()),
+        "samples_kept": int(kept.sum()), "entries_matched": int((counts > 0).sum()),
+        "entries_over_t": int((counts > t).sum()),
+    }  # fmt: skip
+    write_json_atomic(pool.aggregates_dir / "metaclip.json", summary)
+    from pipeline.metaclip.report import write_report
+
+    write_report(pool.report_dir(STAGE), entries, counts, kept_counts, t)
+    pool.update_manifest()
+    return summary
