@@ -70,9 +70,15 @@ def stats(pool: Pool) -> dict[str, Any]:
     out: dict[str, Any] = {"pool": str(pool.root), "input": plan, "stages": {}}
     con = connect(pool)
     for stage in pool.stages():
+        done = pool.completed(stage)
+        totals: dict[str, int] = {}
+        for marker in done.values():
+            for key, value in marker["counts"].items():
+                totals[key] = totals.get(key, 0) + value
         entry: dict[str, Any] = {
-            "shards_done": len(pool.completed(stage)),
+            "shards_done": len(done),
             "shards_planned": plan["num_shards"] if plan else None,
+            "counts": totals,
         }
         if stage == BASE_STAGE:
             rows = con.execute(
@@ -102,6 +108,8 @@ def format_stats(report: dict[str, Any], max_errors: int = 8) -> str:
         )
     for stage, entry in report["stages"].items():
         lines.append(f"{stage}: {entry['shards_done']}/{entry['shards_planned']} shards done")
+        if "status" not in entry:
+            lines.append("  " + ", ".join(f"{k}: {v}" for k, v in sorted(entry["counts"].items())))
         total = entry.get("samples")
         for status, item in entry.get("status", {}).items():
             share = f"{100 * item['count'] / total:5.1f}%" if total else ""
