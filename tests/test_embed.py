@@ -1,0 +1,181 @@
+"""The embedding stage with a tiny open_clip model whose random weights are saved to disk and loaded
+through the same ``checkpoint`` path real weights take."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import tarfile
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import parse_config
+from pipeline.embed import (
+    CAPTION_STAGE,
+    STAGE,
+    ClipEmbedder,
+    EmbedError,
+    checkpoint_sha256,
+    run_embed,
+    save_random_checkpoint,
+)
+from pipeline.store.parquet import Pool
+from pipeline.store.webdataset import decode_image, iter_shard
+from tests.conftest import LAION
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return save_random_checkpoint("clipcurate-tiny", tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", seed=0)
+
+
+def embed_cfg(checkpoint: Path, **kw):
+    settings = {"model": "clipcurate-tiny", "checkpoint": str(checkpoint), "batch_size": 32, "workers": 1, **kw}
+    return parse_config({"pool": "p", "download": {"input": "u"}, "embed": settings}).embed
+
+
+@pytest.fixture(scope="module")
+def embedded(downloaded_pool, tiny_checkpoint, tmp_path_factory):
+    pool = Pool(shutil.copytree(downloaded_pool[0].root, tmp_path_factory.mktemp("emb") / "pool"))
+    done = run_embed(pool, embed_cfg(tiny_checkpoint), progress=False)
+    return pool, done
+
+
+def _stored(pool: Pool, column: str) -> np.ndarray:
+    """The embeddings of every shard as one float16 matrix, viewed without a copy."""
+    vectors = []
+    for shard in sorted(pool.completed(STAGE)):
+        col = pq.read_table(pool.table_path(STAGE, shard), columns=[column])[column].combine_chunks()
+        vectors.append(col.values.to_numpy(zero_copy_only=True).reshape(len(col), col.type.list_size))
+    return np.concatenate(vectors)
+
+
+def test_embeddings_round_trip_exactly_through_numpy_and_duckdb(embedded, tiny_checkpoint):
+    pool, done = embedded
+    statuses = pool.read_table("download")["status"].to_pylist()
+    assert sum(c["samples"] for c in done.values()) == statuses.count("success")
+    # the same images through the model directly, outside the stage
+    embedder = ClipEmbedder(embed_cfg(tiny_checkpoint)).setup()
+    samples = list(iter_shard(pool.shard_tar(1)))[:20]
+    import torch
+
+    pixels = torch.stack([embedder.preprocess(decode_image(s["jpg"])[0]) for s in samples])
+    direct_image = embedder.encode_images(pixels).astype(np.float16)
+    direct_text = embedder.encode_texts([s["txt"] for s in samples]).astype(np.float16)
+    table = pq.read_table(pool.table_path(STAGE, 1))
+    assert table["uid"].to_pylist()[:20] == [s["json"]["uid"] for s in samples]
+    numpy_view = table["image_embedding"].combine_chunks().values.to_numpy(zero_copy_only=True).reshape(len(table), -1)
+    assert np.array_equal(numpy_view[:20], direct_image)
+    rows = duckdb.execute(
+        "select image_embedding, text_embedding from read_parquet(?) order by uid", [str(pool.table_path(STAGE, 1))]
+    ).fetchall()
+    by_uid = dict(zip(sorted(table["uid"].to_pylist()), rows, strict=True))
+    for i, s in enumerate(samples):
+        image, text = by_uid[s["json"]["uid"]]
+        assert np.array_equal(np.array(image, np.float32), direct_image[i].astype(np.float32))
+        assert np.array_equal(np.array(text, np.float32), direct_text[i].astype(np.float32))
+
+
+def test_clip_score_is_the_cosine_of_the_pair(embedded, tiny_checkpoint):
+    pool, _ = embedded
+    image, text = (
+        _stored(pool, "image_embedding").astype(np.float32),
+        _stored(pool, "text_embedding").astype(np.float32),
+    )
+    assert np.allclose(np.linalg.norm(image, axis=1), 1, atol=2e-3)
+    score = pool.read_table(STAGE)["clip_score"].to_numpy(zero_copy_only=False)
+    assert np.allclose(score, (image * text).sum(axis=1), atol=3e-3)
+    assert pool.read_table(STAGE)["checkpoint_sha256"].unique().to_pylist() == [checkpoint_sha256(tiny_checkpoint)]
+
+
+def test_caption_embeddings_default_to_the_clip_text_tower(embedded):
+    pool, _ = embedded
+    caption = pool.read_table(CAPTION_STAGE)
+    assert caption["uid"].to_pylist() == pool.read_table(STAGE)["uid"].to_pylist()
+    assert set(caption["caption_model"].to_pylist()) == {"clip-text"}
+    vectors = (
+        caption["caption_embedding"].combine_chunks().values.to_numpy(zero_copy_only=True).reshape(caption.num_rows, -1)
+    )
+    assert np.array_equal(vectors, _stored(pool, "text_embedding"))
+
+
+def test_rerun_skips_embedded_shards(embedded, tiny_checkpoint):
+    pool, _ = embedded
+    assert run_embed(pool, embed_cfg(tiny_checkpoint), progress=False) == {}
+
+
+def _corrupt_one_image(tar_path: Path) -> str:
+    """Rewrite ``tar_path`` with its second sample's JPEG cut short; return that sample's key."""
+    with tarfile.open(tar_path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    keys = sorted({m.name.split(".")[0] for m, _ in members})
+    victim = keys[1]
+    with tarfile.open(tar_path, "w") as tar:
+        for member, data in members:
+            if member.name == f"{victim}.jpg":
+                data = data[:40]
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    return victim
+
+
+def test_an_undecodable_image_gives_a_null_embedding_and_a_decode_error(downloaded_pool, tiny_checkpoint, tmp_path):
+    pool = Pool(shutil.copytree(downloaded_pool[0].root, tmp_path / "pool"))
+    victim = _corrupt_one_image(pool.shard_tar(0))
+    done = run_embed(pool, embed_cfg(tiny_checkpoint, workers=0), progress=False)
+    assert done[0]["decode_errors"] == 1 and all(c["decode_errors"] == 0 for s, c in done.items() if s)
+    row = duckdb.execute(
+        "select e.image_embedding, e.clip_score, e.decode_error, e.text_embedding from read_parquet(?) e "
+        "join read_parquet(?) d using (uid) where d.key = ?",
+        [str(pool.table_path(STAGE, 0)), str(pool.table_path("download", 0)), victim],
+    ).fetchone()
+    assert row[0] is None and row[1] is None and row[2].startswith("cannot decode image")
+    assert row[3] is not None  # the caption still has its text embedding
+
+
+def test_missing_checkpoint_and_hub_tags_fail_fast_with_instructions(tmp_path):
+    with pytest.raises(
+        EmbedError, match=r"not found: expected open_clip weights for ViT-B-32 .*huggingface-cli download"
+    ):
+        ClipEmbedder(embed_cfg(tmp_path / "nope.safetensors", model="ViT-B-32")).setup()
+    with pytest.raises(
+        EmbedError, match=r"'laion2b_s34b_b79k' looks like a hub tag; clipcurate never downloads weights"
+    ):
+        ClipEmbedder(embed_cfg("laion2b_s34b_b79k", model="ViT-B-32")).setup()
+
+
+def test_a_checkpoint_of_another_architecture_is_refused(tiny_checkpoint):
+    with pytest.raises(EmbedError, match="does not fit ViT-B-32"):
+        ClipEmbedder(embed_cfg(tiny_checkpoint, model="ViT-B-32")).setup()
+
+
+PARAPHRASES = [  # real demo captions (data/laion_10k.parquet) and paraphrases written for this test
+    (3, "Passport holder wallet for travel with a colourful map of the world printed on it"),
+    (8, "A grey coffee table whose top is a tray"),
+    (13, "Pressure meter photographed with a blurry background"),
+    (89, "Stretch denim jeans from the Hugo Boss brand"),
+    (233, "A napkin ring with a red chrysanthemum"),
+    (377, "Black printer ink cartridge made by Dataproducts"),
+    (610, "A designer house available to rent in The Villages, Florida"),
+    (144, "Hair clips shaped like butterflies for little girls"),
+]
+
+
+@pytest.mark.slow
+def test_minilm_scores_paraphrases_above_unrelated_captions():
+    from pipeline.embed import CaptionEncoder
+
+    captions = pq.read_table(LAION, columns=["TEXT"])["TEXT"].to_pylist()
+    originals = [captions[i] for i, _ in PARAPHRASES]
+    encoder = CaptionEncoder("minilm")
+    a = encoder.encode(originals, np.zeros(0))
+    b = encoder.encode([p for _, p in PARAPHRASES], np.zeros(0))
+    assert a.shape == (8, 384) and np.allclose(np.linalg.norm(a, axis=1), 1, atol=1e-4)
+    sim = a @ b.T
+    for i in range(len(PARAPHRASES)):
+        unrelated = np.delete(sim[i], i)
+        assert sim[i, i] > unrelated.max() + 0.1, (originals[i], sim[i, i], unrelated.max())
