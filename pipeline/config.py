@@ -119,7 +119,9 @@ class EmbedConfig:
         precision: ``fp32``, ``fp16``, ``bf16``, or ``auto`` (fp16 on CUDA, fp32 on CPU).
         device: ``auto`` (CUDA if present, else CPU), ``cpu`` or ``cuda``/``cuda:N``.
         batch_size: Images per forward pass.
-        workers: Processes decoding and preprocessing images while the model computes.
+        workers: Processes decoding and preprocessing images while the model computes; 0 decodes
+            in the main process between batches. On a CPU-only machine the model already uses
+            every core, so 0 is fastest (see docs/benchmarks.md); on a GPU machine use several.
         threads: torch threads for the model on CPU; ``None`` leaves torch's default.
         caption_model: Encoder of ``tables/caption_embed`` (MoDE clusters caption embeddings):
             ``clip`` (this model's text tower) or ``minilm`` (all-MiniLM-L6-v2 from the
@@ -134,7 +136,7 @@ class EmbedConfig:
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     device: str = "auto"
     batch_size: int = 64
-    workers: int = 1
+    workers: int = 0
     threads: int | None = None
     caption_model: Literal["clip", "minilm"] | None = "clip"
     max_image_pixels: int = 89_478_485
