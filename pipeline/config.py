@@ -184,6 +184,78 @@ class MetaclipConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ModeConfig:
+    """MoDE two-level clustering of caption embeddings ("MoDE: CLIP Data Experts via Clustering",
+    Ma et al., CVPR 2024, Sec. 3.2).
+
+    Attributes:
+        n_fine: Fine-grained clusters (MoDE: 1,024).
+        n_experts: Coarse clusters of the fine centres = data experts (MoDE: 4).
+        fit_fraction: Share of the pool the centres are fitted on (MoDE: about 5%); every sample
+            is then assigned. The sample is drawn by uid hash, so it is the same on any engine.
+        min_fit_samples: Fit on at least this many samples (all, if the pool is smaller).
+        metric: ``cosine`` (spherical k-means on normalised embeddings) or ``euclidean``.
+        balanced: Balanced k-means for the fine level (MoDE's choice), see :mod:`pipeline.mode`.
+        iterations: k-means iterations.
+        seed: Seed of the fit sample and the k-means initialisation.
+        smooth_weight: MoDE's ensemble smoothing (``post_report_ensemble.py``: 5.0, 8.0).
+        too_many_class: MoDE's class-count offset in the smoothing (200).
+    """
+
+    __pydantic_config__ = _STRICT
+
+    n_fine: int = 1024
+    n_experts: int = 4
+    fit_fraction: float = 0.05
+    min_fit_samples: int = 50_000
+    metric: Literal["cosine", "euclidean"] = "cosine"
+    balanced: bool = True
+    iterations: int = 20
+    seed: int = 0
+    smooth_weight: tuple[float, float] = (5.0, 8.0)
+    too_many_class: int = 200
+
+    def __post_init__(self) -> None:
+        _require(self.n_fine >= 2, "n_fine", "must be >= 2")
+        _require(1 <= self.n_experts <= self.n_fine, "n_experts", "must be in 1..n_fine")
+        _require(0 < self.fit_fraction <= 1, "fit_fraction", "must be in (0, 1]")
+        _require(self.min_fit_samples >= 0, "min_fit_samples", "must be >= 0")
+        _require(self.iterations > 0, "iterations", "must be > 0")
+        _require(all(w > 0 for w in self.smooth_weight), "smooth_weight", "must be positive")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RebalanceConfig:
+    """Long-tail rebalancing over a grouping column (see :mod:`pipeline.rebalance`).
+
+    Attributes:
+        group_by: Column of the ``samples`` view to group by: ``fine_id`` (MoDE clusters, the
+            default), ``expert_id``, or ``matched_entry_ids`` (MetaCLIP entries, any-entry rule).
+        method: ``cap`` (``p = min(1, t / count)``, MetaCLIP's rule) or ``temperature``
+            (group sizes become proportional to ``count ** alpha``).
+        t: The cap's threshold.
+        alpha: The temperature exponent (0: equal groups, 1: unchanged proportions).
+        target_size: Solve t (cap) or the scale (temperature) for this expected subset size.
+        seed: Seed of the draws (partition-independent, like MetaCLIP balancing).
+    """
+
+    __pydantic_config__ = _STRICT
+
+    group_by: str = "fine_id"
+    method: Literal["cap", "temperature"] = "cap"
+    t: float = 20_000
+    alpha: float = 0.5
+    target_size: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(bool(self.group_by), "group_by", "must name a column")
+        _require(self.t > 0, "t", "must be > 0")
+        _require(0 <= self.alpha <= 1, "alpha", "must be in [0, 1]")
+        _require(self.target_size is None or self.target_size > 0, "target_size", "must be > 0 or null")
+
+
+@dataclass(frozen=True, kw_only=True)
 class FlowConfig:
     """Orchestration settings used by ``flows/`` only; the library ignores them.
 
@@ -242,6 +314,8 @@ class PipelineConfig:
         download: The download stage.
         embed: Image/text embeddings and CLIP score; ``None`` skips the stage.
         metaclip: MetaCLIP matching and balancing; ``None`` skips the stage.
+        mode: MoDE clustering of caption embeddings; ``None`` skips the stage.
+        rebalance: Long-tail rebalancing; ``None`` skips the stage.
         flow: Orchestration settings.
         queries: Saved named SQL queries for ``curate query POOL --name NAME``.
         demo: Set only for the bundled offline demo.
@@ -254,6 +328,8 @@ class PipelineConfig:
     download: DownloadConfig
     embed: EmbedConfig | None = None
     metaclip: MetaclipConfig | None = None
+    mode: ModeConfig | None = None
+    rebalance: RebalanceConfig | None = None
     flow: FlowConfig = field(default_factory=FlowConfig)
     queries: dict[str, str] = field(default_factory=dict)
     demo: DemoConfig | None = None
@@ -269,6 +345,8 @@ _SECTIONS = {
     "DemoConfig": DemoConfig,
     "MetaclipConfig": MetaclipConfig,
     "EmbedConfig": EmbedConfig,
+    "ModeConfig": ModeConfig,
+    "RebalanceConfig": RebalanceConfig,
 }
 
 

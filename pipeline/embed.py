@@ -292,6 +292,7 @@ def pending_shards(pool: Pool, embedder: ClipEmbedder) -> list[int]:
     shards = pool.require_complete("download")
     digest = stage_hash(embedder)
     recorded = {"model": embedder.cfg.model, "checkpoint_sha256": embedder.checkpoint_sha256,
+                "checkpoint": str(Path(embedder.cfg.checkpoint).resolve()),
                 "precision": embedder.cfg.precision, "caption_model": embedder.cfg.caption_model}  # fmt: skip
     pool.check_stage_config(STAGE, recorded, digest)
     need_captions = embedder.cfg.caption_model is not None

@@ -85,4 +85,34 @@ def downloaded_pool(tmp_path_factory, image_server):
     return Pool(cfg.pool), rows, cfg
 
 
-__all__ = ["REPO", "laion_rows", "make_config", "point_at", "token_for", "write_config"]
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """Random weights of the tiny open_clip model, saved to disk: loaded like real weights."""
+    from pipeline.embed import save_random_checkpoint
+
+    return save_random_checkpoint("clipcurate-tiny", tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", seed=0)
+
+
+def embed_cfg(checkpoint: Path | str, **kw: Any):
+    settings = {"model": "clipcurate-tiny", "checkpoint": str(checkpoint), "batch_size": 32, "workers": 1, **kw}
+    return parse_config({"pool": "p", "download": {"input": "u"}, "embed": settings}).embed
+
+
+@pytest.fixture(scope="session")
+def clustered(downloaded_pool, tiny_checkpoint, tmp_path_factory):
+    """A copy of the downloaded pool, embedded (tiny CLIP) and clustered (8 fine, 2 experts)."""
+    import shutil
+
+    from pipeline.embed import run_embed
+    from pipeline.engines.local import LocalEngine
+    from pipeline.mode_stage import run_mode
+    from pipeline.store.parquet import Pool
+
+    pool = Pool(shutil.copytree(downloaded_pool[0].root, tmp_path_factory.mktemp("mode") / "pool"))
+    run_embed(pool, embed_cfg(tiny_checkpoint, workers=0), progress=False)
+    settings = {"n_fine": 8, "n_experts": 2, "fit_fraction": 0.5, "min_fit_samples": 0}
+    cfg = parse_config({"pool": "p", "download": {"input": "u"}, "mode": settings}).mode
+    return pool, cfg, run_mode(pool, cfg, LocalEngine(2), progress=False)
+
+
+__all__ = ["REPO", "embed_cfg", "laion_rows", "make_config", "point_at", "token_for", "write_config"]

@@ -13,7 +13,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import parse_config
 from pipeline.embed import (
     CAPTION_STAGE,
     STAGE,
@@ -21,21 +20,10 @@ from pipeline.embed import (
     EmbedError,
     checkpoint_sha256,
     run_embed,
-    save_random_checkpoint,
 )
 from pipeline.store.parquet import Pool
 from pipeline.store.webdataset import decode_image, iter_shard
-from tests.conftest import LAION
-
-
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    return save_random_checkpoint("clipcurate-tiny", tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", seed=0)
-
-
-def embed_cfg(checkpoint: Path, **kw):
-    settings = {"model": "clipcurate-tiny", "checkpoint": str(checkpoint), "batch_size": 32, "workers": 1, **kw}
-    return parse_config({"pool": "p", "download": {"input": "u"}, "embed": settings}).embed
+from tests.conftest import LAION, embed_cfg
 
 
 @pytest.fixture(scope="module")

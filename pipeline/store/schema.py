@@ -139,7 +139,38 @@ def caption_embed_schema(dim: int) -> pa.Schema:
     )
 
 
+FINE_ID = "fine_id"
+EXPERT_ID = "expert_id"
+FINE_DISTANCE = "fine_distance"
+FINE_ID_PLAIN = "fine_id_plain"
+REBALANCE_P = "rebalance_p"
+REBALANCE_KEEP = "rebalance_keep"
+
+# tables/mode/{shard:05d}.parquet: MoDE assignment of each captioned sample.
+MODE_SCHEMA = pa.schema(
+    [
+        pa.field(UID, pa.string(), nullable=False),
+        pa.field(SHARD, pa.int32(), nullable=False),
+        pa.field(FINE_ID, pa.int32(), nullable=False),
+        pa.field(EXPERT_ID, pa.int32(), nullable=False),
+        pa.field(FINE_DISTANCE, pa.float32(), nullable=False),  # to the fine centre (cosine: 1 - cos)
+        pa.field(FINE_ID_PLAIN, pa.int32(), nullable=False),  # nearest plain (unbalanced) k-means centre
+    ]
+)
+
+# tables/rebalance/{shard:05d}.parquet: long-tail rebalancing draws.
+REBALANCE_SCHEMA = pa.schema(
+    [
+        pa.field(UID, pa.string(), nullable=False),
+        pa.field(SHARD, pa.int32(), nullable=False),
+        pa.field(REBALANCE_P, pa.float64(), nullable=False),
+        pa.field(REBALANCE_KEEP, pa.bool_(), nullable=False),
+    ]
+)
+
 STAGE_SCHEMAS: dict[str, pa.Schema] = {
+    "mode": MODE_SCHEMA,
+    "rebalance": REBALANCE_SCHEMA,
     "download": DOWNLOAD_SCHEMA,
     "metaclip_match": METACLIP_MATCH_SCHEMA,
     "metaclip": METACLIP_SCHEMA,

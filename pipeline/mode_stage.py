@@ -1,0 +1,206 @@
+"""MoDE over a pool: fit the centres on a sample of caption embeddings, assign every shard, report,
+select data-expert subsets, and route a task's class names to experts (see :mod:`pipeline.mode`).
+
+Fitted centres live in ``aggregates/mode/`` (``fine_centers.npy``, ``coarse_centers.npy``,
+``fine_to_expert.npy``, ``plain_fine_centers.npy``) with ``aggregates/mode.json`` (config, fit size,
+caption encoder). Assignments go to ``tables/mode/{shard}``; the report to ``reports/mode/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import ModeConfig, config_hash
+from pipeline.mode import fit_hierarchy, nearest, normalize, routing_weights, size_spread, top_terms
+from pipeline.sampling import uid_to_uint64, uniform
+from pipeline.store import schema as S
+from pipeline.store.parquet import Pool, atomic_path, write_json_atomic
+
+STAGE = "mode"
+SOURCE = "caption_embed"
+_FIT_KEY = 0x4D6F4445  # "MoDE": the hash key of the fit sample's draws
+ARRAYS = ("fine_centers", "coarse_centers", "fine_to_expert", "plain_fine_centers")
+
+
+def _vectors(table: pa.Table) -> np.ndarray:
+    column = table[S.CAPTION_EMBEDDING].combine_chunks()
+    return column.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(column), column.type.list_size)
+
+
+def fit_hash(pool: Pool, cfg: ModeConfig) -> str:
+    # the embed stage records the config of both its tables (caption model included)
+    source = json.loads((pool.root / "completions" / "embed" / "config.json").read_text())["config_hash"]
+    return hashlib.sha256(f"{config_hash(cfg)}|{source}".encode()).hexdigest()[:16]
+
+
+def fit_mode(pool: Pool, cfg: ModeConfig) -> dict[str, Any]:
+    """Fit (or reuse) the centres on a uid-hash sample of the pool's caption embeddings."""
+    shards = pool.require_complete(SOURCE)
+    digest = fit_hash(pool, cfg)
+    summary_path = pool.aggregates_dir / "mode.json"
+    if summary_path.exists() and json.loads(summary_path.read_text()).get("fit_hash") == digest:
+        return json.loads(summary_path.read_text())
+    total = sum(pool.completed(SOURCE)[s]["counts"]["samples"] for s in shards)
+    if total == 0:
+        raise ValueError(f"{pool.root}: no caption embeddings to cluster")
+    share = min(1.0, max(cfg.fit_fraction, cfg.min_fit_samples / total))
+    parts, first = [], None
+    for shard in shards:
+        table = pq.read_table(pool.table_path(SOURCE, shard))
+        first = first or (table[S.CAPTION_MODEL][0].as_py() if table.num_rows else None)
+        chosen = uniform(uid_to_uint64(table[S.UID]), np.uint64(_FIT_KEY), cfg.seed) < share
+        parts.append(_vectors(table.filter(pa.array(chosen))))
+    x = np.concatenate(parts)
+    hierarchy = fit_hierarchy(x, cfg)
+    out = pool.aggregates_dir / "mode"
+    for name, array in zip(ARRAYS, (hierarchy.fine, hierarchy.coarse, hierarchy.fine_to_expert, hierarchy.plain_fine),
+                           strict=True):  # fmt: skip
+        with atomic_path(out / f"{name}.npy") as tmp, tmp.open("wb") as f:
+            np.save(f, array)
+    embed = json.loads((pool.root / "completions" / "embed" / "config.json").read_text())["config"]
+    summary = {"fit_hash": digest, "config": dataclasses.asdict(cfg), "fit_samples": len(x), "pool_samples": total,
+               "n_fine": len(hierarchy.fine), "caption_model": first, "embed_model": embed.get("model"),
+               "embed_checkpoint": embed.get("checkpoint")}  # fmt: skip
+    write_json_atomic(summary_path, summary)
+    return summary
+
+
+@functools.lru_cache(maxsize=2)
+def load_centers(root: str, digest: str) -> dict[str, np.ndarray]:
+    return {name: np.load(Path(root) / "aggregates" / "mode" / f"{name}.npy") for name in ARRAYS}
+
+
+def assign_shard(pool_root: str, cfg: ModeConfig, digest: str, shard: int) -> dict[str, int]:
+    """Write ``tables/mode/{shard}``: nearest fine centre, its expert, the distance."""
+    pool = Pool(pool_root)
+    centers = load_centers(pool_root, digest)
+    table = pq.read_table(pool.table_path(SOURCE, shard), columns=[S.UID, S.SHARD, S.CAPTION_EMBEDDING])
+    x = _vectors(table)
+    x = normalize(x) if cfg.metric == "cosine" else x
+    n = table.num_rows
+    fine, dist = nearest(x, centers["fine_centers"], cfg.metric) if n else (np.zeros((0, 1), int), np.zeros((0, 1)))
+    plain = nearest(x, centers["plain_fine_centers"], cfg.metric)[0] if n else np.zeros((0, 1), int)
+    out = pa.table(
+        {S.UID: table[S.UID], S.SHARD: table[S.SHARD], S.FINE_ID: fine[:, 0].astype(np.int32),
+         S.EXPERT_ID: centers["fine_to_expert"][fine[:, 0]].astype(np.int32),
+         S.FINE_DISTANCE: dist[:, 0].astype(np.float32), S.FINE_ID_PLAIN: plain[:, 0].astype(np.int32)},
+        schema=S.MODE_SCHEMA,
+    )  # fmt: skip
+    pool.write_table(STAGE, shard, out)
+    pool.mark_done(STAGE, shard, digest, {"samples": n})
+    return {"samples": n}
+
+
+def run_mode(pool: Pool, cfg: ModeConfig, engine: Any, progress: bool = True) -> dict[str, Any]:
+    """Fit if needed, assign every shard not assigned with these centres, write the report."""
+    from pipeline.engines.base import ShardFailures
+
+    summary = fit_mode(pool, cfg)
+    digest = summary["fit_hash"]
+    todo = [s for s in pool.require_complete(SOURCE) if not pool.is_done(STAGE, s, digest)]
+    result = engine.map_shards(functools.partial(assign_shard, str(pool.root), cfg, digest), todo, desc=STAGE,
+                               progress=progress)  # fmt: skip
+    if result.failures:
+        raise ShardFailures(STAGE, result.failures)
+    summary = {**summary, **write_report(pool, cfg)}
+    write_json_atomic(pool.aggregates_dir / "mode.json", summary)
+    pool.update_manifest()
+    return summary
+
+
+def write_report(pool: Pool, cfg: ModeConfig) -> dict[str, Any]:
+    """Cluster size spread (balanced vs plain k-means) and each expert's top caption terms."""
+    from pipeline.query import connect
+
+    con = connect(pool)
+    rows = con.sql(
+        "select m.fine_id, m.fine_id_plain, m.expert_id, d.caption from mode m join download d using (uid)"
+    ).fetch_arrow_table()
+    n_fine = int(json.loads((pool.aggregates_dir / "mode.json").read_text())["n_fine"])
+    sizes = np.bincount(rows["fine_id"].to_numpy(), minlength=n_fine)
+    plain_sizes = np.bincount(rows["fine_id_plain"].to_numpy(), minlength=n_fine)
+    expert = rows["expert_id"].to_numpy()
+    terms = top_terms(rows["caption"].to_pylist(), expert, cfg.n_experts)
+    expert_sizes = np.bincount(expert, minlength=cfg.n_experts).tolist()
+    report = {"fine_sizes": size_spread(sizes), "fine_sizes_plain_kmeans": size_spread(plain_sizes),
+              "expert_sizes": expert_sizes, "expert_top_terms": terms}  # fmt: skip
+    out = pool.report_dir(STAGE)
+    write_json_atomic(out / "clusters.json", report)
+    plot_sizes(out / "cluster_sizes.png", {"balanced k-means" if cfg.balanced else "k-means": sizes,
+                                           "plain k-means": plain_sizes}, "MoDE fine cluster sizes")  # fmt: skip
+    lines = ["# MoDE clusters", "", "| | clusters | min | median | max | Gini |", "|---|---|---|---|---|---|"]
+    for name, sp in (("fitted", report["fine_sizes"]), ("plain k-means", report["fine_sizes_plain_kmeans"])):
+        lines.append(f"| {name} | {sp['clusters']} | {sp['min']} | {sp['median']} | {sp['max']} | {sp['gini']} |")
+    lines += ["", "| expert | samples | top caption terms |", "|---|---|---|"]
+    lines += [f"| {e} | {expert_sizes[e]} | {', '.join(terms[e])} |" for e in range(cfg.n_experts)]
+    with atomic_path(out / "clusters.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    return {"report": report}
+
+
+def plot_sizes(path: Path, series: dict[str, np.ndarray], title: str) -> None:
+    """Cluster sizes, largest first, one line per series."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for label, sizes in series.items():
+        ax.plot(np.arange(1, len(sizes) + 1), np.sort(sizes)[::-1], label=label)
+    ax.set_xlabel("clusters, largest first")
+    ax.set_ylabel("samples")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def expert_uids(pool: Pool, expert: int, mix: float = 0.0, seed: int = 0) -> pa.Table:
+    """A data expert's training subset: every sample of ``expert`` plus out-of-expert samples making
+    up a ``mix`` share of the subset (MoDE's loader can mix in others), chosen by uid hash."""
+    if not 0 <= mix < 1:
+        raise ValueError(f"mix must be in [0, 1), got {mix}")
+    table = pool.read_table(STAGE, columns=[S.UID, S.EXPERT_ID])
+    inside = table.filter(pa.compute.equal(table[S.EXPERT_ID], expert))
+    outside = table.filter(pa.compute.not_equal(table[S.EXPERT_ID], expert))
+    want = min(outside.num_rows, round(inside.num_rows * mix / (1 - mix)))
+    order = np.argsort(uniform(uid_to_uint64(outside[S.UID]), np.uint64(expert), seed), kind="stable")[:want]
+    chosen = pa.concat_tables([inside, outside.take(pa.array(order, pa.int64()))])
+    flag = np.r_[np.ones(inside.num_rows, bool), np.zeros(want, bool)]
+    return chosen.append_column("in_expert", pa.array(flag))
+
+
+def route(pool: Pool, class_names: list[str]) -> np.ndarray:
+    """MoDE's ensemble weights over experts for a task given by its class names."""
+    summary = json.loads((pool.aggregates_dir / "mode.json").read_text())
+    cfg = ModeConfig(**{**summary["config"], "smooth_weight": tuple(summary["config"]["smooth_weight"])})
+    centers = load_centers(str(pool.root), summary["fit_hash"])
+    vectors = encode_class_names(summary, class_names)
+    if cfg.metric == "cosine":
+        vectors = normalize(vectors)
+    return routing_weights(vectors, centers["fine_centers"], centers["fine_to_expert"], cfg.n_experts,
+                           cfg.smooth_weight, cfg.too_many_class)  # fmt: skip
+
+
+def encode_class_names(summary: dict[str, Any], names: list[str]) -> np.ndarray:
+    """Embed names with the caption encoder the clusters were built on."""
+    from pipeline.embed import MINILM, CaptionEncoder, ClipEmbedder
+
+    if summary["caption_model"] == MINILM:
+        return CaptionEncoder("minilm").encode(names, np.zeros(0))
+    from pipeline.config import EmbedConfig
+
+    embedder = ClipEmbedder(EmbedConfig(model=summary["embed_model"], checkpoint=summary["embed_checkpoint"])).setup()
+    return embedder.encode_texts(names)

@@ -1,0 +1,140 @@
+"""MoDE clustering on the real demo captions with the real offline text model (all-MiniLM-L6-v2)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import ModeConfig
+from pipeline.engines.local import LocalEngine
+from pipeline.mode import balanced_assign, fit_hierarchy, gini, nearest, routing_weights, top_terms
+from pipeline.mode_stage import expert_uids, run_mode
+from tests.conftest import LAION
+from tests.test_embed import PARAPHRASES
+
+
+@pytest.fixture(scope="module")
+def demo_captions():
+    from pipeline.embed import CaptionEncoder
+
+    captions = pq.read_table(LAION, columns=["TEXT"])["TEXT"].to_pylist()
+    encoder = CaptionEncoder("minilm")
+    return captions, encoder.encode(captions, np.zeros(0)), encoder
+
+
+@pytest.fixture(scope="module")
+def fitted(demo_captions):
+    _captions, x, _ = demo_captions
+    cfg = ModeConfig(n_fine=64, n_experts=4, fit_fraction=1.0, iterations=15)
+    hierarchy = fit_hierarchy(x, cfg)
+    fine = nearest(x, hierarchy.fine, "cosine")[0][:, 0]
+    return hierarchy, fine, hierarchy.fine_to_expert[fine]
+
+
+@pytest.mark.slow
+def test_experts_have_clearly_different_top_terms(demo_captions, fitted):
+    captions, _, _ = demo_captions
+    _, _, experts = fitted
+    terms = [set(t) for t in top_terms(captions, experts, 4)]
+    for i in range(4):
+        for j in range(i + 1, 4):
+            overlap = len(terms[i] & terms[j]) / len(terms[i] | terms[j])
+            assert overlap <= 0.25, (terms[i], terms[j])
+
+
+@pytest.mark.slow
+def test_paraphrases_share_a_fine_cluster_far_more_often_than_chance(demo_captions, fitted):
+    captions, _, encoder = demo_captions
+    hierarchy, fine, _ = fitted
+    originals = encoder.encode([captions[i] for i, _ in PARAPHRASES], np.zeros(0))
+    paraphrases = encoder.encode([p for _, p in PARAPHRASES], np.zeros(0))
+    a = nearest(originals, hierarchy.fine, "cosine")[0][:, 0]
+    b = nearest(paraphrases, hierarchy.fine, "cosine")[0][:, 0]
+    same = float((a == b).mean())
+    shares = np.bincount(fine, minlength=64) / len(fine)
+    chance = float((shares**2).sum())  # two random captions in one cluster
+    assert same >= 0.5 and same >= 10 * chance, (same, chance)
+
+
+@pytest.mark.slow
+def test_class_names_from_one_experts_captions_route_to_that_expert(demo_captions, fitted):
+    _captions, x, _ = demo_captions
+    hierarchy, _, experts = fitted
+    rng = np.random.default_rng(0)
+    for e in range(4):
+        members = np.nonzero(experts == e)[0]
+        names = rng.choice(members, size=10, replace=False)
+        weights = routing_weights(x[names], hierarchy.fine, hierarchy.fine_to_expert, 4)
+        assert weights.argmax() == e, (e, weights)
+        assert weights.sum() == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_balanced_kmeans_evens_out_cluster_sizes(demo_captions, fitted):
+    _, x, _ = demo_captions
+    hierarchy, fine, _ = fitted
+    plain = nearest(x, hierarchy.plain_fine, "cosine")[0][:, 0]
+    assert gini(np.bincount(fine, minlength=64)) < 0.75 * gini(np.bincount(plain, minlength=64))
+
+
+def test_balanced_assignment_respects_capacity():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(1000, 8)).astype(np.float32)
+    x[:700] += 5  # most points crowd around one place
+    centers = rng.normal(size=(10, 8)).astype(np.float32)
+    labels = balanced_assign(x, centers, "euclidean")
+    assert np.bincount(labels, minlength=10).max() <= 100 and (labels >= 0).all()
+
+
+def test_routing_formula_matches_mode():
+    fine = np.array([[0.0, 0.0], [10.0, 0.0]], np.float32)
+    classes = np.array([[0.0, 0.1], [0.0, 0.2], [10.0, 0.5]], np.float32)
+    w = routing_weights(classes, fine, np.array([0, 1]), 2)
+    n = 3
+    add, mul = np.exp(0.5 - np.sqrt(n)), 5.0 * np.log10(10)
+    raw = np.array([np.exp((add - 0.1) * mul) + np.exp((add - 0.2) * mul), np.exp((add - 0.5) * mul)])
+    expected = np.exp(raw / 8.0) / np.exp(raw / 8.0).sum()
+    assert np.allclose(w, expected)
+
+
+def test_gini():
+    assert gini(np.array([5, 5, 5, 5])) == pytest.approx(0.0)
+    assert gini(np.array([0, 0, 0, 12])) == pytest.approx(0.75)
+
+
+def test_stage_assigns_every_captioned_sample(clustered):
+    pool, _cfg, summary = clustered
+    mode = pool.read_table("mode")
+    assert mode["uid"].to_pylist() == pool.read_table("caption_embed")["uid"].to_pylist()
+    fine_to_expert = np.load(pool.aggregates_dir / "mode" / "fine_to_expert.npy")
+    assert np.array_equal(mode["expert_id"].to_numpy(), fine_to_expert[mode["fine_id"].to_numpy()])
+    assert 0 < summary["fit_samples"] < mode.num_rows  # fitted on a sample, assigned to all
+    report = json.loads((pool.report_dir("mode") / "clusters.json").read_text())
+    assert sum(report["expert_sizes"]) == mode.num_rows and len(report["expert_top_terms"]) == 2
+    assert (pool.report_dir("mode") / "cluster_sizes.png").stat().st_size > 1000
+
+
+def test_rerun_reuses_the_fit_and_the_assignment(clustered):
+    pool, cfg, summary = clustered
+    before = pool.marker_path("mode", 0).stat().st_mtime_ns
+    assert run_mode(pool, cfg, LocalEngine(1), progress=False)["fit_hash"] == summary["fit_hash"]
+    assert pool.marker_path("mode", 0).stat().st_mtime_ns == before
+
+
+def test_expert_subsets_mix_in_a_share_of_other_experts(clustered):
+    pool, _, _ = clustered
+    pure = expert_uids(pool, 0)
+    mixed = expert_uids(pool, 0, mix=0.25, seed=1)
+    assert pure["in_expert"].to_pylist() == [True] * pure.num_rows
+    outside = mixed.num_rows - pure.num_rows
+    available = pool.read_table("mode").num_rows - pure.num_rows
+    assert outside == min(available, round(pure.num_rows * 0.25 / 0.75)) > 0
+    small = expert_uids(pool, 1, mix=0.1)  # the smaller expert: its share is met exactly
+    assert (~np.array(small["in_expert"].to_pylist())).sum() == round(
+        small["in_expert"].to_numpy(zero_copy_only=False).sum() / 9
+    )
+    assert set(mixed.filter(mixed["in_expert"])["uid"].to_pylist()) == set(pure["uid"].to_pylist())
+    assert expert_uids(pool, 0, mix=0.25, seed=1).equals(mixed)

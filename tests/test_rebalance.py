@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipeline.config import parse_config
+from pipeline.rebalance import group_probabilities, rebalance, run_rebalance, solve_param
+
+
+def _uids(n: int) -> pa.Array:
+    rng = random.Random(3)
+    return pa.array([f"{rng.getrandbits(128):032x}" for _ in range(n)])
+
+
+COUNTS = np.array([20, 200, 2000, 8000])
+
+
+def test_cap_and_temperature_rules():
+    assert group_probabilities(COUNTS, "cap", 500, 0).tolist() == [1.0, 1.0, 0.25, 0.0625]
+    p = group_probabilities(COUNTS, "temperature", 1.0, 0.5)
+    assert np.allclose(p * COUNTS, np.sqrt(COUNTS))  # a group keeps count ** alpha samples
+    assert np.allclose(group_probabilities(COUNTS, "temperature", 0.1, 1.0), 0.1)  # alpha 1 keeps proportions
+
+
+@pytest.mark.parametrize("method", ["cap", "temperature"])
+def test_target_size_is_met_in_expectation(method):
+    param = solve_param(COUNTS, method, 0.5, 1500)
+    assert (group_probabilities(COUNTS, method, param, 0.5) * COUNTS).sum() == pytest.approx(1500, rel=1e-6)
+
+
+def test_draws_follow_p_and_ignore_partitioning():
+    groups = np.repeat(np.arange(4), COUNTS)
+    uids = _uids(len(groups))
+    p_group = group_probabilities(COUNTS, "cap", 500, 0)
+    _p, keep = rebalance(uids, groups, p_group, seed=5)
+    for g, count in enumerate(COUNTS):
+        expected = p_group[g]
+        assert abs(keep[groups == g].mean() - expected) <= 4.5 * math.sqrt(expected * (1 - expected) / count) + 1e-12
+    order = np.random.default_rng(0).permutation(len(groups))
+    parts = np.empty_like(keep)
+    for idx in np.array_split(order, 5):
+        parts[idx] = rebalance(uids.take(pa.array(idx)), groups[idx], p_group, seed=5)[1]
+    assert np.array_equal(parts, keep)
+
+
+def test_stage_over_fine_clusters(clustered):
+    pool, _, _ = clustered
+    cfg = parse_config({"pool": "p", "download": {"input": "u"}, "rebalance": {"t": 10, "seed": 2}}).rebalance
+    summary = run_rebalance(pool, cfg)
+    from pipeline.query import connect
+
+    con = connect(pool)
+    rows = con.execute(
+        "select fine_id, count(*), sum(rebalance_keep::int), min(rebalance_p) from samples "
+        "where rebalance_p is not null group by 1"
+    ).fetchall()
+    for _, count, _, p in rows:
+        assert p == pytest.approx(min(1.0, 10 / count))
+    assert summary["kept"] == sum(r[2] for r in rows) and summary["groups"] == len(rows)
+    assert (pool.report_dir("rebalance") / "group_sizes.png").exists()
+    with pytest.raises(ValueError, match="no column 'nope'"):
+        run_rebalance(
+            pool, parse_config({"pool": "p", "download": {"input": "u"}, "rebalance": {"group_by": "nope"}}).rebalance
+        )
+
+
+def test_stage_over_metaclip_entries_is_metaclips_rule(clustered):
+    from pipeline.engines.local import LocalEngine
+    from pipeline.metaclip.stage import run_metaclip
+    from pipeline.query import connect
+    from tests.conftest import REPO
+
+    pool, _, _ = clustered
+    mc = {"metadata": str(REPO / "metadata/entries.json"), "t": 3, "seed": 4, "only_downloaded": False}
+    run_metaclip(
+        pool,
+        parse_config({"pool": "p", "download": {"input": "u"}, "metaclip": mc}).metaclip,
+        LocalEngine(1),
+        progress=False,
+    )
+    cfg = {"group_by": "matched_entry_ids", "t": 3, "seed": 4}
+    run_rebalance(pool, parse_config({"pool": "p", "download": {"input": "u"}, "rebalance": cfg}).rebalance)
+    rows = connect(pool).execute("select metaclip_p, rebalance_p, metaclip_keep, rebalance_keep from samples "
+                                 "where rebalance_p is not null").fetchall()  # fmt: skip
+    assert len(rows) == 301 and all(a == pytest.approx(b) and c == d for a, b, c, d in rows)
+    with pytest.raises(ValueError, match="supports only `cap`"):
+        bad = {"group_by": "matched_entry_ids", "method": "temperature"}
+        run_rebalance(pool, parse_config({"pool": "p", "download": {"input": "u"}, "rebalance": bad}).rebalance)
