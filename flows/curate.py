@@ -1,10 +1,10 @@
 """The ``curate`` flow: one Prefect task per batch of shards for each stage.
 
-Stages so far: download; embed (per shard batch) when the config has an ``embed`` section; then
-MetaCLIP (matching per shard batch, then one global balancing task) with a ``metaclip`` section.
-Each later stage adds its tasks here the same way. The flow chooses the engine once and hands it to
-every task. Runs without a Prefect server (Prefect's
-ephemeral mode) unless ``PREFECT_API_URL`` points at one.
+Stages, each when the config has its section: download; embed (per shard batch); MetaCLIP
+(matching per shard batch, then one global balancing task); MoDE clustering (global fit,
+per-shard assignment); rebalancing (global). The flow chooses the engine once and hands it to
+every task. Runs without a Prefect server (Prefect's ephemeral mode) unless ``PREFECT_API_URL``
+points at one.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from pipeline.embed import run_embed
 from pipeline.engines import get_engine
 from pipeline.engines.base import Engine
 from pipeline.metaclip.stage import match_shards, pending_matches, run_metaclip
+from pipeline.mode_stage import run_mode
+from pipeline.rebalance import run_rebalance
 from pipeline.store.parquet import Pool
 
 
@@ -77,6 +79,18 @@ def metaclip_balance(cfg: PipelineConfig, engine: Engine) -> dict[str, Any]:
     return run_metaclip(Pool(cfg.pool), cfg.metaclip, engine)
 
 
+@task(name="mode", cache_policy=NO_CACHE)
+def mode_task(cfg: PipelineConfig, engine: Engine) -> dict[str, Any]:
+    """Fit the MoDE centres on a sample (global), then assign every shard."""
+    return run_mode(Pool(cfg.pool), cfg.mode, engine)
+
+
+@task(name="rebalance", cache_policy=NO_CACHE)
+def rebalance_task(cfg: PipelineConfig) -> dict[str, Any]:
+    """Long-tail rebalancing over the configured grouping column (global counts)."""
+    return run_rebalance(Pool(cfg.pool), cfg.rebalance)
+
+
 def _submit_batches(task_fn: Any, cfg: PipelineConfig, engine: Engine, shards: list[int]) -> list[Exception]:
     """Run ``task_fn`` once per batch of shards with the configured retries; collect failures."""
     configured = task_fn.with_options(retries=cfg.flow.task_retries, retry_delay_seconds=cfg.flow.task_retry_delay_s)
@@ -112,6 +126,10 @@ def curate(config_path: str, overrides: dict[str, Any] | None = None) -> dict[st
         errors = _submit_batches(metaclip_match_batch, cfg, engine, plan_metaclip(cfg))
         if not errors:
             metaclip_balance.with_options(retries=cfg.flow.task_retries)(cfg, engine)
+    if not errors and cfg.mode is not None:
+        mode_task.with_options(retries=cfg.flow.task_retries)(cfg, engine)
+    if not errors and cfg.rebalance is not None:
+        rebalance_task.with_options(retries=cfg.flow.task_retries)(cfg)
     create_markdown_artifact(
         markdown=_counts_markdown(pool), key="curate-counts", description=f"Samples per stage in {pool.root}"
     )

@@ -81,6 +81,43 @@ def cmd_random_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _section(args: argparse.Namespace, name: str) -> tuple[Any, Any]:
+    cfg = load_config(args.config, _overrides(args.set))
+    if getattr(cfg, name) is None:
+        raise ConfigError(f"{args.config}: has no `{name}` section")
+    return cfg, getattr(cfg, name)
+
+
+def cmd_mode(args: argparse.Namespace) -> int:
+    from pipeline.engines import get_engine
+    from pipeline.mode_stage import run_mode
+
+    cfg, mode = _section(args, "mode")
+    summary = run_mode(Pool(cfg.pool), mode, get_engine(cfg))
+    print(json.dumps(summary["report"], indent=2))
+    return 0
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    from pipeline.mode_stage import route
+
+    names = [line.strip() for line in Path(args.classes).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not names:
+        raise ConfigError(f"{args.classes}: no class names (one per line)")
+    weights = route(_existing_pool(args.pool), names)
+    for expert, weight in enumerate(weights):
+        print(f"expert {expert}: {weight:.4f}")
+    return 0
+
+
+def cmd_rebalance(args: argparse.Namespace) -> int:
+    from pipeline.rebalance import run_rebalance
+
+    cfg, rebalance = _section(args, "rebalance")
+    print(json.dumps(run_rebalance(Pool(cfg.pool), rebalance), indent=2))
+    return 0
+
+
 def cmd_metaclip(args: argparse.Namespace) -> int:
     from pipeline.engines import get_engine
     from pipeline.metaclip.stage import run_metaclip
@@ -170,7 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn, text in (("run", cmd_run, "run the curate flow"),
                            ("download", cmd_download, "run the download stage alone"),
-                           ("metaclip", cmd_metaclip, "run MetaCLIP matching and balancing alone")):  # fmt: skip
+                           ("metaclip", cmd_metaclip, "run MetaCLIP matching and balancing alone"),
+                           ("mode", cmd_mode, "run MoDE clustering alone"),
+                           ("rebalance", cmd_rebalance, "run long-tail rebalancing alone")):  # fmt: skip
         p = sub.add_parser(name, help=text)
         p.add_argument("config")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
@@ -181,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.set_defaults(fn=cmd_embed)
+    p = sub.add_parser("route", help="MoDE routing weights over experts for a task's class names")
+    p.add_argument("pool")
+    p.add_argument("--classes", required=True, help="text file, one class name per line")
+    p.set_defaults(fn=cmd_route)
     p = sub.add_parser("random-checkpoint", help="save a random-weight open_clip model (tests, demo)")
     p.add_argument("model")
     p.add_argument("out")

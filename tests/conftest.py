@@ -62,7 +62,11 @@ def write_config(path: Path, cfg: PipelineConfig) -> Path:
     import dataclasses
 
     data = dataclasses.asdict(cfg)
-    data["download"]["disallowed_header_directives"] = list(data["download"]["disallowed_header_directives"])
+    for section in data.values():
+        if isinstance(section, dict):
+            for key, value in section.items():
+                if isinstance(value, tuple):
+                    section[key] = list(value)
     data = {k: v for k, v in data.items() if v is not None}
     path.write_text(yaml.safe_dump(data))
     return path

@@ -8,9 +8,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import MetaclipConfig
+from pipeline.config import MetaclipConfig, ModeConfig, RebalanceConfig
 from pipeline.store.parquet import Pool
-from tests.conftest import REPO, laion_rows, make_config, point_at, write_config
+from tests.conftest import REPO, embed_cfg, laion_rows, make_config, point_at, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -23,14 +23,20 @@ def prefect_harness():
         yield
 
 
-def test_curate_flow_runs_download_and_metaclip_in_shard_batches(tmp_path: Path, image_server, prefect_harness):
+def test_curate_flow_runs_every_stage_in_shard_batches(tmp_path: Path, image_server, prefect_harness, tiny_checkpoint):
     from prefect.artifacts import Artifact
 
     from flows.curate import batches, run
 
     pq.write_table(point_at(laion_rows(250, offset=3000), image_server), tmp_path / "u.parquet")
     cfg = make_config(tmp_path / "pool", tmp_path / "u.parquet", samples_per_shard=50, shards_per_task=2)
-    cfg = dataclasses.replace(cfg, metaclip=MetaclipConfig(metadata=str(REPO / "metadata/entries.json"), t=3))
+    cfg = dataclasses.replace(
+        cfg,
+        embed=embed_cfg(tiny_checkpoint, workers=0),
+        metaclip=MetaclipConfig(metadata=str(REPO / "metadata/entries.json"), t=3),
+        mode=ModeConfig(n_fine=6, n_experts=2, fit_fraction=1.0),
+        rebalance=RebalanceConfig(t=20),
+    )
     config = write_config(tmp_path / "c.yaml", cfg)
 
     manifest = run(str(config))
@@ -39,6 +45,9 @@ def test_curate_flow_runs_download_and_metaclip_in_shard_batches(tmp_path: Path,
     assert Pool(cfg.pool).read_table("download").num_rows == 250
     assert manifest["stages"]["metaclip"]["shards_done"] == [0, 1, 2, 3, 4]
     assert manifest["stage_results"]["metaclip"]["t"] == 3
+    for stage in ("embed", "caption_embed", "mode", "rebalance"):
+        assert manifest["stages"][stage]["shards_done"] == [0, 1, 2, 3, 4], stage
+    assert manifest["stage_results"]["rebalance"]["group_by"] == "fine_id"
     assert batches([0, 1, 2, 3, 4], 2) == [[0, 1], [2, 3], [4]]
     artifact = Artifact.get("curate-counts")
     assert artifact is not None and "| download | 5/5 |" in artifact.data and "| metaclip | 5/5 |" in artifact.data
