@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pipeline.store.parquet import Pool
+from pipeline.store.parquet import Pool, total_counts
 from pipeline.store.schema import UID
 
 if TYPE_CHECKING:
@@ -71,14 +71,10 @@ def stats(pool: Pool) -> dict[str, Any]:
     con = connect(pool)
     for stage in pool.stages():
         done = pool.completed(stage)
-        totals: dict[str, int] = {}
-        for marker in done.values():
-            for key, value in marker["counts"].items():
-                totals[key] = totals.get(key, 0) + value
         entry: dict[str, Any] = {
             "shards_done": len(done),
             "shards_planned": plan["num_shards"] if plan else None,
-            "counts": totals,
+            "counts": total_counts(done),
         }
         if stage == BASE_STAGE:
             rows = con.execute(

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -77,6 +77,15 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return versions
+
+
+def total_counts(markers: dict[int, dict[str, Any]]) -> dict[str, int]:
+    """The per-shard counts of completion markers, summed."""
+    totals: dict[str, int] = {}
+    for marker in markers.values():
+        for key, value in marker["counts"].items():
+            totals[key] = totals.get(key, 0) + value
+    return totals
 
 
 class Pool:
@@ -211,21 +220,17 @@ class Pool:
     def read_plan(self) -> dict[str, Any] | None:
         return json.loads(self.plan_path.read_text()) if self.plan_path.exists() else None
 
-    def update_manifest(self, extra: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    def update_manifest(self) -> dict[str, Any]:
         """Rebuild manifest.json from the completion markers (the markers are the truth)."""
         plan = self.read_plan()
         stages: dict[str, Any] = {}
         for stage in self.stages():
             done = self.completed(stage)
-            counts: dict[str, int] = {}
-            for marker in done.values():
-                for k, v in marker["counts"].items():
-                    counts[k] = counts.get(k, 0) + v
             stages[stage] = {
                 "config_hash": sorted({m["config_hash"] for m in done.values()}),
                 "shards_done": sorted(done),
                 "shards_planned": plan["num_shards"] if plan else None,
-                "counts": counts,
+                "counts": total_counts(done),
             }
         summaries = {p.stem: json.loads(p.read_text()) for p in sorted(self.aggregates_dir.glob("*.json"))}
         manifest = {
@@ -236,7 +241,5 @@ class Pool:
             "stage_results": summaries,
             "package_versions": package_versions(),
         }
-        if extra is not None:
-            extra(manifest)
         write_json_atomic(self.manifest_path, manifest)
         return manifest
