@@ -29,7 +29,8 @@ lint: $(STAMP)
 	$(BIN)/ruff check pipeline flows tests bench
 
 bench: $(STAMP)
-	$(BIN)/python bench/download_throughput.py
+	$(BIN)/python bench/download_throughput.py --repeats 3
+	$(BIN)/python bench/embed_throughput.py --images 960 --workers 0 1 --repeats 2
 
 clean-demo:
 	rm -rf runs/demo

@@ -4,8 +4,29 @@ Public API re-exports only. Heavy modules (img2dataset, duckdb, torch) are impor
 functions that need them, so ``import pipeline`` stays fast.
 """
 
-from pipeline.config import DemoConfig, DownloadConfig, FlowConfig, PipelineConfig, load_config
+from pipeline.config import (
+    DemoConfig,
+    DownloadConfig,
+    EmbedConfig,
+    FlowConfig,
+    MetaclipConfig,
+    ModeConfig,
+    PipelineConfig,
+    RebalanceConfig,
+    load_config,
+)
 from pipeline.store.parquet import Pool
 
-__all__ = ["DemoConfig", "DownloadConfig", "FlowConfig", "PipelineConfig", "Pool", "load_config"]
+__all__ = [
+    "DemoConfig",
+    "DownloadConfig",
+    "EmbedConfig",
+    "FlowConfig",
+    "MetaclipConfig",
+    "ModeConfig",
+    "PipelineConfig",
+    "Pool",
+    "RebalanceConfig",
+    "load_config",
+]
 __version__ = "0.1.0"
