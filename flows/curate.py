@@ -50,10 +50,10 @@ def download_batch(cfg: PipelineConfig, engine: Engine, shards: list[int]) -> di
 
 @task(name="plan-embed", cache_policy=NO_CACHE)
 def plan_embed(cfg: PipelineConfig) -> list[int]:
-    """Shards still to embed with this model and checkpoint (loads the model once to know its hash)."""
-    from pipeline.embed import ClipEmbedder, pending_shards
+    """Shards still to embed with this model and checkpoint (hashes the weights file, loads no model)."""
+    from pipeline.embed import pending_shards
 
-    return pending_shards(Pool(cfg.pool), ClipEmbedder(cfg.embed).setup())
+    return pending_shards(Pool(cfg.pool), cfg.embed)
 
 
 @task(name="embed-shards", cache_policy=NO_CACHE)

@@ -179,9 +179,9 @@ class ClipEmbedder:
 # --- the stage -------------------------------------------------------------------------------------
 
 
-def stage_hash(embedder: ClipEmbedder) -> str:
-    cfg = embedder.cfg
-    blob = f"{cfg.model}|{embedder.checkpoint_sha256}|{cfg.precision}|{cfg.caption_model}|{cfg.max_image_pixels}"
+def stage_hash(cfg: EmbedConfig, weights_sha256: str) -> str:
+    """What the embed tables depend on: model, weights (by content), precision, caption encoder."""
+    blob = f"{cfg.model}|{weights_sha256}|{cfg.precision}|{cfg.caption_model}|{cfg.max_image_pixels}"
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -287,15 +287,18 @@ def _embed_batch(embedder: ClipEmbedder, batch: dict[str, Any], dim: int) -> tup
     return image, text
 
 
-def pending_shards(pool: Pool, embedder: ClipEmbedder) -> list[int]:
-    """Shards not yet embedded with this model and checkpoint (the download must be complete)."""
+def pending_shards(pool: Pool, cfg: EmbedConfig) -> list[int]:
+    """Shards not yet embedded with this model and checkpoint (the download must be complete).
+
+    Needs only the checkpoint's sha256, not a loaded model, so planning stays cheap.
+    """
     shards = pool.require_complete("download")
-    digest = stage_hash(embedder)
-    recorded = {"model": embedder.cfg.model, "checkpoint_sha256": embedder.checkpoint_sha256,
-                "checkpoint": str(Path(embedder.cfg.checkpoint).resolve()),
-                "precision": embedder.cfg.precision, "caption_model": embedder.cfg.caption_model}  # fmt: skip
+    weights = checkpoint_sha256(check_checkpoint(cfg.model, cfg.checkpoint))
+    digest = stage_hash(cfg, weights)
+    recorded = {"model": cfg.model, "checkpoint_sha256": weights, "checkpoint": str(Path(cfg.checkpoint).resolve()),
+                "precision": cfg.precision, "caption_model": cfg.caption_model}  # fmt: skip
     pool.check_stage_config(STAGE, recorded, digest)
-    need_captions = embedder.cfg.caption_model is not None
+    need_captions = cfg.caption_model is not None
     return [
         s for s in shards
         if not pool.is_done(STAGE, s, digest) or (need_captions and not pool.is_done(CAPTION_STAGE, s, digest))
@@ -314,12 +317,12 @@ def run_embed(pool: Pool, cfg: EmbedConfig, shards: list[int] | None = None, pro
     from pipeline.progress import Progress
 
     embedder = (embedder or ClipEmbedder(cfg)).setup()
-    todo = pending_shards(pool, embedder)
+    todo = pending_shards(pool, embedder.cfg)
     if shards is not None:
         todo = [s for s in shards if s in set(todo)]
     if not todo:
         return {}
-    digest, dim = stage_hash(embedder), embedder.dim
+    digest, dim = stage_hash(embedder.cfg, embedder.checkpoint_sha256), embedder.dim
     captions_enc = CaptionEncoder(cfg.caption_model, embedder.device) if cfg.caption_model else None
     from pipeline.embed_data import ShardImages  # imports torch: only when the stage runs
 
