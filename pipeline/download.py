@@ -15,7 +15,6 @@ written last. A killed shard leaves no marker and is redone whole on the next ru
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import os
@@ -26,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.config import DownloadConfig, config_hash
+from pipeline.config import DownloadConfig, config_dict, config_hash
 from pipeline.store import schema as S
 from pipeline.store.parquet import Pool, shard_name, write_json_atomic, write_parquet_atomic
 
@@ -345,13 +344,9 @@ def _value_counts(column: pa.ChunkedArray) -> tuple[list[str], list[int]]:
 def plan_shards(pool: Pool, cfg: DownloadConfig) -> tuple[dict[str, Any], list[int]]:
     """Prepare the pool's input and return its plan and the shards not yet downloaded."""
     plan = prepare(pool, cfg)
-    pool.check_stage_config(STAGE, _stage_config(cfg), stage_hash(cfg))
+    pool.check_stage_config(STAGE, config_dict(cfg, _RUNTIME_FIELDS), stage_hash(cfg))
     todo = [s for s in range(plan["num_shards"]) if not pool.is_done(STAGE, s)]
     return plan, todo
-
-
-def _stage_config(cfg: DownloadConfig) -> dict[str, Any]:
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RUNTIME_FIELDS}
 
 
 def run_download(
@@ -366,16 +361,12 @@ def run_download(
         InputError: the URL list is unusable or differs from the one the pool was prepared from.
         ShardFailures: some shards failed; the others are finished and kept.
     """
-    from pipeline.engines.base import ShardFailures
+    from pipeline.engines.base import run_shards
 
-    plan, todo = plan_shards(pool, cfg)
+    _, todo = plan_shards(pool, cfg)
     if shards is not None:
         todo = [s for s in shards if s in set(todo)]
-    n, per = plan["num_rows"], plan["samples_per_shard"]
-    weights = {s: min(per, n - s * per) for s in todo}
     fn = functools.partial(download_shard, str(pool.root), cfg)
-    result = engine.map_shards(fn, todo, desc=STAGE, weights=weights, progress=progress)
+    results = run_shards(pool, engine, fn, todo, desc=STAGE, weights=pool.shard_sizes(todo), progress=progress)
     pool.update_manifest()
-    if result.failures:
-        raise ShardFailures(STAGE, result.failures)
-    return result.results
+    return results

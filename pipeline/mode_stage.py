@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import ModeConfig, config_hash
+from pipeline.engines.base import run_shards
 from pipeline.mode import fit_hierarchy, nearest, normalize, routing_weights, size_spread, top_terms
 from pipeline.sampling import uid_to_uint64, uniform
 from pipeline.store import schema as S
@@ -102,15 +103,11 @@ def assign_shard(pool_root: str, cfg: ModeConfig, digest: str, shard: int) -> di
 
 def run_mode(pool: Pool, cfg: ModeConfig, engine: Any, progress: bool = True) -> dict[str, Any]:
     """Fit if needed, assign every shard not assigned with these centres, write the report."""
-    from pipeline.engines.base import ShardFailures
-
     summary = fit_mode(pool, cfg)
     digest = summary["fit_hash"]
     todo = [s for s in pool.require_complete(SOURCE) if not pool.is_done(STAGE, s, digest)]
-    result = engine.map_shards(functools.partial(assign_shard, str(pool.root), cfg, digest), todo, desc=STAGE,
-                               progress=progress)  # fmt: skip
-    if result.failures:
-        raise ShardFailures(STAGE, result.failures)
+    run_shards(pool, engine, functools.partial(assign_shard, str(pool.root), cfg, digest), todo, desc=STAGE,
+               progress=progress)  # fmt: skip
     summary = {**summary, **write_report(pool, cfg)}
     write_json_atomic(pool.aggregates_dir / "mode.json", summary)
     pool.update_manifest()

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from pipeline.store.parquet import Pool
 
 
 class ShardFailures(RuntimeError):
@@ -58,3 +61,22 @@ class Engine(Protocol):
             progress: Show progress on the terminal.
         """
         ...
+
+
+def run_shards(
+    pool: Pool,
+    engine: Engine,
+    fn: Callable[[int], Any],
+    shards: Sequence[int],
+    *,
+    desc: str,
+    weights: Mapping[int, int] | None = None,
+    progress: bool = True,
+) -> dict[int, Any]:
+    """``engine.map_shards`` for a stage of ``pool``: the results by shard, or, when some shards
+    failed, the manifest updated with the finished ones and :class:`ShardFailures` raised."""
+    result = engine.map_shards(fn, shards, desc=desc, weights=weights, progress=progress)
+    if result.failures:
+        pool.update_manifest()
+        raise ShardFailures(desc, result.failures)
+    return result.results

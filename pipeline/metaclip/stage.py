@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import MetaclipConfig, config_hash
+from pipeline.engines.base import run_shards
 from pipeline.metaclip.balancing import balance, entry_probabilities, scale_t, t_for_size
 from pipeline.metaclip.matching import entry_counts, file_digest, load_entries, matcher_for
 from pipeline.store import schema as S
@@ -84,19 +85,6 @@ def balance_shard(pool_root: str, cfg: MetaclipConfig, t: float, digest: str, sh
     return result
 
 
-def _run(engine: Any, fn: Any, shards: list[int], desc: str, progress: bool, pool: Pool) -> None:
-    from pipeline.engines.base import ShardFailures
-
-    plan = pool.read_plan() or {}
-    per, n = plan.get("samples_per_shard", 1), plan.get("num_rows", 0)
-    result = engine.map_shards(
-        fn, shards, desc=desc, weights={s: min(per, n - s * per) for s in shards}, progress=progress
-    )
-    if result.failures:
-        pool.update_manifest()
-        raise ShardFailures(desc, result.failures)
-
-
 def resolve_t(cfg: MetaclipConfig, matched: pa.ListArray, counts: np.ndarray, pool_size: int) -> float:
     """t as the config asks: solved for ``target_size``, scaled to the pool, or as given."""
     if cfg.target_size is not None:
@@ -117,7 +105,8 @@ def pending_matches(pool: Pool, cfg: MetaclipConfig) -> list[int]:
 
 def match_shards(pool: Pool, cfg: MetaclipConfig, engine: Any, shards: list[int], progress: bool = True) -> None:
     """Match ``shards`` with ``engine`` (one Prefect task per batch calls this)."""
-    _run(engine, functools.partial(match_shard, str(pool.root), cfg), shards, MATCH_STAGE, progress, pool)
+    fn = functools.partial(match_shard, str(pool.root), cfg)
+    run_shards(pool, engine, fn, shards, desc=MATCH_STAGE, weights=pool.shard_sizes(shards), progress=progress)
 
 
 def run_metaclip(pool: Pool, cfg: MetaclipConfig, engine: Any, progress: bool = True) -> dict[str, Any]:
@@ -145,7 +134,8 @@ def run_metaclip(pool: Pool, cfg: MetaclipConfig, engine: Any, progress: bool = 
     write_parquet_atomic(counts_path, table)
 
     todo = [s for s in shards if not pool.is_done(STAGE, s, _balance_hash(cfg, t, digest))]
-    _run(engine, functools.partial(balance_shard, str(pool.root), cfg, t, digest), todo, STAGE, progress, pool)
+    fn = functools.partial(balance_shard, str(pool.root), cfg, t, digest)
+    run_shards(pool, engine, fn, todo, desc=STAGE, weights=pool.shard_sizes(todo), progress=progress)
 
     kept = pool.read_table(STAGE, columns=[S.METACLIP_KEEP])[S.METACLIP_KEEP].to_numpy(zero_copy_only=False)
     kept_counts = entry_counts(matched, len(entries), kept)

@@ -147,6 +147,12 @@ class Pool:
             return False
         return config_hash is None or json.loads(path.read_text()).get("config_hash") == config_hash
 
+    def shard_sizes(self, shards: list[int]) -> dict[int, int]:
+        """Input rows in each of ``shards`` (from the plan): the progress weight of a shard."""
+        plan = self.read_plan() or {}
+        per, n = plan.get("samples_per_shard", 1), plan.get("num_rows", 0)
+        return {s: min(per, n - s * per) for s in shards}
+
     def require_complete(self, stage: str) -> list[int]:
         """All planned shards, once ``stage`` has finished every one of them.
 
