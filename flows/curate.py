@@ -1,7 +1,8 @@
 """The ``curate`` flow: one Prefect task per batch of shards for each stage.
 
 Stages, each when the config has its section: download; embed (per shard batch); MetaCLIP
-(matching per shard batch, then one global balancing task); MoDE clustering (global fit,
+(matching per shard batch, then one global balancing task); filters (scores per shard batch,
+then the recipe's global steps and decisions); MoDE clustering (global fit,
 per-shard assignment); rebalancing (global). The flow chooses the engine once and hands it to
 every task. Runs without a Prefect server (Prefect's ephemeral mode) unless ``PREFECT_API_URL``
 points at one.
@@ -79,6 +80,29 @@ def metaclip_balance(cfg: PipelineConfig, engine: Engine) -> dict[str, Any]:
     return run_metaclip(Pool(cfg.pool), cfg.metaclip, engine)
 
 
+@task(name="plan-filters", cache_policy=NO_CACHE)
+def plan_filters(cfg: PipelineConfig) -> list[int]:
+    from pipeline.filters.stage import pending_scores
+
+    return pending_scores(Pool(cfg.pool))
+
+
+@task(name="filter-scores", cache_policy=NO_CACHE)
+def filter_scores_batch(cfg: PipelineConfig, engine: Engine, shards: list[int]) -> None:
+    """Caption language, counts, sizes and text entities of one batch of shards."""
+    from pipeline.filters.stage import score_shards
+
+    score_shards(Pool(cfg.pool), engine, shards)
+
+
+@task(name="filter-decide", cache_policy=NO_CACHE)
+def filter_decide(cfg: PipelineConfig, engine: Engine) -> dict[str, Any]:
+    """The recipe's global steps (image clusters, dedup), then keep / drop_reason for every sample."""
+    from pipeline.filters.stage import run_filters
+
+    return run_filters(Pool(cfg.pool), cfg.filters, engine, embed_cfg=cfg.embed)
+
+
 @task(name="mode", cache_policy=NO_CACHE)
 def mode_task(cfg: PipelineConfig, engine: Engine) -> dict[str, Any]:
     """Fit the MoDE centres on a sample (global), then assign every shard."""
@@ -126,6 +150,10 @@ def curate(config_path: str, overrides: dict[str, Any] | None = None) -> dict[st
         errors = _submit_batches(metaclip_match_batch, cfg, engine, plan_metaclip(cfg))
         if not errors:
             metaclip_balance.with_options(retries=cfg.flow.task_retries)(cfg, engine)
+    if not errors and cfg.filters is not None:
+        errors = _submit_batches(filter_scores_batch, cfg, engine, plan_filters(cfg))
+        if not errors:
+            filter_decide.with_options(retries=cfg.flow.task_retries)(cfg, engine)
     if not errors and cfg.mode is not None:
         mode_task.with_options(retries=cfg.flow.task_retries)(cfg, engine)
     if not errors and cfg.rebalance is not None:

@@ -3,6 +3,7 @@
 curate run CONFIG [--set KEY=VALUE ...]      the curate flow (Prefect, no server needed)
 curate download CONFIG [--set ...]           the download stage alone, without Prefect
 curate demo CONFIG                           the offline demo: image server + the flow
+curate filter POOL|CONFIG [--recipe NAME]    DataComp filters and dedup, then keep / drop_reason
 curate query POOL SQL | --name NAME [--config CONFIG] [--format table|csv|json]
 curate stats POOL [--json]
 """
@@ -130,6 +131,41 @@ def cmd_metaclip(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_filter(args: argparse.Namespace) -> int:
+    """``curate filter POOL --recipe R`` or ``curate filter CONFIG [--recipe R]``."""
+    import dataclasses
+
+    from pipeline.config import EmbedConfig, FilterConfig, parse_config
+    from pipeline.engines import get_engine
+    from pipeline.filters.stage import run_filters
+
+    target = Path(args.target)
+    if target.is_dir():
+        pool = _existing_pool(args.target)
+        settings = _overrides(args.set)
+        filters = parse_config({"pool": str(pool.root), "download": {"input": "-"},
+                                "filters": {**{k.removeprefix("filters."): v for k, v in settings.items()},
+                                            **({"recipe": args.recipe} if args.recipe else {})}},
+                               f"{args.target} (--recipe/--set)").filters  # fmt: skip
+        recorded = pool.root / "completions" / "embed" / "config.json"
+        embed = None
+        if recorded.exists():  # the weights the pool was embedded with: they embed the image targets
+            used = json.loads(recorded.read_text())["config"]
+            embed = EmbedConfig(model=used["model"], checkpoint=used["checkpoint"], precision=used["precision"])
+        cfg = parse_config({"pool": str(pool.root), "download": {"input": "-"}})
+    else:
+        overrides = _overrides(args.set) | ({"filters.recipe": args.recipe} if args.recipe else {})
+        cfg = load_config(args.target, overrides)
+        filters, embed, pool = cfg.filters or FilterConfig(), cfg.embed, Pool(cfg.pool)
+        if args.recipe and cfg.filters is None:
+            filters = dataclasses.replace(filters, recipe=args.recipe)
+    summary = run_filters(pool, filters, get_engine(cfg), embed_cfg=embed)
+    print((pool.report_dir("decisions") / "funnel.md").read_text())
+    print(f"kept {summary['kept']} of {summary['pool_size']}; per sample: tables/decisions/ "
+          f"(`curate query {pool.root} \"select drop_reason, count(*) from samples group by 1\"`)")  # fmt: skip
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.devserver import DemoImageServer, rewrite_url_list
 
@@ -220,6 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.set_defaults(fn=cmd_embed)
+    p = sub.add_parser("filter", help="DataComp filters + dedup, then a recipe's keep/drop_reason")
+    p.add_argument("target", help="a pool directory, or a config file (its `filters` section)")
+    p.add_argument("--recipe", help="basic, clip_score, text_based, image_based, ... or one of the config's recipes")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.set_defaults(fn=cmd_filter)
     p = sub.add_parser("route", help="MoDE routing weights over experts for a task's class names")
     p.add_argument("pool")
     p.add_argument("--classes", required=True, help="text file, one class name per line")

@@ -256,6 +256,76 @@ class RebalanceConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class FilterConfig:
+    """DataComp-style filters and deduplication (see :mod:`pipeline.filters.stage`).
+
+    Attributes:
+        recipe: The recipe turned into ``keep`` / ``drop_reason``: a built-in one (``no_filter``,
+            ``basic``, ``clip_score``, ``text_based``, ``image_based``,
+            ``image_based_and_clip_score``, ``laion2b``, ``dedup``) or a key of ``recipes``.
+        recipes: User-defined recipes: name -> list of rules, each ``name`` or ``name(key=value)``,
+            e.g. ``[english, "clip_score(threshold=0.3)", dedup]``; applied in order, the first
+            failing rule is the drop reason.
+        clip_score_threshold: The ``clip_score`` rule keeps ``clip_score >= threshold`` ...
+        clip_score_fraction: ... or, when the threshold is null, the top fraction of the pool
+            (DataComp's ``get_threshold``; DataComp's best CLIP-score baseline keeps 30%).
+        image_clusters: k of the image-based filter's k-means; null scales it to the pool as
+            ``samples / samples_per_image_cluster``.
+        samples_per_image_cluster: Pool samples per cluster when ``image_clusters`` is null
+            (DataComp: 100,000 clusters for the 12.8M-sample pool, i.e. 128).
+        image_targets: ``.npy`` (rows) or ``.parquet`` (an ``embedding`` list column) of target
+            embeddings in the pool's CLIP space; null embeds the ImageNet-1k class names shipped
+            by open_clip with the pool's CLIP text tower.
+        dedup_eps: SemDeDup's epsilon: a pair within a cluster is a duplicate when its cosine
+            similarity exceeds ``1 - eps``.
+        dedup_clusters: k of SemDeDup's k-means; null scales it as
+            ``samples / samples_per_dedup_cluster``.
+        samples_per_dedup_cluster: Samples per SemDeDup cluster when ``dedup_clusters`` is null.
+        kmeans_iterations: Lloyd iterations of both k-means (DataComp and faiss: 20).
+        kmeans_max_points_per_centroid: faiss trains each k-means on at most this many points
+            per centroid (a uid-independent random subsample beyond that); every sample is then
+            assigned to its nearest centre.
+        seed: Seed of both k-means.
+    """
+
+    __pydantic_config__ = _STRICT
+
+    recipe: str = "basic"
+    recipes: dict[str, list[str]] = field(default_factory=dict)
+    clip_score_threshold: float | None = None
+    clip_score_fraction: float = 0.3
+    image_clusters: int | None = None
+    samples_per_image_cluster: int = 128
+    image_targets: str | None = None
+    dedup_eps: float = 0.03
+    dedup_clusters: int | None = None
+    samples_per_dedup_cluster: int = 1000
+    kmeans_iterations: int = 20
+    kmeans_max_points_per_centroid: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from pipeline.filters.rules import BUILTIN_RECIPES, parse_recipe
+
+        _require(self.recipe in BUILTIN_RECIPES or self.recipe in self.recipes, "recipe",
+                 f"unknown recipe {self.recipe!r}; built-in: {sorted(BUILTIN_RECIPES)}, "
+                 f"defined in recipes: {sorted(self.recipes)}")  # fmt: skip
+        for name, rules in self.recipes.items():
+            try:
+                parse_recipe(rules)
+            except ValueError as e:
+                raise ValueError(f"recipes.{name}: {e}") from None
+        _require(0 < self.clip_score_fraction <= 1, "clip_score_fraction", "must be in (0, 1]")
+        _require(self.image_clusters is None or self.image_clusters > 0, "image_clusters", "must be > 0 or null")
+        _require(self.samples_per_image_cluster > 0, "samples_per_image_cluster", "must be > 0")
+        _require(0 <= self.dedup_eps < 1, "dedup_eps", "must be in [0, 1)")
+        _require(self.dedup_clusters is None or self.dedup_clusters > 0, "dedup_clusters", "must be > 0 or null")
+        _require(self.samples_per_dedup_cluster > 0, "samples_per_dedup_cluster", "must be > 0")
+        _require(self.kmeans_iterations > 0, "kmeans_iterations", "must be > 0")
+        _require(self.kmeans_max_points_per_centroid > 0, "kmeans_max_points_per_centroid", "must be > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
 class FlowConfig:
     """Orchestration settings used by ``flows/`` only; the library ignores them.
 
@@ -314,6 +384,7 @@ class PipelineConfig:
         download: The download stage.
         embed: Image/text embeddings and CLIP score; ``None`` skips the stage.
         metaclip: MetaCLIP matching and balancing; ``None`` skips the stage.
+        filters: DataComp-style filters, deduplication and the recipe's decisions; ``None`` skips.
         mode: MoDE clustering of caption embeddings; ``None`` skips the stage.
         rebalance: Long-tail rebalancing; ``None`` skips the stage.
         flow: Orchestration settings.
@@ -328,6 +399,7 @@ class PipelineConfig:
     download: DownloadConfig
     embed: EmbedConfig | None = None
     metaclip: MetaclipConfig | None = None
+    filters: FilterConfig | None = None
     mode: ModeConfig | None = None
     rebalance: RebalanceConfig | None = None
     flow: FlowConfig = field(default_factory=FlowConfig)
@@ -347,6 +419,7 @@ _SECTIONS = {
     "EmbedConfig": EmbedConfig,
     "ModeConfig": ModeConfig,
     "RebalanceConfig": RebalanceConfig,
+    "FilterConfig": FilterConfig,
 }
 
 

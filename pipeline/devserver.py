@@ -6,7 +6,8 @@ digits of ``md5(url)``) and runs the real download stage against this server. Ev
 follows from its token, so two runs serve identical bytes:
 
 - most URLs get a JPEG of varied size (long side 64-800 px) and aspect ratio (about 1:4 to 4:1);
-- about 2% share one of 50 images with other URLs (exact duplicates, for deduplication);
+- about 2% share one of 50 images with other URLs (exact duplicates, for deduplication), and 1% get
+  one of those 50 images resized and re-encoded (near duplicates, for semantic deduplication);
 - about 1.5% answer 404, 1% a truncated JPEG, 1% an HTML page, 0.5% only after ``slow_seconds``
   (longer than the demo's timeout).
 
@@ -24,7 +25,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 # Failure classes by token bucket (per mille), in order.
-KINDS = (("missing", 15), ("truncated", 10), ("not_image", 10), ("slow", 5), ("duplicate", 20))
+KINDS = (("missing", 15), ("truncated", 10), ("not_image", 10), ("slow", 5), ("duplicate", 20), ("near_duplicate", 10))
+SHARED_IMAGES = 50  # duplicates and near duplicates share these images
 
 
 def token_for(url: str) -> str:
@@ -64,6 +66,37 @@ def image_bytes(seed: int) -> bytes:
     return out.getvalue()
 
 
+def shared_seed(token: str) -> int:
+    """Which of the shared images a duplicate or near duplicate serves."""
+    return int(token, 16) // 1000 % SHARED_IMAGES
+
+
+def near_duplicate_bytes(token: str) -> bytes:
+    """The shared image of ``token`` resized to 60-90% and re-encoded at JPEG quality 60-80."""
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(image_bytes(shared_seed(token))))
+    rng = _Rng(int(token, 16))
+    scale = 0.6 + (rng.next() % 31) / 100
+    img = img.resize((max(8, round(img.width * scale)), max(8, round(img.height * scale))), Image.Resampling.BICUBIC)
+    out = io.BytesIO()
+    img.save(out, format="JPEG", quality=60 + rng.next() % 21)
+    return out.getvalue()
+
+
+def served_image(token: str) -> bytes | None:
+    """The image bytes the server answers ``token`` with, or None when it answers no image."""
+    kind = kind_of(token)
+    if kind in ("ok", "slow"):
+        return image_bytes(int(token, 16))
+    if kind in ("duplicate", "truncated"):
+        body = image_bytes(shared_seed(token) if kind == "duplicate" else int(token, 16))
+        return body if kind == "duplicate" else body[: len(body) // 3]
+    if kind == "near_duplicate":
+        return near_duplicate_bytes(token)
+    return None
+
+
 class _Rng:
     """xorshift64: tiny, deterministic across Python versions (``random`` seeding is not promised)."""
 
@@ -87,20 +120,14 @@ class _Handler(BaseHTTPRequestHandler):
         if len(parts) != 2 or parts[0] != "img" or not parts[1].endswith(".jpg"):
             return self._send(404, b"not found", "text/plain")
         token = parts[1].removesuffix(".jpg")
-        try:
-            seed = int(token, 16)
-        except ValueError:
+        if len(token) != 16 or token.strip("0123456789abcdef"):
             return self._send(404, b"not found", "text/plain")
         kind = kind_of(token)
         if kind == "missing":
             return self._send(404, b"not found", "text/plain")
         if kind == "not_image":
             return self._send(200, b"<html><body>This is not an image</body></html>", "text/html")
-        if kind == "duplicate":
-            seed = seed // 1000 % 50  # one of 50 shared images
-        body = image_bytes(seed)
-        if kind == "truncated":
-            body = body[: len(body) // 3]
+        body = served_image(token) or b""
         if kind == "slow":
             time.sleep(self.server.slow_seconds)
         elif self.server.latency_seconds:

@@ -31,11 +31,11 @@ def test_images_are_deterministic_and_varied():
 
 def test_every_failure_class_occurs_in_the_demo_urls():
     kinds = Counter(kind_of(token_for(u)) for u in laion_rows(10_000)["url"].to_pylist())
-    assert set(kinds) == {"ok", "missing", "truncated", "not_image", "slow", "duplicate"}
+    assert set(kinds) == {"ok", "missing", "truncated", "not_image", "slow", "duplicate", "near_duplicate"}
     assert kinds["ok"] > 9000
 
 
-@pytest.mark.parametrize("kind", ["ok", "missing", "truncated", "not_image", "duplicate"])
+@pytest.mark.parametrize("kind", ["ok", "missing", "truncated", "not_image", "duplicate", "near_duplicate"])
 def test_server_answers_by_kind(image_server, kind):
     url = next(u for u in laion_rows(2000)["url"].to_pylist() if kind_of(token_for(u)) == kind)
     status, body = _fetch(image_server.url_for(url))

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.devserver import image_bytes, kind_of, token_for
+from pipeline.devserver import kind_of, served_image, token_for
 from pipeline.download import InputError, prepare, read_url_list, run_download
 from pipeline.engines.local import LocalEngine
 from pipeline.store.parquet import Pool
@@ -127,7 +127,7 @@ def test_statuses_follow_what_the_server_served(downloaded_pool):
     for row, url in zip(table, source, strict=True):
         kind = kind_of(token_for(url)) if url.startswith("http") else "ftp"
         expected = {
-            "ok": ("success", None), "duplicate": ("success", None),
+            "ok": ("success", None), "duplicate": ("success", None), "near_duplicate": ("success", None),
             "missing": ("failed_to_download", "HTTP Error 404: Not Found"),
             "slow": ("failed_to_download", "timed out"),
             "truncated": ("failed_to_resize", None), "not_image": ("failed_to_resize", None),
@@ -136,8 +136,8 @@ def test_statuses_follow_what_the_server_served(downloaded_pool):
         assert row["status"] == expected[0], (url, kind, row)
         if expected[1]:
             assert expected[1] in row["error_message"]
-        if kind in ("ok", "duplicate"):
-            served = image_bytes(int(token_for(url), 16) if kind == "ok" else int(token_for(url), 16) // 1000 % 50)
+        if kind in ("ok", "duplicate", "near_duplicate"):
+            served = served_image(token_for(url))
             assert row["sha256"] == hashlib.sha256(served).hexdigest()
             assert (row["original_width"], row["original_height"]) == Image.open(io.BytesIO(served)).size
         else:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import MetaclipConfig, ModeConfig, RebalanceConfig
+from pipeline.config import FilterConfig, MetaclipConfig, ModeConfig, RebalanceConfig
 from pipeline.store.parquet import Pool
 from tests.conftest import REPO, embed_cfg, laion_rows, make_config, point_at, write_config
 
@@ -36,6 +36,7 @@ def test_curate_flow_runs_every_stage_in_shard_batches(tmp_path: Path, image_ser
         metaclip=MetaclipConfig(metadata=str(REPO / "metadata/entries.json"), t=3),
         mode=ModeConfig(n_fine=6, n_experts=2, fit_fraction=1.0),
         rebalance=RebalanceConfig(t=20),
+        filters=FilterConfig(recipe="mine", recipes={"mine": ["english", "min_side(min=100)", "dedup"]}),
     )
     config = write_config(tmp_path / "c.yaml", cfg)
 
@@ -45,7 +46,9 @@ def test_curate_flow_runs_every_stage_in_shard_batches(tmp_path: Path, image_ser
     assert Pool(cfg.pool).read_table("download").num_rows == 250
     assert manifest["stages"]["metaclip"]["shards_done"] == [0, 1, 2, 3, 4]
     assert manifest["stage_results"]["metaclip"]["t"] == 3
-    for stage in ("embed", "caption_embed", "mode", "rebalance"):
+    assert manifest["stage_results"]["decisions"]["rules"] == ["downloaded", "english", "min_side(min=100)", "dedup"]
+    assert manifest["stage_results"]["decisions"]["pool_size"] == 250
+    for stage in ("embed", "caption_embed", "mode", "rebalance", "filters", "dedup", "decisions"):
         assert manifest["stages"][stage]["shards_done"] == [0, 1, 2, 3, 4], stage
     assert manifest["stage_results"]["rebalance"]["group_by"] == "fine_id"
     assert batches([0, 1, 2, 3, 4], 2) == [[0, 1], [2, 3], [4]]

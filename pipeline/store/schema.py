@@ -168,12 +168,79 @@ REBALANCE_SCHEMA = pa.schema(
     ]
 )
 
+LANG = "lang"
+LANG_SCORE = "lang_score"
+CAPTION_WORDS = "caption_words"
+CAPTION_TOKENS = "caption_tokens"
+CAPTION_CHARS = "caption_chars"
+MIN_SIDE = "min_side"
+ASPECT_RATIO = "aspect_ratio"
+TEXT_ENTITY = "text_entity"
+IMAGE_CLUSTER = "image_cluster"
+IMAGE_TARGET = "image_target"
+DUP_GROUP = "dup_group"
+DUP_KIND = "dup_kind"
+DEDUP_KEEP = "dedup_keep"
+KEEP = "keep"
+DROP_REASON = "drop_reason"
+
+# tables/filters/{shard:05d}.parquet: per-sample scores of DataComp's caption and size rules.
+FILTERS_SCHEMA = pa.schema(
+    [
+        pa.field(UID, pa.string(), nullable=False),
+        pa.field(SHARD, pa.int32(), nullable=False),
+        pa.field(LANG, pa.string()),  # fastText lid.176 top label; null for a null caption
+        pa.field(LANG_SCORE, pa.float32()),
+        pa.field(CAPTION_WORDS, pa.int32(), nullable=False),  # len(caption.split())
+        pa.field(CAPTION_TOKENS, pa.int32(), nullable=False),  # fastText tokenizer count
+        pa.field(CAPTION_CHARS, pa.int32(), nullable=False),  # len(caption), code points
+        pa.field(MIN_SIDE, pa.int32()),  # min(original_width, original_height); null if not downloaded
+        pa.field(ASPECT_RATIO, pa.float64()),  # max / min of the original size
+        pa.field(TEXT_ENTITY, pa.bool_(), nullable=False),  # a word's first WordNet sense is ImageNet-21k
+    ]
+)
+
+# tables/image_based/{shard:05d}.parquet: DataComp's image-based filter (nearest pool centroid).
+IMAGE_BASED_SCHEMA = pa.schema(
+    [
+        pa.field(UID, pa.string(), nullable=False),
+        pa.field(SHARD, pa.int32(), nullable=False),
+        pa.field(IMAGE_CLUSTER, pa.int32()),  # null without an image embedding
+        pa.field(IMAGE_TARGET, pa.bool_()),  # the cluster is nearest to some target embedding
+    ]
+)
+
+# tables/dedup/{shard:05d}.parquet: exact (image sha256) and semantic (SemDeDup) duplicates.
+DEDUP_SCHEMA = pa.schema(
+    [
+        pa.field(UID, pa.string(), nullable=False),
+        pa.field(SHARD, pa.int32(), nullable=False),
+        pa.field(DUP_GROUP, pa.string()),  # uid of the group's first kept sample; null if unique
+        pa.field(DUP_KIND, pa.string()),  # why it is dropped: "exact" or "semantic"; null if kept
+        pa.field(DEDUP_KEEP, pa.bool_(), nullable=False),
+    ]
+)
+
+# tables/decisions/{shard:05d}.parquet: a recipe's verdict.
+DECISIONS_SCHEMA = pa.schema(
+    [
+        pa.field(UID, pa.string(), nullable=False),
+        pa.field(SHARD, pa.int32(), nullable=False),
+        pa.field(KEEP, pa.bool_(), nullable=False),
+        pa.field(DROP_REASON, pa.string()),  # the first failing rule; null when kept
+    ]
+)
+
 STAGE_SCHEMAS: dict[str, pa.Schema] = {
     "mode": MODE_SCHEMA,
     "rebalance": REBALANCE_SCHEMA,
     "download": DOWNLOAD_SCHEMA,
     "metaclip_match": METACLIP_MATCH_SCHEMA,
     "metaclip": METACLIP_SCHEMA,
+    "filters": FILTERS_SCHEMA,
+    "image_based": IMAGE_BASED_SCHEMA,
+    "dedup": DEDUP_SCHEMA,
+    "decisions": DECISIONS_SCHEMA,
 }
 
 
