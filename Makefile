@@ -9,7 +9,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test lint bench clean-demo
+.PHONY: demo test lint bench clean-demo chromium
 
 # --no-deps: the lock is complete, and it keeps img2dataset's `dataclasses` backport (which shadows
 # the standard library and breaks Prefect) out of the environment.
@@ -22,15 +22,23 @@ $(STAMP): requirements.lock pyproject.toml
 demo: $(STAMP)
 	$(BIN)/curate demo configs/demo.yaml
 
-test: $(STAMP)
+# Debian's chromium renders the HTML report in a test; installed once when apt and root allow it.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null && echo "installed chromium"; } || \
+	  echo "chromium not installed: the report's browser test will be skipped"
+
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check pipeline flows tests bench
+	$(BIN)/ruff check pipeline flows tests bench metadata
+	$(BIN)/hadolint docker/Dockerfile
 
 bench: $(STAMP)
 	$(BIN)/python bench/download_throughput.py --repeats 3
 	$(BIN)/python bench/embed_throughput.py --images 960 --workers 0 1 --repeats 2
+	$(BIN)/python bench/filter_throughput.py
 
 clean-demo:
 	rm -rf runs/demo

@@ -23,7 +23,6 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from pipeline.config import PipelineConfig, load_config
 from pipeline.download import plan_shards, run_download
-from pipeline.embed import run_embed
 from pipeline.engines import get_engine
 from pipeline.engines.base import Engine
 from pipeline.metaclip.stage import match_shards, pending_matches, run_metaclip
@@ -60,7 +59,9 @@ def plan_embed(cfg: PipelineConfig) -> list[int]:
 @task(name="embed-shards", cache_policy=NO_CACHE)
 def embed_batch(cfg: PipelineConfig, engine: Engine, shards: list[int]) -> dict[int, dict[str, int]]:
     """Embed one batch of shards (image/text embeddings, clip_score, caption embeddings)."""
-    return run_embed(Pool(cfg.pool), cfg.embed, shards=shards)
+    from pipeline.embed import run_embed_on
+
+    return run_embed_on(engine, Pool(cfg.pool), cfg.embed, shards=shards)
 
 
 @task(name="plan-metaclip", cache_policy=NO_CACHE)
@@ -110,9 +111,33 @@ def mode_task(cfg: PipelineConfig, engine: Engine) -> dict[str, Any]:
 
 
 @task(name="rebalance", cache_policy=NO_CACHE)
-def rebalance_task(cfg: PipelineConfig) -> dict[str, Any]:
+def rebalance_task(cfg: PipelineConfig, engine: Engine) -> dict[str, Any]:
     """Long-tail rebalancing over the configured grouping column (global counts)."""
-    return run_rebalance(Pool(cfg.pool), cfg.rebalance)
+    return run_rebalance(Pool(cfg.pool), cfg.rebalance, engine)
+
+
+@task(name="export", cache_policy=NO_CACHE)
+def export_task(cfg: PipelineConfig) -> dict[str, Any]:
+    """Write the training release (WebDataset shards + Parquet sidecars + manifest + card)."""
+    import dataclasses
+
+    from pipeline.store.export import export
+
+    export_cfg = cfg.export
+    if cfg.filters is not None and not export_cfg.recipes:
+        export_cfg = dataclasses.replace(export_cfg, recipes=dict(cfg.filters.recipes))
+    return export(Pool(cfg.pool), export_cfg)
+
+
+@task(name="report", cache_policy=NO_CACHE)
+def report_task(cfg: PipelineConfig) -> str:
+    """The HTML report of the pool (and of the release, if one was exported)."""
+    from pathlib import Path
+
+    from pipeline.report import write_report
+
+    release = Path(cfg.export.out) if cfg.export is not None else None
+    return str(write_report(Pool(cfg.pool), release=release))
 
 
 def _submit_batches(task_fn: Any, cfg: PipelineConfig, engine: Engine, shards: list[int]) -> list[Exception]:
@@ -137,6 +162,27 @@ def _counts_markdown(pool: Pool) -> str:
     return "\n".join(lines)
 
 
+def _stage_artifact(pool: Pool, stage: str) -> None:
+    """A markdown artifact of one stage's counts, keyed ``stage-<name>``."""
+    manifest = pool.update_manifest()
+    entry = manifest["stages"].get(stage)
+    if entry is None:
+        return
+    lines = [f"### {stage}", "", "| count | value |", "|---|---:|"]
+    lines += [f"| {k} | {v} |" for k, v in sorted(entry["counts"].items())]
+    lines.append(f"| shards done | {len(entry['shards_done'])}/{entry['shards_planned']} |")
+    create_markdown_artifact(markdown="\n".join(lines), key=f"stage-{stage.replace('_', '-')}",
+                             description=f"{stage} in {pool.root}")  # fmt: skip
+
+
+def _release_markdown(manifest: dict[str, Any]) -> str:
+    counts = manifest["counts"]
+    head = (f"Release of `{manifest['where']}`: **{counts['samples']} samples** in {counts['shards']} shards "
+            f"({counts['bytes'] / 2**20:.1f} MiB)")  # fmt: skip
+    rows = [f"| {e['name']} | {e['samples']} | `{e['sha256'][:16]}` |" for e in manifest["shards"]]
+    return "\n".join([head, "", "| shard | samples | sha256 |", "|---|---:|---|", *rows])
+
+
 @flow(name="curate", log_prints=True)
 def curate(config_path: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Curate the pool described by the YAML config at ``config_path``."""
@@ -144,20 +190,32 @@ def curate(config_path: str, overrides: dict[str, Any] | None = None) -> dict[st
     engine = get_engine(cfg)
     pool = Pool(cfg.pool)
     errors = _submit_batches(download_batch, cfg, engine, plan_download(cfg))
+    _stage_artifact(pool, "download")
     if not errors and cfg.embed is not None:
         errors = _submit_batches(embed_batch, cfg, engine, plan_embed(cfg))
+        _stage_artifact(pool, "embed")
     if not errors and cfg.metaclip is not None:
         errors = _submit_batches(metaclip_match_batch, cfg, engine, plan_metaclip(cfg))
         if not errors:
             metaclip_balance.with_options(retries=cfg.flow.task_retries)(cfg, engine)
+            _stage_artifact(pool, "metaclip")
     if not errors and cfg.filters is not None:
         errors = _submit_batches(filter_scores_batch, cfg, engine, plan_filters(cfg))
         if not errors:
             filter_decide.with_options(retries=cfg.flow.task_retries)(cfg, engine)
+            _stage_artifact(pool, "decisions")
     if not errors and cfg.mode is not None:
         mode_task.with_options(retries=cfg.flow.task_retries)(cfg, engine)
+        _stage_artifact(pool, "mode")
     if not errors and cfg.rebalance is not None:
-        rebalance_task.with_options(retries=cfg.flow.task_retries)(cfg)
+        rebalance_task.with_options(retries=cfg.flow.task_retries)(cfg, engine)
+        _stage_artifact(pool, "rebalance")
+    if not errors and cfg.export is not None:
+        manifest = export_task.with_options(retries=cfg.flow.task_retries)(cfg)
+        create_markdown_artifact(markdown=_release_markdown(manifest), key="curate-release",
+                                 description=f"Release {cfg.export.out}")  # fmt: skip
+    if not errors and cfg.report:
+        report_task(cfg)
     create_markdown_artifact(
         markdown=_counts_markdown(pool), key="curate-counts", description=f"Samples per stage in {pool.root}"
     )
@@ -171,3 +229,23 @@ def run(config_path: str, overrides: dict[str, Any] | None = None) -> dict[str, 
     cfg = load_config(config_path, overrides)
     runner = ThreadPoolTaskRunner(max_workers=cfg.flow.task_concurrency)
     return curate.with_options(task_runner=runner)(config_path, overrides)
+
+
+def deployment(config_path: str, cron: str, name: str = "scheduled-curation", timezone: str = "UTC") -> Any:
+    """A deployment of the ``curate`` flow for ``config_path`` on a cron schedule (served by
+    :func:`serve` or a Prefect worker)."""
+    from pathlib import Path
+
+    from prefect.schedules import Cron
+
+    return curate.to_deployment(name=name, schedule=Cron(cron, timezone=timezone),
+                                parameters={"config_path": str(Path(config_path).resolve())},
+                                description=f"clipcurate on {config_path}, cron {cron!r}")  # fmt: skip
+
+
+def serve(config_path: str, cron: str, name: str = "scheduled-curation") -> None:
+    """Serve the scheduled deployment from this process until interrupted (needs a Prefect server:
+    ``prefect server start`` and ``PREFECT_API_URL``)."""
+    from prefect import serve as prefect_serve
+
+    prefect_serve(deployment(config_path, cron, name))

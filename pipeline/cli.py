@@ -4,6 +4,9 @@ curate run CONFIG [--set KEY=VALUE ...]      the curate flow (Prefect, no server
 curate download CONFIG [--set ...]           the download stage alone, without Prefect
 curate demo CONFIG                           the offline demo: image server + the flow
 curate filter POOL|CONFIG [--recipe NAME]    DataComp filters and dedup, then keep / drop_reason
+curate export POOL --out DIR [--where SQL] [--recipe NAME] [--shuffle-seed S]   a training release
+curate report POOL                           <pool>/report/index.html
+curate serve CONFIG --cron "0 3 * * *"       the flow on a schedule (Prefect server)
 curate query POOL SQL | --name NAME [--config CONFIG] [--format table|csv|json]
 curate stats POOL [--json]
 """
@@ -115,7 +118,9 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
     from pipeline.rebalance import run_rebalance
 
     cfg, rebalance = _section(args, "rebalance")
-    print(json.dumps(run_rebalance(Pool(cfg.pool), rebalance), indent=2))
+    from pipeline.engines import get_engine
+
+    print(json.dumps(run_rebalance(Pool(cfg.pool), rebalance, get_engine(cfg)), indent=2))
     return 0
 
 
@@ -166,6 +171,47 @@ def cmd_filter(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """``curate export POOL --where SQL --out DIR``."""
+    from pipeline.config import ExportConfig, parse_config
+    from pipeline.store.export import export
+
+    pool = _existing_pool(args.pool)
+    recipes = {}
+    if args.config:
+        cfg = load_config(args.config)
+        recipes = dict(cfg.filters.recipes) if cfg.filters else {}
+    settings = {"out": args.out, "where": args.where, "recipe": args.recipe, "recipes": recipes,
+                "samples_per_shard": args.samples_per_shard, "max_shard_bytes": args.max_shard_bytes,
+                "shuffle_seed": args.shuffle_seed, "embeddings": args.embeddings}  # fmt: skip
+    parse_config({"pool": str(pool.root), "download": {"input": "-"}, "export": settings}, "curate export")
+    manifest = export(pool, ExportConfig(**settings))
+    counts = manifest["counts"]
+    print(f"{args.out}: {counts['samples']} samples in {counts['shards']} shards ({counts['bytes'] / 2**20:.1f} MiB)")
+    if manifest["train_data"]:
+        print(f"train with: --train-data '{Path(args.out) / manifest['train_data']}' "
+              f"--train-num-samples {counts['samples']} --dataset-type webdataset")  # fmt: skip
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``curate serve CONFIG --cron EXPR``: run the flow on a schedule (Prefect server needed)."""
+    load_config(args.config)  # a bad config fails now, not at 3 a.m.
+    from flows.curate import serve
+
+    print(f"serving deployment {args.name!r}: curate {args.config} on cron {args.cron!r} (Ctrl-C stops)")
+    serve(args.config, args.cron, args.name)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.report import write_report
+
+    page = write_report(_existing_pool(args.pool), release=Path(args.release) if args.release else None)
+    print(f"report: {page}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.devserver import DemoImageServer, rewrite_url_list
 
@@ -187,7 +233,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         run(args.config)
     _print_stats(Pool(cfg.pool))
     print(f"\ndemo pool: {Path(cfg.pool).resolve()}")
-    print(f'try: curate query {cfg.pool} "select status, count(*) from download group by 1"')
+    if cfg.report:
+        print(f"report:    {(Path(cfg.pool) / 'report' / 'index.html').resolve()}")
+    if cfg.export is not None:
+        print(f"release:   {Path(cfg.export.out).resolve()} (`{cfg.export.where}`)")
+    print(f'try: curate query {cfg.pool} "select drop_reason, count(*) from samples group by 1 order by 2 desc"')
     return 0
 
 
@@ -261,6 +311,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", help="basic, clip_score, text_based, image_based, ... or one of the config's recipes")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.set_defaults(fn=cmd_filter)
+    p = sub.add_parser("export", help="write a training release (WebDataset + Parquet) of selected samples")
+    p.add_argument("pool")
+    p.add_argument("--out", required=True, help="release directory")
+    p.add_argument("--where", help="SQL predicate over the `samples` view")
+    p.add_argument("--recipe", help="also apply a filter recipe's keep")
+    p.add_argument("--config", help="config whose filters.recipes define --recipe")
+    p.add_argument("--samples-per-shard", type=int, default=10_000)
+    p.add_argument("--max-shard-bytes", type=int)
+    p.add_argument("--shuffle-seed", type=int)
+    p.add_argument("--embeddings", action="store_true", help="also export CLIP embeddings as Parquet")
+    p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("serve", help="run the curate flow on a cron schedule (needs a Prefect server)")
+    p.add_argument("config")
+    p.add_argument("--cron", required=True, help='e.g. "0 3 * * *" (every day at 03:00 UTC)')
+    p.add_argument("--name", default="scheduled-curation")
+    p.set_defaults(fn=cmd_serve)
+    p = sub.add_parser("report", help="write <pool>/report/index.html")
+    p.add_argument("pool")
+    p.add_argument("--release", help="a release exported from this pool, for the funnel")
+    p.set_defaults(fn=cmd_report)
     p = sub.add_parser("route", help="MoDE routing weights over experts for a task's class names")
     p.add_argument("pool")
     p.add_argument("--classes", required=True, help="text file, one class name per line")

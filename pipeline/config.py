@@ -326,6 +326,38 @@ class FilterConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ExportConfig:
+    """A training release cut from the pool (see :mod:`pipeline.store.export`).
+
+    Attributes:
+        out: The release directory (replaced atomically when the selection changes).
+        where: SQL predicate over the ``samples`` view, e.g. ``metaclip_keep and keep``.
+        recipe: A filter recipe whose ``keep`` also applies (built-in or from ``recipes``).
+        recipes: User-defined recipes for ``recipe`` (the flow passes ``filters.recipes``).
+        samples_per_shard: Samples per output shard.
+        max_shard_bytes: Also start a new shard before one would exceed this many bytes.
+        shuffle_seed: Shuffle the samples across shards with this seed (null: pool order).
+        embeddings: Also write the samples' CLIP embeddings to ``embeddings/*.parquet``.
+    """
+
+    __pydantic_config__ = _STRICT
+
+    out: str
+    where: str | None = None
+    recipe: str | None = None
+    recipes: dict[str, list[str]] = field(default_factory=dict)
+    samples_per_shard: int = 10_000
+    max_shard_bytes: int | None = None
+    shuffle_seed: int | None = None
+    embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        _require(bool(self.out), "out", "must name a directory")
+        _require(self.samples_per_shard > 0, "samples_per_shard", "must be > 0")
+        _require(self.max_shard_bytes is None or self.max_shard_bytes > 0, "max_shard_bytes", "must be > 0 or null")
+
+
+@dataclass(frozen=True, kw_only=True)
 class FlowConfig:
     """Orchestration settings used by ``flows/`` only; the library ignores them.
 
@@ -346,6 +378,30 @@ class FlowConfig:
         _require(self.task_retries >= 0, "task_retries", "must be >= 0")
         _require(self.task_retry_delay_s >= 0, "task_retry_delay_s", "must be >= 0")
         _require(self.task_concurrency > 0, "task_concurrency", "must be > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SparkConfig:
+    """Where the Spark engine runs (``engine: spark``); see :mod:`pipeline.engines.spark`.
+
+    Attributes:
+        master: A cluster URL (``spark://host:7077``, ``yarn``, ``k8s://...``) or ``local[N]``.
+        app_name: The Spark application's name.
+        task_max_failures: Attempts per task before Spark gives up on it (``spark.task.maxFailures``;
+            for ``local[N]`` masters it becomes ``local[N,F]``, local mode's only retry setting).
+        conf: Extra Spark settings, e.g. ``{"spark.executor.memory": "8g"}``.
+    """
+
+    __pydantic_config__ = _STRICT
+
+    master: str = "local[*]"
+    app_name: str = "clipcurate"
+    task_max_failures: int = 4
+    conf: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.master), "master", "must name a Spark master URL, e.g. local[*] or spark://host:7077")
+        _require(self.task_max_failures >= 1, "task_max_failures", "must be >= 1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -381,12 +437,15 @@ class PipelineConfig:
     Attributes:
         pool: Directory of the pool (created if missing).
         engine: ``local`` (processes on this machine) or ``spark``.
+        spark: The Spark master and settings, used when ``engine`` is ``spark``.
         download: The download stage.
         embed: Image/text embeddings and CLIP score; ``None`` skips the stage.
         metaclip: MetaCLIP matching and balancing; ``None`` skips the stage.
         filters: DataComp-style filters, deduplication and the recipe's decisions; ``None`` skips.
         mode: MoDE clustering of caption embeddings; ``None`` skips the stage.
         rebalance: Long-tail rebalancing; ``None`` skips the stage.
+        export: The training release cut at the end; ``None`` skips it.
+        report: Write the HTML report (``<pool>/report/index.html``) at the end of the flow.
         flow: Orchestration settings.
         queries: Saved named SQL queries for ``curate query POOL --name NAME``.
         demo: Set only for the bundled offline demo.
@@ -396,12 +455,15 @@ class PipelineConfig:
 
     pool: str
     engine: Literal["local", "spark"] = "local"
+    spark: SparkConfig = field(default_factory=SparkConfig)
     download: DownloadConfig
     embed: EmbedConfig | None = None
     metaclip: MetaclipConfig | None = None
     filters: FilterConfig | None = None
     mode: ModeConfig | None = None
     rebalance: RebalanceConfig | None = None
+    export: ExportConfig | None = None
+    report: bool = False
     flow: FlowConfig = field(default_factory=FlowConfig)
     queries: dict[str, str] = field(default_factory=dict)
     demo: DemoConfig | None = None
@@ -420,6 +482,8 @@ _SECTIONS = {
     "ModeConfig": ModeConfig,
     "RebalanceConfig": RebalanceConfig,
     "FilterConfig": FilterConfig,
+    "ExportConfig": ExportConfig,
+    "SparkConfig": SparkConfig,
 }
 
 

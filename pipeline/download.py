@@ -367,6 +367,14 @@ def run_download(
     if shards is not None:
         todo = [s for s in shards if s in set(todo)]
     fn = functools.partial(download_shard, str(pool.root), cfg)
+    if getattr(engine, "name", "") == "spark" and todo:  # img2dataset's own pyspark distributor
+        from pipeline.engines.base import ShardFailures
+
+        out = engine.distribute(fn, todo, 1, str(pool.staging_dir / "errors"))
+        pool.update_manifest()
+        if out.failures:
+            raise ShardFailures(STAGE, out.failures)
+        return {s: pool.completed(STAGE)[s]["counts"] for s in todo}
     results = run_shards(pool, engine, fn, todo, desc=STAGE, weights=pool.shard_sizes(todo), progress=progress)
     pool.update_manifest()
     return results

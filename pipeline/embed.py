@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import EmbedConfig
+from pipeline.config import EmbedConfig, config_hash
 from pipeline.store import schema as S
 from pipeline.store.parquet import Pool
 
@@ -129,6 +129,9 @@ class ClipEmbedder:
         if self.model is not None:
             return self
         path = check_checkpoint(self.cfg.model, self.cfg.checkpoint)
+        from pipeline.loads import note_load
+
+        note_load("open_clip")
         open_clip = _open_clip()
         import torch
 
@@ -354,3 +357,37 @@ def _tar_sizes(pool: Pool, shards: list[int]) -> dict[int, int]:
         status = pq.read_table(pool.table_path("download", shard), columns=[S.STATUS])[S.STATUS]
         sizes[shard] = int(pa.compute.sum(pa.compute.equal(status, S.STATUS_SUCCESS)).as_py() or 0)
     return sizes
+
+
+_EMBEDDERS: dict[str, ClipEmbedder] = {}
+
+
+def embed_shard(pool_root: str, cfg: EmbedConfig, shard: int) -> dict[str, int]:
+    """Embed one shard with this process's model (loaded once per process: a Spark executor's
+    Python worker embeds many shards with one load). Decoding runs inline (``workers=0``)."""
+    import dataclasses
+
+    key = config_hash(cfg)
+    if key not in _EMBEDDERS:
+        _EMBEDDERS[key] = ClipEmbedder(dataclasses.replace(cfg, workers=0)).setup()
+    done = run_embed(Pool(pool_root), _EMBEDDERS[key].cfg, [shard], progress=False, embedder=_EMBEDDERS[key])
+    return done.get(shard, {})
+
+
+def run_embed_on(engine: Any, pool: Pool, cfg: EmbedConfig, shards: list[int] | None = None,
+                 progress: bool = True) -> dict[int, dict[str, int]]:  # fmt: skip
+    """Embed with ``engine``: in this process for the local engine (one model, a DataLoader),
+    one task per shard on the Spark executors for the Spark engine."""
+    if getattr(engine, "name", "") != "spark":
+        return run_embed(pool, cfg, shards, progress)
+    import functools
+
+    from pipeline.engines.base import run_shards
+
+    todo = pending_shards(pool, cfg)
+    if shards is not None:
+        todo = [s for s in shards if s in set(todo)]
+    results = run_shards(pool, engine, functools.partial(embed_shard, str(pool.root), cfg), todo, desc=STAGE,
+                         weights=pool.shard_sizes(todo), progress=progress)  # fmt: skip
+    pool.update_manifest()
+    return results

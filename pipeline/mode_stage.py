@@ -56,7 +56,9 @@ def fit_mode(pool: Pool, cfg: ModeConfig) -> dict[str, Any]:
     share = min(1.0, max(cfg.fit_fraction, cfg.min_fit_samples / total))
     parts, first = [], None
     for shard in shards:
-        table = pq.read_table(pool.table_path(SOURCE, shard))
+        # by uid: img2dataset's threads write a shard's samples in a varying order, and k-means
+        # depends on the order of its input
+        table = pq.read_table(pool.table_path(SOURCE, shard)).sort_by(S.UID)
         first = first or (table[S.CAPTION_MODEL][0].as_py() if table.num_rows else None)
         chosen = uniform(uid_to_uint64(table[S.UID]), np.uint64(_FIT_KEY), cfg.seed) < share
         parts.append(_vectors(table.filter(pa.array(chosen))))
@@ -77,6 +79,9 @@ def fit_mode(pool: Pool, cfg: ModeConfig) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=2)
 def load_centers(root: str, digest: str) -> dict[str, np.ndarray]:
+    from pipeline.loads import note_load
+
+    note_load("mode-centres")
     return {name: np.load(Path(root) / "aggregates" / "mode" / f"{name}.npy") for name in ARRAYS}
 
 

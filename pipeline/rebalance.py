@@ -60,8 +60,10 @@ def rebalance(uids: pa.Array, groups: np.ndarray, p_group: np.ndarray, seed: int
     return p, keep
 
 
-def run_rebalance(pool: Pool, cfg: RebalanceConfig) -> dict[str, Any]:
-    """Rebalance every sample that has ``cfg.group_by``; write ``tables/rebalance/{shard}``."""
+def run_rebalance(pool: Pool, cfg: RebalanceConfig, engine: Any = None) -> dict[str, Any]:
+    """Rebalance every sample that has ``cfg.group_by``; write ``tables/rebalance/{shard}``.
+
+    With the Spark engine, the group sizes are a Spark aggregation over the stage's tables."""
     from pipeline.query import connect
 
     con = connect(pool)
@@ -75,6 +77,12 @@ def run_rebalance(pool: Pool, cfg: RebalanceConfig) -> dict[str, Any]:
     else:
         groups, index = np.unique(data["g"].to_numpy(), return_inverse=True)
         counts = np.bincount(index, minlength=len(groups))
+        stage = _stage_of(con, cfg.group_by)
+        if getattr(engine, "name", "") == "spark" and stage:
+            from pipeline.engines import spark_steps
+
+            sizes = spark_steps.group_counts(engine.spark, pool, stage, cfg.group_by)
+            counts = np.array([sizes.get(g.item(), 0) for g in groups], dtype=np.int64)
         param = solve_param(counts, cfg.method, cfg.alpha, cfg.target_size) if cfg.target_size else (
             cfg.t if cfg.method == "cap" else 1.0)  # fmt: skip
         p, keep = rebalance(data["uid"], index, group_probabilities(counts, cfg.method, param, cfg.alpha), cfg.seed)
@@ -98,6 +106,14 @@ def run_rebalance(pool: Pool, cfg: RebalanceConfig) -> dict[str, Any]:
     _report(pool, cfg, counts, kept, summary)
     pool.update_manifest()
     return summary
+
+
+def _stage_of(con: Any, column: str) -> str | None:
+    """The stage table holding ``column`` (for a Spark aggregation over its files)."""
+    for (name,) in con.execute("select view_name from duckdb_views() where not internal").fetchall():
+        if name != "samples" and column in {r[0] for r in con.execute(f'describe "{name}"').fetchall()}:
+            return name
+    return None
 
 
 def _entries(data: pa.Table, cfg: RebalanceConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:

@@ -119,4 +119,30 @@ def clustered(downloaded_pool, tiny_checkpoint, tmp_path_factory):
     return pool, cfg, run_mode(pool, cfg, LocalEngine(2), progress=False)
 
 
-__all__ = ["REPO", "embed_cfg", "laion_rows", "make_config", "point_at", "token_for", "write_config"]
+def copy_pool(pool, dest: Path, drop: tuple[str, ...] = ()):
+    """A copy of ``pool`` at ``dest`` without the tables and markers of the stages in ``drop``
+    (session fixtures are shared: another test may have run a stage on them already)."""
+    import shutil
+
+    from pipeline.store.parquet import Pool
+
+    shutil.copytree(pool.root, dest)
+    for stage in drop:
+        for sub in ("completions", "tables"):
+            shutil.rmtree(dest / sub / stage, ignore_errors=True)
+    return Pool(dest)
+
+
+STAGES_AFTER_MODE = ("metaclip_match", "metaclip", "filters", "image_based", "dedup", "decisions", "rebalance")
+
+__all__ = [
+    "REPO",
+    "STAGES_AFTER_MODE",
+    "copy_pool",
+    "embed_cfg",
+    "laion_rows",
+    "make_config",
+    "point_at",
+    "token_for",
+    "write_config",
+]

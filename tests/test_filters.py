@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -17,7 +16,7 @@ from pipeline.filters.dedup import exact_groups, semdedup
 from pipeline.filters.stage import caption_scores, fasttext_token_count, run_filters, size_scores
 from pipeline.filters.wordnet import EntityMatcher, wordnet
 from pipeline.store.parquet import Pool
-from tests.conftest import embed_cfg, laion_rows, make_config, point_at
+from tests.conftest import STAGES_AFTER_MODE, copy_pool, embed_cfg, laion_rows, make_config, point_at
 
 
 def filter_cfg(**kw):
@@ -238,7 +237,7 @@ def filtered(clustered, tmp_path_factory):
     """A copy of the embedded 301-row pool, filtered with the basic recipe."""
     from pipeline.engines.local import LocalEngine
 
-    pool = Pool(shutil.copytree(clustered[0].root, tmp_path_factory.mktemp("filters") / "pool"))
+    pool = copy_pool(clustered[0], tmp_path_factory.mktemp("filters") / "pool", STAGES_AFTER_MODE)
     summary = run_filters(pool, filter_cfg(recipe="basic"), LocalEngine(2), progress=False)
     return pool, summary
 

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import FilterConfig, MetaclipConfig, ModeConfig, RebalanceConfig
+from pipeline.config import ExportConfig, FilterConfig, MetaclipConfig, ModeConfig, RebalanceConfig
 from pipeline.store.parquet import Pool
 from tests.conftest import REPO, embed_cfg, laion_rows, make_config, point_at, write_config
 
@@ -57,3 +63,90 @@ def test_curate_flow_runs_every_stage_in_shard_batches(tmp_path: Path, image_ser
 
     again = run(str(config))  # a re-run finds every shard done
     assert again["stages"]["download"]["shards_done"] == [0, 1, 2, 3, 4]
+
+
+def test_scheduled_deployment_builds_with_its_cron_schedule():
+    from flows.curate import deployment
+
+    d = deployment(str(REPO / "configs" / "demo.yaml"), "0 3 * * *", name="nightly")
+    assert d.name == "nightly" and d.flow_name == "curate"
+    (schedule,) = d.schedules
+    assert schedule.schedule.cron == "0 3 * * *" and schedule.schedule.timezone == "UTC"
+    assert d.parameters == {"config_path": str(REPO / "configs" / "demo.yaml")}
+
+
+def test_prefect_yaml_deploys_the_flow_on_a_schedule():
+    import yaml
+
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    (dep,) = spec["deployments"]
+    module, _, name = dep["entrypoint"].partition(":")
+    assert (REPO / module).exists() and name == "curate"
+    assert dep["schedules"][0]["cron"] and dep["parameters"]["config_path"]
+
+
+def _full_config(tmp_path: Path, server, checkpoint, name: str) -> Path:
+    pq.write_table(point_at(laion_rows(200, offset=5000), server), tmp_path / "u.parquet")
+    cfg = make_config(tmp_path / name, tmp_path / "u.parquet", samples_per_shard=40, shards_per_task=1)
+    cfg = dataclasses.replace(
+        cfg,
+        embed=embed_cfg(checkpoint, workers=0),
+        metaclip=MetaclipConfig(metadata=str(REPO / "metadata/entries.json"), t=3),
+        filters=FilterConfig(
+            recipe="mine", recipes={"mine": ["english", "min_side(min=100)", "dedup"]}, dedup_eps=0.0009
+        ),
+        mode=ModeConfig(n_fine=6, n_experts=2, fit_fraction=1.0),
+        rebalance=RebalanceConfig(t=20),
+        export=ExportConfig(
+            out=str(tmp_path / name / "release"),
+            where="metaclip_keep and keep and rebalance_keep",
+            samples_per_shard=16,
+            shuffle_seed=3,
+        ),
+        report=True,
+    )
+    return write_config(tmp_path / f"{name}.yaml", cfg)
+
+
+def _curate(config: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(config)], env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+
+
+def test_killed_flow_resumes_to_the_same_release(tmp_path, paced_server, prefect_harness, tiny_checkpoint):
+    """SIGKILL the whole flow (and its worker processes) inside each stage in turn; the re-runs end
+    with a release byte-identical to an uninterrupted run's."""
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    reference = _full_config(tmp_path, paced_server, tiny_checkpoint, "reference")
+    proc = _curate(reference, env)
+    assert proc.wait(timeout=600) == 0, proc.stderr.read().decode()[-3000:]
+    want = json.loads((tmp_path / "reference" / "release" / "manifest.json").read_text())
+    assert want["counts"]["samples"] > 0
+
+    config = _full_config(tmp_path, paced_server, tiny_checkpoint, "killed")
+    pool = Pool(tmp_path / "killed")
+    killed_in = []
+    for stage in ("download", "embed", "metaclip_match", "filters", "mode", "export"):
+        proc = _curate(config, env)
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            done = (
+                len(pool.completed(stage)) if stage != "export" else (tmp_path / "killed" / ".release.partial").exists()
+            )
+            if done and (stage == "export" or done < 5):
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                killed_in.append(stage)
+                break
+            time.sleep(0.02)
+        else:
+            proc.wait()
+    assert len(killed_in) >= 4, killed_in  # most stages were caught mid-way (fast ones may finish first)
+    proc = _curate(config, env)
+    assert proc.wait(timeout=600) == 0, proc.stderr.read().decode()[-3000:]
+    got = json.loads((tmp_path / "killed" / "release" / "manifest.json").read_text())
+    assert [s["sha256"] for s in got["shards"]] == [s["sha256"] for s in want["shards"]]
+    assert got["counts"] == {**want["counts"], "pool_samples": want["counts"]["pool_samples"]}
+    assert (tmp_path / "killed" / "report" / "index.html").exists()

@@ -15,6 +15,8 @@ def get_engine(cfg: PipelineConfig, workers: int | None = None) -> Engine:
         from pipeline.engines.local import LocalEngine
 
         return LocalEngine(workers=workers or cfg.download.processes)
-    raise NotImplementedError(
-        f"engine {cfg.engine!r} is not available yet; use engine: local (the Spark engine is issue 8)"
-    )
+    if cfg.engine == "spark":
+        from pipeline.engines.spark import SparkEngine
+
+        return SparkEngine(cfg.spark)
+    raise ValueError(f"engine: unknown engine {cfg.engine!r}; use local or spark")

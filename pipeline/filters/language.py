@@ -27,6 +27,9 @@ def model_path() -> Path:
 def _model():
     import fasttext
 
+    from pipeline.loads import note_load
+
+    note_load("lid.176")
     return fasttext.load_model(str(model_path()))
 
 

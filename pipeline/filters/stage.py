@@ -70,7 +70,9 @@ def scores_digest() -> str:
 @functools.cache
 def _matcher():
     from pipeline.filters.wordnet import EntityMatcher
+    from pipeline.loads import note_load
 
+    note_load("wordnet")
     return EntityMatcher()
 
 
@@ -255,7 +257,7 @@ def _targets_id(cfg: FilterConfig, embed_cfg: EmbedConfig | None) -> str:
     return f"imagenet-1k class names, {embed_cfg.model} text tower ({config_hash(embed_cfg)})"
 
 
-def run_dedup(pool: Pool, cfg: FilterConfig) -> dict[str, Any]:
+def run_dedup(pool: Pool, cfg: FilterConfig, engine: Any = None) -> dict[str, Any]:
     """Exact duplicates by image sha256, then SemDeDup over the image embeddings of what is left."""
     from pipeline.filters.dedup import exact_groups, semdedup
 
@@ -276,7 +278,15 @@ def run_dedup(pool: Pool, cfg: FilterConfig) -> dict[str, Any]:
     kind = np.full(n, None, dtype=object)
     group = np.full(n, -1, dtype=np.int64)
     dl = np.nonzero(downloaded)[0]
-    rep, size = exact_groups(uids[dl].astype(str), hashes[dl].astype(str))
+    if getattr(engine, "name", "") == "spark":  # exact groups as a Spark group-by over the download tables
+        from pipeline.engines import spark_steps
+
+        reps = spark_steps.exact_duplicates(engine.spark, pool)
+        position = {u: i for i, u in enumerate(uids[dl])}
+        rep = np.array([position[reps[h]] if h in reps else i for i, h in enumerate(hashes[dl])], dtype=np.int64)
+        size = np.where(np.isin(hashes[dl].astype(str), list(reps)), 2, 1)
+    else:
+        rep, size = exact_groups(uids[dl].astype(str), hashes[dl].astype(str))
     in_group = size > 1
     group[dl[in_group]] = dl[rep[in_group]]
     exact_drop = dl[rep != np.arange(len(dl))]
@@ -315,8 +325,8 @@ def run_dedup(pool: Pool, cfg: FilterConfig) -> dict[str, Any]:
     return summary
 
 
-def run_decisions(pool: Pool, cfg: FilterConfig) -> dict[str, Any]:
-    """Apply the configured recipe; write ``tables/decisions``, the funnel and the summary."""
+def _decide(pool: Pool, cfg: FilterConfig, engine: Any = None) -> tuple[pa.Table, np.ndarray, np.ndarray, list[int],
+                                                                       list[Rule], dict]:  # fmt: skip
     rules = recipe_rules(cfg.recipe, cfg.recipes)
     base = _base(pool)
     columns: dict[str, np.ndarray] = {S.STATUS: base[S.STATUS].to_numpy(zero_copy_only=False)}
@@ -336,11 +346,28 @@ def run_decisions(pool: Pool, cfg: FilterConfig) -> dict[str, Any]:
                 rule = Rule(rule.name, {**rule.params, "threshold": cfg.clip_score_threshold})
             else:
                 fraction = fraction if fraction is not None else cfg.clip_score_fraction
-                threshold = get_threshold(columns[S.CLIP_SCORE], fraction)
+                if getattr(engine, "name", "") == "spark":  # the pool-wide quantile as a Spark sort
+                    from pipeline.engines import spark_steps
+
+                    threshold = spark_steps.score_threshold(engine.spark, pool, "embed", S.CLIP_SCORE, fraction)
+                else:
+                    threshold = get_threshold(columns[S.CLIP_SCORE], fraction)
                 rule = Rule(rule.name, {**rule.params, "fraction": fraction, "threshold": threshold})
             thresholds[str(rule)] = rule.params
         resolved.append(rule)
     keep, reason, funnel = decide(columns, resolved)
+    return base, keep, reason, funnel, resolved, thresholds
+
+
+def recipe_keep(pool: Pool, recipe: str, recipes: dict[str, list[str]]) -> pa.Array:
+    """uids a recipe keeps, from the stored scores, without writing decisions (for exports)."""
+    base, keep, *_ = _decide(pool, FilterConfig(recipe=recipe, recipes=recipes))
+    return base[S.UID].filter(pa.array(keep)).combine_chunks()
+
+
+def run_decisions(pool: Pool, cfg: FilterConfig, engine: Any = None) -> dict[str, Any]:
+    """Apply the configured recipe; write ``tables/decisions``, the funnel and the summary."""
+    base, keep, reason, funnel, resolved, thresholds = _decide(pool, cfg, engine)
     digest = _stage_digest(
         config_hash(cfg),
         [r.params for r in resolved],
@@ -397,7 +424,7 @@ def run_filters(pool: Pool, cfg: FilterConfig, engine: Any, embed_cfg: EmbedConf
     if IMAGE_STAGE in steps:
         extra[IMAGE_STAGE] = run_image_based(pool, cfg, embed_cfg)
     if DEDUP_STAGE in steps:
-        extra[DEDUP_STAGE] = run_dedup(pool, cfg)
-    summary = run_decisions(pool, cfg)
+        extra[DEDUP_STAGE] = run_dedup(pool, cfg, engine)
+    summary = run_decisions(pool, cfg, engine)
     pool.update_manifest()
     return {**summary, **extra, "config": dataclasses.asdict(cfg)}

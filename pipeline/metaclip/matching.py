@@ -104,7 +104,10 @@ def matcher_for(metadata: str | Path, case_sensitive: bool = True) -> SubstringM
     """The process's matcher for a metadata file: built once per worker process or Spark executor."""
     key = (str(Path(metadata).resolve()), case_sensitive)
     if key not in _MATCHERS:
+        from pipeline.loads import note_load
+
         _MATCHERS[key] = SubstringMatcher(metadata, case_sensitive).setup()
+        note_load("metaclip-matcher")
     return _MATCHERS[key]
 
 

@@ -122,7 +122,12 @@ def run_metaclip(pool: Pool, cfg: MetaclipConfig, engine: Any, progress: bool = 
     match = pool.read_table(MATCH_STAGE, columns=[S.MATCHED_ENTRY_IDS, S.COUNTED])
     matched = match[S.MATCHED_ENTRY_IDS].combine_chunks()
     counted = match[S.COUNTED].to_numpy(zero_copy_only=False)
-    counts = entry_counts(matched, len(entries), counted)
+    if getattr(engine, "name", "") == "spark":  # the global count as a Spark aggregation
+        from pipeline.engines import spark_steps
+
+        counts = spark_steps.entry_counts(engine.spark, pool, len(entries))
+    else:
+        counts = entry_counts(matched, len(entries), counted)
     t = resolve_t(cfg, matched.filter(pa.array(counted)), counts, int(counted.sum()))
     counts_path = pool.aggregates_dir / COUNTS_FILE
     table = pa.table(

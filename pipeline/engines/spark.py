@@ -1,0 +1,169 @@
+"""Spark engine: the same per-shard functions, run as Spark tasks on a cluster (or ``local[N]``).
+
+Stages stay engine-free: :meth:`SparkEngine.map_shards` puts one shard id in each partition of a
+DataFrame and runs the stage's own ``fn(shard)`` inside ``mapInArrow``, so every executor writes the
+same tables, shards and completion markers into the pool directory (which must be on a file
+system every executor and the driver see: NFS, a shared volume, or one machine). Results and
+failures come back as one Arrow row per shard.
+
+- Retries are Spark's: a task that raises is re-attempted (``spark.task.maxFailures``; for
+  ``local[N]`` masters the engine uses ``local[N,F]``, local mode's form of the same setting). Only
+  when the last attempt fails is the shard reported as failed, so the other shards finish and a
+  re-run redoes just that one, as with the local engine.
+- Models load once per executor process: Spark reuses its Python workers between tasks
+  (``spark.python.worker.reuse``, on by default, and set here), and the stages cache their models
+  in the module (the Aho-Corasick automaton, the open_clip model, faiss centres, the language model).
+- The download stage goes through img2dataset's own ``pyspark_distributor`` (:meth:`distribute`).
+- Global steps that aggregate over the pool use :attr:`spark` directly (see
+  :mod:`pipeline.engines.spark_steps`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import traceback
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+from pipeline.config import SparkConfig
+from pipeline.engines.base import ShardResults
+from pipeline.progress import Progress
+
+_LOCAL = re.compile(r"^local\[(\*|\d+)\]$")
+
+
+def _master(cfg: SparkConfig) -> str:
+    m = _LOCAL.match(cfg.master)
+    return f"local[{m.group(1)},{cfg.task_max_failures}]" if m else cfg.master
+
+
+def _shard_task(fn: Callable[[int], Any], max_failures: int) -> Callable[[Iterator[Any]], Iterator[Any]]:
+    """The ``mapInArrow`` function: ``fn`` over the shard ids of a partition, one result row each."""
+
+    def run(batches: Iterator[Any]) -> Iterator[Any]:
+        import pyarrow as pa
+        from pyspark import TaskContext
+
+        attempt = TaskContext.get().attemptNumber()
+        for batch in batches:
+            shards, oks, values = [], [], []
+            for shard in batch.column(0).to_pylist():
+                try:
+                    value, ok = json.dumps(fn(shard), default=str), True
+                except Exception as exc:
+                    if attempt + 1 < max_failures:
+                        raise  # Spark retries the task
+                    value, ok = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=-3)}", False
+                shards.append(shard)
+                oks.append(ok)
+                values.append(value)
+            yield pa.RecordBatch.from_pydict({"shard": pa.array(shards, pa.int32()), "ok": oks, "value": values})
+
+    return run
+
+
+class _Downloader:
+    """img2dataset's distributor calls ``downloader(row) -> (ok, row)``; this adapts ``fn(shard)``."""
+
+    def __init__(self, fn: Callable[[int], Any], error_dir: str):
+        self.fn, self.error_dir = fn, error_dir
+
+    def __call__(self, shard: int) -> tuple[bool, int]:
+        from pathlib import Path
+
+        path = Path(self.error_dir) / f"{shard}.error"
+        try:
+            self.fn(shard)
+            path.unlink(missing_ok=True)
+            return True, shard
+        except Exception as exc:
+            path.write_text(f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=-3)}")
+            return False, shard
+
+
+class SparkEngine:
+    """Runs each shard as a Spark task (module docstring). The session starts on first use."""
+
+    name = "spark"
+
+    def __init__(self, cfg: SparkConfig | None = None):
+        self.cfg = cfg or SparkConfig()
+        self._spark: Any = None
+
+    @property
+    def spark(self) -> Any:
+        """The SparkSession (created on first use, or the active one with the same master)."""
+        if self._spark is None:
+            os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+            os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+            if self.cfg.master.startswith("local"):
+                os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+            from pyspark.sql import SparkSession
+
+            builder = SparkSession.builder.master(_master(self.cfg)).appName(self.cfg.app_name)
+            settings = {"spark.task.maxFailures": str(self.cfg.task_max_failures),
+                        "spark.python.worker.reuse": "true", "spark.ui.showConsoleProgress": "false",
+                        "spark.sql.execution.arrow.pyspark.enabled": "true", **self.cfg.conf}  # fmt: skip
+            for key, value in settings.items():
+                builder = builder.config(key, value)
+            self._spark = builder.getOrCreate()
+            self._spark.sparkContext.setLogLevel("ERROR")
+        return self._spark
+
+    def map_shards(
+        self,
+        fn: Callable[[int], Any],
+        shards: Sequence[int],
+        *,
+        desc: str,
+        weights: Mapping[int, int] | None = None,
+        progress: bool = True,
+    ) -> ShardResults:
+        out = ShardResults()
+        if not shards:
+            return out
+        weights = weights or dict.fromkeys(shards, 1)
+        with Progress(total=sum(weights.get(s, 0) for s in shards), desc=f"{desc} (spark)", enabled=progress) as bar:
+            rdd = self.spark.sparkContext.parallelize([(int(s),) for s in shards], len(shards))
+            frame = self.spark.createDataFrame(rdd, "shard int")
+            schema = "shard int, ok boolean, value string"
+            rows = frame.mapInArrow(_shard_task(fn, self.cfg.task_max_failures), schema).collect()
+            for row in rows:
+                if row.ok:
+                    out.results[row.shard] = json.loads(row.value)
+                else:
+                    out.failures[row.shard] = row.value
+                bar.update(weights.get(row.shard, 0))
+        return out
+
+    def distribute(self, fn: Callable[[int], Any], shards: Sequence[int], retries: int, error_dir: str) -> ShardResults:
+        """Run ``fn`` over ``shards`` with img2dataset's ``pyspark_distributor`` and its retry loop
+        (``retries`` more rounds for failed shards). The distributor only returns pass/fail, so
+        each failure's message is left in ``error_dir/{shard}.error`` and read back here."""
+        from pathlib import Path
+
+        from img2dataset.distributor import pyspark_distributor
+
+        errors = Path(error_dir)
+        errors.mkdir(parents=True, exist_ok=True)
+        for shard in shards:
+            (errors / f"{shard}.error").unlink(missing_ok=True)
+        self.spark  # noqa: B018 - the distributor picks up the active session
+        pyspark_distributor(len(shards), _Downloader(fn, str(errors)), list(shards), max(1, len(shards)), retries)
+        out = ShardResults()
+        for shard in shards:
+            path = errors / f"{shard}.error"
+            if path.exists():
+                out.failures[shard] = path.read_text()
+                path.unlink()
+            else:
+                out.results[shard] = None
+        return out
+
+    def stop(self) -> None:
+        if self._spark is not None:
+            self._spark.stop()
+            self._spark = None

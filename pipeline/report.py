@@ -1,0 +1,258 @@
+"""``curate report POOL``: one HTML page (with PNG plots) to open after a run.
+
+``<pool>/report/index.html`` shows, for the stages the pool has:
+
+- the funnel of samples through every stage (input, downloaded, embedded, MetaCLIP, filter recipe,
+  rebalancing, release) and the drop reasons (download failures, each filter rule);
+- the CLIP-score histogram (all embedded samples, and those the filter recipe keeps);
+- MetaCLIP's entry distribution, head and tail, before and after balancing;
+- MoDE's cluster sizes, before and after rebalancing;
+- thumbnails with captions from the kept and the dropped samples (read through the safe shard
+  reader, re-encoded small, so the page never shows a pool's original bytes).
+
+"Kept" means every keep column present holds: ``metaclip_keep``, ``keep`` (the filter recipe) and
+``rebalance_keep``. Every image on the page marks itself ``data-ok`` once loaded (a broken plot is
+visible as such and tests check it in a headless browser).
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.store import schema as S
+from pipeline.store.parquet import Pool, atomic_path
+
+KEEP_COLUMNS = (S.METACLIP_KEEP, S.KEEP, S.REBALANCE_KEEP)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> str:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    _plt().close(fig)
+    return path.name
+
+
+def funnel(pool: Pool, con: Any, columns: set[str]) -> list[tuple[str, int]]:
+    """(step, samples left) through every stage present."""
+    plan = pool.read_plan() or {}
+    steps = [("input rows", int(plan.get("num_rows", 0)))]
+    cond = f"{S.STATUS} = 'success'"
+    steps.append(("downloaded", con.execute(f"select count(*) from samples where {cond}").fetchone()[0]))
+    if S.IMAGE_EMBEDDING in columns:
+        cond += f" and {S.IMAGE_EMBEDDING} is not null"
+        steps.append(("embedded", con.execute(f"select count(*) from samples where {cond}").fetchone()[0]))
+    for column, label in ((S.METACLIP_KEEP, "MetaCLIP balanced"), (S.KEEP, "filter recipe"),
+                          (S.REBALANCE_KEEP, "rebalanced")):  # fmt: skip
+        if column in columns:
+            cond += f" and coalesce({column}, false)"
+            steps.append((label, con.execute(f"select count(*) from samples where {cond}").fetchone()[0]))
+    return steps
+
+
+def drop_reasons(con: Any, columns: set[str]) -> list[tuple[str, int]]:
+    rows = con.execute(f"select 'download: ' || {S.STATUS}, count(*) from samples where {S.STATUS} <> 'success' "
+                       "group by 1").fetchall()  # fmt: skip
+    if S.DROP_REASON in columns:
+        rows += con.execute(f"select 'filter: ' || {S.DROP_REASON}, count(*) from samples where {S.DROP_REASON} "
+                            "is not null and drop_reason <> 'downloaded' group by 1").fetchall()  # fmt: skip
+    return sorted(rows, key=lambda r: -r[1])
+
+
+def _plot_funnel(steps: list[tuple[str, int]], reasons: list[tuple[str, int]], out: Path) -> str:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8), gridspec_kw={"width_ratios": [1, 1.2]})
+    names, values = zip(*steps, strict=True)
+    axes[0].barh(range(len(values)), values, color="#4c72b0")
+    axes[0].set_yticks(range(len(values)), names)
+    axes[0].invert_yaxis()
+    for i, v in enumerate(values):
+        axes[0].text(v, i, f" {v:,}", va="center", fontsize=8)
+    axes[0].set_xlim(0, max(values) * 1.25 or 1)
+    axes[0].set_title("Samples left after each stage")
+    if reasons:
+        names, values = zip(*reasons[:15], strict=True)
+        axes[1].barh(range(len(values)), values, color="#c44e52")
+        axes[1].set_yticks(range(len(values)), names, fontsize=8)
+        axes[1].invert_yaxis()
+        axes[1].set_title("Drop reasons")
+    else:
+        axes[1].axis("off")
+    fig.subplots_adjust(wspace=0.7)
+    return _save(fig, out)
+
+
+def _plot_clip(con: Any, columns: set[str], out: Path) -> str | None:
+    if S.CLIP_SCORE not in columns:
+        return None
+    scores = con.sql(f"select {S.CLIP_SCORE} from samples where {S.CLIP_SCORE} is not null").fetchnumpy()[S.CLIP_SCORE]
+    if not len(scores):
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    bins = np.linspace(float(scores.min()), float(scores.max()) + 1e-6, 60)
+    ax.hist(scores, bins=bins, color="#8c8c8c", label=f"embedded ({len(scores):,})")
+    if S.KEEP in columns:
+        kept = con.sql(f"select {S.CLIP_SCORE} from samples where {S.KEEP} and {S.CLIP_SCORE} is not null"
+                       ).fetchnumpy()[S.CLIP_SCORE]  # fmt: skip
+        ax.hist(kept, bins=bins, color="#55a868", alpha=0.8, label=f"kept by the filter recipe ({len(kept):,})")
+    ax.set_xlabel("clip_score (cosine of image and caption embeddings)")
+    ax.set_ylabel("samples")
+    ax.legend(fontsize=8)
+    ax.set_title("CLIP score")
+    return _save(fig, out)
+
+
+def _plot_entries(pool: Pool, out: Path) -> str | None:
+    path = pool.aggregates_dir / "metaclip_entry_counts.parquet"
+    if not path.exists():
+        return None
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, columns=["count", "kept"])
+    counts, kept = table["count"].to_numpy(), table["kept"].to_numpy()
+    order = np.argsort(-counts, kind="stable")
+    counts, kept = counts[order], kept[order]
+    matched = counts > 0
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    rank = np.arange(1, matched.sum() + 1)
+    ax.loglog(rank, counts[matched], label="before balancing", color="#4c72b0")
+    ax.loglog(rank, np.maximum(kept[matched], 0.8), label="after balancing", color="#dd8452")
+    t = json.loads((pool.aggregates_dir / "metaclip.json").read_text()).get("t") if (
+        pool.aggregates_dir / "metaclip.json").exists() else None  # fmt: skip
+    if t:
+        ax.axhline(t, ls="--", color="gray", lw=1, label=f"t = {t:g}")
+    ax.set_xlabel("entry rank (head left, tail right)")
+    ax.set_ylabel("matching samples")
+    ax.legend(fontsize=8)
+    ax.set_title("MetaCLIP entry distribution")
+    return _save(fig, out)
+
+
+def _plot_clusters(con: Any, columns: set[str], out: Path) -> str | None:
+    if S.FINE_ID not in columns:
+        return None
+    keep = f"sum(coalesce({S.REBALANCE_KEEP}, false)::int)" if S.REBALANCE_KEEP in columns else "null"
+    rows = con.execute(f"select {S.FINE_ID}, count(*), {keep} from samples where {S.FINE_ID} is not null "
+                       "group by 1 order by 2 desc").fetchall()  # fmt: skip
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    x = np.arange(len(rows))
+    ax.bar(x, [r[1] for r in rows], color="#4c72b0", label="cluster size")
+    if rows and rows[0][2] is not None:
+        ax.bar(x, [r[2] for r in rows], color="#dd8452", alpha=0.9, label="after rebalancing")
+    ax.set_xlabel("MoDE fine cluster (largest first)")
+    ax.set_ylabel("samples")
+    ax.legend(fontsize=8)
+    ax.set_title("Cluster sizes")
+    return _save(fig, out)
+
+
+def _thumbs(pool: Pool, con: Any, columns: set[str], out: Path, n: int) -> dict[str, list[dict[str, Any]]]:
+    """A few kept and dropped downloaded samples, as small JPEGs with their captions."""
+    from pipeline.store.webdataset import decode_image, image_of, iter_shard
+
+    present = [c for c in KEEP_COLUMNS if c in columns]
+    kept_sql = " and ".join(f"coalesce({c}, false)" for c in present) or "true"
+    reason = S.DROP_REASON if S.DROP_REASON in columns else "null"
+    picks: dict[str, list[dict[str, Any]]] = {}
+    for label, cond in (("kept", kept_sql), ("dropped", f"not ({kept_sql})")):
+        picks[label] = con.sql(
+            f"select {S.UID}, {S.SHARD}, {S.KEY}, {S.CAPTION}, {reason} as reason, "
+            + ", ".join(present or ["null as none"])
+            + f" from samples where {S.STATUS} = 'success' and ({cond}) order by md5({S.UID}) limit {n}"
+        ).fetch_arrow_table().to_pylist()  # fmt: skip
+    wanted = {(r[S.SHARD], r[S.KEY]): r for rows in picks.values() for r in rows}
+    for shard in sorted({s for s, _ in wanted}):
+        for sample in iter_shard(pool.shard_tar(shard)):
+            row = wanted.get((shard, sample["__key__"]))
+            found = image_of(sample) if row else None
+            if not found:
+                continue
+            img, _ = decode_image(found[1])
+            if img is None:
+                continue
+            img.thumbnail((160, 160))
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=80)
+            name = f"thumbs/{row[S.UID]}.jpg"
+            with atomic_path(out / name) as tmp:
+                tmp.write_bytes(buf.getvalue())
+            row["thumb"] = name
+    return {k: [r for r in v if "thumb" in r] for k, v in picks.items()}
+
+
+def _why(row: dict[str, Any]) -> str:
+    if row.get("reason"):
+        return f"filter: {row['reason']}"
+    for c in KEEP_COLUMNS:
+        if c in row and not row[c]:
+            return f"{c} = false"
+    return ""
+
+
+def write_report(pool: Pool, thumbnails: int = 12, release: Path | None = None) -> Path:
+    """Write ``<pool>/report/index.html`` and its PNGs; returns the page's path."""
+    from pipeline.query import connect
+
+    out = pool.root / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    con = connect(pool)
+    columns = {r[0] for r in con.execute("describe samples").fetchall()}
+    steps = funnel(pool, con, columns)
+    if release is not None and (release / "manifest.json").exists():
+        steps.append(("release (export)", json.loads((release / "manifest.json").read_text())["counts"]["samples"]))
+    reasons = drop_reasons(con, columns)
+    plots = [("Funnel", _plot_funnel(steps, reasons, out / "funnel.png"))]
+    plots.append(("CLIP score", _plot_clip(con, columns, out / "clip_score.png")))
+    plots.append(("MetaCLIP entries", _plot_entries(pool, out / "metaclip_entries.png")))
+    plots.append(("Cluster sizes", _plot_clusters(con, columns, out / "cluster_sizes.png")))
+    thumbs = _thumbs(pool, con, columns, out, thumbnails)
+    e = html.escape
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>clipcurate report</title>",
+        "<style>body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}td:first-child{text-align:left}"
+        ".grid{display:flex;flex-wrap:wrap;gap:8px}.card{width:170px;font-size:11px}"
+        ".card img{max-width:160px;max-height:160px;display:block}img[data-ok='0']{outline:3px solid red}</style>",
+        "</head><body>",
+        f"<h1>clipcurate report</h1><p>Pool <code>{e(str(pool.root.resolve()))}</code></p>",
+        "<h2>Funnel</h2><table><tr><th>stage</th><th>samples</th><th>share of input</th></tr>",
+    ]
+    total = steps[0][1] or 1
+    parts += [f"<tr><td>{e(n)}</td><td>{v:,}</td><td>{100 * v / total:.1f}%</td></tr>" for n, v in steps]
+    parts.append("</table><h2>Drop reasons</h2><table><tr><th>reason</th><th>samples</th></tr>")
+    parts += [f"<tr><td>{e(n)}</td><td>{v:,}</td></tr>" for n, v in reasons]
+    parts.append("</table>")
+    for title, name in plots:
+        if name:
+            parts.append(f"<h2>{e(title)}</h2><img class='plot' src='{name}' alt='{e(title)}' data-ok='0' "
+                         "onload=\"this.dataset.ok='1'\" onerror=\"this.dataset.ok='0'\">")  # fmt: skip
+    for label, rows in thumbs.items():
+        parts.append(f"<h2>Samples {label}</h2><div class='grid'>")
+        for r in rows:
+            note = "" if label == "kept" else f"<br><b>{e(_why(r))}</b>"
+            caption = e((r[S.CAPTION] or "")[:120])
+            parts.append(f"<div class='card'><img class='thumb' src='{r['thumb']}' data-ok='0' "
+                         f"onload=\"this.dataset.ok='1'\"><span>{caption}</span>{note}</div>")  # fmt: skip
+        parts.append("</div>")
+    parts.append("</body></html>")
+    page = out / "index.html"
+    with atomic_path(page) as tmp:
+        tmp.write_text("\n".join(parts), encoding="utf-8")
+    return page

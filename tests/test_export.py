@@ -1,0 +1,128 @@
+"""Export of training releases: selection parity with DuckDB, WebDataset and open_clip readability,
+determinism, byte and sample sharding, resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from pipeline.config import ExportConfig
+from pipeline.store.export import ExportError, export
+from tests.conftest import STAGES_AFTER_MODE, copy_pool
+
+
+@pytest.fixture(scope="module")
+def pool(clustered, tmp_path_factory):
+    """The embedded and clustered 301-row pool, filtered with the basic recipe."""
+    from pipeline.config import FilterConfig
+    from pipeline.engines.local import LocalEngine
+    from pipeline.filters.stage import run_filters
+
+    pool = copy_pool(clustered[0], tmp_path_factory.mktemp("export") / "pool", STAGES_AFTER_MODE)
+    run_filters(pool, FilterConfig(recipe="no_filter"), LocalEngine(2), progress=False)
+    return pool
+
+
+def _release_uids(out):
+    urls = sorted(str(p) for p in out.glob("*.tar"))
+    return [json.loads(s["json"])["uid"] for s in wds.WebDataset(urls, shardshuffle=False)], urls
+
+
+def test_export_equals_the_duckdb_predicate(pool, tmp_path):
+    from pipeline.query import query
+
+    where = "expert_id = 1 and clip_score > -0.05"
+    manifest = export(pool, ExportConfig(out=str(tmp_path / "rel"), where=where, samples_per_shard=25))
+    expected = query(pool, f"select uid from samples where status = 'success' and ({where}) order by shard, key")
+    uids, urls = _release_uids(tmp_path / "rel")
+    assert uids == expected["uid"].to_pylist() and len(uids) > 25  # sample for sample, in pool order
+    assert manifest["counts"]["samples"] == len(uids) and manifest["where"] == where
+    assert [e["samples"] for e in manifest["shards"]] == [25] * (len(uids) // 25) + (
+        [len(uids) % 25] if len(uids) % 25 else []
+    )
+    import hashlib
+
+    for entry, url in zip(manifest["shards"], urls, strict=True):
+        assert hashlib.sha256(Path(url).read_bytes()).hexdigest() == entry["sha256"]
+    # each sample carries its image and caption; the sidecar has one row per sample, same order
+    import pyarrow.parquet as pq
+
+    sidecar = pq.read_table(tmp_path / "rel" / "00000.parquet")
+    first = next(iter(wds.WebDataset(urls[:1], shardshuffle=False)))
+    assert first["__key__"] == sidecar["key"][0].as_py() and first["txt"].decode() == sidecar["caption"][0].as_py()
+    assert "image_embedding" not in sidecar.column_names and "expert_id" in sidecar.column_names
+    assert "Training with open_clip" in (tmp_path / "rel" / "README.md").read_text()
+
+
+def test_open_clip_training_loader_reads_the_release(pool, tmp_path, tiny_checkpoint):
+    import argparse
+
+    import open_clip
+    from open_clip_train.data import get_dataset_size, get_wds_dataset
+
+    manifest = export(pool, ExportConfig(out=str(tmp_path / "rel"), where="keep", samples_per_shard=40))
+    last = manifest["counts"]["shards"] - 1
+    train_data = str(tmp_path / "rel" / f"{{00000..{last:05d}}}.tar")
+    assert get_dataset_size(train_data) == (manifest["counts"]["samples"], manifest["counts"]["shards"])
+    _, _, preprocess = open_clip.create_model_and_transforms("clipcurate-tiny")
+    args = argparse.Namespace(val_data=train_data, val_num_samples=None, batch_size=16, workers=0)
+    data = get_wds_dataset(args, preprocess, is_train=False, tokenizer=open_clip.get_tokenizer("clipcurate-tiny"))
+    seen = sum(images.shape[0] for images, texts in data.dataloader)
+    assert seen == manifest["counts"]["samples"]
+
+
+def test_shuffle_is_seeded_and_bytes_are_reproducible(pool, tmp_path):
+    a = export(pool, ExportConfig(out=str(tmp_path / "a"), shuffle_seed=7, samples_per_shard=50, embeddings=True))
+    b = export(pool, ExportConfig(out=str(tmp_path / "b"), shuffle_seed=7, samples_per_shard=50, embeddings=True))
+    export(pool, ExportConfig(out=str(tmp_path / "c"), shuffle_seed=8, samples_per_shard=50))
+    assert [e["sha256"] for e in a["shards"]] == [e["sha256"] for e in b["shards"]]
+    ua, _ = _release_uids(tmp_path / "a")
+    uc, _ = _release_uids(tmp_path / "c")
+    assert sorted(ua) == sorted(uc) and ua != uc
+    import pyarrow.parquet as pq
+
+    from pipeline.query import query
+
+    emb = pq.read_table(tmp_path / "a" / "embeddings" / "00000.parquet")
+    assert emb["uid"].to_pylist() == ua[:50]
+    stored = query(pool, f"select image_embedding from embed where uid = '{ua[0]}'")["image_embedding"][0].as_py()
+    assert np.allclose(emb["image_embedding"][0].as_py(), stored)
+
+
+def test_byte_limit_and_resume(pool, tmp_path):
+    full = export(pool, ExportConfig(out=str(tmp_path / "ref"), samples_per_shard=1000, max_shard_bytes=400_000))
+    assert len(full["shards"]) > 1 and all(e["bytes"] <= 400_000 for e in full["shards"])
+    # an interrupted export left its first shard in the partial folder: the re-run keeps it
+    partial = tmp_path / ".rel.partial"
+    shutil.copytree(tmp_path / "ref", partial)
+    for name in ("manifest.json", "README.md", "sizes.json"):
+        (partial / name).unlink()
+    for p in partial.glob("0000[1-9].*"):
+        p.unlink()
+    (partial / "plan.json").write_text(json.dumps({"digest": full["digest"]}))
+    kept_mtime = (partial / "00000.tar").stat().st_mtime_ns
+    again = export(pool, ExportConfig(out=str(tmp_path / "rel"), samples_per_shard=1000, max_shard_bytes=400_000))
+    assert (tmp_path / "rel" / "00000.tar").stat().st_mtime_ns == kept_mtime
+    assert [e["sha256"] for e in again["shards"]] == [e["sha256"] for e in full["shards"]]
+    assert not partial.exists()
+
+
+def test_bad_predicate_names_itself(pool, tmp_path):
+    with pytest.raises(ExportError, match="no_such_column"):
+        export(pool, ExportConfig(out=str(tmp_path / "x"), where="no_such_column > 1"))
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_export(pool, tmp_path, capsys):
+    from pipeline.cli import main
+
+    assert main(["export", str(pool.root), "--where", "keep", "--out", str(tmp_path / "r"), "--recipe", "basic"]) == 0
+    out = capsys.readouterr().out
+    assert "train with: --train-data" in out
+    manifest = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    assert manifest["recipe"] == "basic" and manifest["counts"]["samples"] > 0

@@ -1,0 +1,186 @@
+"""The Spark engine (``local[2]``) gives the local engine's tables, row for row."""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import FilterConfig, MetaclipConfig, ModeConfig, RebalanceConfig, SparkConfig
+from pipeline.engines.local import LocalEngine
+from pipeline.store.parquet import Pool
+from tests.conftest import REPO, STAGES_AFTER_MODE, copy_pool, laion_rows, make_config, point_at
+
+pytest.importorskip("pyspark")
+pytestmark = [pytest.mark.spark, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def load_log(tmp_path_factory):
+    path = tmp_path_factory.mktemp("loads") / "loads.tsv"
+    os.environ["CLIPCURATE_LOAD_LOG"] = str(path)  # before the session: executors inherit it
+    yield path
+    del os.environ["CLIPCURATE_LOAD_LOG"]
+
+
+@pytest.fixture(scope="module")
+def spark(load_log):
+    from pipeline.engines.spark import SparkEngine
+
+    engine = SparkEngine(SparkConfig(master="local[2]", task_max_failures=2))
+    yield engine
+    engine.stop()
+
+
+def same_table(a: Pool, b: Pool, stage: str) -> None:
+    ta, tb = (p.read_table(stage).sort_by("uid") for p in (a, b))
+    assert ta.num_rows > 0 and ta.schema == tb.schema, stage
+    for name in ta.column_names:
+        assert ta[name].to_pylist() == tb[name].to_pylist(), (stage, name)
+
+
+def test_download_on_spark_uses_img2dataset_and_equals_local(tmp_path, image_server, spark):
+    from pipeline.download import run_download
+
+    pq.write_table(point_at(laion_rows(120, offset=7000), image_server), tmp_path / "u.parquet")
+    pools = []
+    for name, engine in (("local", LocalEngine(2)), ("spark", spark)):
+        cfg = make_config(tmp_path / name, tmp_path / "u.parquet", samples_per_shard=40)
+        run_download(Pool(cfg.pool), cfg.download, engine, progress=False)
+        pools.append(Pool(cfg.pool))
+    same_table(*pools, "download")
+    assert sorted(pools[1].completed("download")) == [0, 1, 2]
+
+
+@pytest.fixture(scope="module")
+def curated(clustered, tmp_path_factory, spark, load_log):
+    """Copies of the embedded pool curated by each engine: MetaCLIP, filters, MoDE, rebalancing."""
+    from pipeline.filters.stage import run_filters
+    from pipeline.metaclip.stage import run_metaclip
+    from pipeline.mode_stage import run_mode
+    from pipeline.rebalance import run_rebalance
+
+    pools = {}
+    for name, engine in (("local", LocalEngine(2)), ("spark", spark)):
+        load_log.write_text("")  # keep the Spark run's loads only
+        pool = copy_pool(clustered[0], tmp_path_factory.mktemp(name) / "pool", STAGES_AFTER_MODE)
+        for stage in ("mode",):  # assigned again by this engine
+            shutil.rmtree(pool.root / "completions" / stage)
+            shutil.rmtree(pool.root / "tables" / stage)
+        run_metaclip(pool, MetaclipConfig(metadata=str(REPO / "metadata/entries.json"), t=3), engine, progress=False)
+        cfg = FilterConfig(recipe="mine", recipes={"mine": ["english", "clip_score", "dedup"]}, dedup_eps=0.0009,
+                           clip_score_fraction=0.6)  # fmt: skip
+        run_filters(pool, cfg, engine, progress=False)
+        run_mode(pool, ModeConfig(n_fine=8, n_experts=2, fit_fraction=0.5, min_fit_samples=0), engine, progress=False)
+        run_rebalance(pool, RebalanceConfig(t=10), engine)
+        pools[name] = pool
+    return pools["local"], pools["spark"]
+
+
+@pytest.mark.parametrize("stage", ["metaclip_match", "metaclip", "filters", "dedup", "decisions", "mode", "rebalance"])
+def test_stage_tables_equal_local(curated, stage):
+    same_table(*curated, stage)
+
+
+def test_global_steps_equal_local(curated):
+    import json
+
+    local, spark = curated
+    for name in ("metaclip.json", "decisions.json", "dedup.json"):
+        a, b = (json.loads((p.aggregates_dir / name).read_text()) for p in (local, spark))
+        a.pop("digest", None), b.pop("digest", None)
+        assert a == b, name
+    a, b = (pq.read_table(p.aggregates_dir / "metaclip_entry_counts.parquet") for p in (local, spark))
+    assert a.equals(b)
+    assert json.loads((spark.aggregates_dir / "dedup.json").read_text())["semantic_dropped"] > 0
+
+
+def test_exact_duplicate_groups_equal_local(tmp_path, spark):
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline.engines.spark_steps import exact_duplicates
+    from pipeline.filters.dedup import exact_groups
+    from pipeline.store import schema as S
+    from pipeline.store.parquet import write_json_atomic
+
+    pool = Pool(tmp_path / "pool")
+    rng = np.random.default_rng(0)
+    uids = [f"{i:032x}" for i in rng.permutation(300)]
+    hashes = [f"h{rng.integers(0, 200)}" for _ in uids]  # about 80 hashes shared by 2+ samples
+    write_json_atomic(pool.plan_path, {"num_shards": 3, "samples_per_shard": 100, "num_rows": 300})
+    for shard in range(3):
+        part = slice(shard * 100, shard * 100 + 100)
+        table = S.conform(pa.table({S.UID: uids[part], S.SHARD: pa.array([shard] * 100, pa.int32()),
+                                    S.ROW: pa.array(range(100), pa.int64()), S.STATUS: ["success"] * 100,
+                                    S.SHA256: hashes[part]}), S.DOWNLOAD_SCHEMA)  # fmt: skip
+        pool.write_table("download", shard, table)
+        pool.mark_done("download", shard, "x", {"samples": 100})
+    rep, size = exact_groups(np.array(uids), np.array(hashes))
+    local = {hashes[i]: uids[rep[i]] for i in range(300) if size[i] > 1}
+    assert len(local) > 50 and exact_duplicates(spark.spark, pool) == local
+
+
+def test_models_load_once_per_executor_process(curated, load_log):
+    rows = [line.split("\t") for line in load_log.read_text().splitlines()]
+    for what in ("metaclip-matcher", "wordnet", "lid.176", "mode-centres"):
+        pids = [pid for w, pid in rows if w == what]
+        assert pids and len(pids) == len(set(pids)), (what, pids)  # never twice in one process
+        assert len(set(pids)) <= 2, (what, pids)  # local[2]: at most 2 Python workers for 4 shards
+
+
+def test_a_failed_task_is_retried_by_spark(clustered, spark, tmp_path):
+    from pipeline.metaclip.stage import match_shard
+
+    pools = [Pool(shutil.copytree(clustered[0].root, tmp_path / n)) for n in ("a", "b")]
+    cfg = MetaclipConfig(metadata=str(REPO / "metadata/entries.json"))
+    flag = tmp_path / "failed-once"
+    inner = functools.partial(match_shard, str(pools[1].root), cfg)
+
+    def flaky(shard: int, inner=inner, flag=str(flag)) -> dict:
+        if shard == 2 and not Path(flag).exists():
+            Path(flag).write_text("failed")
+            raise RuntimeError("injected failure in the partition of shard 2")
+        return inner(shard)
+
+    result = spark.map_shards(flaky, [0, 1, 2, 3], desc="flaky", progress=False)
+    assert flag.exists() and not result.failures and sorted(result.results) == [0, 1, 2, 3]
+    LocalEngine(1).map_shards(functools.partial(match_shard, str(pools[0].root), cfg), [0, 1, 2, 3], desc="x",
+                              progress=False)  # fmt: skip
+    same_table(*pools, "metaclip_match")
+
+
+def test_a_task_failing_every_attempt_is_reported_and_the_others_finish(clustered, spark, tmp_path):
+    def broken(shard: int) -> dict:
+        if shard == 1:
+            raise ValueError("shard 1 is broken")
+        return {"shard": shard}
+
+    result = spark.map_shards(broken, [0, 1, 2], desc="broken", progress=False)
+    assert sorted(result.results) == [0, 2] and "shard 1 is broken" in result.failures[1]
+
+
+def test_embedding_on_spark_equals_local_and_loads_the_model_once_per_worker(
+    downloaded_pool, tiny_checkpoint, spark, load_log, tmp_path
+):
+    from pipeline.embed import run_embed_on
+    from tests.conftest import embed_cfg
+
+    pools = [copy_pool(downloaded_pool[0], tmp_path / n) for n in ("local", "spark")]
+    cfg = embed_cfg(tiny_checkpoint, workers=0)
+    run_embed_on(LocalEngine(1), pools[0], cfg, progress=False)
+    load_log.write_text("")
+    run_embed_on(spark, pools[1], cfg, progress=False)
+    pids = [line.split("\t")[1] for line in load_log.read_text().splitlines() if line.startswith("open_clip")]
+    assert 1 <= len(pids) <= 2 and len(pids) == len(set(pids))  # 4 shards, at most one load per worker
+    import numpy as np
+
+    for stage, col in (("embed", "image_embedding"), ("caption_embed", "caption_embedding")):
+        a, b = (p.read_table(stage).sort_by("uid") for p in pools)
+        assert a["uid"].equals(b["uid"]) and a.num_rows > 250
+        x, y = (np.asarray(t[col].to_pylist(), dtype=np.float32) for t in (a, b))
+        assert np.array_equal(x, y), stage  # the same float16 vectors on either engine
