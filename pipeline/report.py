@@ -70,6 +70,11 @@ def drop_reasons(con: Any, columns: set[str]) -> list[tuple[str, int]]:
     if S.DROP_REASON in columns:
         rows += con.execute(f"select 'filter: ' || {S.DROP_REASON}, count(*) from samples where {S.DROP_REASON} "
                             "is not null and drop_reason <> 'downloaded' group by 1").fetchall()  # fmt: skip
+    for column, label in ((S.METACLIP_KEEP, "MetaCLIP: not drawn"), (S.REBALANCE_KEEP, "rebalance: not drawn")):
+        if column in columns:  # each stage on its own, over downloaded samples
+            sql = f"select count(*) from samples where {S.STATUS} = 'success' and {column} = false"
+            n = con.execute(sql).fetchall()[0][0]
+            rows.append((label, n))
     return sorted(rows, key=lambda r: -r[1])
 
 
