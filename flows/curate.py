@@ -117,7 +117,7 @@ def rebalance_task(cfg: PipelineConfig, engine: Engine) -> dict[str, Any]:
 
 
 @task(name="export", cache_policy=NO_CACHE)
-def export_task(cfg: PipelineConfig) -> dict[str, Any]:
+def export_task(cfg: PipelineConfig, engine: Engine) -> dict[str, Any]:
     """Write the training release (WebDataset shards + Parquet sidecars + manifest + card)."""
     import dataclasses
 
@@ -126,7 +126,7 @@ def export_task(cfg: PipelineConfig) -> dict[str, Any]:
     export_cfg = cfg.export
     if cfg.filters is not None and not export_cfg.recipes:
         export_cfg = dataclasses.replace(export_cfg, recipes=dict(cfg.filters.recipes))
-    return export(Pool(cfg.pool), export_cfg)
+    return export(Pool(cfg.pool), export_cfg, engine=engine)
 
 
 @task(name="report", cache_policy=NO_CACHE)
@@ -211,7 +211,7 @@ def curate(config_path: str, overrides: dict[str, Any] | None = None) -> dict[st
         rebalance_task.with_options(retries=cfg.flow.task_retries)(cfg, engine)
         _stage_artifact(pool, "rebalance")
     if not errors and cfg.export is not None:
-        manifest = export_task.with_options(retries=cfg.flow.task_retries)(cfg)
+        manifest = export_task.with_options(retries=cfg.flow.task_retries)(cfg, engine)
         create_markdown_artifact(markdown=_release_markdown(manifest), key="curate-release",
                                  description=f"Release {cfg.export.out}")  # fmt: skip
     if not errors and cfg.report:

@@ -185,7 +185,9 @@ def cmd_export(args: argparse.Namespace) -> int:
                 "samples_per_shard": args.samples_per_shard, "max_shard_bytes": args.max_shard_bytes,
                 "shuffle_seed": args.shuffle_seed, "embeddings": args.embeddings}  # fmt: skip
     parse_config({"pool": str(pool.root), "download": {"input": "-"}, "export": settings}, "curate export")
-    manifest = export(pool, ExportConfig(**settings))
+    from pipeline.engines.local import LocalEngine
+
+    manifest = export(pool, ExportConfig(**settings), engine=LocalEngine(args.processes))
     counts = manifest["counts"]
     print(f"{args.out}: {counts['samples']} samples in {counts['shards']} shards ({counts['bytes'] / 2**20:.1f} MiB)")
     if manifest["train_data"]:
@@ -321,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-bytes", type=int)
     p.add_argument("--shuffle-seed", type=int)
     p.add_argument("--embeddings", action="store_true", help="also export CLIP embeddings as Parquet")
+    p.add_argument("--processes", type=int, default=2, help="output shards written at once")
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser("serve", help="run the curate flow on a cron schedule (needs a Prefect server)")
     p.add_argument("config")

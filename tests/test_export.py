@@ -126,3 +126,17 @@ def test_cli_export(pool, tmp_path, capsys):
     assert "train with: --train-data" in out
     manifest = json.loads((tmp_path / "r" / "manifest.json").read_text())
     assert manifest["recipe"] == "basic" and manifest["counts"]["samples"] > 0
+
+
+def test_parallel_export_writes_the_same_bytes(pool, tmp_path):
+    from pipeline.engines.local import LocalEngine
+
+    cfg = {"samples_per_shard": 30, "shuffle_seed": 5, "embeddings": True}
+    alone = export(pool, ExportConfig(out=str(tmp_path / "a"), **cfg))
+    parallel = export(pool, ExportConfig(out=str(tmp_path / "b"), **cfg), engine=LocalEngine(2))
+    assert len(alone["shards"]) > 3
+    assert [e["sha256"] for e in alone["shards"]] == [e["sha256"] for e in parallel["shards"]]
+    for name in ("00000.parquet", "embeddings/00001.parquet"):
+        import pyarrow.parquet as pq
+
+        assert pq.read_table(tmp_path / "a" / name).equals(pq.read_table(tmp_path / "b" / name))

@@ -184,3 +184,14 @@ def test_embedding_on_spark_equals_local_and_loads_the_model_once_per_worker(
         assert a["uid"].equals(b["uid"]) and a.num_rows > 250
         x, y = (np.asarray(t[col].to_pylist(), dtype=np.float32) for t in (a, b))
         assert np.array_equal(x, y), stage  # the same float16 vectors on either engine
+
+
+def test_export_on_spark_writes_the_same_release(curated, spark, tmp_path):
+    from pipeline.config import ExportConfig
+    from pipeline.store.export import export
+
+    local, _ = curated
+    cfg = {"where": "keep and metaclip_keep", "samples_per_shard": 20, "shuffle_seed": 1}
+    a = export(local, ExportConfig(out=str(tmp_path / "a"), **cfg))
+    b = export(local, ExportConfig(out=str(tmp_path / "b"), **cfg), engine=spark)
+    assert len(a["shards"]) > 1 and [e["sha256"] for e in a["shards"]] == [e["sha256"] for e in b["shards"]]

@@ -21,12 +21,15 @@ rebuilt or resumed, and its shards' sha256 in the manifest can be compared acros
 
 Resume: the release is built in ``.<name>.partial/`` beside ``out``; each output shard is complete
 once its sidecar exists (the tar is written first, both atomically), a re-run with the same
-selection skips complete shards, and the finished directory replaces ``out`` by rename.
+selection skips complete shards, and the finished directory replaces ``out`` by rename. Output
+shards are independent tasks (:func:`write_release_shard` over one row group of the export plan),
+so an engine writes them in parallel: local processes, or Spark executors.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -39,6 +42,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline.config import ExportConfig, config_hash
 from pipeline.store import schema as S
@@ -168,8 +172,49 @@ def _sidecar_columns(pool: Pool) -> list[str]:
     return [c for c in cols if c not in EMBEDDING_COLUMNS]
 
 
-def export(pool: Pool, cfg: ExportConfig, progress: bool = False) -> dict[str, Any]:
-    """Write the release ``cfg`` describes (module docstring); returns its manifest."""
+def write_release_shard(pool_root: str, partial: str, starts: list[int], index: int) -> dict[str, int]:
+    """Write output shard ``index`` (tar, then embeddings, then the sidecar that marks it done)
+    from row group ``index`` of the export plan. Runs anywhere the pool and release are visible."""
+    partial_dir = Path(partial)
+    plan = pq.ParquetFile(partial_dir / "plan.parquet").read_row_group(index)
+    shards, keys, uids = (plan[c].to_pylist() for c in ("_source_shard", "_source_key", "_uid"))
+    first = starts[index]
+    new_keys = [f"{first + i:09d}" for i in range(plan.num_rows)]
+    name = f"{index:05d}"
+    sources = _Sources(Pool(pool_root))
+    try:
+        with (
+            atomic_path(partial_dir / f"{name}.tar") as tmp,
+            tarfile.open(tmp, mode="w", format=tarfile.USTAR_FORMAT) as tar,
+        ):
+            for key, shard, source_key, uid in zip(new_keys, shards, keys, uids, strict=True):
+                for ext, data in sorted(sources.members(shard, source_key).items()):
+                    if ext == "json":
+                        meta = json.loads(data)
+                        meta.update({S.UID: uid, "source_shard": shard, "source_key": source_key})
+                        data = json.dumps(meta, sort_keys=True).encode()
+                    elif ext not in IMAGE_EXTENSIONS and ext != "txt":
+                        continue
+                    _add(tar, f"{key}.{ext}", data)
+    finally:
+        sources.close()
+    renames = {S.KEY: "source_key", S.SHARD: "source_shard"}
+    side = [c for c in plan.column_names if c.startswith("side.")]
+    part = plan.select(side).rename_columns([renames.get(c[5:], c[5:]) for c in side])
+    part = part.add_column(0, S.KEY, pa.array(new_keys))
+    emb = [c for c in plan.column_names if c.startswith("emb.")]
+    if emb:
+        write_parquet_atomic(partial_dir / "embeddings" / f"{name}.parquet",
+                             plan.select(emb).rename_columns([c[4:] for c in emb]))  # fmt: skip
+    write_parquet_atomic(partial_dir / f"{name}.parquet", part)
+    return {"samples": plan.num_rows}
+
+
+def export(pool: Pool, cfg: ExportConfig, progress: bool = False, engine: Any = None) -> dict[str, Any]:
+    """Write the release ``cfg`` describes (module docstring); returns its manifest.
+
+    With an ``engine`` (local processes or Spark), the output shards are written in parallel, one
+    task each; without one, in this process. The bytes are the same either way."""
     from pipeline.query import connect
 
     out = Path(cfg.out)
@@ -189,6 +234,7 @@ def export(pool: Pool, cfg: ExportConfig, progress: bool = False) -> dict[str, A
     sources = _Sources(pool)
     shards, keys = selected[S.SHARD].to_pylist(), selected[S.KEY].to_pylist()
     sizes = np.array([sources.sizes(s, k) for s, k in zip(shards, keys, strict=True)], dtype=np.int64)
+    sources.close()
     bounds = _plan_shards(sizes, cfg.samples_per_shard, cfg.max_shard_bytes)
     con = connect(pool)
     side_cols = _sidecar_columns(pool)
@@ -201,34 +247,33 @@ def export(pool: Pool, cfg: ExportConfig, progress: bool = False) -> dict[str, A
         sql = (f"select o._pos, e.{S.UID}, e.{S.IMAGE_EMBEDDING}, e.{S.TEXT_EMBEDDING} from export_order o "
                f"left join embed e using ({S.UID}) order by o._pos")  # fmt: skip
         embeddings = con.sql(sql).fetch_arrow_table().drop(["_pos"])
+    # The plan: one Parquet row group per output shard (source shard/key, uid, sidecar columns,
+    # embeddings), so each output shard is an independent task for the engine.
+    plan = pa.table({"_source_shard": pa.array(shards, pa.int32()), "_source_key": keys, "_uid": uids})
+    for name in sidecar.column_names:
+        plan = plan.append_column(f"side.{name}", sidecar[name])
+    if embeddings is not None:
+        for name in embeddings.column_names:
+            plan = plan.append_column(f"emb.{name}", embeddings[name])
+    plan_path = partial / "plan.parquet"
+    with atomic_path(plan_path) as tmp, pq.ParquetWriter(tmp, plan.schema) as writer:
+        for a, b in bounds:
+            writer.write_table(plan.slice(a, b - a), row_group_size=max(1, b - a))
+    todo = [i for i in range(len(bounds)) if not (partial / f"{i:05d}.parquet").exists()]
+    fn = functools.partial(write_release_shard, str(pool.root), str(partial), [a for a, _ in bounds])
+    if engine is None:
+        for index in todo:
+            fn(index)
+    else:
+        from pipeline.engines.base import run_shards
+
+        run_shards(pool, engine, fn, todo, desc="export", progress=progress)
     entries = []
-    try:
-        for index, (a, b) in enumerate(bounds):
-            name = f"{index:05d}"
-            tar_path, side_path = partial / f"{name}.tar", partial / f"{name}.parquet"
-            if not side_path.exists():
-                with atomic_path(tar_path) as tmp, tarfile.open(tmp, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                    for i in range(a, b):
-                        key = f"{i:09d}"
-                        for ext, data in sorted(sources.members(shards[i], keys[i]).items()):
-                            if ext == "json":
-                                meta = json.loads(data)
-                                meta.update({S.UID: uids[i], "source_shard": shards[i], "source_key": keys[i]})
-                                data = json.dumps(meta, sort_keys=True).encode()
-                            elif ext not in IMAGE_EXTENSIONS and ext != "txt":
-                                continue
-                            _add(tar, f"{key}.{ext}", data)
-                part = sidecar.slice(a, b - a).rename_columns(
-                    [{S.KEY: "source_key", S.SHARD: "source_shard"}.get(c, c) for c in sidecar.column_names]
-                )
-                part = part.add_column(0, S.KEY, pa.array([f"{i:09d}" for i in range(a, b)]))
-                if embeddings is not None:
-                    write_parquet_atomic(partial / "embeddings" / f"{name}.parquet", embeddings.slice(a, b - a))
-                write_parquet_atomic(side_path, part)
-            entries.append({"name": f"{name}.tar", "samples": b - a, "bytes": tar_path.stat().st_size,
-                            "sha256": _sha256(tar_path)})  # fmt: skip
-    finally:
-        sources.close()
+    for index, (a, b) in enumerate(bounds):
+        tar_path = partial / f"{index:05d}.tar"
+        entries.append({"name": tar_path.name, "samples": b - a, "bytes": tar_path.stat().st_size,
+                        "sha256": _sha256(tar_path)})  # fmt: skip
+    plan_path.unlink()
     # open_clip_train's get_dataset_size reads sizes.json: --train-num-samples becomes optional
     write_json_atomic(partial / "sizes.json", {e["name"]: e["samples"] for e in entries})
     manifest = _manifest(pool, cfg, digest, entries, len(uids))
