@@ -62,9 +62,20 @@ def test_head_entries_are_cut_to_about_t(balanced):
     table = pq.read_table(pool.aggregates_dir / "metaclip_entry_counts.parquet").to_pandas()
     head = table[table["count"] > 5]  # t = 5
     assert len(head) >= 10
-    # a head entry keeps about t samples by its own draw, plus those its samples' other entries keep
+    # a head entry keeps about t samples by its own draw, plus those its samples' other entries keep:
+    # each of its samples is kept with the sample's p = 1 - prod(1 - min(1, t / count_e)), so its
+    # kept count is a sum of Bernoulli(p) draws; check it against that sum's mean and spread
     assert (head["kept"] <= head["count"]).all()
-    assert head["kept"].sum() < 0.85 * head["count"].sum()
+    con = connect(pool)
+    rows = con.execute("select e, sum(metaclip_p), sum(metaclip_p * (1 - metaclip_p)) from "
+                       "(select unnest(matched_entry_ids) as e, metaclip_p from samples where counted) "
+                       "group by e").fetchall()  # fmt: skip
+    expected = {e: (mean, var) for e, mean, var in rows}
+    for entry_id, kept in zip(head["entry_id"], head["kept"], strict=True):
+        mean, var = expected[entry_id]
+        assert abs(kept - mean) <= 4 * var**0.5 + 1, (entry_id, kept, mean, var)
+    assert sum(expected[e][0] for e in head["entry_id"]) < head["count"].sum()  # the head is cut
+    assert head["kept"].sum() < head["count"].sum()
     tail = table[(table["count"] > 0) & (table["count"] <= 5)]
     assert len(tail) > 100
     assert (tail["kept"] == tail["count"]).all()  # p = 1: every sample of a tail entry is kept
