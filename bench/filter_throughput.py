@@ -131,14 +131,15 @@ def main() -> None:
     t0 = time.perf_counter()
     stage.score_shards(pool, LocalEngine(2), stage.pending_scores(pool), progress=False)
     times["scores (2 processes)"] = time.perf_counter() - t0
+    data = stage.PoolData(pool)  # as run_filters does: the embeddings are read once, in the first step
     t = time.perf_counter()
-    image = stage.run_image_based(pool, cfg)
-    times["image-based k-means + assignment"] = time.perf_counter() - t
+    image = stage.run_image_based(pool, cfg, data=data)
+    times["image-based: read embeddings, k-means + assignment"] = time.perf_counter() - t
     t = time.perf_counter()
-    dedup = stage.run_dedup(pool, cfg)
+    dedup = stage.run_dedup(pool, cfg, data=data)
     times["dedup (exact + SemDeDup)"] = time.perf_counter() - t
     t = time.perf_counter()
-    summary = stage.run_decisions(pool, cfg)
+    summary = stage.run_decisions(pool, cfg, data=data)
     times["decisions"] = time.perf_counter() - t
     total = time.perf_counter() - t0
     rss_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -10,6 +10,7 @@ points at one.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -164,7 +165,9 @@ def _counts_markdown(pool: Pool) -> str:
 
 def _stage_artifact(pool: Pool, stage: str) -> None:
     """A markdown artifact of one stage's counts, keyed ``stage-<name>``."""
-    manifest = pool.update_manifest()
+    if not pool.manifest_path.exists():
+        return
+    manifest = json.loads(pool.manifest_path.read_text())  # every stage rewrites it as it ends
     entry = manifest["stages"].get(stage)
     if entry is None:
         return

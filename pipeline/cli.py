@@ -152,10 +152,10 @@ def cmd_filter(args: argparse.Namespace) -> int:
                                 "filters": {**{k.removeprefix("filters."): v for k, v in settings.items()},
                                             **({"recipe": args.recipe} if args.recipe else {})}},
                                f"{args.target} (--recipe/--set)").filters  # fmt: skip
-        recorded = pool.root / "completions" / "embed" / "config.json"
+        recorded = pool.stage_config("embed")
         embed = None
-        if recorded.exists():  # the weights the pool was embedded with: they embed the image targets
-            used = json.loads(recorded.read_text())["config"]
+        if recorded is not None:  # the weights the pool was embedded with: they embed the image targets
+            used = recorded["config"]
             embed = EmbedConfig(model=used["model"], checkpoint=used["checkpoint"], precision=used["precision"])
         cfg = parse_config({"pool": str(pool.root), "download": {"input": "-"}})
     else:

@@ -16,7 +16,6 @@ written last. A killed shard leaves no marker and is redone whole on the next ru
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import DownloadConfig, config_dict, config_hash
 from pipeline.store import schema as S
-from pipeline.store.parquet import Pool, shard_name, write_json_atomic, write_parquet_atomic
+from pipeline.store.parquet import Pool, file_sha256, shard_name, write_json_atomic, write_parquet_atomic
 
 STAGE = "download"
 _FETCHED_SCHEMES = ("http", "https")
@@ -159,14 +158,6 @@ def read_url_list(path: str | Path, cfg: DownloadConfig) -> pa.Table:
     return pa.table({S.URL: url, S.CAPTION: caption})
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(functools.partial(f.read, 1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _check_same_input(pool: Pool, plan: dict[str, Any], digest: str | None, cfg: DownloadConfig) -> None:
     now = {"source_sha256": digest, "samples_per_shard": cfg.samples_per_shard,
            "url_col": cfg.url_col, "caption_col": cfg.caption_col}  # fmt: skip
@@ -192,7 +183,7 @@ def prepare(pool: Pool, cfg: DownloadConfig) -> dict[str, Any]:
     source = Path(cfg.input)
     plan = pool.read_plan()
     if plan is not None:
-        _check_same_input(pool, plan, _file_sha256(source) if source.is_file() else None, cfg)
+        _check_same_input(pool, plan, file_sha256(source) if source.is_file() else None, cfg)
         return plan
     table = read_url_list(source, cfg)
     uids = [S.make_uid(u, c) for u, c in zip(table[S.URL].to_pylist(), table[S.CAPTION].to_pylist(), strict=True)]
@@ -207,7 +198,7 @@ def prepare(pool: Pool, cfg: DownloadConfig) -> dict[str, Any]:
     n = prepared.num_rows
     plan = {
         "source": str(source.resolve()),
-        "source_sha256": _file_sha256(source),
+        "source_sha256": file_sha256(source),
         "source_rows": table.num_rows,
         "duplicates_dropped": table.num_rows - n,
         "num_rows": n,

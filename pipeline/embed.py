@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import EmbedConfig, config_hash
 from pipeline.store import schema as S
-from pipeline.store.parquet import Pool
+from pipeline.store.parquet import Pool, file_sha256
 
 STAGE = "embed"
 CAPTION_STAGE = "caption_embed"
@@ -50,11 +50,8 @@ def _offline() -> None:
 
 @functools.lru_cache(maxsize=8)
 def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(functools.partial(f.read, 1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """Cached by (path, size, mtime): a checkpoint is hashed once per process while unchanged."""
+    return file_sha256(path)
 
 
 def checkpoint_sha256(path: str | Path) -> str:

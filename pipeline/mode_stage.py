@@ -33,13 +33,12 @@ ARRAYS = ("fine_centers", "coarse_centers", "fine_to_expert", "plain_fine_center
 
 
 def _vectors(table: pa.Table) -> np.ndarray:
-    column = table[S.CAPTION_EMBEDDING].combine_chunks()
-    return column.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(column), column.type.list_size)
+    return S.vectors(table[S.CAPTION_EMBEDDING]).astype(np.float32)
 
 
 def fit_hash(pool: Pool, cfg: ModeConfig) -> str:
     # the embed stage records the config of both its tables (caption model included)
-    source = json.loads((pool.root / "completions" / "embed" / "config.json").read_text())["config_hash"]
+    source = pool.stage_config("embed")["config_hash"]
     return hashlib.sha256(f"{config_hash(cfg)}|{source}".encode()).hexdigest()[:16]
 
 
@@ -69,7 +68,7 @@ def fit_mode(pool: Pool, cfg: ModeConfig) -> dict[str, Any]:
                            strict=True):  # fmt: skip
         with atomic_path(out / f"{name}.npy") as tmp, tmp.open("wb") as f:
             np.save(f, array)
-    embed = json.loads((pool.root / "completions" / "embed" / "config.json").read_text())["config"]
+    embed = pool.stage_config("embed")["config"]
     summary = {"fit_hash": digest, "config": dataclasses.asdict(cfg), "fit_samples": len(x), "pool_samples": total,
                "n_fine": len(hierarchy.fine), "caption_model": first, "embed_model": embed.get("model"),
                "embed_checkpoint": embed.get("checkpoint")}  # fmt: skip

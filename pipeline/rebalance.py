@@ -89,16 +89,14 @@ def run_rebalance(pool: Pool, cfg: RebalanceConfig, engine: Any = None) -> dict[
         kept = np.bincount(index[keep], minlength=len(groups))
     counts_digest = hashlib.sha256(counts.tobytes()).hexdigest()
     digest = hashlib.sha256(f"{config_hash(cfg)}|{counts_digest}".encode()).hexdigest()[:16]
-    shards = data["shard"].to_numpy()
-    for shard in pool.require_complete("download"):
-        rows = np.nonzero(shards == shard)[0]
-        table = pa.table(
-            {S.UID: data["uid"].take(pa.array(rows)), S.SHARD: pa.array(np.full(len(rows), shard, np.int32)),
-             S.REBALANCE_P: p[rows], S.REBALANCE_KEEP: keep[rows]},
-            schema=S.REBALANCE_SCHEMA,
-        )  # fmt: skip
-        pool.write_table(STAGE, shard, table)
-        pool.mark_done(STAGE, shard, digest, {"samples": len(rows), "kept": int(keep[rows].sum())})
+    pool.require_complete("download")
+    table = pa.table({S.UID: data["uid"], S.SHARD: data["shard"].cast(pa.int32()), S.REBALANCE_P: p,
+                      S.REBALANCE_KEEP: keep}, schema=S.REBALANCE_SCHEMA)  # fmt: skip
+
+    def counts_of(part: pa.Table) -> dict[str, int]:
+        return {"samples": part.num_rows, "kept": int(pa.compute.sum(part[S.REBALANCE_KEEP]).as_py() or 0)}
+
+    pool.write_by_shard(STAGE, table, digest, counts_of)
     summary = {"group_by": cfg.group_by, "method": cfg.method, "param": param, "alpha": cfg.alpha,
                "samples": len(p), "kept": int(keep.sum()), "expected_kept": float(p.sum()),
                "groups": int((counts > 0).sum())}  # fmt: skip

@@ -123,49 +123,33 @@ def _plot_clip(con: Any, columns: set[str], out: Path) -> str | None:
 
 
 def _plot_entries(pool: Pool, out: Path) -> str | None:
-    path = pool.aggregates_dir / "metaclip_entry_counts.parquet"
-    if not path.exists():
+    """MetaCLIP's own entry-distribution plot (:func:`pipeline.metaclip.report.plot`)."""
+    path, summary = pool.aggregates_dir / "metaclip_entry_counts.parquet", pool.aggregates_dir / "metaclip.json"
+    if not (path.exists() and summary.exists()):
         return None
     import pyarrow.parquet as pq
 
+    from pipeline.metaclip.report import plot
+
     table = pq.read_table(path, columns=["count", "kept"])
-    counts, kept = table["count"].to_numpy(), table["kept"].to_numpy()
-    order = np.argsort(-counts, kind="stable")
-    counts, kept = counts[order], kept[order]
-    matched = counts > 0
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    rank = np.arange(1, matched.sum() + 1)
-    ax.loglog(rank, counts[matched], label="before balancing", color="#4c72b0")
-    ax.loglog(rank, np.maximum(kept[matched], 0.8), label="after balancing", color="#dd8452")
-    t = json.loads((pool.aggregates_dir / "metaclip.json").read_text()).get("t") if (
-        pool.aggregates_dir / "metaclip.json").exists() else None  # fmt: skip
-    if t:
-        ax.axhline(t, ls="--", color="gray", lw=1, label=f"t = {t:g}")
-    ax.set_xlabel("entry rank (head left, tail right)")
-    ax.set_ylabel("matching samples")
-    ax.legend(fontsize=8)
-    ax.set_title("MetaCLIP entry distribution")
-    return _save(fig, out)
+    plot(out, table["count"].to_numpy(), table["kept"].to_numpy(), json.loads(summary.read_text())["t"])
+    return out.name
 
 
 def _plot_clusters(con: Any, columns: set[str], out: Path) -> str | None:
+    """MoDE cluster sizes, and after rebalancing, with the plot MoDE's and rebalancing's reports use."""
     if S.FINE_ID not in columns:
         return None
+    from pipeline.mode_stage import plot_sizes
+
     keep = f"sum(coalesce({S.REBALANCE_KEEP}, false)::int)" if S.REBALANCE_KEEP in columns else "null"
-    rows = con.execute(f"select {S.FINE_ID}, count(*), {keep} from samples where {S.FINE_ID} is not null "
-                       "group by 1 order by 2 desc").fetchall()  # fmt: skip
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    x = np.arange(len(rows))
-    ax.bar(x, [r[1] for r in rows], color="#4c72b0", label="cluster size")
-    if rows and rows[0][2] is not None:
-        ax.bar(x, [r[2] for r in rows], color="#dd8452", alpha=0.9, label="after rebalancing")
-    ax.set_xlabel("MoDE fine cluster (largest first)")
-    ax.set_ylabel("samples")
-    ax.legend(fontsize=8)
-    ax.set_title("Cluster sizes")
-    return _save(fig, out)
+    rows = con.execute(f"select count(*), {keep} from samples where {S.FINE_ID} is not null group by {S.FINE_ID}"
+                       ).fetchall()  # fmt: skip
+    series = {"cluster size": np.array([r[0] for r in rows])}
+    if rows and rows[0][1] is not None:
+        series["after rebalancing"] = np.array([r[1] for r in rows])
+    plot_sizes(out, series, "MoDE fine cluster sizes")
+    return out.name
 
 
 def _thumbs(pool: Pool, con: Any, columns: set[str], out: Path, n: int) -> dict[str, list[dict[str, Any]]]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import itertools
 import json
 import re
 from pathlib import Path
@@ -36,7 +35,7 @@ from pipeline.config import EmbedConfig, FilterConfig, config_hash
 from pipeline.engines.base import run_shards
 from pipeline.filters.rules import RULES, Rule, decide, get_threshold, recipe_rules
 from pipeline.store import schema as S
-from pipeline.store.parquet import Pool, atomic_path, write_json_atomic
+from pipeline.store.parquet import Pool, atomic_path, file_sha256, write_json_atomic
 
 STAGE = "filters"
 IMAGE_STAGE = "image_based"
@@ -161,25 +160,32 @@ def image_embeddings(pool: Pool, base: pa.Table) -> tuple[np.ndarray, np.ndarray
     embed = embed.filter(pc.is_valid(embed[S.IMAGE_EMBEDDING]))
     rows = _align(base[S.UID], embed)
     have = np.nonzero(rows >= 0)[0]
-    column = embed[S.IMAGE_EMBEDDING].combine_chunks()
-    dim = column.type.list_size
-    x = column.values.to_numpy(zero_copy_only=False).reshape(-1, dim)[rows[have]].astype(np.float32)
+    x = S.vectors(embed[S.IMAGE_EMBEDDING])[rows[have]].astype(np.float32)
     x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     return have, x
+
+
+class PoolData:
+    """The download columns and image embeddings the pool-wide steps read, loaded on first use and
+    then shared, so one :func:`run_filters` reads the pool's embeddings once, not once per step."""
+
+    def __init__(self, pool: Pool):
+        self.pool = pool
+
+    @functools.cached_property
+    def base(self) -> pa.Table:
+        return _base(self.pool)
+
+    @functools.cached_property
+    def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
+        return image_embeddings(self.pool, self.base)
 
 
 def _write_global(pool: Pool, stage: str, schema: pa.Schema, base: pa.Table, columns: dict[str, pa.Array],
                   digest: str, counts_of: Any) -> None:  # fmt: skip
     """Split pool-wide columns (aligned with ``base``) into ``tables/<stage>/{shard}``."""
     table = pa.table({S.UID: base[S.UID], S.SHARD: base[S.SHARD], **columns})
-    table = pa.table({f.name: table[f.name] for f in schema}, schema=schema)
-    shards = base[S.SHARD].to_numpy()
-    bounds = np.r_[0, np.nonzero(np.diff(shards))[0] + 1, len(shards)]
-    for a, b in itertools.pairwise(bounds):
-        part = table.slice(a, b - a)
-        shard = int(shards[a])
-        pool.write_table(stage, shard, part)
-        pool.mark_done(stage, shard, digest, counts_of(part))
+    pool.write_by_shard(stage, pa.table({f.name: table[f.name] for f in schema}, schema=schema), digest, counts_of)
 
 
 def _stage_digest(*parts: Any) -> str:
@@ -187,8 +193,8 @@ def _stage_digest(*parts: Any) -> str:
 
 
 def _embed_digest(pool: Pool) -> str:
-    path = pool.root / "completions" / "embed" / "config.json"
-    return json.loads(path.read_text())["config_hash"] if path.exists() else "none"
+    recorded = pool.stage_config("embed")
+    return recorded["config_hash"] if recorded else "none"
 
 
 def _all_done(pool: Pool, stage: str, digest: str) -> bool:
@@ -196,7 +202,8 @@ def _all_done(pool: Pool, stage: str, digest: str) -> bool:
     return all(pool.is_done(stage, s, digest) for s in range(plan["num_shards"]))
 
 
-def run_image_based(pool: Pool, cfg: FilterConfig, embed_cfg: EmbedConfig | None = None) -> dict[str, Any]:
+def run_image_based(pool: Pool, cfg: FilterConfig, embed_cfg: EmbedConfig | None = None,
+                    data: PoolData | None = None) -> dict[str, Any]:  # fmt: skip
     """Cluster the pool's image embeddings and mark the samples of target clusters."""
     from pipeline.filters.image_based import imagenet_text_targets, kmeans_l2, load_targets, nearest_by_dot
 
@@ -208,8 +215,9 @@ def run_image_based(pool: Pool, cfg: FilterConfig, embed_cfg: EmbedConfig | None
     summary_path = pool.aggregates_dir / "image_based.json"
     if _all_done(pool, IMAGE_STAGE, digest) and summary_path.exists():
         return json.loads(summary_path.read_text())
-    base = _base(pool)
-    have, x = image_embeddings(pool, base)
+    data = data or PoolData(pool)
+    base = data.base
+    have, x = data.embeddings
     filters = pool.read_table(STAGE, columns=[S.UID, S.LANG, S.CAPTION_TOKENS, S.CAPTION_CHARS])
     rows = _align(base[S.UID], filters)[have]
     caption_rules = [Rule(n, dict(RULES[n].defaults)) for n in ("english", "caption_tokens", "caption_chars")]
@@ -251,13 +259,13 @@ def run_image_based(pool: Pool, cfg: FilterConfig, embed_cfg: EmbedConfig | None
 
 def _targets_id(cfg: FilterConfig, embed_cfg: EmbedConfig | None) -> str:
     if cfg.image_targets:
-        return f"file:{cfg.image_targets}:{hashlib.sha256(Path(cfg.image_targets).read_bytes()).hexdigest()[:16]}"
+        return f"file:{cfg.image_targets}:{file_sha256(cfg.image_targets)[:16]}"
     if embed_cfg is None:
         return "imagenet-1k class names (no embed config)"
     return f"imagenet-1k class names, {embed_cfg.model} text tower ({config_hash(embed_cfg)})"
 
 
-def run_dedup(pool: Pool, cfg: FilterConfig, engine: Any = None) -> dict[str, Any]:
+def run_dedup(pool: Pool, cfg: FilterConfig, engine: Any = None, data: PoolData | None = None) -> dict[str, Any]:
     """Exact duplicates by image sha256, then SemDeDup over the image embeddings of what is left."""
     from pipeline.filters.dedup import exact_groups, semdedup
 
@@ -268,7 +276,8 @@ def run_dedup(pool: Pool, cfg: FilterConfig, engine: Any = None) -> dict[str, An
     summary_path = pool.aggregates_dir / "dedup.json"
     if _all_done(pool, DEDUP_STAGE, digest) and summary_path.exists():
         return json.loads(summary_path.read_text())
-    base = _base(pool)
+    data = data or PoolData(pool)
+    base = data.base
     n = base.num_rows
     uids = np.asarray(base[S.UID].to_pylist(), dtype=object)
     hashes = base[S.SHA256].to_numpy(zero_copy_only=False)
@@ -293,7 +302,7 @@ def run_dedup(pool: Pool, cfg: FilterConfig, engine: Any = None) -> dict[str, An
     keep[exact_drop] = False
     kind[exact_drop] = "exact"
 
-    have, x = image_embeddings(pool, base)
+    have, x = data.embeddings
     left = keep[have]
     rows = have[left]
     k = cfg.dedup_clusters or max(1, round(len(rows) / cfg.samples_per_dedup_cluster))
@@ -325,10 +334,10 @@ def run_dedup(pool: Pool, cfg: FilterConfig, engine: Any = None) -> dict[str, An
     return summary
 
 
-def _decide(pool: Pool, cfg: FilterConfig, engine: Any = None) -> tuple[pa.Table, np.ndarray, np.ndarray, list[int],
-                                                                       list[Rule], dict]:  # fmt: skip
+def _decide(pool: Pool, cfg: FilterConfig, engine: Any = None, data: PoolData | None = None
+            ) -> tuple[pa.Table, np.ndarray, np.ndarray, list[int], list[Rule], dict]:  # fmt: skip
     rules = recipe_rules(cfg.recipe, cfg.recipes)
-    base = _base(pool)
+    base = (data or PoolData(pool)).base
     columns: dict[str, np.ndarray] = {S.STATUS: base[S.STATUS].to_numpy(zero_copy_only=False)}
     for stage in sorted({r.definition.stage for r in rules} - {"download"}):
         needed = sorted({c for r in rules if r.definition.stage == stage for c in r.definition.columns})
@@ -365,9 +374,9 @@ def recipe_keep(pool: Pool, recipe: str, recipes: dict[str, list[str]]) -> pa.Ar
     return base[S.UID].filter(pa.array(keep)).combine_chunks()
 
 
-def run_decisions(pool: Pool, cfg: FilterConfig, engine: Any = None) -> dict[str, Any]:
+def run_decisions(pool: Pool, cfg: FilterConfig, engine: Any = None, data: PoolData | None = None) -> dict[str, Any]:
     """Apply the configured recipe; write ``tables/decisions``, the funnel and the summary."""
-    base, keep, reason, funnel, resolved, thresholds = _decide(pool, cfg, engine)
+    base, keep, reason, funnel, resolved, thresholds = _decide(pool, cfg, engine, data)
     digest = _stage_digest(
         config_hash(cfg),
         [r.params for r in resolved],
@@ -421,10 +430,11 @@ def run_filters(pool: Pool, cfg: FilterConfig, engine: Any, embed_cfg: EmbedConf
     score_shards(pool, engine, pending_scores(pool), progress)
     steps = needed_steps(cfg)
     extra = {}
+    data = PoolData(pool)  # read once, shared by the steps below
     if IMAGE_STAGE in steps:
-        extra[IMAGE_STAGE] = run_image_based(pool, cfg, embed_cfg)
+        extra[IMAGE_STAGE] = run_image_based(pool, cfg, embed_cfg, data)
     if DEDUP_STAGE in steps:
-        extra[DEDUP_STAGE] = run_dedup(pool, cfg, engine)
-    summary = run_decisions(pool, cfg, engine)
+        extra[DEDUP_STAGE] = run_dedup(pool, cfg, engine, data)
+    summary = run_decisions(pool, cfg, engine, data)
     pool.update_manifest()
     return {**summary, **extra, "config": dataclasses.asdict(cfg)}

@@ -14,13 +14,14 @@ occurrences, overlapping ones included, in one pass per caption; it is built onc
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+
+from pipeline.store.parquet import file_sha256
 
 PUNCTS_TO_WRAP = (",", ".", ";", ":", "?", "!", "`")
 CHARS_TO_SPACE = ("\t", "\n", "\r")
@@ -55,7 +56,7 @@ def load_entries(path: str | Path) -> list[str]:
 
 
 def file_digest(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    return file_sha256(path)[:16]
 
 
 class SubstringMatcher:

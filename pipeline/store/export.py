@@ -46,7 +46,14 @@ import pyarrow.parquet as pq
 
 from pipeline.config import ExportConfig, config_hash
 from pipeline.store import schema as S
-from pipeline.store.parquet import Pool, atomic_path, package_versions, write_json_atomic, write_parquet_atomic
+from pipeline.store.parquet import (
+    Pool,
+    atomic_path,
+    file_sha256,
+    package_versions,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 from pipeline.store.webdataset import IMAGE_EXTENSIONS, _check_name, _split
 
 EMBEDDING_COLUMNS = (S.IMAGE_EMBEDDING, S.TEXT_EMBEDDING, S.CAPTION_EMBEDDING)
@@ -57,11 +64,12 @@ class ExportError(ValueError):
     """A selection that cannot be exported; the message names the predicate or recipe."""
 
 
-def select(pool: Pool, where: str | None = None, recipe: str | None = None, recipes: dict | None = None) -> pa.Table:
+def select(pool: Pool, where: str | None = None, recipe: str | None = None, recipes: dict | None = None,
+           con: Any = None) -> pa.Table:  # fmt: skip
     """uid, shard and key of the samples to export, in the pool's (shard, key) order."""
     from pipeline.query import connect
 
-    con = connect(pool)
+    con = con or connect(pool)
     sql = (f"select {S.UID}, {S.SHARD}, {S.KEY} from samples where {S.STATUS} = 'success' "
            f"and {S.KEY} is not null")  # fmt: skip
     if where:
@@ -102,56 +110,57 @@ def _plan_shards(sizes: np.ndarray, per_shard: int, max_bytes: int | None) -> li
     return bounds
 
 
-class _Sources:
-    """Random access to the members of the pool's source tars.
+def _member_index(pool: Pool, shard: int) -> dict[str, dict[str, tuple[int, int]]]:
+    """Key -> extension -> (data offset, size) of every member of a source tar (names checked as
+    the safe reader checks them)."""
+    path = pool.shard_tar(shard)
+    members: dict[str, dict[str, tuple[int, int]]] = {}
+    with tarfile.open(path, mode="r:") as tar:
+        for m in tar.getmembers():
+            _check_name(path, m.name)
+            if m.isfile():
+                key, ext = _split(m.name)
+                members.setdefault(key, {})[ext] = (m.offset_data, m.size)
+    return members
 
-    Each tar's member index (name -> data offset and size) is read once and kept; member bytes are
-    then read by offset through a few open file handles, so a shuffled release costs one seek per
-    member, not a rescan of the tar."""
+
+def _locate(pool: Pool, shards: list[int], keys: list[str]) -> list[list[dict[str, Any]]]:
+    """Where each selected sample's members lie, indexing each source tar once. The plan carries
+    this, so writing an output shard costs one seek per member and never rescans a tar."""
+    index: dict[int, dict[str, dict[str, tuple[int, int]]]] = {}
+    out = []
+    for shard, key in zip(shards, keys, strict=True):
+        if shard not in index:
+            index[shard] = _member_index(pool, shard)
+        if key not in index[shard]:
+            raise ExportError(f"{pool.shard_tar(shard)}: sample {key!r} is in the download table but not the tar")
+        out.append([{"ext": ext, "offset": o, "size": n} for ext, (o, n) in sorted(index[shard][key].items())])
+    return out
+
+
+def _output_size(members: list[dict[str, Any]]) -> int:
+    """Bytes a sample takes in an output tar: a 512-byte header per member, data padded to 512; the
+    ``.json`` gains the uid and source fields (at most one more block)."""
+    return sum(512 + -(-m["size"] // 512) * 512 + (512 if m["ext"] == "json" else 0) for m in members)
+
+
+class _Reader:
+    """Member bytes by offset from the pool's source tars, through a few open file handles."""
 
     def __init__(self, pool: Pool, keep_open: int = 16):
         self.pool, self.keep_open = pool, keep_open
-        self.index: dict[int, dict[str, dict[str, tuple[int, int]]]] = {}
         self.files: OrderedDict[int, Any] = OrderedDict()
 
-    def _members(self, shard: int) -> dict[str, dict[str, tuple[int, int]]]:
-        if shard not in self.index:
-            path = self.pool.shard_tar(shard)
-            members: dict[str, dict[str, tuple[int, int]]] = {}
-            with tarfile.open(path, mode="r:") as tar:
-                for m in tar.getmembers():
-                    _check_name(path, m.name)
-                    if m.isfile():
-                        key, ext = _split(m.name)
-                        members.setdefault(key, {})[ext] = (m.offset_data, m.size)
-            self.index[shard] = members
-        return self.index[shard]
-
-    def _file(self, shard: int) -> Any:
+    def read(self, shard: int, offset: int, size: int) -> bytes:
         if shard in self.files:
             self.files.move_to_end(shard)
         else:
             self.files[shard] = self.pool.shard_tar(shard).open("rb")
             if len(self.files) > self.keep_open:
                 self.files.popitem(last=False)[1].close()
-        return self.files[shard]
-
-    def members(self, shard: int, key: str) -> dict[str, bytes]:
-        members = self._members(shard)
-        if key not in members:
-            raise ExportError(f"{self.pool.shard_tar(shard)}: sample {key!r} is in the download table but not the tar")
-        f = self._file(shard)
-        out = {}
-        for ext, (offset, size) in members[key].items():
-            f.seek(offset)
-            out[ext] = f.read(size)
-        return out
-
-    def sizes(self, shard: int, key: str) -> int:
-        """Bytes the sample takes in an output tar: a 512-byte header per member, data padded to
-        512; the ``.json`` gains the uid and source fields (at most one more block)."""
-        members = self._members(shard).get(key, {})
-        return sum(512 + -(-size // 512) * 512 + (512 if ext == "json" else 0) for ext, (_, size) in members.items())
+        f = self.files[shard]
+        f.seek(offset)
+        return f.read(size)
 
     def close(self) -> None:
         for f in self.files.values():
@@ -164,31 +173,24 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _sidecar_columns(pool: Pool) -> list[str]:
-    from pipeline.query import connect
-
-    con = connect(pool)
-    cols = [r[0] for r in con.execute("describe samples").fetchall()]
-    return [c for c in cols if c not in EMBEDDING_COLUMNS]
-
-
 def write_release_shard(pool_root: str, partial: str, starts: list[int], index: int) -> dict[str, int]:
     """Write output shard ``index`` (tar, then embeddings, then the sidecar that marks it done)
     from row group ``index`` of the export plan. Runs anywhere the pool and release are visible."""
     partial_dir = Path(partial)
     plan = pq.ParquetFile(partial_dir / "plan.parquet").read_row_group(index)
-    shards, keys, uids = (plan[c].to_pylist() for c in ("_source_shard", "_source_key", "_uid"))
+    shards, keys, uids, located = (plan[c].to_pylist() for c in ("_source_shard", "_source_key", "_uid", "_members"))
     first = starts[index]
     new_keys = [f"{first + i:09d}" for i in range(plan.num_rows)]
     name = f"{index:05d}"
-    sources = _Sources(Pool(pool_root))
+    reader = _Reader(Pool(pool_root))
     try:
         with (
             atomic_path(partial_dir / f"{name}.tar") as tmp,
             tarfile.open(tmp, mode="w", format=tarfile.USTAR_FORMAT) as tar,
         ):
-            for key, shard, source_key, uid in zip(new_keys, shards, keys, uids, strict=True):
-                for ext, data in sorted(sources.members(shard, source_key).items()):
+            for key, shard, source_key, uid, members in zip(new_keys, shards, keys, uids, located, strict=True):
+                for member in members:
+                    ext, data = member["ext"], reader.read(shard, member["offset"], member["size"])
                     if ext == "json":
                         meta = json.loads(data)
                         meta.update({S.UID: uid, "source_shard": shard, "source_key": source_key})
@@ -197,7 +199,7 @@ def write_release_shard(pool_root: str, partial: str, starts: list[int], index: 
                         continue
                     _add(tar, f"{key}.{ext}", data)
     finally:
-        sources.close()
+        reader.close()
     renames = {S.KEY: "source_key", S.SHARD: "source_shard"}
     side = [c for c in plan.column_names if c.startswith("side.")]
     part = plan.select(side).rename_columns([renames.get(c[5:], c[5:]) for c in side])
@@ -218,7 +220,8 @@ def export(pool: Pool, cfg: ExportConfig, progress: bool = False, engine: Any = 
     from pipeline.query import connect
 
     out = Path(cfg.out)
-    selected = select(pool, cfg.where, cfg.recipe, cfg.recipes)
+    con = connect(pool)
+    selected = select(pool, cfg.where, cfg.recipe, cfg.recipes, con)
     order = _order(selected, cfg.shuffle_seed)
     selected = selected.take(pa.array(order))
     uids = selected[S.UID].to_pylist()
@@ -231,13 +234,11 @@ def export(pool: Pool, cfg: ExportConfig, progress: bool = False, engine: Any = 
     partial.mkdir(parents=True, exist_ok=True)
     write_json_atomic(partial / "plan.json", {"digest": digest})
 
-    sources = _Sources(pool)
     shards, keys = selected[S.SHARD].to_pylist(), selected[S.KEY].to_pylist()
-    sizes = np.array([sources.sizes(s, k) for s, k in zip(shards, keys, strict=True)], dtype=np.int64)
-    sources.close()
+    located = _locate(pool, shards, keys)
+    sizes = np.array([_output_size(m) for m in located], dtype=np.int64)
     bounds = _plan_shards(sizes, cfg.samples_per_shard, cfg.max_shard_bytes)
-    con = connect(pool)
-    side_cols = _sidecar_columns(pool)
+    side_cols = [r[0] for r in con.execute("describe samples").fetchall() if r[0] not in EMBEDDING_COLUMNS]
     con.register("export_order", pa.table({S.UID: uids, "_pos": pa.array(range(len(uids)), pa.int64())}))
     quoted = ", ".join(f's."{c}"' for c in side_cols)
     sidecar = con.sql(f"select o._pos, {quoted} from export_order o join samples s using ({S.UID}) "
@@ -249,7 +250,8 @@ def export(pool: Pool, cfg: ExportConfig, progress: bool = False, engine: Any = 
         embeddings = con.sql(sql).fetch_arrow_table().drop(["_pos"])
     # The plan: one Parquet row group per output shard (source shard/key, uid, sidecar columns,
     # embeddings), so each output shard is an independent task for the engine.
-    plan = pa.table({"_source_shard": pa.array(shards, pa.int32()), "_source_key": keys, "_uid": uids})
+    plan = pa.table({"_source_shard": pa.array(shards, pa.int32()), "_source_key": keys, "_uid": uids,
+                     "_members": located})  # fmt: skip
     for name in sidecar.column_names:
         plan = plan.append_column(f"side.{name}", sidecar[name])
     if embeddings is not None:
@@ -272,7 +274,7 @@ def export(pool: Pool, cfg: ExportConfig, progress: bool = False, engine: Any = 
     for index, (a, b) in enumerate(bounds):
         tar_path = partial / f"{index:05d}.tar"
         entries.append({"name": tar_path.name, "samples": b - a, "bytes": tar_path.stat().st_size,
-                        "sha256": _sha256(tar_path)})  # fmt: skip
+                        "sha256": file_sha256(tar_path)})  # fmt: skip
     plan_path.unlink()
     # open_clip_train's get_dataset_size reads sizes.json: --train-num-samples becomes optional
     write_json_atomic(partial / "sizes.json", {e["name"]: e["samples"] for e in entries})
@@ -290,14 +292,6 @@ def export(pool: Pool, cfg: ExportConfig, progress: bool = False, engine: Any = 
     else:
         partial.rename(out)
     return manifest
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _manifest(pool: Pool, cfg: ExportConfig, digest: str, entries: list[dict], n: int) -> dict[str, Any]:

@@ -21,19 +21,22 @@ a re-run redoes exactly the shards without one.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.store.schema import STAGE_SCHEMAS
+from pipeline.store.schema import SHARD, STAGE_SCHEMAS
 
 TRACKED_PACKAGES = (
     "clipcurate", "img2dataset", "webdataset", "pyarrow", "duckdb", "prefect", "numpy", "pillow",
@@ -67,6 +70,15 @@ def write_json_atomic(path: Path, data: Any) -> None:
 def write_parquet_atomic(path: Path, table: pa.Table, **options: Any) -> None:
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd", **options)
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks (URL lists, checkpoints, release shards)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(functools.partial(f.read, 1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def package_versions() -> dict[str, str]:
@@ -176,6 +188,11 @@ class Pool:
         marker = {"shard": shard, "config_hash": config_hash, "counts": counts, "finished_at": time.time()}
         write_json_atomic(self.marker_path(stage, shard), marker)
 
+    def stage_config(self, stage: str) -> dict[str, Any] | None:
+        """What :meth:`check_stage_config` recorded for ``stage``: ``{"config", "config_hash"}``."""
+        path = self.root / "completions" / stage / "config.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
     def check_stage_config(self, stage: str, config: dict[str, Any], config_hash: str) -> None:
         """Record the config a stage first ran with; refuse to mix shards made with another.
 
@@ -185,8 +202,8 @@ class Pool:
         """
         path = self.root / "completions" / stage / "config.json"
         config = json.loads(json.dumps(config, default=str))  # compare as stored: tuples become lists
-        if path.exists():
-            recorded = json.loads(path.read_text())
+        recorded = self.stage_config(stage)
+        if recorded is not None:
             if recorded["config_hash"] != config_hash and self.completed(stage):
                 old = recorded["config"]
                 changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
@@ -208,6 +225,18 @@ class Pool:
         path = self.table_path(stage, shard)
         write_parquet_atomic(path, table)
         return path
+
+    def write_by_shard(self, stage: str, table: pa.Table, config_hash: str,
+                       counts_of: Callable[[pa.Table], dict[str, int]]) -> None:  # fmt: skip
+        """Split a pool-wide ``table`` (sorted by shard) into ``tables/<stage>/{shard}`` for every
+        planned shard, empty ones included, each marked done with ``counts_of(its rows)``: how the
+        global steps (dedup, decisions, rebalancing) write their per-shard tables."""
+        shards = table[SHARD].to_numpy()
+        for shard in range(self.read_plan()["num_shards"]):
+            a, b = (int(i) for i in np.searchsorted(shards, [shard, shard + 1]))
+            part = table.slice(a, b - a)
+            self.write_table(stage, shard, part)
+            self.mark_done(stage, shard, config_hash, counts_of(part))
 
     def read_table(self, stage: str, columns: list[str] | None = None) -> pa.Table:
         """All completed shards of a stage's table, in shard order."""

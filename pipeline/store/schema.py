@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import pyarrow as pa
 
 UID = "uid"
@@ -125,6 +126,14 @@ def embed_schema(dim: int) -> pa.Schema:
             pa.field(CHECKPOINT_SHA256, pa.string(), nullable=False),
         ]
     )
+
+
+def vectors(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """An embedding column (fixed-size lists) as a ``(rows, dim)`` array of its stored dtype: a view
+    without a copy for a single chunk. Null rows come back as their (meaningless) slots."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return column.values.to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)
 
 
 def caption_embed_schema(dim: int) -> pa.Schema:
