@@ -122,7 +122,7 @@ def export_task(cfg: PipelineConfig, engine: Engine) -> dict[str, Any]:
     """Write the training release (WebDataset shards + Parquet sidecars + manifest + card)."""
     import dataclasses
 
-    from pipeline.store.export import export
+    from pipeline.export import export
 
     export_cfg = cfg.export
     if cfg.filters is not None and not export_cfg.recipes:

@@ -174,7 +174,7 @@ def cmd_filter(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     """``curate export POOL --where SQL --out DIR``."""
     from pipeline.config import ExportConfig, parse_config
-    from pipeline.store.export import export
+    from pipeline.export import export
 
     pool = _existing_pool(args.pool)
     recipes = {}

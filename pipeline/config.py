@@ -194,6 +194,9 @@ class ModeConfig:
         fit_fraction: Share of the pool the centres are fitted on (MoDE: about 5%); every sample
             is then assigned. The sample is drawn by uid hash, so it is the same on any engine.
         min_fit_samples: Fit on at least this many samples (all, if the pool is smaller).
+        max_fit_samples: ... and on at most this many, so the fit's memory is set here, not by the
+            pool (MoDE's 5% of 400M would be 20M points; 500,000 of 384-d float32 is 0.7 GiB).
+        report_samples: Captions read for the report's top terms per expert (a uid-hash sample).
         metric: ``cosine`` (spherical k-means on normalised embeddings) or ``euclidean``.
         balanced: Balanced k-means for the fine level (MoDE's choice), see :mod:`pipeline.mode`.
         iterations: k-means iterations.
@@ -208,6 +211,8 @@ class ModeConfig:
     n_experts: int = 4
     fit_fraction: float = 0.05
     min_fit_samples: int = 50_000
+    max_fit_samples: int = 500_000
+    report_samples: int = 100_000
     metric: Literal["cosine", "euclidean"] = "cosine"
     balanced: bool = True
     iterations: int = 20
@@ -220,6 +225,8 @@ class ModeConfig:
         _require(1 <= self.n_experts <= self.n_fine, "n_experts", "must be in 1..n_fine")
         _require(0 < self.fit_fraction <= 1, "fit_fraction", "must be in (0, 1]")
         _require(self.min_fit_samples >= 0, "min_fit_samples", "must be >= 0")
+        _require(self.max_fit_samples >= max(2, self.n_fine), "max_fit_samples", "must be >= n_fine")
+        _require(self.report_samples > 0, "report_samples", "must be > 0")
         _require(self.iterations > 0, "iterations", "must be > 0")
         _require(all(w > 0 for w in self.smooth_weight), "smooth_weight", "must be positive")
 
@@ -249,7 +256,10 @@ class RebalanceConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _require(bool(self.group_by), "group_by", "must name a column")
+        import re
+
+        _require(bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.group_by)), "group_by",
+                 f"must name a column (letters, digits, _), got {self.group_by!r}")  # fmt: skip
         _require(self.t > 0, "t", "must be > 0")
         _require(0 <= self.alpha <= 1, "alpha", "must be in [0, 1]")
         _require(self.target_size is None or self.target_size > 0, "target_size", "must be > 0 or null")
@@ -282,10 +292,17 @@ class FilterConfig:
             ``samples / samples_per_dedup_cluster``.
         samples_per_dedup_cluster: Samples per SemDeDup cluster when ``dedup_clusters`` is null.
         kmeans_iterations: Lloyd iterations of both k-means (DataComp and faiss: 20).
-        kmeans_max_points_per_centroid: faiss trains each k-means on at most this many points
-            per centroid (a uid-independent random subsample beyond that); every sample is then
-            assigned to its nearest centre.
-        seed: Seed of both k-means.
+        kmeans_max_points_per_centroid: Both k-means train on at most this many points per
+            centroid (faiss's own default, 256): a uniform sample of the pool drawn by uid hash;
+            every sample is then assigned to its nearest centre, shard by shard.
+        kmeans_max_sample: ... and on at most this many points in all, so the driver's memory is
+            set here, not by the pool (262,144 points of 512-d float32: 512 MiB). Raise it with
+            the number of clusters: faiss wants at least 39 points per centroid.
+        dedup_max_cluster_size: A SemDeDup cluster with more samples is split by a second-level
+            k-means (fitted on a sample of that cluster), so no task holds more vectors.
+        dedup_vectors_per_task: Small SemDeDup clusters are grouped into tasks of up to this many
+            vectors (one task loads one group, never the pool).
+        seed: Seed of both k-means and of their samples.
     """
 
     __pydantic_config__ = _STRICT
@@ -302,6 +319,9 @@ class FilterConfig:
     samples_per_dedup_cluster: int = 1000
     kmeans_iterations: int = 20
     kmeans_max_points_per_centroid: int = 256
+    kmeans_max_sample: int = 262_144
+    dedup_max_cluster_size: int = 20_000
+    dedup_vectors_per_task: int = 200_000
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -323,11 +343,15 @@ class FilterConfig:
         _require(self.samples_per_dedup_cluster > 0, "samples_per_dedup_cluster", "must be > 0")
         _require(self.kmeans_iterations > 0, "kmeans_iterations", "must be > 0")
         _require(self.kmeans_max_points_per_centroid > 0, "kmeans_max_points_per_centroid", "must be > 0")
+        _require(self.kmeans_max_sample > 0, "kmeans_max_sample", "must be > 0")
+        _require(self.dedup_max_cluster_size >= 2, "dedup_max_cluster_size", "must be >= 2")
+        _require(self.dedup_vectors_per_task >= self.dedup_max_cluster_size, "dedup_vectors_per_task",
+                 "must be >= dedup_max_cluster_size")  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
 class ExportConfig:
-    """A training release cut from the pool (see :mod:`pipeline.store.export`).
+    """A training release cut from the pool (see :mod:`pipeline.export`).
 
     Attributes:
         out: The release directory (replaced atomically when the selection changes).
@@ -405,6 +429,30 @@ class SparkConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DuckdbConfig:
+    """How the local engine runs the pool-wide SQL (DuckDB, out of core).
+
+    Attributes:
+        memory_limit: DuckDB's ``memory_limit``; beyond it, sorts, joins and aggregations spill.
+        temp_directory: Where DuckDB spills; null puts it inside the pool (``_staging/duckdb``).
+        threads: DuckDB's threads; null lets DuckDB use every core.
+    """
+
+    __pydantic_config__ = _STRICT
+
+    memory_limit: str = "4GB"
+    temp_directory: str | None = None
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        import re
+
+        _require(bool(re.fullmatch(r"\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*", self.memory_limit)),
+                 "memory_limit", f"must be a size such as 4GB or 512MiB, got {self.memory_limit!r}")  # fmt: skip
+        _require(self.threads is None or self.threads > 0, "threads", "must be > 0 or null")
+
+
+@dataclass(frozen=True, kw_only=True)
 class DemoConfig:
     """The offline demo (``curate demo``): a loopback server generates an image for every URL of a
     bundled list, which is rewritten to point at it (see :mod:`pipeline.devserver`).
@@ -438,6 +486,7 @@ class PipelineConfig:
         pool: Directory of the pool (created if missing).
         engine: ``local`` (processes on this machine) or ``spark``.
         spark: The Spark master and settings, used when ``engine`` is ``spark``.
+        duckdb: DuckDB's memory limit and spill directory, used when ``engine`` is ``local``.
         download: The download stage.
         embed: Image/text embeddings and CLIP score; ``None`` skips the stage.
         metaclip: MetaCLIP matching and balancing; ``None`` skips the stage.
@@ -456,6 +505,7 @@ class PipelineConfig:
     pool: str
     engine: Literal["local", "spark"] = "local"
     spark: SparkConfig = field(default_factory=SparkConfig)
+    duckdb: DuckdbConfig = field(default_factory=DuckdbConfig)
     download: DownloadConfig
     embed: EmbedConfig | None = None
     metaclip: MetaclipConfig | None = None

@@ -352,20 +352,15 @@ def run_download(
         InputError: the URL list is unusable or differs from the one the pool was prepared from.
         ShardFailures: some shards failed; the others are finished and kept.
     """
-    from pipeline.engines.base import run_shards
+    from pipeline.engines.base import raise_failures
 
     _, todo = plan_shards(pool, cfg)
     if shards is not None:
-        todo = [s for s in shards if s in set(todo)]
+        pending = set(todo)
+        todo = [s for s in shards if s in pending]
     fn = functools.partial(download_shard, str(pool.root), cfg)
-    if getattr(engine, "name", "") == "spark" and todo:  # img2dataset's own pyspark distributor
-        from pipeline.engines.base import ShardFailures
-
-        out = engine.distribute(fn, todo, 1, str(pool.staging_dir / "errors"))
-        pool.update_manifest()
-        if out.failures:
-            raise ShardFailures(STAGE, out.failures)
-        return {s: pool.completed(STAGE)[s]["counts"] for s in todo}
-    results = run_shards(pool, engine, fn, todo, desc=STAGE, weights=pool.shard_sizes(todo), progress=progress)
+    result = engine.map_download(fn, todo, desc=STAGE, staging=pool.staging_dir, weights=pool.shard_sizes(todo),
+                                 progress=progress)  # fmt: skip
     pool.update_manifest()
-    return results
+    raise_failures(pool, STAGE, result)
+    return {s: pool.marker(STAGE, s)["counts"] for s in todo}

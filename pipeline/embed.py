@@ -319,7 +319,8 @@ def run_embed(pool: Pool, cfg: EmbedConfig, shards: list[int] | None = None, pro
     embedder = (embedder or ClipEmbedder(cfg)).setup()
     todo = pending_shards(pool, embedder.cfg)
     if shards is not None:
-        todo = [s for s in shards if s in set(todo)]
+        pending = set(todo)
+        todo = [s for s in shards if s in pending]
     if not todo:
         return {}
     digest, dim = stage_hash(embedder.cfg, embedder.checkpoint_sha256), embedder.dim
@@ -373,18 +374,25 @@ def embed_shard(pool_root: str, cfg: EmbedConfig, shard: int) -> dict[str, int]:
 
 def run_embed_on(engine: Any, pool: Pool, cfg: EmbedConfig, shards: list[int] | None = None,
                  progress: bool = True) -> dict[int, dict[str, int]]:  # fmt: skip
-    """Embed with ``engine``: in this process for the local engine (one model, a DataLoader),
-    one task per shard on the Spark executors for the Spark engine."""
-    if getattr(engine, "name", "") != "spark":
-        return run_embed(pool, cfg, shards, progress)
+    """Embed with ``engine``'s model mapping: one model streaming every shard on one machine, or one
+    task per shard with a model cached per worker on a cluster (:meth:`Engine.map_model`)."""
     import functools
 
-    from pipeline.engines.base import run_shards
+    from pipeline.engines.base import raise_failures
 
     todo = pending_shards(pool, cfg)
     if shards is not None:
-        todo = [s for s in shards if s in set(todo)]
-    results = run_shards(pool, engine, functools.partial(embed_shard, str(pool.root), cfg), todo, desc=STAGE,
-                         weights=pool.shard_sizes(todo), progress=progress)  # fmt: skip
+        pending = set(todo)
+        todo = [s for s in shards if s in pending]
+    if not todo:
+        return {}
+    result = engine.map_model(functools.partial(_embed_batch_of, str(pool.root), cfg, progress),
+                              functools.partial(embed_shard, str(pool.root), cfg), todo, desc=STAGE,
+                              progress=progress)  # fmt: skip
+    results = raise_failures(pool, STAGE, result)
     pool.update_manifest()
     return results
+
+
+def _embed_batch_of(pool_root: str, cfg: EmbedConfig, progress: bool, shards: list[int]) -> dict[int, dict[str, int]]:
+    return run_embed(Pool(pool_root), cfg, list(shards), progress)

@@ -49,10 +49,10 @@ def fit_mode(pool: Pool, cfg: ModeConfig) -> dict[str, Any]:
     summary_path = pool.aggregates_dir / "mode.json"
     if summary_path.exists() and json.loads(summary_path.read_text()).get("fit_hash") == digest:
         return json.loads(summary_path.read_text())
-    total = sum(pool.completed(SOURCE)[s]["counts"]["samples"] for s in shards)
+    total = sum(m["counts"]["samples"] for m in pool.completed(SOURCE).values())
     if total == 0:
         raise ValueError(f"{pool.root}: no caption embeddings to cluster")
-    share = min(1.0, max(cfg.fit_fraction, cfg.min_fit_samples / total))
+    share = min(1.0, max(cfg.fit_fraction, cfg.min_fit_samples / total), cfg.max_fit_samples / total)
     parts, first = [], None
     for shard in shards:
         # by uid: img2dataset's threads write a shard's samples in a varying order, and k-means
@@ -112,26 +112,29 @@ def run_mode(pool: Pool, cfg: ModeConfig, engine: Any, progress: bool = True) ->
     todo = [s for s in pool.require_complete(SOURCE) if not pool.is_done(STAGE, s, digest)]
     run_shards(pool, engine, functools.partial(assign_shard, str(pool.root), cfg, digest), todo, desc=STAGE,
                progress=progress)  # fmt: skip
-    summary = {**summary, **write_report(pool, cfg)}
+    summary = {**summary, **write_report(pool, cfg, engine)}
     write_json_atomic(pool.aggregates_dir / "mode.json", summary)
     pool.update_manifest()
     return summary
 
 
-def write_report(pool: Pool, cfg: ModeConfig) -> dict[str, Any]:
-    """Cluster size spread (balanced vs plain k-means) and each expert's top caption terms."""
-    from pipeline.query import connect
+def write_report(pool: Pool, cfg: ModeConfig, engine: Any) -> dict[str, Any]:
+    """Cluster size spread (balanced vs plain k-means), from SQL counts, and each expert's top
+    caption terms, from a uid-hash sample of ``report_samples`` captions."""
+    from pipeline.sampling import uid_below
 
-    con = connect(pool)
-    rows = con.sql(
-        "select m.fine_id, m.fine_id_plain, m.expert_id, d.caption from mode m join download d using (uid)"
-    ).fetch_arrow_table()
     n_fine = int(json.loads((pool.aggregates_dir / "mode.json").read_text())["n_fine"])
-    sizes = np.bincount(rows["fine_id"].to_numpy(), minlength=n_fine)
-    plain_sizes = np.bincount(rows["fine_id_plain"].to_numpy(), minlength=n_fine)
-    expert = rows["expert_id"].to_numpy()
-    terms = top_terms(rows["caption"].to_pylist(), expert, cfg.n_experts)
-    expert_sizes = np.bincount(expert, minlength=cfg.n_experts).tolist()
+    mode = pool.table(STAGE, [S.UID, S.FINE_ID, S.FINE_ID_PLAIN, S.EXPERT_ID])
+    sizes, plain_sizes, expert_sizes = (np.zeros(n, dtype=np.int64) for n in (n_fine, n_fine, cfg.n_experts))
+    for column, out in ((S.FINE_ID, sizes), (S.FINE_ID_PLAIN, plain_sizes), (S.EXPERT_ID, expert_sizes)):
+        rows = engine.query(f"select {column} as c, count(*) as n from mode group by 1", {"mode": mode})
+        out[rows["c"].to_numpy()] = rows["n"].to_numpy()
+    share = uid_below(cfg.report_samples / max(1, int(sizes.sum())))
+    where = f"where m.{share} and d.{share}" if share else ""
+    rows = engine.query(f"select m.expert_id, d.caption from mode m join download d on m.uid = d.uid {where} "
+                        "order by m.uid", {"mode": mode, "download": pool.table("download", [S.UID, S.CAPTION])})  # fmt: skip
+    terms = top_terms(rows["caption"].to_pylist(), rows["expert_id"].to_numpy(), cfg.n_experts)
+    expert_sizes = expert_sizes.tolist()
     report = {"fine_sizes": size_spread(sizes), "fine_sizes_plain_kmeans": size_spread(plain_sizes),
               "expert_sizes": expert_sizes, "expert_top_terms": terms}  # fmt: skip
     out = pool.report_dir(STAGE)

@@ -25,17 +25,25 @@ def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def connect(pool: Pool, con: duckdb.DuckDBPyConnection | None = None) -> duckdb.DuckDBPyConnection:
-    """Register the pool's views on ``con`` (a new in-memory connection by default)."""
+def connect(pool: Pool, con: duckdb.DuckDBPyConnection | None = None,
+            shards: list[int] | None = None) -> duckdb.DuckDBPyConnection:  # fmt: skip
+    """Register the pool's views on ``con`` (a new in-memory connection by default), over every
+    finished shard or only ``shards`` (a per-shard task's view of its own rows)."""
     import duckdb
 
     con = con or duckdb.connect()
     stages = [s for s in pool.stages() if pool.table_dir(s).exists()]
+    wanted = None if shards is None else set(shards)
     for stage in stages:
-        files = [str(pool.table_path(stage, s)) for s in sorted(pool.completed(stage))]
+        done = [s for s in pool.done_shards(stage) if wanted is None or s in wanted]
+        if not done:
+            done = pool.done_shards(stage)[:1]  # keeps the view's columns; filtered out below
+        files = [str(pool.table_path(stage, s)) for s in done]
         file_list = "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "]"
+        where = "" if wanted is None else f" WHERE shard IN ({', '.join(map(str, sorted(wanted)))})"
         con.execute(
             f"CREATE OR REPLACE VIEW {_quote(stage)} AS SELECT * FROM read_parquet({file_list}, union_by_name=true)"
+            + where
         )
     if BASE_STAGE in stages:
         con.execute(f"CREATE OR REPLACE VIEW samples AS {_samples_sql(con, stages)}")

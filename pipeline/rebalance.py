@@ -10,22 +10,27 @@ Two rules, each per group g of ``count_g`` samples:
 
 ``target_size`` solves t (or s) by bisection on the expected subset size ``sum_g p_g * count_g``.
 For a list column (``matched_entry_ids``) the cap is MetaCLIP's any-entry rule itself
-(:func:`pipeline.metaclip.balancing.balance`). Draws are hashes of (seed, uid, group), as in
-:mod:`pipeline.sampling`: deterministic and independent of partitioning.
+(:func:`pipeline.metaclip.balancing.balance`). Draws are hashes of (seed, uid, group value), as in
+:mod:`pipeline.sampling`: deterministic, independent of partitioning and of which other groups
+exist. At pool scale the group sizes are one SQL aggregation (a row per group), and every shard
+draws in its own task.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from pipeline.config import RebalanceConfig, config_hash
 from pipeline.sampling import uid_to_uint64, uniform
 from pipeline.store import schema as S
-from pipeline.store.parquet import Pool, write_json_atomic
+from pipeline.store.parquet import Pool, write_json_atomic, write_parquet_atomic
 
 STAGE = "rebalance"
 
@@ -53,80 +58,130 @@ def solve_param(counts: np.ndarray, method: str, alpha: float, target: float) ->
     return hi
 
 
-def rebalance(uids: pa.Array, groups: np.ndarray, p_group: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each sample's probability (its group's) and its draw."""
-    p = p_group[groups]
-    keep = uniform(uid_to_uint64(uids), groups.astype(np.uint64), seed) < p
-    return p, keep
+def group_keys(values: np.ndarray) -> np.ndarray:
+    """The draw key of each group value: the value itself (an integer id), so a sample's draw does not
+    depend on which other groups exist."""
+    return np.asarray(values, dtype=np.int64).view(np.uint64)
 
 
-def run_rebalance(pool: Pool, cfg: RebalanceConfig, engine: Any = None) -> dict[str, Any]:
-    """Rebalance every sample that has ``cfg.group_by``; write ``tables/rebalance/{shard}``.
+def rebalance(uids: pa.Array, values: np.ndarray, p: np.ndarray, seed: int) -> np.ndarray:
+    """Each sample's draw: kept with its group's probability ``p``, keyed by (seed, uid, group value)."""
+    return uniform(uid_to_uint64(uids), group_keys(values), seed) < p
 
-    With the Spark engine, the group sizes are a Spark aggregation over the stage's tables."""
-    from pipeline.query import connect
 
-    con = connect(pool)
-    columns = {name: dtype for name, dtype, *_ in con.execute("describe samples").fetchall()}
-    if cfg.group_by not in columns:
-        raise ValueError(f"rebalance.group_by: no column {cfg.group_by!r} in the pool; it has {sorted(columns)}")
-    data = con.sql(f'select uid, shard, "{cfg.group_by}" as g from samples where "{cfg.group_by}" is not null '
-                   "order by shard, uid").fetch_arrow_table()  # fmt: skip
-    if columns[cfg.group_by].endswith("[]"):
-        p, keep, counts, kept, param = _entries(data, cfg)
+def _locate(pool: Pool, column: str) -> tuple[str, pa.DataType]:
+    """The stage table holding ``column`` and its type."""
+    found = []
+    for stage in pool.stages():
+        if stage == STAGE or not pool.table_dir(stage).exists():
+            continue
+        schema = pool.table_schema(stage)
+        if column in schema.names:
+            return stage, schema.field(column).type
+        found += schema.names
+    raise ValueError(f"rebalance.group_by: no column {column!r} in the pool; it has {sorted(set(found))}")
+
+
+@functools.lru_cache(maxsize=2)
+def _groups(path: str, digest: str) -> dict[str, np.ndarray]:
+    """``aggregates/rebalance_groups.parquet``: group value ``g``, size ``n`` and (for a scalar
+    column) probability ``p``; cached per worker process."""
+    table = pq.read_table(path)
+    return {name: table[name].to_numpy() for name in table.column_names}
+
+
+def shard_task(pool_root: str, cfg: RebalanceConfig, stage: str, listed: bool, param: float, groups_path: str,
+               digest: str, shard: int) -> dict[str, int]:  # fmt: skip
+    """Write ``tables/rebalance/{shard}``: the samples of the shard that have a group, by uid."""
+    from pipeline.metaclip.balancing import balance
+
+    pool = Pool(pool_root)
+    table = pq.read_table(pool.table_path(stage, shard), columns=[S.UID, cfg.group_by])
+    table = table.filter(pc.is_valid(table[cfg.group_by])).sort_by(S.UID)
+    if listed:
+        matched = table[cfg.group_by].combine_chunks().cast(pa.list_(pa.int32()))
+        p, keep = balance(table[S.UID], matched, _groups(groups_path, digest)["n"], param, cfg.seed)
     else:
-        groups, index = np.unique(data["g"].to_numpy(), return_inverse=True)
-        counts = np.bincount(index, minlength=len(groups))
-        stage = _stage_of(con, cfg.group_by)
-        if getattr(engine, "name", "") == "spark" and stage:
-            from pipeline.engines import spark_steps
+        groups = _groups(groups_path, digest)
+        g = table[cfg.group_by].to_numpy()
+        p = groups["p"][np.searchsorted(groups["g"], g)]
+        keep = rebalance(table[S.UID], g, p, cfg.seed)
+    out = pa.table({S.UID: table[S.UID], S.SHARD: pa.array(np.full(table.num_rows, shard), pa.int32()),
+                    S.REBALANCE_P: pa.array(p, pa.float64()), S.REBALANCE_KEEP: pa.array(keep)},
+                   schema=S.REBALANCE_SCHEMA)  # fmt: skip
+    pool.write_table(STAGE, shard, out)
+    counts = {"samples": out.num_rows, "kept": int(keep.sum()), "expected": float(p.sum())}
+    pool.mark_done(STAGE, shard, digest, counts)
+    return counts
 
-            sizes = spark_steps.group_counts(engine.spark, pool, stage, cfg.group_by)
-            counts = np.array([sizes.get(g.item(), 0) for g in groups], dtype=np.int64)
+
+def _expected_task(pool_root: str, stage: str, column: str, groups_path: str, digest: str, ts: list[float],
+                   shard: int) -> list[float]:  # fmt: skip
+    from pipeline.metaclip.balancing import expected_sizes
+
+    table = pq.read_table(Pool(pool_root).table_path(stage, shard), columns=[column])
+    matched = table[column].combine_chunks().drop_null().cast(pa.list_(pa.int32()))
+    return expected_sizes(matched, _groups(groups_path, digest)["n"], ts)
+
+
+def run_rebalance(pool: Pool, cfg: RebalanceConfig, engine: Any, progress: bool = True) -> dict[str, Any]:
+    """Rebalance every sample that has ``cfg.group_by``: group sizes are SQL run by the engine, the
+    probabilities are computed from them (one row per group), and each shard draws in its own task."""
+    from pipeline.engines.base import run_shards
+    from pipeline.metaclip.balancing import solve_increasing
+
+    shards = pool.require_complete("download")
+    stage, dtype = _locate(pool, cfg.group_by)
+    listed = pa.types.is_list(dtype) or pa.types.is_large_list(dtype)
+    if not (listed or pa.types.is_integer(dtype)):
+        raise ValueError(f"rebalance.group_by: {cfg.group_by!r} is {dtype}; it must be an integer id or a list of them")
+    if listed and cfg.method != "cap":
+        raise ValueError("rebalance.method: a list column (MetaCLIP entries) supports only `cap`")
+    pool.require_complete(stage)
+    col = cfg.group_by  # a plain identifier (checked in its config): the same spelling in both SQL dialects
+    tables = {"t": pool.table(stage, [S.UID, cfg.group_by])}
+    inner = f"select unnest({col}) as g from t" if listed else f"select {col} as g from t where {col} is not null"
+    sizes = engine.query(f"select g, count(*) as n from ({inner}) x group by g order by g", tables)
+    values, counts = sizes["g"].to_numpy(), sizes["n"].to_numpy().astype(np.int64)
+    groups_path = pool.aggregates_dir / "rebalance_groups.parquet"
+    if listed:  # MetaCLIP's any-entry rule: dense per-entry counts, t solved on the expected size
+        dense = np.zeros(int(values.max(initial=-1)) + 1, dtype=np.int64)
+        dense[values] = counts
+        digest = hashlib.sha256(f"{config_hash(cfg)}|{hashlib.sha256(dense.tobytes()).hexdigest()}".encode()).hexdigest()[:16]
+        write_parquet_atomic(groups_path, pa.table({"g": np.arange(len(dense)), "n": dense}))
+        if cfg.target_size:
+            def expected(ts: list[float]) -> np.ndarray:
+                fn = functools.partial(_expected_task, str(pool.root), stage, cfg.group_by, str(groups_path), digest, ts)
+                parts = run_shards(pool, engine, fn, shards, desc="rebalance t", progress=False)
+                return np.sum([parts[s] for s in shards], axis=0)
+
+            param = solve_increasing(expected, cfg.target_size, max(1.0, float(dense.max(initial=1))))
+        else:
+            param = cfg.t
+    else:
         param = solve_param(counts, cfg.method, cfg.alpha, cfg.target_size) if cfg.target_size else (
             cfg.t if cfg.method == "cap" else 1.0)  # fmt: skip
-        p, keep = rebalance(data["uid"], index, group_probabilities(counts, cfg.method, param, cfg.alpha), cfg.seed)
-        kept = np.bincount(index[keep], minlength=len(groups))
-    counts_digest = hashlib.sha256(counts.tobytes()).hexdigest()
-    digest = hashlib.sha256(f"{config_hash(cfg)}|{counts_digest}".encode()).hexdigest()[:16]
-    pool.require_complete("download")
-    table = pa.table({S.UID: data["uid"], S.SHARD: data["shard"].cast(pa.int32()), S.REBALANCE_P: p,
-                      S.REBALANCE_KEEP: keep}, schema=S.REBALANCE_SCHEMA)  # fmt: skip
-
-    def counts_of(part: pa.Table) -> dict[str, int]:
-        return {"samples": part.num_rows, "kept": int(pa.compute.sum(part[S.REBALANCE_KEEP]).as_py() or 0)}
-
-    pool.write_by_shard(STAGE, table, digest, counts_of)
+        p = group_probabilities(counts, cfg.method, param, cfg.alpha)
+        digest = hashlib.sha256(f"{config_hash(cfg)}|{param!r}|{sizes.to_pydict()}".encode()).hexdigest()[:16]
+        write_parquet_atomic(groups_path, pa.table({"g": values, "n": counts, "p": p}))
+    todo = [s for s in shards if not pool.is_done(STAGE, s, digest)]
+    fn = functools.partial(shard_task, str(pool.root), cfg, stage, listed, param, str(groups_path), digest)
+    run_shards(pool, engine, fn, todo, desc=STAGE, weights=pool.shard_sizes(todo), progress=progress)
+    kept_sql = (f"select g, count(*) as n from (select {'unnest(' + col + ')' if listed else col} as g from t "
+                "join r on t.uid = r.uid where r.rebalance_keep) x group by g order by g")  # fmt: skip
+    kept_rows = engine.query(kept_sql, {**tables, "r": pool.table(STAGE, [S.UID, S.REBALANCE_KEEP])})
+    kept = np.zeros(len(values), dtype=np.int64)
+    kept[np.searchsorted(values, kept_rows["g"].to_numpy())] = kept_rows["n"].to_numpy()
+    markers = pool.completed(STAGE)
     summary = {"group_by": cfg.group_by, "method": cfg.method, "param": param, "alpha": cfg.alpha,
-               "samples": len(p), "kept": int(keep.sum()), "expected_kept": float(p.sum()),
-               "groups": int((counts > 0).sum())}  # fmt: skip
+               "samples": sum(m["counts"]["samples"] for m in markers.values()),
+               "kept": sum(m["counts"]["kept"] for m in markers.values()),
+               "expected_kept": sum(m["counts"]["expected"] for m in markers.values()),
+               "groups": len(values)}  # fmt: skip
     write_json_atomic(pool.aggregates_dir / "rebalance.json", summary)
     _report(pool, cfg, counts, kept, summary)
     pool.update_manifest()
     return summary
-
-
-def _stage_of(con: Any, column: str) -> str | None:
-    """The stage table holding ``column`` (for a Spark aggregation over its files)."""
-    for (name,) in con.execute("select view_name from duckdb_views() where not internal").fetchall():
-        if name != "samples" and column in {r[0] for r in con.execute(f'describe "{name}"').fetchall()}:
-            return name
-    return None
-
-
-def _entries(data: pa.Table, cfg: RebalanceConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
-    """MetaCLIP's any-entry rule over ``matched_entry_ids`` (cap only)."""
-    from pipeline.metaclip.balancing import balance, t_for_size
-    from pipeline.metaclip.matching import entry_counts
-
-    if cfg.method != "cap":
-        raise ValueError("rebalance.method: a list column (MetaCLIP entries) supports only `cap`")
-    matched = data["g"].combine_chunks().cast(pa.list_(pa.int32()))
-    size = int(pa.compute.max(matched.flatten()).as_py() or 0) + 1
-    counts = entry_counts(matched, size)
-    t = t_for_size(matched, counts, cfg.target_size) if cfg.target_size else cfg.t
-    p, keep = balance(data["uid"], matched, counts, t, cfg.seed)
-    return p, keep, counts, entry_counts(matched, size, keep), t
 
 
 def _report(pool: Pool, cfg: RebalanceConfig, counts: np.ndarray, kept: np.ndarray, summary: dict[str, Any]) -> None:

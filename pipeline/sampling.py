@@ -59,3 +59,12 @@ def uniform(uid64: np.ndarray, key: np.ndarray | int, seed: int) -> np.ndarray:
     with np.errstate(over="ignore"):
         x = _mix(uid64 ^ _mix(np.asarray(key, dtype=np.uint64) ^ _mix(np.full(1, seed, dtype=np.uint64))))
     return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def uid_below(share: float) -> str | None:
+    """A SQL predicate keeping about ``share`` of the samples, the same on any engine: uids are
+    uniform hex, and hex strings of one length compare like their values, so ``uid < '<8 hex>'``
+    keeps a uniform share of them. None for the whole pool."""
+    if share >= 1:
+        return None
+    return f"uid < '{int(max(share, 0.0) * 0x100000000):08x}'"

@@ -12,7 +12,7 @@ import pytest
 import webdataset as wds
 
 from pipeline.config import ExportConfig
-from pipeline.store.export import ExportError, export
+from pipeline.export import ExportError, export
 from tests.conftest import STAGES_AFTER_MODE, copy_pool
 
 

@@ -151,7 +151,8 @@ def test_semdedup_keeps_the_first_of_each_group_in_semdedup_order():
     for members in ([0, 6, 7], [3, 8]):
         kept = [m for m in members if keep[m]]
         assert kept == [max(members, key=lambda m: dist[m])]
-        assert len({group[m] for m in members}) == 1 and group[members[0]] == kept[0]
+        # a dropped sample names the kept one it duplicates; a kept one names none
+        assert all(group[m] == kept[0] for m in members if m != kept[0]) and group[kept[0]] == -1
     assert keep[[1, 2, 4, 5]].all() and (group[[1, 2, 4, 5]] == -1).all()
 
 
@@ -207,17 +208,19 @@ def test_dedup_finds_planted_exact_and_near_duplicates(dup_pool):
             by_seed[seed].append(r)
         elif not r["dedup_keep"]:
             # The random model puts two mostly-blue images at 0.9992: a drop outside the planted
-            # groups must still be justified by a group member above 1 - eps.
+            # groups must still be justified by another image above 1 - eps.
             unplanted_drops += 1
             v = vectors[r["uid"]] / np.linalg.norm(vectors[r["uid"]])
-            others = [vectors[o["uid"]] for o in rows if o["dup_group"] == r["dup_group"] and o["uid"] != r["uid"]]
+            others = [vectors[o["uid"]] for o in rows if o["uid"] != r["uid"]]
             assert max(float(v @ (o / np.linalg.norm(o))) for o in others) > 1 - 0.0009
     assert unplanted_drops <= 1
     assert len(by_seed) == 6
     for members in by_seed.values():
         kept = [m for m in members if m["dedup_keep"]]
         assert len(kept) == 1, members  # one of each group survives
-        assert {m["dup_group"] for m in members} == {kept[0]["uid"]}
+        # every dropped copy names the kept one; the kept one names none
+        assert {m["dup_group"] for m in members if m is not kept[0]} == {kept[0]["uid"]}
+        assert kept[0]["dup_group"] is None
         for m in members:
             if not m["dedup_keep"]:
                 # byte-identical copies of the kept image are exact, the rest semantic
@@ -312,7 +315,7 @@ def test_image_based_filter_keeps_target_clusters(filtered, tiny_checkpoint, tmp
     cfg = filter_cfg(recipe="image_based", image_clusters=10, image_targets=str(tmp_path / "targets.npy"))
     summary = run_filters(pool, cfg, LocalEngine(2), progress=False)
     assert summary["image_based"]["clusters"] == 10
-    centroids = np.load(pool.aggregates_dir / "image_based" / "centroids.npy")
+    centroids = np.load(pool.aggregates_dir / "image_based" / "centroids.npz")["centroids"]
     chosen = set(nearest_by_dot(x[[0, 50, 100]], centroids).tolist())
     rows = query(pool, "select image_cluster, image_target, keep, drop_reason, lang, caption_tokens, caption_chars "
                        "from samples where image_embedding is not null").to_pylist()  # fmt: skip

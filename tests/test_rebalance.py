@@ -36,21 +36,35 @@ def test_draws_follow_p_and_ignore_partitioning():
     groups = np.repeat(np.arange(4), COUNTS)
     uids = _uids(len(groups))
     p_group = group_probabilities(COUNTS, "cap", 500, 0)
-    _p, keep = rebalance(uids, groups, p_group, seed=5)
+    keep = rebalance(uids, groups, p_group[groups], seed=5)
     for g, count in enumerate(COUNTS):
         expected = p_group[g]
         assert abs(keep[groups == g].mean() - expected) <= 4.5 * math.sqrt(expected * (1 - expected) / count) + 1e-12
     order = np.random.default_rng(0).permutation(len(groups))
     parts = np.empty_like(keep)
     for idx in np.array_split(order, 5):
-        parts[idx] = rebalance(uids.take(pa.array(idx)), groups[idx], p_group, seed=5)[1]
+        parts[idx] = rebalance(uids.take(pa.array(idx)), groups[idx], p_group[groups[idx]], seed=5)
     assert np.array_equal(parts, keep)
+
+
+def test_a_new_group_leaves_the_other_groups_draws_unchanged():
+    groups = np.repeat(np.array([3, 7, 11, 12]), COUNTS)
+    uids = _uids(len(groups))
+    p = np.full(len(groups), 0.5)
+    before = rebalance(uids, groups, p, seed=1)
+    # a new group (value 5, between existing ones) arrives with its own samples
+    extra = _uids(len(groups) + 300).slice(len(groups))
+    grown = rebalance(pa.concat_arrays([uids, extra]), np.r_[groups, np.full(300, 5)], np.full(len(groups) + 300, 0.5),
+                      seed=1)  # fmt: skip
+    assert np.array_equal(grown[: len(groups)], before) and 0.3 < before.mean() < 0.7
 
 
 def test_stage_over_fine_clusters(clustered):
     pool, _, _ = clustered
     cfg = parse_config({"pool": "p", "download": {"input": "u"}, "rebalance": {"t": 10, "seed": 2}}).rebalance
-    summary = run_rebalance(pool, cfg)
+    from pipeline.engines.local import LocalEngine
+
+    summary = run_rebalance(pool, cfg, LocalEngine(1))
     from pipeline.query import connect
 
     con = connect(pool)
@@ -64,7 +78,8 @@ def test_stage_over_fine_clusters(clustered):
     assert (pool.report_dir("rebalance") / "group_sizes.png").exists()
     with pytest.raises(ValueError, match="no column 'nope'"):
         run_rebalance(
-            pool, parse_config({"pool": "p", "download": {"input": "u"}, "rebalance": {"group_by": "nope"}}).rebalance
+            pool, parse_config({"pool": "p", "download": {"input": "u"}, "rebalance": {"group_by": "nope"}}).rebalance,
+            LocalEngine(1),
         )
 
 
@@ -83,10 +98,12 @@ def test_stage_over_metaclip_entries_is_metaclips_rule(clustered):
         progress=False,
     )
     cfg = {"group_by": "matched_entry_ids", "t": 3, "seed": 4}
-    run_rebalance(pool, parse_config({"pool": "p", "download": {"input": "u"}, "rebalance": cfg}).rebalance)
+    run_rebalance(pool, parse_config({"pool": "p", "download": {"input": "u"}, "rebalance": cfg}).rebalance,
+                  LocalEngine(1))  # fmt: skip
     rows = connect(pool).execute("select metaclip_p, rebalance_p, metaclip_keep, rebalance_keep from samples "
                                  "where rebalance_p is not null").fetchall()  # fmt: skip
     assert len(rows) == 301 and all(a == pytest.approx(b) and c == d for a, b, c, d in rows)
     with pytest.raises(ValueError, match="supports only `cap`"):
         bad = {"group_by": "matched_entry_ids", "method": "temperature"}
-        run_rebalance(pool, parse_config({"pool": "p", "download": {"input": "u"}, "rebalance": bad}).rebalance)
+        run_rebalance(pool, parse_config({"pool": "p", "download": {"input": "u"}, "rebalance": bad}).rebalance,
+                      LocalEngine(1))  # fmt: skip

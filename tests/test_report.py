@@ -20,11 +20,11 @@ def reported(clustered, tmp_path_factory):
     """The clustered pool, balanced by MetaCLIP, filtered, rebalanced and exported; then reported."""
     from pipeline.config import ExportConfig, FilterConfig, MetaclipConfig, RebalanceConfig
     from pipeline.engines.local import LocalEngine
+    from pipeline.export import export
     from pipeline.filters.stage import run_filters
     from pipeline.metaclip.stage import run_metaclip
     from pipeline.rebalance import run_rebalance
     from pipeline.report import write_report
-    from pipeline.store.export import export
 
     work = tmp_path_factory.mktemp("report")
     pool = copy_pool(clustered[0], work / "pool", STAGES_AFTER_MODE)
@@ -32,7 +32,7 @@ def reported(clustered, tmp_path_factory):
         pool, MetaclipConfig(metadata=str(REPO / "metadata/entries.json"), t=3), LocalEngine(2), progress=False
     )
     run_filters(pool, FilterConfig(recipe="basic"), LocalEngine(2), progress=False)
-    run_rebalance(pool, RebalanceConfig(t=10))
+    run_rebalance(pool, RebalanceConfig(t=10), LocalEngine(1))
     export(pool, ExportConfig(out=str(work / "release"), where="keep"))
     return pool, write_report(pool, thumbnails=6, release=work / "release")
 

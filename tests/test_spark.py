@@ -59,11 +59,16 @@ def test_download_on_spark_uses_img2dataset_and_equals_local(tmp_path, image_ser
 @pytest.fixture(scope="module")
 def curated(clustered, tmp_path_factory, spark, load_log):
     """Copies of the embedded pool curated by each engine: MetaCLIP, filters, MoDE, rebalancing."""
+    import numpy as np
+
     from pipeline.filters.stage import run_filters
     from pipeline.metaclip.stage import run_metaclip
     from pipeline.mode_stage import run_mode
     from pipeline.rebalance import run_rebalance
 
+    targets = tmp_path_factory.mktemp("targets") / "targets.npy"
+    emb = clustered[0].read_table("embed", ["uid", "image_embedding"]).sort_by("uid")
+    np.save(targets, np.asarray(emb["image_embedding"].drop_null().to_pylist()[:3], np.float32))
     pools = {}
     for name, engine in (("local", LocalEngine(2)), ("spark", spark)):
         load_log.write_text("")  # keep the Spark run's loads only
@@ -72,8 +77,10 @@ def curated(clustered, tmp_path_factory, spark, load_log):
             shutil.rmtree(pool.root / "completions" / stage)
             shutil.rmtree(pool.root / "tables" / stage)
         run_metaclip(pool, MetaclipConfig(metadata=str(REPO / "metadata/entries.json"), t=3), engine, progress=False)
-        cfg = FilterConfig(recipe="mine", recipes={"mine": ["english", "clip_score", "dedup"]}, dedup_eps=0.0009,
-                           clip_score_fraction=0.6)  # fmt: skip
+        cfg = FilterConfig(recipe="mine", recipes={"mine": ["english", "clip_score", "image_cluster", "dedup"]},
+                           dedup_eps=0.0009, clip_score_fraction=0.6, image_clusters=6,
+                           image_targets=str(targets), dedup_clusters=3, dedup_max_cluster_size=40,
+                           dedup_vectors_per_task=60)  # fmt: skip
         run_filters(pool, cfg, engine, progress=False)
         run_mode(pool, ModeConfig(n_fine=8, n_experts=2, fit_fraction=0.5, min_fit_samples=0), engine, progress=False)
         run_rebalance(pool, RebalanceConfig(t=10), engine)
@@ -81,7 +88,8 @@ def curated(clustered, tmp_path_factory, spark, load_log):
     return pools["local"], pools["spark"]
 
 
-@pytest.mark.parametrize("stage", ["metaclip_match", "metaclip", "filters", "dedup", "decisions", "mode", "rebalance"])
+@pytest.mark.parametrize("stage", ["metaclip_match", "metaclip", "filters", "image_based", "dedup", "decisions", "mode",
+                                   "rebalance"])
 def test_stage_tables_equal_local(curated, stage):
     same_table(*curated, stage)
 
@@ -90,21 +98,22 @@ def test_global_steps_equal_local(curated):
     import json
 
     local, spark = curated
-    for name in ("metaclip.json", "decisions.json", "dedup.json"):
+    for name in ("metaclip.json", "decisions.json", "dedup.json", "image_based.json", "rebalance.json"):
         a, b = (json.loads((p.aggregates_dir / name).read_text()) for p in (local, spark))
         a.pop("digest", None), b.pop("digest", None)
         assert a == b, name
     a, b = (pq.read_table(p.aggregates_dir / "metaclip_entry_counts.parquet") for p in (local, spark))
     assert a.equals(b)
-    assert json.loads((spark.aggregates_dir / "dedup.json").read_text())["semantic_dropped"] > 0
+    dedup = json.loads((spark.aggregates_dir / "dedup.json").read_text())
+    assert dedup["semantic_dropped"] > 0 and dedup["split_clusters"] > 0  # a cluster was split on both engines
+    a, b = (pq.read_table(p.aggregates_dir / "rebalance_groups.parquet") for p in (local, spark))
+    assert a.equals(b)
 
 
-def test_exact_duplicate_groups_equal_local(tmp_path, spark):
+def _hash_pool(tmp_path) -> Pool:
     import numpy as np
     import pyarrow as pa
 
-    from pipeline.engines.spark_steps import exact_duplicates
-    from pipeline.filters.dedup import exact_groups
     from pipeline.store import schema as S
     from pipeline.store.parquet import write_json_atomic
 
@@ -120,9 +129,52 @@ def test_exact_duplicate_groups_equal_local(tmp_path, spark):
                                     S.SHA256: hashes[part]}), S.DOWNLOAD_SCHEMA)  # fmt: skip
         pool.write_table("download", shard, table)
         pool.mark_done("download", shard, "x", {"samples": 100})
-    rep, size = exact_groups(np.array(uids), np.array(hashes))
-    local = {hashes[i]: uids[rep[i]] for i in range(300) if size[i] > 1}
-    assert len(local) > 50 and exact_duplicates(spark.spark, pool) == local
+    return pool
+
+
+def test_sql_writes_equal_local_rows_and_partitions(tmp_path, spark):
+    """The engine seam's ``write``: the exact-duplicate SQL, partitioned by shard, gives the same rows
+    in the same partitions on both engines, and both equal the in-memory numpy grouping."""
+    import numpy as np
+
+    from pipeline.filters.dedup import _EXACT_SQL, exact_groups
+    from pipeline.store import schema as S
+
+    pool = _hash_pool(tmp_path)
+    tables = {"download": pool.table("download", [S.UID, S.SHARD, S.STATUS, S.SHA256])}
+    for name, engine in (("local", LocalEngine(1)), ("spark", spark)):
+        engine.write(_EXACT_SQL, tables, tmp_path / name, partition_by="shard")
+    parts = {}
+    for name in ("local", "spark"):
+        parts[name] = {p.name: sorted(r for f in p.glob("*.parquet") for r in
+                                      zip(*pq.read_table(f).select(["uid", "dup_of"]).to_pydict().values(), strict=True))
+                       for p in sorted((tmp_path / name).glob("shard=*"))}  # fmt: skip
+    assert parts["local"] == parts["spark"] and len(parts["local"]) == 3
+    d = pool.read_table("download")
+    uids, hashes = np.array(d["uid"].to_pylist()), np.array(d["sha256"].to_pylist())
+    rep, size = exact_groups(uids, hashes)
+    expected = sorted((uids[i], uids[rep[i]]) for i in range(len(uids)) if rep[i] != i)
+    assert sorted(r for rows in parts["local"].values() for r in rows) == expected and len(expected) > 50
+
+
+def test_order_statistic_equals_local(tmp_path, spark):
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline.engines.base import Table
+    from pipeline.filters.rules import get_threshold
+    from pipeline.filters.threshold import order_statistic
+
+    rng = np.random.default_rng(1)
+    scores = rng.normal(0.25, 0.05, 5000).astype(np.float32)
+    scores[::97] = np.nan
+    table = pa.table({"s": pa.array(scores, pa.float32(), mask=np.arange(5000) % 89 == 0)})
+    pq.write_table(table, tmp_path / "s.parquet")
+    ref = Table.of([tmp_path / "s.parquet"], table.schema)
+    for fraction in (0.0, 0.1, 0.3, 0.999, 1.0):
+        local = order_statistic(LocalEngine(1), ref, "s", fraction)
+        assert order_statistic(spark, ref, "s", fraction) == local
+        assert local == get_threshold(table["s"].to_numpy(zero_copy_only=False), fraction)
 
 
 def test_models_load_once_per_executor_process(curated, load_log):
@@ -188,7 +240,7 @@ def test_embedding_on_spark_equals_local_and_loads_the_model_once_per_worker(
 
 def test_export_on_spark_writes_the_same_release(curated, spark, tmp_path):
     from pipeline.config import ExportConfig
-    from pipeline.store.export import export
+    from pipeline.export import export
 
     local, _ = curated
     cfg = {"where": "keep and metaclip_keep", "samples_per_shard": 20, "shuffle_seed": 1}

@@ -12,9 +12,13 @@ if TYPE_CHECKING:
 def get_engine(cfg: PipelineConfig, workers: int | None = None) -> Engine:
     """Build the engine a config asks for. ``workers`` overrides the stage's process count."""
     if cfg.engine == "local":
+        from pathlib import Path
+
         from pipeline.engines.local import LocalEngine
 
-        return LocalEngine(workers=workers or cfg.download.processes)
+        spill = cfg.duckdb.temp_directory or str(Path(cfg.pool) / "_staging" / "duckdb")
+        return LocalEngine(workers=workers or cfg.download.processes, memory_limit=cfg.duckdb.memory_limit,
+                           temp_directory=spill, threads=cfg.duckdb.threads)  # fmt: skip
     if cfg.engine == "spark":
         from pipeline.engines.spark import SparkEngine
 

@@ -1,18 +1,34 @@
-"""The Engine protocol: how a per-shard function is run over many shards.
+"""The engine seam: the few operations a stage needs, whatever runs them.
 
-Stages are engine-free: a stage exposes a picklable ``fn(shard) -> result`` and the engine decides
-where it runs (img2dataset's distributors follow the same idea: each one takes the same downloader
-callable). The engine reports progress and collects per-shard failures instead of stopping at the
-first one, so finished shards are kept and a re-run only redoes the failed ones.
+Stages are engine-free. A stage hands the engine
+
+- a picklable ``fn(shard) -> result`` to run over shards (:meth:`Engine.map_shards`; img2dataset's
+  distributors follow the same idea: each one takes the same downloader callable);
+- SQL over the pool's Parquet tables, either returning a small Arrow table to the driver
+  (:meth:`Engine.query`: per-entry counts, a threshold, group sizes) or writing a large result back
+  to Parquet without it ever passing through the driver (:meth:`Engine.write`: duplicate groups,
+  vectors regrouped by cluster);
+- a model stage's two forms (:meth:`Engine.map_model`) and the download's (:meth:`Engine.map_download`),
+  where the best way to run them differs between one machine and a cluster.
+
+The SQL is written once, in DuckDB's dialect, restricted to what Spark SQL also parses; the Spark
+engine translates the one construct the two spell differently (``unnest`` is Spark's ``explode``).
+Both engines give the same rows (the parity tests compare them).
+
+An engine reports per-shard failures instead of stopping at the first one, so finished shards are
+kept and a re-run only redoes the failed ones.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    import pyarrow as pa
+
     from pipeline.store.parquet import Pool
 
 
@@ -37,10 +53,29 @@ class ShardResults:
     failures: dict[int, str] = field(default_factory=dict)
 
 
-class Engine(Protocol):
-    """Runs one function over shards."""
+@dataclass(frozen=True)
+class Table:
+    """A table an engine's SQL reads: Parquet files and the Arrow schema to read them with.
 
-    name: str
+    The schema is explicit so that both engines read exactly the declared columns and types (and
+    Spark, which cannot read the float16 embedding columns, never looks at them). ``files`` may be
+    empty: the view is then an empty table of that schema.
+    """
+
+    files: tuple[str, ...]
+    schema: pa.Schema
+
+    @staticmethod
+    def of(files: Sequence[str | Path], schema: pa.Schema, columns: Sequence[str] | None = None) -> Table:
+        if columns is not None:
+            import pyarrow as pa
+
+            schema = pa.schema([schema.field(c) for c in columns])
+        return Table(tuple(str(f) for f in files), schema)
+
+
+class Engine(Protocol):
+    """Where a stage's work runs (module docstring)."""
 
     def map_shards(
         self,
@@ -54,12 +89,34 @@ class Engine(Protocol):
         """Run ``fn(shard)`` for every shard.
 
         Args:
-            fn: Picklable callable of one shard id.
+            fn: Picklable callable of one shard id; its result must be small (JSON-able).
             shards: Shard ids to run.
             desc: Label for the progress display.
             weights: Samples per shard, so progress counts samples rather than shards.
             progress: Show progress on the terminal.
         """
+        ...
+
+    def map_model(self, batch_fn: Callable[[Sequence[int]], Mapping[int, Any]], shard_fn: Callable[[int], Any],
+                  shards: Sequence[int], *, desc: str, progress: bool = True) -> ShardResults:  # fmt: skip
+        """Run a stage that holds a costly model: ``batch_fn(shards)`` streams every shard through one
+        model where that is fastest (one machine: one load, a data loader feeding it), or
+        ``shard_fn(shard)`` per shard where each worker caches the model (a cluster)."""
+        ...
+
+    def map_download(self, fn: Callable[[int], Any], shards: Sequence[int], *, desc: str, staging: Path,
+                     weights: Mapping[int, int] | None = None, progress: bool = True) -> ShardResults:  # fmt: skip
+        """Run the download's ``fn(shard)`` the way img2dataset distributes it on this engine."""
+        ...
+
+    def query(self, sql: str, tables: Mapping[str, Table]) -> pa.Table:
+        """Run ``sql`` over ``tables`` (each a view of that name); the result must be small."""
+        ...
+
+    def write(self, sql: str, tables: Mapping[str, Table], out: Path, partition_by: str | None = None) -> None:
+        """Run ``sql`` over ``tables`` and write its rows as Parquet under the directory ``out``
+        (replaced atomically), hive-partitioned (``out/<col>=<value>/*.parquet``) by ``partition_by``.
+        The rows never pass through the driver."""
         ...
 
 
@@ -75,8 +132,19 @@ def run_shards(
 ) -> dict[int, Any]:
     """``engine.map_shards`` for a stage of ``pool``: the results by shard, or, when some shards
     failed, the manifest updated with the finished ones and :class:`ShardFailures` raised."""
+    if not shards:
+        return {}
     result = engine.map_shards(fn, shards, desc=desc, weights=weights, progress=progress)
+    return raise_failures(pool, desc, result)
+
+
+def raise_failures(pool: Pool, desc: str, result: ShardResults) -> dict[int, Any]:
     if result.failures:
         pool.update_manifest()
         raise ShardFailures(desc, result.failures)
     return result.results
+
+
+def partition_files(out: Path, column: str, value: Any) -> list[Path]:
+    """The Parquet files of one hive partition written by :meth:`Engine.write` (none if empty)."""
+    return sorted((Path(out) / f"{column}={value}").glob("*.parquet"))

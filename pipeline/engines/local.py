@@ -1,14 +1,25 @@
-"""Local engine: a pool of worker processes on this machine."""
+"""Local engine: a pool of worker processes on this machine, and DuckDB for the pool-wide SQL.
+
+DuckDB runs the aggregations out of core: its ``memory_limit`` bounds what it holds, and sorts,
+joins and group-bys beyond it spill to ``temp_directory`` (inside the pool by default, so the spill
+lands on the pool's disk, not in ``/tmp``). So a count over 12.8B rows needs the same memory as one
+over 10k; only the disk and the time grow.
+"""
 
 from __future__ import annotations
 
 import multiprocessing
+import os
+import shutil
+import tempfile
 import traceback
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
 from typing import Any
 
-from pipeline.engines.base import ShardResults
+from pipeline.engines.base import ShardResults, Table
 from pipeline.progress import Progress
 
 
@@ -19,19 +30,55 @@ def _call(fn: Callable[[int], Any], shard: int) -> tuple[bool, Any]:
         return False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=-3)}"
 
 
+def _sql_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def register_tables(con: Any, tables: Mapping[str, Table]) -> None:
+    """One view per table: its files read with exactly its declared columns (an empty table of the
+    schema when it has no files)."""
+    for name, table in tables.items():
+        if not table.files:
+            con.register(f"_empty_{name}", table.schema.empty_table())
+            con.execute(f"CREATE OR REPLACE VIEW {_quote(name)} AS SELECT * FROM {_quote('_empty_' + name)}")
+            continue
+        files = "[" + ", ".join(_sql_literal(f) for f in table.files) + "]"
+        cols = ", ".join(_quote(f.name) for f in table.schema)
+        con.execute(f"CREATE OR REPLACE VIEW {_quote(name)} AS SELECT {cols} FROM read_parquet({files})")
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished directory ``tmp`` to ``out``, replacing what ``out`` held."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+
+
 class LocalEngine:
-    """Runs each shard in one of ``workers`` processes (spawned, so no thread state is forked).
+    """Runs each shard in one of ``workers`` processes (spawned, so no thread state is forked), and
+    SQL in an in-process DuckDB bounded by ``memory_limit``.
 
     With ``workers=1`` the shards run in this process, which keeps tracebacks and debuggers simple.
     """
 
-    name = "local"
-
-    def __init__(self, workers: int = 2):
+    def __init__(self, workers: int = 2, memory_limit: str = "4GB", temp_directory: str | Path | None = None,
+                 threads: int | None = None):  # fmt: skip
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.workers = workers
+        self.memory_limit = memory_limit
+        self.temp_directory = str(temp_directory) if temp_directory else None
+        self.threads = threads
 
+    # shards ---------------------------------------------------------------------------------
     def map_shards(
         self,
         fn: Callable[[int], Any],
@@ -59,6 +106,16 @@ class LocalEngine:
                     bar.update(weights.get(shard, 0))
         return out
 
+    def map_model(self, batch_fn: Callable[[Sequence[int]], Mapping[int, Any]], shard_fn: Callable[[int], Any],
+                  shards: Sequence[int], *, desc: str, progress: bool = True) -> ShardResults:  # fmt: skip
+        """One machine: the whole batch through one model in this process (its data loader decodes
+        in parallel), rather than one model per worker process."""
+        return ShardResults(results=dict(batch_fn(shards)))
+
+    def map_download(self, fn: Callable[[int], Any], shards: Sequence[int], *, desc: str, staging: Path,
+                     weights: Mapping[int, int] | None = None, progress: bool = True) -> ShardResults:  # fmt: skip
+        return self.map_shards(fn, shards, desc=desc, weights=weights, progress=progress)
+
     @staticmethod
     def _record(out: ShardResults, shard: int, result: tuple[bool, Any]) -> None:
         ok, value = result
@@ -66,3 +123,48 @@ class LocalEngine:
             out.results[shard] = value
         else:
             out.failures[shard] = value
+
+    # SQL ------------------------------------------------------------------------------------
+    def connect(self) -> Any:
+        """A DuckDB connection with this engine's memory limit, spill directory and threads."""
+        import duckdb
+
+        con = duckdb.connect()
+        spill = self.temp_directory or os.path.join(tempfile.gettempdir(), "clipcurate-duckdb")
+        Path(spill).mkdir(parents=True, exist_ok=True)
+        con.execute(f"SET memory_limit = {_sql_literal(self.memory_limit)}")
+        con.execute(f"SET temp_directory = {_sql_literal(spill)}")
+        con.execute("SET preserve_insertion_order = true")
+        if self.threads:
+            con.execute(f"SET threads = {int(self.threads)}")
+        return con
+
+    def query(self, sql: str, tables: Mapping[str, Table]) -> Any:
+        con = self.connect()
+        try:
+            register_tables(con, tables)
+            return con.sql(sql).fetch_arrow_table()
+        finally:
+            con.close()
+
+    def write(self, sql: str, tables: Mapping[str, Table], out: Path, partition_by: str | None = None) -> None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        con = self.connect()
+        try:
+            register_tables(con, tables)
+            if partition_by:
+                target = _sql_literal(str(tmp))
+                options = f"FORMAT parquet, COMPRESSION zstd, PARTITION_BY ({_quote(partition_by)})"
+            else:
+                tmp.mkdir()
+                target = _sql_literal(str(tmp / "part-00000.parquet"))
+                options = "FORMAT parquet, COMPRESSION zstd"
+            con.execute(f"COPY ({sql}) TO {target} ({options})")
+            tmp.mkdir(exist_ok=True)  # an empty result writes no partition
+            replace_dir(tmp, out)
+        finally:
+            con.close()
+            if tmp.exists():
+                shutil.rmtree(tmp)

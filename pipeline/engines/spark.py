@@ -14,8 +14,9 @@ failures come back as one Arrow row per shard.
   (``spark.python.worker.reuse``, on by default, and set here), and the stages cache their models
   in the module (the Aho-Corasick automaton, the open_clip model, faiss centres, the language model).
 - The download stage goes through img2dataset's own ``pyspark_distributor`` (:meth:`distribute`).
-- Global steps that aggregate over the pool use :attr:`spark` directly (see
-  :mod:`pipeline.engines.spark_steps`).
+- Pool-wide SQL (:meth:`SparkEngine.query`, :meth:`SparkEngine.write`) runs as Spark SQL over
+  the pool's Parquet files read with the declared schema of just the columns it needs, so the
+  driver receives only the small results and Spark never reads the float16 embedding columns.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ import re
 import sys
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from pipeline.config import SparkConfig
-from pipeline.engines.base import ShardResults
+from pipeline.engines.base import ShardResults, Table
 from pipeline.progress import Progress
 
 _LOCAL = re.compile(r"^local\[(\*|\d+)\]$")
@@ -84,10 +86,32 @@ class _Downloader:
             return False, shard
 
 
-class SparkEngine:
-    """Runs each shard as a Spark task (module docstring). The session starts on first use."""
+_SPARK_TYPES = {"string": "string", "large_string": "string", "int8": "tinyint", "int16": "smallint",
+                "int32": "int", "int64": "bigint", "float": "float", "double": "double", "bool": "boolean",
+                "binary": "binary", "large_binary": "binary"}  # fmt: skip
+_UNNEST = re.compile(r"\bunnest\s*\(", re.IGNORECASE)
 
-    name = "spark"
+
+def spark_type(t: Any) -> str:
+    """The Spark SQL type of an Arrow type (the ones the pool's SQL reads)."""
+    import pyarrow as pa
+
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return f"array<{spark_type(t.value_type)}>"
+    name = str(t)
+    if name not in _SPARK_TYPES:
+        raise TypeError(f"no Spark type for the Arrow type {name}")
+    return _SPARK_TYPES[name]
+
+
+def spark_sql(sql: str) -> str:
+    """The project's SQL (DuckDB's dialect, kept to what both parse) in Spark's spelling."""
+    return _UNNEST.sub("explode(", sql)
+
+
+class SparkEngine:
+    """Runs each shard as a Spark task and the pool-wide SQL as Spark SQL (module docstring). The
+    session starts on first use."""
 
     def __init__(self, cfg: SparkConfig | None = None):
         self.cfg = cfg or SparkConfig()
@@ -106,7 +130,8 @@ class SparkEngine:
             builder = SparkSession.builder.master(_master(self.cfg)).appName(self.cfg.app_name)
             settings = {"spark.task.maxFailures": str(self.cfg.task_max_failures),
                         "spark.python.worker.reuse": "true", "spark.ui.showConsoleProgress": "false",
-                        "spark.sql.execution.arrow.pyspark.enabled": "true", **self.cfg.conf}  # fmt: skip
+                        "spark.sql.execution.arrow.pyspark.enabled": "true",
+                        "spark.sql.parquet.compression.codec": "zstd", **self.cfg.conf}  # fmt: skip
             for key, value in settings.items():
                 builder = builder.config(key, value)
             self._spark = builder.getOrCreate()
@@ -138,6 +163,49 @@ class SparkEngine:
                     out.failures[row.shard] = row.value
                 bar.update(weights.get(row.shard, 0))
         return out
+
+    def map_model(self, batch_fn: Callable[[Sequence[int]], Mapping[int, Any]], shard_fn: Callable[[int], Any],
+                  shards: Sequence[int], *, desc: str, progress: bool = True) -> ShardResults:  # fmt: skip
+        """A cluster: one task per shard; each executor's Python worker loads the model once."""
+        return self.map_shards(shard_fn, shards, desc=desc, progress=progress)
+
+    def map_download(self, fn: Callable[[int], Any], shards: Sequence[int], *, desc: str, staging: Path,
+                     weights: Mapping[int, int] | None = None, progress: bool = True) -> ShardResults:  # fmt: skip
+        """img2dataset's own ``pyspark_distributor`` with one more round for failed shards."""
+        if not shards:
+            return ShardResults()
+        return self.distribute(fn, shards, 1, str(staging / "errors"))
+
+    # SQL ------------------------------------------------------------------------------------
+    def _register(self, tables: Mapping[str, Table]) -> None:
+        for name, table in tables.items():
+            ddl = ", ".join(f"`{f.name}` {spark_type(f.type)}" for f in table.schema)
+            if table.files:
+                frame = self.spark.read.schema(ddl).parquet(*table.files)
+            else:
+                frame = self.spark.createDataFrame([], ddl)
+            frame.createOrReplaceTempView(name)
+
+    def query(self, sql: str, tables: Mapping[str, Table]) -> Any:
+        self._register(tables)
+        return self.spark.sql(spark_sql(sql)).toArrow()
+
+    def write(self, sql: str, tables: Mapping[str, Table], out: Path, partition_by: str | None = None) -> None:
+        import uuid
+
+        from pipeline.engines.local import replace_dir
+
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        self._register(tables)
+        writer = self.spark.sql(spark_sql(sql)).write.mode("overwrite")
+        if partition_by:
+            writer = writer.partitionBy(partition_by)
+        writer.parquet(str(tmp))
+        for extra in [*tmp.rglob("_SUCCESS"), *tmp.rglob(".*.crc")]:
+            extra.unlink()
+        replace_dir(tmp, out)
 
     def distribute(self, fn: Callable[[int], Any], shards: Sequence[int], retries: int, error_dir: str) -> ShardResults:
         """Run ``fn`` over ``shards`` with img2dataset's ``pyspark_distributor`` and its retry loop

@@ -14,14 +14,35 @@ of the samples left,
    ``max_{i<j} S[i, j] > 1 - eps`` (SemDeDup's ``semdedup``: the column maximum of the strict upper
    triangle, over every earlier sample, dropped or not).
 
-So the first sample of every set of mutual near-duplicates is kept. ``dup_group`` names, for every
-sample linked to another by a pair above the threshold (or by an identical hash), the uid of the
-first kept sample of its connected group.
+So the first sample of every set of mutual near-duplicates is kept.
+
+At pool scale (:func:`run_dedup`) the work is split into bounded steps, as NeMo Curator's semantic
+dedup and datatrove's MinHash dedup split theirs:
+
+1. exact groups: SQL (group by sha256, join back) written by the engine, partitioned by shard;
+2. k-means fitted on a uid-hash sample of the images left (:mod:`pipeline.vectors`);
+3. per shard: each image's cluster and distance, written with its vector;
+4. cluster sizes (SQL); a cluster above ``dedup_max_cluster_size`` is split by a second k-means fitted
+   on a sample of that cluster (its members are compared only within their sub-cluster, still in the
+   order of their distance to the first-level centre);
+5. the engine regroups the vectors by cluster group (SQL, partitioned), and one task per group
+   applies SemDeDup to each of its clusters, loading only that group;
+6. only the dropped samples are stored, each with ``dup_of``: for an exact duplicate the group's
+   kept sample (smallest uid), for a semantic one the most similar kept sample before it in
+   SemDeDup's order; they are regrouped by shard (SQL) and each shard writes ``tables/dedup``.
+
+``dup_group`` is that ``dup_of`` uid for a dropped sample, null for a kept one.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+from pathlib import Path
+from typing import Any
+
 import numpy as np
+import pyarrow as pa
 
 from pipeline.filters.image_based import kmeans_l2
 
@@ -40,56 +61,406 @@ def exact_groups(uids: np.ndarray, hashes: np.ndarray) -> tuple[np.ndarray, np.n
     return rep, size
 
 
-def semdedup(x: np.ndarray, uids: np.ndarray, k: int, eps: float, iterations: int, seed: int,
-             max_points_per_centroid: int, block: int = 2048) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
-    """SemDeDup over normalised rows ``x`` (module docstring).
+def dedup_members(xm: np.ndarray, eps: float, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """SemDeDup inside one cluster whose rows ``xm`` are in SemDeDup order.
 
     Returns:
-        ``keep`` (bool), ``group`` (index of the group's first kept sample, -1 if the sample has no
-        near-duplicate) and ``cluster`` (the k-means cluster of each row).
+        ``keep`` and, for each dropped row, the most similar kept row before it (-1 for kept rows).
+        Memory: ``len(xm) * block`` similarities at a time.
+    """
+    n = len(xm)
+    keep = np.ones(n, dtype=bool)
+    dup_of = np.full(n, -1, dtype=np.int64)
+    for a in range(1, n, block):  # columns j in blocks
+        b = min(a + block, n)
+        sim = xm[:b] @ xm[a:b].T  # rows i < b, columns j in [a, b)
+        earlier = np.arange(b)[:, None] < np.arange(a, b)[None, :]
+        dropped = ((sim > 1.0 - eps) & earlier).any(axis=0)  # max_{i<j} S[i, j] > 1 - eps
+        keep[a:b][dropped] = False
+        if dropped.any():
+            # keep[:b] is final for every row before each dropped column j (rows a..j-1 of this block
+            # are decided by earlier rows only)
+            candidates = np.where(earlier & keep[:b, None], sim, -np.inf)
+            dup_of[a:b][dropped] = np.argmax(candidates[:, dropped], axis=0)
+    return keep, dup_of
+
+
+def semdedup(x: np.ndarray, uids: np.ndarray, k: int, eps: float, iterations: int, seed: int,
+             max_points_per_centroid: int, block: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """SemDeDup over normalised rows ``x`` held in memory (module docstring): the reference the
+    pool-scale :func:`run_dedup` is tested against.
+
+    Returns:
+        ``keep`` (bool), ``dup_of`` (index of the kept sample a dropped one duplicates, -1 for kept
+        ones) and ``cluster`` (the k-means cluster of each row).
     """
     import faiss
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
 
     n = len(x)
     x = np.ascontiguousarray(x, dtype=np.float32)
     keep = np.ones(n, dtype=bool)
+    dup_of = np.full(n, -1, dtype=np.int64)
     if n < 2:
-        return keep, np.full(n, -1), np.zeros(n, dtype=np.int64)
+        return keep, dup_of, np.zeros(n, dtype=np.int64)
     k = max(1, min(k, n))
     centroids = kmeans_l2(x, k, iterations, seed, max_points_per_centroid)
     index = faiss.IndexFlatL2(x.shape[1])
     index.add(centroids)
     cluster = index.search(x, 1)[1][:, 0]
-    unit = centroids / np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
-    cos_dist = 1.0 - np.einsum("ij,ij->i", x, unit[cluster])
+    cos_dist = centre_distance(x, centroids, cluster)
     # members of each cluster, farthest from the centroid first, ties by uid
     order = np.lexsort((uids, -cos_dist, cluster))
     bounds = np.r_[0, np.cumsum(np.bincount(cluster, minlength=k))]
-    rows, cols = [], []
     for c in range(k):
         members = order[bounds[c] : bounds[c + 1]]
         if len(members) < 2:
             continue
-        xm = x[members]
-        for a in range(1, len(members), block):  # columns j in blocks: memory O(cluster size * block)
-            b = min(a + block, len(members))
-            sim = xm[:b] @ xm[a:b].T  # rows i < b, columns j in [a, b)
-            upper = (sim > 1.0 - eps) & (np.arange(b)[:, None] < np.arange(a, b)[None, :])
-            keep[members[a:b][upper.any(axis=0)]] = False  # max_{i<j} S[i, j] > 1 - eps
-            i, j = np.nonzero(upper)
-            rows.append(members[i])
-            cols.append(members[a + j])
-    group = np.full(n, -1, dtype=np.int64)
-    if rows:
-        r, c = np.concatenate(rows), np.concatenate(cols)
-        linked = np.zeros(n, dtype=bool)
-        linked[r] = linked[c] = True
-        _, label = connected_components(coo_matrix((np.ones(len(r)), (r, c)), shape=(n, n)), directed=False)
-        # the group's first member in SemDeDup order: it has no earlier neighbour, so it is kept
-        labels, at = np.unique(label[order], return_index=True)
-        first = np.empty(label.max() + 1, dtype=np.int64)
-        first[labels] = order[at]
-        group[linked] = first[label[linked]]
-    return keep, group, cluster
+        kept, of = dedup_members(x[members], eps, block)
+        keep[members] = kept
+        dup_of[members[~kept]] = members[of[~kept]]
+    return keep, dup_of, cluster
+
+
+def centre_distance(x: np.ndarray, centroids: np.ndarray, cluster: np.ndarray) -> np.ndarray:
+    """Cosine distance of each row to its centroid (SemDeDup's sort key)."""
+    unit = centroids / np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+    return 1.0 - np.einsum("ij,ij->i", x, unit[cluster])
+
+
+# -- the pool-scale step ----------------------------------------------------------------------------
+
+_SAMPLE_KEY = 0x53454D44  # "SEMD": hash key of the k-means sample's draws
+_SPLIT_KEY = 0x53504C54  # "SPLT": hash key of a big cluster's sample
+_EXACT_SQL = """
+with reps as (
+  select sha256, min(uid) as rep from download
+  where status = 'success' and sha256 is not null group by sha256 having count(*) > 1)
+select d.shard, d.shard as src_shard, d.uid, r.rep as dup_of from download d join reps r on d.sha256 = r.sha256
+where d.status = 'success' and d.uid <> r.rep
+"""
+
+
+def _dirs(pool: Any) -> dict[str, Path]:
+    base = pool.aggregates_dir / "dedup"
+    names = ("exact", "sample", "assign", "by_group", "semantic", "drops")
+    return {name: base / name for name in names} | {"base": base}
+
+
+def _partition(out: Path, shard: int) -> pa.Table | None:
+    import pyarrow.parquet as pq
+
+    from pipeline.engines.base import partition_files
+
+    files = partition_files(out, "shard", shard)
+    return pa.concat_tables(pq.read_table(f) for f in files) if files else None
+
+
+def _exact_dropped(pool_root: str, shard: int) -> pa.Array:
+    from pipeline.store.parquet import Pool
+
+    part = _partition(_dirs(Pool(pool_root))["exact"], shard)
+    return part["uid"].combine_chunks() if part is not None else pa.array([], pa.string())
+
+
+def _left_vectors(pool_root: str, shard: int) -> pa.Table:
+    """This shard's images left after exact dedup, in download order."""
+    import pyarrow.compute as pc
+
+    from pipeline.store import schema as S
+    from pipeline.store.parquet import Pool
+    from pipeline.vectors import shard_vectors
+
+    table = shard_vectors(Pool(pool_root), "embed", S.IMAGE_EMBEDDING, shard)
+    return table.filter(pc.invert(pc.is_in(table[S.UID], value_set=_exact_dropped(pool_root, shard))))
+
+
+def sample_shard(pool_root: str, out_dir: str, rate: float, seed: int, shard: int) -> int:
+    from pipeline.store import schema as S
+    from pipeline.vectors import drawn, write_sample
+
+    table = _left_vectors(pool_root, shard)
+    table = table.filter(pa.array(drawn(table[S.UID], _SAMPLE_KEY, seed, rate)))
+    return write_sample(Path(out_dir), shard, table[S.UID].combine_chunks(), table[S.IMAGE_EMBEDDING].combine_chunks())
+
+
+@functools.lru_cache(maxsize=2)
+def _load_npz(path: str, digest: str) -> dict[str, np.ndarray]:
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files}
+
+
+def assign_shard(pool_root: str, centres_path: str, digest: str, shard: int) -> int:
+    """Each image's first-level cluster, its SemDeDup distance and its stored vector (as bytes, so
+    any engine can regroup it), to ``assign/{shard}.parquet``; sub-cluster 0 until a split."""
+    import faiss
+
+    from pipeline.store import schema as S
+    from pipeline.store.parquet import Pool, shard_name, write_parquet_atomic
+    from pipeline.vectors import as_float32
+
+    centroids = _load_npz(centres_path, digest)["centroids"]
+    table = _left_vectors(pool_root, shard)
+    x = as_float32(table[S.IMAGE_EMBEDDING])
+    index = faiss.IndexFlatL2(centroids.shape[1])
+    index.add(centroids)
+    cluster = index.search(x, 1)[1][:, 0] if len(x) else np.zeros(0, dtype=np.int64)
+    vectors = _encode(table[S.IMAGE_EMBEDDING])
+    out = pa.table({"shard": pa.array(np.full(len(x), shard), pa.int32()), "uid": table[S.UID],
+                    "cluster": pa.array(cluster, pa.int32()), "sub": pa.array(np.zeros(len(x)), pa.int32()),
+                    "cos_dist": pa.array(centre_distance(x, centroids, cluster), pa.float64()),
+                    "vector": vectors})  # fmt: skip
+    write_parquet_atomic(_dirs(Pool(pool_root))["assign"] / f"{shard_name(shard)}.parquet", out)
+    return len(x)
+
+
+def split_shard(pool_root: str, subs_path: str, digest: str, shard: int) -> int:
+    """Give the rows of the split clusters their sub-cluster (nearest second-level centre)."""
+    import pyarrow.parquet as pq
+
+    from pipeline.store.parquet import Pool, shard_name, write_parquet_atomic
+
+    subs = _load_npz(subs_path, digest)
+    path = _dirs(Pool(pool_root))["assign"] / f"{shard_name(shard)}.parquet"
+    table = pq.read_table(path)
+    cluster = table["cluster"].to_numpy()
+    sub = np.zeros(len(cluster), dtype=np.int32)
+    dim = subs["dim"].item()
+    for c in np.intersect1d(np.unique(cluster), subs["clusters"]):
+        rows = np.nonzero(cluster == c)[0]
+        sub[rows] = _nearest_l2(_decode(table["vector"].take(pa.array(rows)), dim), subs[f"c{c}"])
+    write_parquet_atomic(path, table.set_column(table.column_names.index("sub"), "sub", pa.array(sub, pa.int32())))
+    return len(cluster)
+
+
+def _encode(column: pa.ChunkedArray) -> pa.Array:
+    """Stored float16 vectors as one binary value per row (no copy of the values)."""
+    if len(column) == 0:
+        return pa.array([], pa.binary())
+    stored = column.combine_chunks()
+    data = stored.values.to_numpy(zero_copy_only=False).view(np.uint8)
+    width = 2 * stored.type.list_size
+    offsets = np.arange(len(stored) + 1, dtype=np.int32) * width
+    return pa.Array.from_buffers(pa.binary(), len(stored), [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+
+
+def _decode(column: pa.Array | pa.ChunkedArray, dim: int) -> np.ndarray:
+    """Stored float16 vector bytes -> normalised float32 rows (as the in-memory path computes them)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if len(column) == 0:
+        return np.zeros((0, dim), dtype=np.float32)
+    if pa.types.is_large_binary(column.type):
+        column = column.cast(pa.binary())
+    offsets = np.frombuffer(column.buffers()[1], dtype=np.int32)[column.offset : column.offset + len(column) + 1]
+    data = np.frombuffer(column.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+    x = data.view(np.float16).reshape(len(column), dim).astype(np.float32)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return x
+
+
+def _nearest_l2(x: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    import faiss
+
+    index = faiss.IndexFlatL2(centres.shape[1])
+    index.add(np.ascontiguousarray(centres, dtype=np.float32))
+    return index.search(np.ascontiguousarray(x), 1)[1][:, 0]
+
+
+def group_task(pool_root: str, eps: float, dim: int, group: int) -> int:
+    """SemDeDup over every (cluster, sub-cluster) of one group: only the group's vectors are loaded.
+    Writes the dropped samples with ``dup_of`` to ``semantic/{group}.parquet``."""
+    import pyarrow.parquet as pq
+
+    from pipeline.engines.base import partition_files
+    from pipeline.store.parquet import Pool, shard_name, write_parquet_atomic
+
+    dirs = _dirs(Pool(pool_root))
+    files = partition_files(dirs["by_group"], "grp", group)
+    table = pa.concat_tables(pq.read_table(f) for f in files)
+    uids = table["uid"].to_numpy(zero_copy_only=False).astype(str)
+    order = np.lexsort((uids, -table["cos_dist"].to_numpy(), table["sub"].to_numpy(), table["cluster"].to_numpy()))
+    table, uids = table.take(pa.array(order)), uids[order]
+    unit = table["cluster"].to_numpy().astype(np.int64) << 32 | table["sub"].to_numpy().astype(np.int64)
+    starts = np.r_[0, np.nonzero(np.diff(unit))[0] + 1, len(unit)]
+    dropped, dup_of = [], []
+    for a, b in zip(starts[:-1], starts[1:], strict=True):
+        if b - a < 2:
+            continue
+        keep, of = dedup_members(_decode(table["vector"].slice(a, b - a), dim), eps)
+        dropped.append(np.arange(a, b)[~keep])
+        dup_of.append(a + of[~keep])
+    rows = np.concatenate(dropped) if dropped else np.zeros(0, dtype=np.int64)
+    of_rows = np.concatenate(dup_of) if dup_of else np.zeros(0, dtype=np.int64)
+    out = pa.table({"shard": table["shard"].take(pa.array(rows)), "uid": pa.array(uids[rows], pa.string()),
+                    "dup_of": pa.array(uids[of_rows], pa.string())})  # fmt: skip
+    write_parquet_atomic(dirs["semantic"] / f"{shard_name(group)}.parquet", out)
+    return len(rows)
+
+
+def write_shard(pool_root: str, digest: str, shard: int) -> dict[str, int]:
+    """``tables/dedup/{shard}`` from the shard's exact and semantic drops."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from pipeline.store import schema as S
+    from pipeline.store.parquet import Pool
+
+    pool = Pool(pool_root)
+    dirs = _dirs(pool)
+    base = pq.read_table(pool.table_path("download", shard), columns=[S.UID, S.SHARD])
+    group = pa.nulls(base.num_rows, pa.string())
+    kind = pa.nulls(base.num_rows, pa.string())
+    part = _partition(dirs["drops"], shard)
+    if part is not None and part.num_rows:
+        rows = pc.index_in(base[S.UID], value_set=part["uid"].combine_chunks())
+        group = pc.take(part["dup_of"], rows)
+        kind = pc.take(part["kind"], rows)
+    counts = {"samples": base.num_rows}
+    for label in ("exact", "semantic"):
+        counts[label] = int(pc.sum(pc.equal(kind, label)).as_py() or 0)
+    keep = pc.is_null(kind)
+    table = pa.table({S.UID: base[S.UID], S.SHARD: base[S.SHARD], S.DUP_GROUP: group, S.DUP_KIND: kind,
+                      S.DEDUP_KEEP: keep}, schema=S.DEDUP_SCHEMA)  # fmt: skip
+    pool.write_table("dedup", shard, table)
+    counts["dropped"] = int(pc.sum(pc.invert(keep)).as_py() or 0)
+    pool.mark_done("dedup", shard, digest, counts)
+    return counts
+
+
+def _groups(sizes: list[tuple[int, int, int]], per_task: int) -> pa.Table:
+    """Pack (cluster, sub, size) units, in order, into groups of at most ``per_task`` vectors."""
+    cluster, sub, grp = [], [], []
+    group, load = 0, 0
+    for c, s, n in sizes:
+        if load and load + n > per_task:
+            group, load = group + 1, 0
+        cluster.append(c)
+        sub.append(s)
+        grp.append(group)
+        load += n
+    return pa.table({"cluster": pa.array(cluster, pa.int32()), "sub": pa.array(sub, pa.int32()),
+                     "grp": pa.array(grp, pa.int32())})  # fmt: skip
+
+
+_ASSIGN_SCHEMA = pa.schema([("shard", pa.int32()), ("uid", pa.string()), ("cluster", pa.int32()), ("sub", pa.int32()),
+                            ("cos_dist", pa.float64()), ("vector", pa.binary())])  # fmt: skip
+_EXACT_SCHEMA = pa.schema([("src_shard", pa.int32()), ("uid", pa.string()), ("dup_of", pa.string())])
+_DROPS_SCHEMA = pa.schema([("shard", pa.int32()), ("uid", pa.string()), ("dup_of", pa.string())])
+
+
+def _files(directory: Path) -> list[Path]:
+    return sorted(directory.rglob("*.parquet")) if directory.exists() else []
+
+
+def _split_big(pool: Any, engine: Any, cfg: Any, sizes: pa.Table, dim: int, dirs: dict[str, Path],
+               digest: str) -> dict[int, int]:  # fmt: skip
+    """Second-level k-means of every cluster above ``dedup_max_cluster_size``, each fitted on a uid
+    sample of that cluster of at most that size; returns the clusters split and their sub count."""
+    from pipeline.engines.base import Table
+    from pipeline.sampling import uid_below
+    from pipeline.store.parquet import atomic_path
+
+    big = {int(c): int(n) for c, n in zip(sizes["cluster"].to_pylist(), sizes["n"].to_pylist(), strict=True)
+           if n > cfg.dedup_max_cluster_size}  # fmt: skip
+    if not big:
+        return {}
+    assign = {"assign": Table.of(_files(dirs["assign"]), _ASSIGN_SCHEMA, ["uid", "cluster", "vector"])}
+    arrays: dict[str, np.ndarray] = {"clusters": np.array(sorted(big)), "dim": np.array(dim)}
+    subs = {}
+    for c, n in sorted(big.items()):
+        share = uid_below(cfg.dedup_max_cluster_size / n)
+        rows = engine.query(f"select uid, vector from assign where cluster = {c} and {share} order by uid", assign)
+        x = _decode(rows["vector"], dim)
+        k = min(len(x), math.ceil(4 * n / cfg.dedup_max_cluster_size))
+        arrays[f"c{c}"] = kmeans_l2(x, k, cfg.kmeans_iterations, cfg.seed, cfg.kmeans_max_points_per_centroid)
+        subs[c] = k
+    with atomic_path(dirs["base"] / "subclusters.npz") as tmp, tmp.open("wb") as f:
+        np.savez(f, **arrays)
+    return subs
+
+
+def run_dedup(pool: Any, cfg: Any, engine: Any, progress: bool = True) -> dict[str, Any]:
+    """Exact duplicates by image sha256, then SemDeDup over what is left, at any pool size (module
+    docstring): every step is SQL run by the engine, a fit on a bounded sample, or a task over one
+    shard or one cluster group."""
+    import json
+
+    from pipeline.engines.base import Table, run_shards
+    from pipeline.filters.image_based import kmeans_l2 as fit
+    from pipeline.filters.stage import DEDUP_STAGE, embed_digest, not_done, stage_digest
+    from pipeline.store import schema as S
+    from pipeline.store.parquet import atomic_path, write_json_atomic, write_parquet_atomic
+    from pipeline.vectors import clusters_for, read_sample, sample_rate, sample_size
+
+    keys = ("dedup_eps", "dedup_clusters", "samples_per_dedup_cluster", "kmeans_iterations",
+            "kmeans_max_points_per_centroid", "kmeans_max_sample", "dedup_max_cluster_size",
+            "dedup_vectors_per_task", "seed")  # fmt: skip
+    shards = pool.require_complete("embed")
+    digest = stage_digest(*(getattr(cfg, k) for k in keys), embed_digest(pool))
+    summary_path = pool.aggregates_dir / "dedup.json"
+    if not not_done(pool, DEDUP_STAGE, digest) and summary_path.exists():
+        return json.loads(summary_path.read_text())
+    dirs = _dirs(pool)
+    download = {"download": pool.table("download", [S.UID, S.SHARD, S.STATUS, S.SHA256])}
+    engine.write(_EXACT_SQL, download, dirs["exact"], partition_by="shard")
+    exact = Table.of(_files(dirs["exact"]), _EXACT_SCHEMA, ["uid", "dup_of"])
+    population = engine.query("select count(*) as n from embed e left join exact x on e.uid = x.uid "
+                              "where e.clip_score is not null and x.uid is null",
+                              {"embed": pool.table("embed", [S.UID, S.CLIP_SCORE]), "exact": exact})["n"][0].as_py()  # fmt: skip
+    k = clusters_for(population, cfg.dedup_clusters, cfg.samples_per_dedup_cluster)
+    wanted = sample_size(k, cfg.kmeans_max_points_per_centroid, cfg.kmeans_max_sample)
+    run_shards(pool, engine, functools.partial(sample_shard, str(pool.root), str(dirs["sample"]),
+                                               sample_rate(wanted, population), cfg.seed),
+               shards, desc="dedup sample", progress=progress)  # fmt: skip
+    _, train = read_sample(dirs["sample"], shards)
+    semantic, subs, tasks, largest = 0, {}, 0, 0
+    if len(train) >= 2:
+        k = max(1, min(k, len(train)))
+        centres_path = dirs["base"] / "centroids.npz"
+        with atomic_path(centres_path) as tmp, tmp.open("wb") as f:
+            np.savez(f, centroids=fit(train, k, cfg.kmeans_iterations, cfg.seed, cfg.kmeans_max_points_per_centroid))
+        dim = train.shape[1]
+        del train
+        run_shards(pool, engine, functools.partial(assign_shard, str(pool.root), str(centres_path), digest), shards,
+                   desc="dedup assign", weights=pool.shard_sizes(shards), progress=progress)  # fmt: skip
+        assign = {"assign": Table.of(_files(dirs["assign"]), _ASSIGN_SCHEMA)}
+        sizes = engine.query("select cluster, count(*) as n from assign group by cluster order by cluster",
+                             {"assign": Table.of(_files(dirs["assign"]), _ASSIGN_SCHEMA, ["cluster"])})  # fmt: skip
+        subs = _split_big(pool, engine, cfg, sizes, dim, dirs, digest)
+        if subs:
+            run_shards(pool, engine, functools.partial(split_shard, str(pool.root), str(dirs["base"] / "subclusters.npz"),
+                                                       digest), shards, desc="dedup split", progress=progress)  # fmt: skip
+        units = engine.query("select cluster, sub, count(*) as n from assign group by cluster, sub "
+                             "order by cluster, sub", {"assign": Table.of(_files(dirs["assign"]), _ASSIGN_SCHEMA,
+                                                                          ["cluster", "sub"])})  # fmt: skip
+        groups = _groups(list(zip(*(units[c].to_pylist() for c in ("cluster", "sub", "n")), strict=True)),
+                         cfg.dedup_vectors_per_task)  # fmt: skip
+        largest = max(units["n"].to_pylist(), default=0)
+        write_parquet_atomic(dirs["base"] / "groups.parquet", groups)
+        tables = {**assign, "groups": Table.of([dirs["base"] / "groups.parquet"], groups.schema)}
+        engine.write("select a.shard, a.uid, a.cluster, a.sub, a.cos_dist, a.vector, g.grp from assign a "
+                     "join groups g on a.cluster = g.cluster and a.sub = g.sub", tables, dirs["by_group"],
+                     partition_by="grp")  # fmt: skip
+        tasks = int(groups["grp"][-1].as_py()) + 1 if groups.num_rows else 0
+        for old in _files(dirs["semantic"]):
+            old.unlink()
+        drops = run_shards(pool, engine, functools.partial(group_task, str(pool.root), cfg.dedup_eps, dim),
+                           list(range(tasks)), desc="dedup clusters", progress=progress)  # fmt: skip
+        semantic = sum(drops.values())
+    # every drop, by shard; an exact duplicate whose kept copy was then dropped as a near duplicate
+    # points on to the sample that one duplicates (always kept: SemDeDup's dup_of is kept)
+    engine.write("select x.src_shard as shard, x.uid, coalesce(s.dup_of, x.dup_of) as dup_of, 'exact' as kind from exact x "
+                 "left join semantic s on x.dup_of = s.uid "
+                 "union all select shard, uid, dup_of, 'semantic' as kind from semantic",
+                 {"exact": Table.of(_files(dirs["exact"]), _EXACT_SCHEMA),
+                  "semantic": Table.of(_files(dirs["semantic"]), _DROPS_SCHEMA)},
+                 dirs["drops"], partition_by="shard")  # fmt: skip
+    todo = not_done(pool, DEDUP_STAGE, digest)
+    run_shards(pool, engine, functools.partial(write_shard, str(pool.root), digest), todo, desc=DEDUP_STAGE,
+               progress=progress)  # fmt: skip
+    exact_dropped = sum(m["counts"]["exact"] for m in pool.completed(DEDUP_STAGE).values())
+    summary = {"exact_dropped": exact_dropped, "semantic_dropped": semantic, "semantic_clusters": int(k),
+               "semantic_samples": int(population), "split_clusters": len(subs), "cluster_tasks": tasks,
+               "largest_task_unit": int(largest), "eps": cfg.dedup_eps, "digest": digest}  # fmt: skip
+    write_json_atomic(summary_path, summary)
+    return summary

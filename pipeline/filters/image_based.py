@@ -18,9 +18,11 @@ in the pool's CLIP space can replace them. faiss trains on at most
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 
 def kmeans_l2(x: np.ndarray, k: int, iterations: int, seed: int, max_points_per_centroid: int) -> np.ndarray:
@@ -82,3 +84,152 @@ def imagenet_text_targets(embedder) -> np.ndarray:
         e = embedder.encode_texts([t(name) for t in SIMPLE_IMAGENET_TEMPLATES]).mean(axis=0)
         out.append(e / max(np.linalg.norm(e), 1e-12))
     return np.stack(out).astype(np.float32)
+
+
+# -- the pool-wide step: count (SQL), sample per shard, fit, assign per shard ----------------------
+
+_SAMPLE_KEY = 0x494D4753  # "IMGS": hash key of the k-means sample's draws
+_CAPTION_RULE = "lang = 'en' and caption_tokens > 1 and caption_chars > 5"  # DataComp's caption filter
+
+
+def _caption_ok(filters: dict[str, np.ndarray]) -> np.ndarray:
+    return (filters["lang"] == "en") & (filters["caption_tokens"] > 1) & (filters["caption_chars"] > 5)
+
+
+def sample_shard(pool_root: str, out_dir: str, rate: float, seed: int, captioned: bool, shard: int) -> int:
+    """This shard's part of the k-means sample: embedded images (whose caption passes DataComp's
+    caption filter when ``captioned``) drawn at ``rate`` by uid hash, in download order."""
+    from pipeline.store import schema as S
+    from pipeline.store.parquet import Pool
+    from pipeline.vectors import drawn, shard_vectors, write_sample
+
+    pool = Pool(pool_root)
+    table = shard_vectors(pool, "embed", S.IMAGE_EMBEDDING, shard)
+    if captioned:
+        table = _with_caption_ok(pool, shard, table)
+    table = table.filter(pa.array(drawn(table[S.UID], _SAMPLE_KEY, seed, rate)))
+    return write_sample(Path(out_dir), shard, table[S.UID].combine_chunks(), table[S.IMAGE_EMBEDDING].combine_chunks())
+
+
+def _with_caption_ok(pool, shard: int, table):
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from pipeline.store import schema as S
+
+    scores = pq.read_table(pool.table_path("filters", shard), columns=[S.UID, S.LANG, S.CAPTION_TOKENS, S.CAPTION_CHARS])
+    ok = _caption_ok({c: scores[c].to_numpy(zero_copy_only=False) for c in scores.column_names[1:]})
+    return table.filter(pc.is_in(table[S.UID], value_set=scores[S.UID].filter(pa.array(ok)).combine_chunks()))
+
+
+@functools.lru_cache(maxsize=2)
+def _centres(path: str, digest: str) -> tuple[np.ndarray, np.ndarray]:
+    data = np.load(path)
+    return data["centroids"], data["chosen"]
+
+
+def assign_shard(pool_root: str, centres_path: str, digest: str, shard: int) -> dict[str, int]:
+    """Write ``tables/image_based/{shard}``: each image's nearest centroid by dot product (DataComp's
+    ``get_centroid_ids_gpu``) and whether it is a target cluster; null without an image."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from pipeline.store import schema as S
+    from pipeline.store.parquet import Pool
+    from pipeline.vectors import as_float32, shard_vectors
+
+    pool = Pool(pool_root)
+    centroids, chosen = _centres(centres_path, digest)
+    base = pq.read_table(pool.table_path("download", shard), columns=[S.UID, S.SHARD])
+    have = shard_vectors(pool, "embed", S.IMAGE_EMBEDDING, shard)
+    cluster = np.full(base.num_rows, -1, dtype=np.int64)
+    rows = pc.index_in(have[S.UID], value_set=base[S.UID].combine_chunks()).to_numpy(zero_copy_only=False)
+    if have.num_rows:
+        cluster[rows] = nearest_by_dot(as_float32(have[S.IMAGE_EMBEDDING]), centroids)
+    mask = cluster < 0
+    target = np.isin(cluster, chosen)
+    table = pa.table({S.UID: base[S.UID], S.SHARD: base[S.SHARD],
+                      S.IMAGE_CLUSTER: pa.array(cluster.astype(np.int32), pa.int32(), mask=mask),
+                      S.IMAGE_TARGET: pa.array(target, pa.bool_(), mask=mask)}, schema=S.IMAGE_BASED_SCHEMA)  # fmt: skip
+    pool.write_table("image_based", shard, table)
+    counts = {"samples": table.num_rows, "target": int(target[~mask].sum())}
+    pool.mark_done("image_based", shard, digest, counts)
+    return counts
+
+
+def _targets_id(cfg, embed_cfg) -> str:
+    from pipeline.config import config_hash
+    from pipeline.store.parquet import file_sha256
+
+    if cfg.image_targets:
+        return f"file:{cfg.image_targets}:{file_sha256(cfg.image_targets)[:16]}"
+    if embed_cfg is None:
+        return "imagenet-1k class names (no embed config)"
+    return f"imagenet-1k class names, {embed_cfg.model} text tower ({config_hash(embed_cfg)})"
+
+
+def _targets(cfg, embed_cfg) -> np.ndarray:
+    if cfg.image_targets:
+        return load_targets(cfg.image_targets)
+    if embed_cfg is None:
+        raise ValueError("filters.image_targets is null and there is no embed config to embed ImageNet class names")
+    from pipeline.embed import ClipEmbedder
+
+    return imagenet_text_targets(ClipEmbedder(embed_cfg))
+
+
+def run_image_based(pool, cfg, engine, embed_cfg=None, progress: bool = True) -> dict:
+    """DataComp's image-based filter at any pool size: count the caption-filtered embedded images
+    (SQL), fit k-means on a uid-hash sample of them (:mod:`pipeline.vectors`), pick the target
+    clusters, then assign every shard in its own task."""
+    import json
+
+    from pipeline.engines.base import run_shards
+    from pipeline.filters.stage import IMAGE_STAGE, embed_digest, not_done, scores_digest, stage_digest
+    from pipeline.store import schema as S
+    from pipeline.store.parquet import atomic_path, write_json_atomic
+    from pipeline.vectors import clusters_for, read_sample, sample_rate, sample_size
+
+    shards = pool.require_complete("embed")
+    targets_id = _targets_id(cfg, embed_cfg)
+    keys = ("image_clusters", "samples_per_image_cluster", "kmeans_iterations", "kmeans_max_points_per_centroid",
+            "kmeans_max_sample", "seed")  # fmt: skip
+    digest = stage_digest(*(getattr(cfg, k) for k in keys), targets_id, embed_digest(pool), scores_digest())
+    summary_path = pool.aggregates_dir / "image_based.json"
+    if not not_done(pool, IMAGE_STAGE, digest) and summary_path.exists():
+        return json.loads(summary_path.read_text())
+    tables = {"embed": pool.table("embed", [S.UID, S.CLIP_SCORE]),
+              "filters": pool.table("filters", [S.UID, S.LANG, S.CAPTION_TOKENS, S.CAPTION_CHARS])}  # fmt: skip
+    counts = engine.query("select count(*) as embedded, count(f.uid) as captioned from embed e left join "
+                          f"(select uid from filters where {_CAPTION_RULE}) f on e.uid = f.uid "
+                          "where e.clip_score is not null", tables).to_pylist()[0]  # fmt: skip
+    captioned = counts["captioned"] > 0  # DataComp trains on the caption-filtered images, if any
+    population = counts["captioned"] if captioned else counts["embedded"]
+    if not population:
+        raise ValueError(f"{pool.root}: no image embeddings to cluster")
+    k = clusters_for(population, cfg.image_clusters, cfg.samples_per_image_cluster)
+    wanted = sample_size(k, cfg.kmeans_max_points_per_centroid, cfg.kmeans_max_sample)
+    out = pool.aggregates_dir / "image_based"
+    sample_dir = out / "sample"
+    fn = functools.partial(sample_shard, str(pool.root), str(sample_dir), sample_rate(wanted, population), cfg.seed,
+                           captioned)  # fmt: skip
+    run_shards(pool, engine, fn, shards, desc="image_based sample", progress=progress)
+    _, train = read_sample(sample_dir, shards)
+    k = min(k, len(train))
+    centroids = kmeans_l2(train, k, cfg.kmeans_iterations, cfg.seed, cfg.kmeans_max_points_per_centroid)
+    targets = _targets(cfg, embed_cfg)
+    if targets.shape[1] != centroids.shape[1]:
+        raise ValueError(f"image targets have dimension {targets.shape[1]}, the pool's embeddings {centroids.shape[1]}")
+    chosen = np.unique(nearest_by_dot(targets, centroids))
+    centres_path = out / "centroids.npz"
+    with atomic_path(centres_path) as tmp, tmp.open("wb") as f:
+        np.savez(f, centroids=centroids, chosen=chosen)
+    fn = functools.partial(assign_shard, str(pool.root), str(centres_path), digest)
+    todo = not_done(pool, IMAGE_STAGE, digest)
+    run_shards(pool, engine, fn, todo, desc=IMAGE_STAGE, weights=pool.shard_sizes(todo), progress=progress)
+    in_target = sum(m["counts"]["target"] for m in pool.completed(IMAGE_STAGE).values())
+    summary = {"clusters": int(k), "train_samples": len(train), "train_population": population,
+               "embedded_samples": counts["embedded"], "targets": targets_id, "target_embeddings": len(targets),
+               "target_clusters": len(chosen), "samples_in_target_clusters": in_target, "digest": digest}  # fmt: skip
+    write_json_atomic(summary_path, summary)
+    return summary

@@ -13,6 +13,8 @@ random stream, so the kept set does not depend on how the pool is partitioned.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pyarrow as pa
 
@@ -96,3 +98,27 @@ def balance(
     kept_pairs = draws < entry_p[flat]
     keep = np.bincount(parents[kept_pairs], minlength=len(uids)) > 0
     return sample_probabilities(matched, entry_p), keep
+
+
+def expected_sizes(matched: pa.ListArray, counts: np.ndarray, ts: list[float]) -> list[float]:
+    """Expected kept samples of a batch for each t of ``ts`` (one shard's part of a grid pass)."""
+    return [float(sample_probabilities(matched, entry_probabilities(counts, t)).sum()) for t in ts]
+
+
+def solve_increasing(expected: Callable[[list[float]], np.ndarray], target: float, hi: float,
+                     points: int = 32, passes: int = 8) -> float:
+    """The x in ``[0, hi]`` whose increasing ``expected(x)`` is ``target`` (within 0.01%), by grid
+    refinement: each pass evaluates ``points`` values at once, so a pool-sized sum costs one pass over
+    the pool per ``points`` candidates rather than one per bisection step (:func:`t_for_size`).
+    """
+    lo = 0.0
+    for _ in range(passes):
+        grid = np.linspace(lo, hi, points + 2)[1:-1]
+        values = np.asarray(expected(grid.tolist()))
+        close = np.abs(values - target) <= 1e-4 * target
+        if close.any():
+            return float(grid[np.argmax(close)])
+        below = values < target
+        lo = float(grid[below][-1]) if below.any() else lo
+        hi = float(grid[~below][0]) if (~below).any() else hi
+    return hi

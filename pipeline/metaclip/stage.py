@@ -24,8 +24,8 @@ import pyarrow.parquet as pq
 
 from pipeline.config import MetaclipConfig, config_hash
 from pipeline.engines.base import run_shards
-from pipeline.metaclip.balancing import balance, entry_probabilities, scale_t, t_for_size
-from pipeline.metaclip.matching import entry_counts, file_digest, load_entries, matcher_for
+from pipeline.metaclip.balancing import balance, entry_probabilities, expected_sizes, scale_t, solve_increasing
+from pipeline.metaclip.matching import file_digest, load_entries, matcher_for
 from pipeline.store import schema as S
 from pipeline.store.parquet import Pool, write_json_atomic, write_parquet_atomic
 
@@ -36,7 +36,7 @@ COUNTS_FILE = "metaclip_entry_counts.parquet"
 
 def match_hash(cfg: MetaclipConfig) -> str:
     """What the matches depend on: the entries file's content, case handling, what counts."""
-    blob = f"{file_digest(cfg.metadata)}|{cfg.case_sensitive}|{cfg.only_downloaded}"
+    blob = f"{file_digest(cfg.metadata)}|{cfg.case_sensitive}|{cfg.only_downloaded}|markers-v2"
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -53,7 +53,9 @@ def match_shard(pool_root: str, cfg: MetaclipConfig, shard: int) -> dict[str, in
     )  # fmt: skip
     pool.write_table(MATCH_STAGE, shard, table)
     lengths = pc.list_value_length(matched).to_numpy(zero_copy_only=False)
-    counts = {"samples": dl.num_rows, "matched": int((lengths > 0).sum()), "matches": int(lengths.sum())}
+    is_counted = counted.to_numpy(zero_copy_only=False)
+    counts = {"samples": dl.num_rows, "matched": int((lengths > 0).sum()), "matches": int(lengths.sum()),
+              "counted": int(is_counted.sum()), "counted_matched": int(((lengths > 0) & is_counted).sum())}  # fmt: skip
     pool.mark_done(MATCH_STAGE, shard, match_hash(cfg), counts)
     return counts
 
@@ -85,13 +87,47 @@ def balance_shard(pool_root: str, cfg: MetaclipConfig, t: float, digest: str, sh
     return result
 
 
-def resolve_t(cfg: MetaclipConfig, matched: pa.ListArray, counts: np.ndarray, pool_size: int) -> float:
-    """t as the config asks: solved for ``target_size``, scaled to the pool, or as given."""
+def expected_task(pool_root: str, counts_path: str, digest: str, ts: list[float], shard: int) -> list[float]:
+    """This shard's expected kept samples for each t of ``ts`` (counted samples only)."""
+    counts = _load_counts(counts_path, digest)
+    match = pq.read_table(Pool(pool_root).table_path(MATCH_STAGE, shard), columns=[S.MATCHED_ENTRY_IDS, S.COUNTED])
+    matched = match[S.MATCHED_ENTRY_IDS].combine_chunks().filter(match[S.COUNTED].combine_chunks())
+    return expected_sizes(matched, counts, ts)
+
+
+def resolve_t(pool: Pool, cfg: MetaclipConfig, engine: Any, counts: np.ndarray, pool_size: int, reachable: int,
+              digest: str) -> float:  # fmt: skip
+    """t as the config asks: solved for ``target_size`` (grid passes over the shards), scaled to the
+    pool, or as given."""
     if cfg.target_size is not None:
-        return t_for_size(matched, counts, cfg.target_size)
+        if cfg.target_size > reachable:
+            raise ValueError(f"target size {cfg.target_size:g} exceeds the {reachable:g} samples that match an entry")
+        shards = pool.require_complete(MATCH_STAGE)
+        path = str(pool.aggregates_dir / COUNTS_FILE)
+
+        def expected(ts: list[float]) -> np.ndarray:
+            fn = functools.partial(expected_task, str(pool.root), path, digest, ts)
+            parts = run_shards(pool, engine, fn, shards, desc="metaclip t", progress=False)
+            return np.sum([parts[s] for s in shards], axis=0)
+
+        return solve_increasing(expected, cfg.target_size, max(1.0, float(counts.max(initial=1))))
     if cfg.scale_t_to_pool:
         return scale_t(pool_size, cfg.t)
     return float(cfg.t)
+
+
+_COUNTS_SQL = ("select e as entry_id, count(*) as n from (select unnest(matched_entry_ids) as e from metaclip_match "
+               "where counted) x group by e")  # fmt: skip
+_KEPT_SQL = ("select e as entry_id, count(*) as n from (select unnest(m.matched_entry_ids) as e from metaclip_match m "
+             "join metaclip b on m.uid = b.uid where b.metaclip_keep) x group by e")  # fmt: skip
+
+
+def entry_counts_sql(engine: Any, sql: str, tables: dict[str, Any], num_entries: int) -> np.ndarray:
+    """A per-entry count query's small result as a dense array over the entries."""
+    rows = engine.query(sql, tables)
+    counts = np.zeros(num_entries, dtype=np.int64)
+    counts[rows["entry_id"].to_numpy()] = rows["n"].to_numpy()
+    return counts
 
 
 def pending_matches(pool: Pool, cfg: MetaclipConfig) -> list[int]:
@@ -119,38 +155,34 @@ def run_metaclip(pool: Pool, cfg: MetaclipConfig, engine: Any, progress: bool = 
     shards = pool.require_complete(MATCH_STAGE)
     entries = load_entries(cfg.metadata)
 
-    match = pool.read_table(MATCH_STAGE, columns=[S.MATCHED_ENTRY_IDS, S.COUNTED])
-    matched = match[S.MATCHED_ENTRY_IDS].combine_chunks()
-    counted = match[S.COUNTED].to_numpy(zero_copy_only=False)
-    if getattr(engine, "name", "") == "spark":  # the global count as a Spark aggregation
-        from pipeline.engines import spark_steps
-
-        counts = spark_steps.entry_counts(engine.spark, pool, len(entries))
-    else:
-        counts = entry_counts(matched, len(entries), counted)
-    t = resolve_t(cfg, matched.filter(pa.array(counted)), counts, int(counted.sum()))
+    match = pool.table(MATCH_STAGE, [S.UID, S.MATCHED_ENTRY_IDS, S.COUNTED])
+    counts = entry_counts_sql(engine, _COUNTS_SQL, {"metaclip_match": match}, len(entries))
+    markers = pool.completed(MATCH_STAGE)
+    pool_size = sum(m["counts"]["counted"] for m in markers.values())
+    reachable = sum(m["counts"]["counted_matched"] for m in markers.values())
     counts_path = pool.aggregates_dir / COUNTS_FILE
     table = pa.table(
         {"entry_id": pa.array(range(len(entries)), pa.int32()), "entry": entries, "count": counts,
-         "p": entry_probabilities(counts, t), "kept": np.zeros(len(entries), np.int64)},
+         "p": np.ones(len(entries)), "kept": np.zeros(len(entries), np.int64)},
         schema=S.ENTRY_COUNTS_SCHEMA,
     )  # fmt: skip
     digest = hashlib.sha256(counts.tobytes()).hexdigest()[:16]
     write_parquet_atomic(counts_path, table)
+    t = resolve_t(pool, cfg, engine, counts, pool_size, reachable, digest)
+    table = table.set_column(3, "p", pa.array(entry_probabilities(counts, t)))
 
     todo = [s for s in shards if not pool.is_done(STAGE, s, _balance_hash(cfg, t, digest))]
     fn = functools.partial(balance_shard, str(pool.root), cfg, t, digest)
     run_shards(pool, engine, fn, todo, desc=STAGE, weights=pool.shard_sizes(todo), progress=progress)
 
-    kept = pool.read_table(STAGE, columns=[S.METACLIP_KEEP])[S.METACLIP_KEEP].to_numpy(zero_copy_only=False)
-    kept_counts = entry_counts(matched, len(entries), kept)
+    tables = {"metaclip_match": match, "metaclip": pool.table(STAGE, [S.UID, S.METACLIP_KEEP])}
+    kept_counts = entry_counts_sql(engine, _KEPT_SQL, tables, len(entries))
     write_parquet_atomic(counts_path, table.set_column(4, "kept", pa.array(kept_counts, pa.int64())))
     summary = {
         "t": t, "seed": cfg.seed, "metadata": cfg.metadata, "metadata_sha256": file_digest(cfg.metadata),
-        "entries": len(entries), "pool_size": int(counted.sum()),
-        "samples_matched": int((pc.list_value_length(matched).to_numpy(zero_copy_only=False)[counted] > 0).sum()),
-        "samples_kept": int(kept.sum()), "entries_matched": int((counts > 0).sum()),
-        "entries_over_t": int((counts > t).sum()),
+        "entries": len(entries), "pool_size": pool_size, "samples_matched": reachable,
+        "samples_kept": sum(m["counts"]["kept"] for m in pool.completed(STAGE).values()),
+        "entries_matched": int((counts > 0).sum()), "entries_over_t": int((counts > t).sum()),
     }  # fmt: skip
     write_json_atomic(pool.aggregates_dir / "metaclip.json", summary)
     from pipeline.metaclip.report import write_report

@@ -25,6 +25,7 @@ import functools
 import hashlib
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -53,7 +54,7 @@ def shard_name(shard: int) -> str:
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary sibling of ``path``; on success rename it over ``path``, else remove it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     try:
         yield tmp
         os.replace(tmp, path)
@@ -146,12 +147,24 @@ class Pool:
         return self.root / "completions" / stage / f"{shard_name(shard)}.json"
 
     # completion ---------------------------------------------------------------------------
+    def done_shards(self, stage: str) -> list[int]:
+        """Sorted shard ids with a completion marker for ``stage``: one directory listing, no
+        marker is parsed (what planning needs; :meth:`completed` when the counts are needed)."""
+        base = self.root / "completions" / stage
+        if not base.is_dir():
+            return []
+        return sorted(int(e.name[:-5]) for e in os.scandir(base) if e.name.endswith(".json") and e.name[:1].isdigit())
+
     def completed(self, stage: str) -> dict[int, dict[str, Any]]:
-        """Completion markers of ``stage`` by shard id."""
+        """Completion markers of ``stage`` by shard id (each parsed: call once per step)."""
         done = {}
         for path in sorted((self.root / "completions" / stage).glob("[0-9]*.json")):
             done[int(path.stem)] = json.loads(path.read_text())
         return done
+
+    def marker(self, stage: str, shard: int) -> dict[str, Any]:
+        """One shard's completion marker."""
+        return json.loads(self.marker_path(stage, shard).read_text())
 
     def is_done(self, stage: str, shard: int, config_hash: str | None = None) -> bool:
         path = self.marker_path(stage, shard)
@@ -174,7 +187,7 @@ class Pool:
         plan = self.read_plan()
         if plan is None:
             raise ValueError(f"{self.root}: no input prepared yet; run the download stage first")
-        done = self.completed(stage)
+        done = set(self.done_shards(stage))
         missing = [s for s in range(plan["num_shards"]) if s not in done]
         if missing:
             raise ValueError(
@@ -238,9 +251,32 @@ class Pool:
             self.write_table(stage, shard, part)
             self.mark_done(stage, shard, config_hash, counts_of(part))
 
+    def table_schema(self, stage: str) -> pa.Schema:
+        """The declared schema of a stage's table (the embedding tables' depends on the dimension,
+        so it is read from their first file)."""
+        if stage in STAGE_SCHEMAS:
+            return STAGE_SCHEMAS[stage]
+        done = self.done_shards(stage)
+        if not done:
+            raise ValueError(f"{self.root}: stage {stage!r} has no finished shard")
+        return pq.read_schema(self.table_path(stage, done[0]))
+
+    def table(self, stage: str, columns: list[str] | None = None, shards: list[int] | None = None) -> Any:
+        """The stage's finished shards as an engine :class:`~pipeline.engines.base.Table` (files and
+        declared schema), optionally only ``columns`` and ``shards``."""
+        from pipeline.engines.base import Table
+
+        done = self.done_shards(stage)
+        if shards is not None:
+            wanted = set(shards)
+            done = [s for s in done if s in wanted]
+        schema = STAGE_SCHEMAS.get(stage) or (self.table_schema(stage) if done else pa.schema([]))
+        return Table.of([self.table_path(stage, s) for s in done], schema, columns)
+
     def read_table(self, stage: str, columns: list[str] | None = None) -> pa.Table:
-        """All completed shards of a stage's table, in shard order."""
-        paths = [self.table_path(stage, s) for s in sorted(self.completed(stage))]
+        """All completed shards of a stage's table, in shard order (small pools and tests: a pool-wide
+        step reads per shard or through the engine's SQL instead)."""
+        paths = [self.table_path(stage, s) for s in self.done_shards(stage)]
         if not paths:
             schema = STAGE_SCHEMAS.get(stage, pa.schema([]))
             return schema.empty_table() if columns is None else schema.empty_table().select(columns)
@@ -249,7 +285,7 @@ class Pool:
     def stages(self) -> list[str]:
         """Stages with at least one completed shard."""
         base = self.root / "completions"
-        return sorted(p.name for p in base.iterdir() if any(p.glob("[0-9]*.json"))) if base.exists() else []
+        return sorted(p.name for p in base.iterdir() if self.done_shards(p.name)) if base.exists() else []
 
     # manifest -----------------------------------------------------------------------------
     def read_plan(self) -> dict[str, Any] | None:

@@ -64,50 +64,127 @@ class ExportError(ValueError):
     """A selection that cannot be exported; the message names the predicate or recipe."""
 
 
-def select(pool: Pool, where: str | None = None, recipe: str | None = None, recipes: dict | None = None,
-           con: Any = None) -> pa.Table:  # fmt: skip
-    """uid, shard and key of the samples to export, in the pool's (shard, key) order."""
+def _predicate(where: str | None) -> str:
+    base = f"{S.STATUS} = 'success' and {S.KEY} is not null"
+    return f"{base} and ({where})" if where else base
+
+
+def _rules(pool: Pool, recipe: str | None, recipes: dict | None) -> list | None:
+    """The recipe's rules resolved with the pool's recorded filter parameters (its thresholds and
+    fractions), so ``--recipe R`` re-decides exactly as ``curate filter`` would."""
+    if not recipe:
+        return None
+    import dataclasses
+
+    from pipeline.engines.local import LocalEngine
+    from pipeline.filters.decisions import recorded_config, resolve_rules
+
+    cfg = recorded_config(pool)
+    cfg = dataclasses.replace(cfg, recipe=recipe, recipes={**cfg.recipes, **(recipes or {})})
+    return resolve_rules(pool, cfg, LocalEngine(1))[0]
+
+
+def check_predicate(pool: Pool, where: str | None) -> list[str]:
+    """Validate ``where`` against the ``samples`` view (no rows read); return the sidecar columns."""
     from pipeline.query import connect
 
-    con = con or connect(pool)
-    sql = (f"select {S.UID}, {S.SHARD}, {S.KEY} from samples where {S.STATUS} = 'success' "
-           f"and {S.KEY} is not null")  # fmt: skip
-    if where:
-        sql += f" and ({where})"
+    con = connect(pool, shards=pool.done_shards("download")[:1])
     try:
-        table = con.sql(sql + f" order by {S.SHARD}, {S.KEY}").fetch_arrow_table()
+        con.sql(f"select {S.UID} from samples where {_predicate(where)} limit 0").fetchall()
     except Exception as exc:  # duckdb's errors name the bad column or syntax
         raise ExportError(f"export predicate {where!r} over `samples`: {exc}") from None
-    if recipe:
-        from pipeline.filters.stage import recipe_keep
-
-        kept = recipe_keep(pool, recipe, recipes or {})
-        table = table.filter(pa.compute.is_in(table[S.UID], value_set=kept))
-    return table
+    return [r[0] for r in con.execute("describe samples").fetchall() if r[0] not in EMBEDDING_COLUMNS]
 
 
-def _order(selected: pa.Table, seed: int | None) -> np.ndarray:
-    if seed is None:
-        return np.arange(selected.num_rows)
+def plan_source_shard(pool_root: str, plan_dir: str, where: str | None, rules: list | None, seed: int | None,
+                      side_cols: list[str], shard: int) -> dict[str, Any]:  # fmt: skip
+    """The export plan of one source shard: its selected samples in key order, with where each one's
+    members lie in the source tar, its size in an output tar, its shuffle draw and its sidecar
+    columns. Written to ``plan/{shard}.parquet``; the driver never holds a per-sample plan."""
+    from pipeline.query import connect
+
+    pool = Pool(pool_root)
+    con = connect(pool, shards=[shard])
+    quoted = ", ".join(f'"{c}"' for c in side_cols)
+    table = con.sql(f"select {quoted} from samples where {_predicate(where)} order by {S.KEY}").fetch_arrow_table()
+    con.close()
+    if rules is not None:
+        from pipeline.filters.decisions import decide_shard
+
+        base, keep, _ = decide_shard(pool, shard, rules)
+        table = table.filter(pa.compute.is_in(table[S.UID], value_set=base[S.UID].filter(pa.array(keep))))
+    keys = table[S.KEY].to_pylist()
+    located = _locate(pool, shard, keys)
+    plan = pa.table({"_source_shard": pa.array(np.full(len(keys), shard), pa.int32()),
+                     "_source_key": pa.array(keys, pa.string()), "_uid": table[S.UID],
+                     "_members": pa.array([json.dumps(m) for m in located], pa.string()),
+                     "_size": pa.array([_output_size(m) for m in located], pa.int64()),
+                     "_draw": _draws(table[S.UID], seed)})  # fmt: skip
+    for name in table.column_names:
+        plan = plan.append_column(f"side.{name}", table[name])
+    write_parquet_atomic(Path(plan_dir) / f"{shard:05d}.parquet", plan)
+    uids = "\n".join(table[S.UID].to_pylist()).encode()
+    return {"samples": len(keys), "uids_sha256": hashlib.sha256(uids).hexdigest()}
+
+
+def _draws(uids: pa.ChunkedArray, seed: int | None) -> pa.Array:
+    if seed is None or len(uids) == 0:
+        return pa.array(np.zeros(len(uids)), pa.float64())
     from pipeline.sampling import uid_to_uint64, uniform
 
-    draws = uniform(uid_to_uint64(selected[S.UID]), np.uint64(_EXPORT_KEY), seed)
-    return np.lexsort((selected[S.UID].to_numpy(zero_copy_only=False), draws))
+    return pa.array(uniform(uid_to_uint64(uids), np.uint64(_EXPORT_KEY), seed), pa.float64())
 
 
-def _plan_shards(sizes: np.ndarray, per_shard: int, max_bytes: int | None) -> list[tuple[int, int]]:
-    """[start, end) of each output shard over the ordered samples."""
-    bounds, start, total = [], 0, 0
-    for i, size in enumerate(sizes):
-        # a tar ends with two zero blocks and is padded to 10 KiB records
-        full = max_bytes and -(-(total + size + 1024) // 10240) * 10240 > max_bytes
-        if i > start and (i - start >= per_shard or full):
-            bounds.append((start, i))
-            start, total = i, 0
-        total += int(size)
-    if start < len(sizes):
-        bounds.append((start, len(sizes)))
+def _plan_shards(sizes: Any, per_shard: int, max_bytes: int | None) -> list[tuple[int, int]]:
+    """[start, end) of each output shard over the ordered samples; ``sizes`` is an iterable of
+    arrays of output sizes (streamed batch by batch: only the bounds are held)."""
+    bounds, start, total, i = [], 0, 0, 0
+    for batch in sizes:
+        for size in np.asarray(batch, dtype=np.int64).tolist():
+            # a tar ends with two zero blocks and is padded to 10 KiB records
+            full = max_bytes and -(-(total + size + 1024) // 10240) * 10240 > max_bytes
+            if i > start and (i - start >= per_shard or full):
+                bounds.append((start, i))
+                start, total = i, 0
+            total += size
+            i += 1
+    if start < i:
+        bounds.append((start, i))
     return bounds
+
+
+def _ordered_files(partial: Path) -> list[Path]:
+    return sorted((partial / "ordered").glob("*.parquet"))
+
+
+def _read_rows(files: list[Path], a: int, b: int, columns: list[str] | None = None) -> pa.Table:
+    """Rows [a, b) of the ordered plan (files in name order), reading only the row groups needed."""
+    parts, offset = [], 0
+    for path in files:
+        meta = pq.ParquetFile(path)
+        for g in range(meta.num_row_groups):
+            n = meta.metadata.row_group(g).num_rows
+            lo, hi = max(a, offset), min(b, offset + n)
+            if lo < hi:
+                parts.append(meta.read_row_group(g, columns=columns).slice(lo - offset, hi - lo))
+            offset += n
+            if offset >= b:
+                return pa.concat_tables(parts)
+    return pa.concat_tables(parts) if parts else pa.table({})
+
+
+def _embeddings(pool: Pool, uids: list[str], shards: list[int]) -> pa.Table:
+    """The samples' CLIP embeddings as the pool stores them, in the given order (null rows where a
+    sample has none), read one source shard at a time."""
+    order = pa.array(uids, pa.string())
+    parts = []
+    for shard in sorted(set(shards)):
+        table = pq.read_table(pool.table_path("embed", shard), columns=[S.UID, S.IMAGE_EMBEDDING, S.TEXT_EMBEDDING])
+        parts.append(table.filter(pa.compute.is_in(table[S.UID], value_set=order)))
+    found = pa.concat_tables(parts)
+    rows = pa.compute.index_in(order, value_set=found[S.UID].combine_chunks())
+    return pa.table({S.UID: order, S.IMAGE_EMBEDDING: found[S.IMAGE_EMBEDDING].take(rows),
+                     S.TEXT_EMBEDDING: found[S.TEXT_EMBEDDING].take(rows)})  # fmt: skip
 
 
 def _member_index(pool: Pool, shard: int) -> dict[str, dict[str, tuple[int, int]]]:
@@ -124,17 +201,17 @@ def _member_index(pool: Pool, shard: int) -> dict[str, dict[str, tuple[int, int]
     return members
 
 
-def _locate(pool: Pool, shards: list[int], keys: list[str]) -> list[list[dict[str, Any]]]:
-    """Where each selected sample's members lie, indexing each source tar once. The plan carries
-    this, so writing an output shard costs one seek per member and never rescans a tar."""
-    index: dict[int, dict[str, dict[str, tuple[int, int]]]] = {}
+def _locate(pool: Pool, shard: int, keys: list[str]) -> list[list[dict[str, Any]]]:
+    """Where each selected sample's members lie in its source tar (the tar indexed once), so writing
+    an output shard costs one seek per member and never rescans a tar."""
+    if not keys:
+        return []
+    index = _member_index(pool, shard)
     out = []
-    for shard, key in zip(shards, keys, strict=True):
-        if shard not in index:
-            index[shard] = _member_index(pool, shard)
-        if key not in index[shard]:
+    for key in keys:
+        if key not in index:
             raise ExportError(f"{pool.shard_tar(shard)}: sample {key!r} is in the download table but not the tar")
-        out.append([{"ext": ext, "offset": o, "size": n} for ext, (o, n) in sorted(index[shard][key].items())])
+        out.append([{"ext": ext, "offset": o, "size": n} for ext, (o, n) in sorted(index[key].items())])
     return out
 
 
@@ -173,14 +250,16 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_release_shard(pool_root: str, partial: str, starts: list[int], index: int) -> dict[str, int]:
-    """Write output shard ``index`` (tar, then embeddings, then the sidecar that marks it done)
-    from row group ``index`` of the export plan. Runs anywhere the pool and release are visible."""
+def write_release_shard(pool_root: str, partial: str, bounds: list[tuple[int, int]], embeddings: bool,
+                        index: int) -> dict[str, int]:  # fmt: skip
+    """Write output shard ``index`` (tar, then embeddings, then the sidecar that marks it done) from
+    rows ``bounds[index]`` of the ordered plan. Runs anywhere the pool and release are visible."""
     partial_dir = Path(partial)
-    plan = pq.ParquetFile(partial_dir / "plan.parquet").read_row_group(index)
-    shards, keys, uids, located = (plan[c].to_pylist() for c in ("_source_shard", "_source_key", "_uid", "_members"))
-    first = starts[index]
-    new_keys = [f"{first + i:09d}" for i in range(plan.num_rows)]
+    a, b = bounds[index]
+    plan = _read_rows(_ordered_files(partial_dir), a, b)
+    shards, keys, uids = (plan[c].to_pylist() for c in ("_source_shard", "_source_key", "_uid"))
+    located = [json.loads(m) for m in plan["_members"].to_pylist()]
+    new_keys = [f"{a + i:09d}" for i in range(plan.num_rows)]
     name = f"{index:05d}"
     reader = _Reader(Pool(pool_root))
     try:
@@ -204,81 +283,84 @@ def write_release_shard(pool_root: str, partial: str, starts: list[int], index: 
     side = [c for c in plan.column_names if c.startswith("side.")]
     part = plan.select(side).rename_columns([renames.get(c[5:], c[5:]) for c in side])
     part = part.add_column(0, S.KEY, pa.array(new_keys))
-    emb = [c for c in plan.column_names if c.startswith("emb.")]
-    if emb:
-        write_parquet_atomic(partial_dir / "embeddings" / f"{name}.parquet",
-                             plan.select(emb).rename_columns([c[4:] for c in emb]))  # fmt: skip
+    if embeddings:
+        write_parquet_atomic(partial_dir / "embeddings" / f"{name}.parquet", _embeddings(Pool(pool_root), uids, shards))
     write_parquet_atomic(partial_dir / f"{name}.parquet", part)
     return {"samples": plan.num_rows}
+
+
+def plan_release(pool: Pool, cfg: ExportConfig, engine: Any, progress: bool = False) -> dict[str, Any]:
+    """Plan the release in ``.<out>.partial/``: a task per source shard, the engine's sort for a
+    shuffled order, and the output shards' bounds streamed from the samples' sizes.
+
+    Returns:
+        ``partial`` (the folder), ``digest`` (of the config and the selected uids), ``samples`` and
+        ``bounds`` (each output shard's [start, end) in the ordered plan).
+    """
+    from pipeline.engines.base import Table, run_shards
+
+    out = Path(cfg.out)
+    side_cols = check_predicate(pool, cfg.where)
+    rules = _rules(pool, cfg.recipe, cfg.recipes)
+    partial = out.parent / f".{out.name}.partial"
+    partial.mkdir(parents=True, exist_ok=True)
+    for stale in ("plan", "ordered"):
+        shutil.rmtree(partial / stale, ignore_errors=True)
+    sources = pool.require_complete("download")
+    fn = functools.partial(plan_source_shard, str(pool.root), str(partial / "plan"), cfg.where, rules,
+                           cfg.shuffle_seed, side_cols)  # fmt: skip
+    planned = run_shards(pool, engine, fn, sources, desc="export plan", progress=progress)
+    selection = [planned[s]["uids_sha256"] for s in sources]
+    digest = hashlib.sha256(json.dumps([config_hash(cfg, exclude=("out",)), selection]).encode()).hexdigest()[:16]
+    plan_files = [partial / "plan" / f"{s:05d}.parquet" for s in sources]
+    if cfg.shuffle_seed is None:  # (shard, key) order: the plan files in shard order are already sorted
+        (partial / "ordered").mkdir()
+        for i, path in enumerate(plan_files):
+            path.rename(partial / "ordered" / f"{i:09d}.parquet")
+    else:  # a global sort by (draw, uid): the engine's, out of core
+        schema = pq.read_schema(plan_files[0])
+        engine.write("select * from plan order by _draw, _uid", {"plan": Table.of(plan_files, schema)},
+                     partial / "ordered")  # fmt: skip
+    sizes = (batch.column(0) for f in _ordered_files(partial)
+             for batch in pq.ParquetFile(f).iter_batches(columns=["_size"], batch_size=65536))  # fmt: skip
+    bounds = _plan_shards(sizes, cfg.samples_per_shard, cfg.max_shard_bytes)
+    return {"partial": partial, "digest": digest, "samples": sum(planned[s]["samples"] for s in sources),
+            "bounds": bounds}  # fmt: skip
 
 
 def export(pool: Pool, cfg: ExportConfig, progress: bool = False, engine: Any = None) -> dict[str, Any]:
     """Write the release ``cfg`` describes (module docstring); returns its manifest.
 
-    With an ``engine`` (local processes or Spark), the output shards are written in parallel, one
-    task each; without one, in this process. The bytes are the same either way."""
-    from pipeline.query import connect
+    Every step is bounded (:func:`plan_release`, then a task per output shard). With an ``engine``
+    (local processes or Spark) the tasks run in parallel; without one, in this process. The bytes
+    are the same either way."""
+    from pipeline.engines.base import run_shards
+    from pipeline.engines.local import LocalEngine
 
+    engine = engine or LocalEngine(1)
     out = Path(cfg.out)
-    con = connect(pool)
-    selected = select(pool, cfg.where, cfg.recipe, cfg.recipes, con)
-    order = _order(selected, cfg.shuffle_seed)
-    selected = selected.take(pa.array(order))
-    uids = selected[S.UID].to_pylist()
-    digest = hashlib.sha256(json.dumps([config_hash(cfg, exclude=("out",)), uids]).encode()).hexdigest()[:16]
+    plan = plan_release(pool, cfg, engine, progress)
+    partial, digest, bounds = plan["partial"], plan["digest"], plan["bounds"]
     if (out / "manifest.json").exists() and json.loads((out / "manifest.json").read_text()).get("digest") == digest:
-        return json.loads((out / "manifest.json").read_text())  # this very release is already there
-    partial = out.parent / f".{out.name}.partial"
-    if (partial / "plan.json").exists() and json.loads((partial / "plan.json").read_text()).get("digest") != digest:
         shutil.rmtree(partial)
-    partial.mkdir(parents=True, exist_ok=True)
+        return json.loads((out / "manifest.json").read_text())  # this very release is already there
+    if (partial / "plan.json").exists() and json.loads((partial / "plan.json").read_text()).get("digest") != digest:
+        for old in [*partial.glob("[0-9]*.*"), *partial.glob("embeddings/*")]:
+            old.unlink()
     write_json_atomic(partial / "plan.json", {"digest": digest})
-
-    shards, keys = selected[S.SHARD].to_pylist(), selected[S.KEY].to_pylist()
-    located = _locate(pool, shards, keys)
-    sizes = np.array([_output_size(m) for m in located], dtype=np.int64)
-    bounds = _plan_shards(sizes, cfg.samples_per_shard, cfg.max_shard_bytes)
-    side_cols = [r[0] for r in con.execute("describe samples").fetchall() if r[0] not in EMBEDDING_COLUMNS]
-    con.register("export_order", pa.table({S.UID: uids, "_pos": pa.array(range(len(uids)), pa.int64())}))
-    quoted = ", ".join(f's."{c}"' for c in side_cols)
-    sidecar = con.sql(f"select o._pos, {quoted} from export_order o join samples s using ({S.UID}) "
-                      "order by o._pos").fetch_arrow_table().drop(["_pos"])  # fmt: skip
-    embeddings = None
-    if cfg.embeddings:
-        sql = (f"select o._pos, e.{S.UID}, e.{S.IMAGE_EMBEDDING}, e.{S.TEXT_EMBEDDING} from export_order o "
-               f"left join embed e using ({S.UID}) order by o._pos")  # fmt: skip
-        embeddings = con.sql(sql).fetch_arrow_table().drop(["_pos"])
-    # The plan: one Parquet row group per output shard (source shard/key, uid, sidecar columns,
-    # embeddings), so each output shard is an independent task for the engine.
-    plan = pa.table({"_source_shard": pa.array(shards, pa.int32()), "_source_key": keys, "_uid": uids,
-                     "_members": located})  # fmt: skip
-    for name in sidecar.column_names:
-        plan = plan.append_column(f"side.{name}", sidecar[name])
-    if embeddings is not None:
-        for name in embeddings.column_names:
-            plan = plan.append_column(f"emb.{name}", embeddings[name])
-    plan_path = partial / "plan.parquet"
-    with atomic_path(plan_path) as tmp, pq.ParquetWriter(tmp, plan.schema) as writer:
-        for a, b in bounds:
-            writer.write_table(plan.slice(a, b - a), row_group_size=max(1, b - a))
     todo = [i for i in range(len(bounds)) if not (partial / f"{i:05d}.parquet").exists()]
-    fn = functools.partial(write_release_shard, str(pool.root), str(partial), [a for a, _ in bounds])
-    if engine is None:
-        for index in todo:
-            fn(index)
-    else:
-        from pipeline.engines.base import run_shards
-
-        run_shards(pool, engine, fn, todo, desc="export", progress=progress)
+    fn = functools.partial(write_release_shard, str(pool.root), str(partial), bounds, cfg.embeddings)
+    run_shards(pool, engine, fn, todo, desc="export", progress=progress)
     entries = []
     for index, (a, b) in enumerate(bounds):
         tar_path = partial / f"{index:05d}.tar"
         entries.append({"name": tar_path.name, "samples": b - a, "bytes": tar_path.stat().st_size,
                         "sha256": file_sha256(tar_path)})  # fmt: skip
-    plan_path.unlink()
+    for stale in ("plan", "ordered"):
+        shutil.rmtree(partial / stale, ignore_errors=True)
     # open_clip_train's get_dataset_size reads sizes.json: --train-num-samples becomes optional
     write_json_atomic(partial / "sizes.json", {e["name"]: e["samples"] for e in entries})
-    manifest = _manifest(pool, cfg, digest, entries, len(uids))
+    manifest = _manifest(pool, cfg, digest, entries, plan["samples"])
     write_json_atomic(partial / "manifest.json", manifest)
     with atomic_path(partial / "README.md") as tmp:
         tmp.write_text(dataset_card(pool, cfg, manifest))

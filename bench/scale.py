@@ -1,0 +1,301 @@
+"""Every pool-wide stage after the download, at several pool sizes: time, throughput, peak memory.
+
+    .venv/bin/python bench/scale.py --sizes 1000000 4000000 [--engine local|spark] [--json FILE]
+                                    [--work runs/bench_scale] [--keep]
+
+Each size gets a synthetic pool built like ``bench/filter_throughput.py``'s (real LAION captions
+recombined, original sizes like the demo server's, 1% exact repeats, 512-d float16 image/text
+embeddings around 2,000 centres with 1% planted near duplicates, ``clip_score`` the pair's cosine),
+plus 512-d caption embeddings for MoDE and a tar per shard (a tiny image and a ``.json`` per sample)
+so that export planning indexes real tars. The steps, each in a fresh process so that its peak
+memory is its own:
+
+- ``metaclip``: matching (per shard) and balancing (SQL counts, per-shard draws);
+- ``filter_scores``, ``image_based``, ``dedup``, ``decisions``: the filters with every rule;
+- ``mode``: MoDE fit on a capped sample, per-shard assignment, report;
+- ``rebalance``: over the fine clusters (SQL group sizes, per-shard draws);
+- ``export_plan``: planning a shuffled release of ``rebalance_keep`` (about half the pool).
+
+One JSON line per step and size: ``step``, ``size``, ``seconds``, ``samples_per_s``,
+``peak_rss_gib`` (the step's main process), ``worker_peak_rss_gib`` (its largest other process:
+engine workers, Spark's Python workers) and, for Spark, ``jvm_peak_rss_gib``. Peaks are the kernel's
+``ru_maxrss`` for the main process and a 0.2 s poll of every descendant's RSS for the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+DIM = 512
+PER_SHARD = 10_000
+RECIPE = ["english", "caption_words", "caption_chars", "min_side", "aspect_ratio", "text_entity",
+          "clip_score", "image_cluster", "dedup"]  # fmt: skip
+STEPS = ("metaclip", "filter_scores", "image_based", "dedup", "decisions", "mode", "rebalance", "export_plan")
+
+
+def config(root: Path, engine: str) -> dict:
+    """The pipeline config of the benchmark: memory set here, never by the pool's size."""
+    return {
+        "pool": str(root), "engine": engine, "download": {"input": "-", "processes": 2},
+        "spark": {"master": "local[2]", "conf": {"spark.driver.memory": "2g"}},
+        "duckdb": {"memory_limit": "1GB"},
+        "metaclip": {"metadata": str(REPO / "metadata" / "entries.json"), "scale_t_to_pool": True},
+        "filters": {"recipe": "all", "recipes": {"all": RECIPE}, "image_clusters": 1000,
+                    "image_targets": str(root / "targets.npy"), "samples_per_dedup_cluster": 1000,
+                    "dedup_eps": 0.01},
+        "mode": {"n_fine": 1024, "n_experts": 4, "fit_fraction": 0.05, "min_fit_samples": 50_000,
+                 "max_fit_samples": 50_000},
+        "rebalance": {"group_by": "fine_id", "t": 500},
+        "export": {"out": str(root.parent / "release"), "where": "rebalance_keep",
+                   "shuffle_seed": 0},
+    }  # fmt: skip
+
+
+# -- the synthetic pool ------------------------------------------------------------------------------
+
+
+def _tar(path: Path, keys: list[str], uids: list[str], ok) -> None:
+    """A WebDataset shard: a 100-byte stand-in image and a .json per downloaded sample."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, uid, good in zip(keys, uids, ok, strict=True):
+            if not good:
+                continue
+            for ext, data in (("jpg", b"\xff\xd8" + uid.encode() * 3), ("json", json.dumps({"uid": uid}).encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buf.getvalue())
+
+
+def build_pool(root: Path, rows: int, seed: int = 0) -> None:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.store import schema as S
+    from pipeline.store.parquet import Pool, write_json_atomic, write_parquet_atomic
+
+    rng = np.random.default_rng(seed)
+    captions = [c for c in pq.read_table(REPO / "data" / "laion_10k.parquet")["TEXT"].to_pylist() if c]
+    words = [c.split() for c in captions]
+    centres = rng.normal(size=(2000, DIM)).astype(np.float32)
+    pool = Pool(root)
+    shards = (rows + PER_SHARD - 1) // PER_SHARD
+    write_json_atomic(pool.plan_path, {"num_shards": shards, "samples_per_shard": PER_SHARD, "num_rows": rows,
+                                       "source": "synthetic", "source_rows": rows, "duplicates_dropped": 0})  # fmt: skip
+    embed_schema, caption_schema = S.embed_schema(DIM), S.caption_embed_schema(DIM)
+    for shard in range(shards):
+        n = min(PER_SHARD, rows - shard * PER_SHARD)
+        a, b, cut = rng.integers(0, len(words), n), rng.integers(0, len(words), n), rng.random(n)
+        caps = [" ".join(words[i][: max(1, int(len(words[i]) * c))] + words[j][int(len(words[j]) * c):])
+                for i, j, c in zip(a, b, cut, strict=True)]  # fmt: skip
+        uids = [hashlib.md5(f"{shard}-{i}-{c}".encode()).hexdigest() for i, c in enumerate(caps)]
+        keys = [f"{shard:05d}{i:04d}" for i in range(n)]
+        ok = rng.random(n) < 0.96
+        side = rng.integers(64, 801, n)
+        ratio = np.exp(rng.uniform(-1.4, 1.4, n))
+        w = np.where(ratio >= 1, side, np.maximum(8, side * ratio)).astype(np.int32)
+        h = np.where(ratio >= 1, np.maximum(8, side / ratio), side).astype(np.int32)
+        sha = [hashlib.sha256(f"{shard}-{i}".encode()).hexdigest() for i in range(n)]
+        for i in np.nonzero(rng.random(n) < 0.01)[0]:
+            sha[i] = sha[(i + 1) % n]  # exact repeats
+        download = pa.table({
+            S.UID: uids, S.SHARD: pa.array([shard] * n, pa.int32()), S.KEY: pa.array(keys, mask=~ok),
+            S.ROW: pa.array(np.arange(n) + shard * PER_SHARD, pa.int64()), S.URL: [f"http://x/{u}" for u in uids],
+            S.CAPTION: caps, S.STATUS: np.where(ok, S.STATUS_SUCCESS, S.STATUS_FAILED_DOWNLOAD).tolist(),
+            S.ERROR: pa.nulls(n, pa.string()), S.WIDTH: pa.array(w, mask=~ok), S.HEIGHT: pa.array(h, mask=~ok),
+            S.ORIGINAL_WIDTH: pa.array(w, mask=~ok), S.ORIGINAL_HEIGHT: pa.array(h, mask=~ok),
+            S.SHA256: pa.array(sha, mask=~ok),
+        }, schema=S.DOWNLOAD_SCHEMA)  # fmt: skip
+        pool.write_table("download", shard, download)
+        _tar(pool.shard_tar(shard), keys, uids, ok)
+        pool.mark_done("download", shard, "synthetic", {"samples": n})
+        img = centres[rng.integers(0, len(centres), n)] + rng.normal(scale=0.6, size=(n, DIM)).astype(np.float32)
+        near = np.nonzero(rng.random(n) < 0.01)[0]
+        img[near] = img[(near + 7) % n] + rng.normal(scale=0.01, size=(len(near), DIM))
+        img /= np.linalg.norm(img, axis=1, keepdims=True)
+        txt = img + rng.normal(scale=1.5, size=(n, DIM)).astype(np.float32) / np.sqrt(DIM) * 20
+        txt /= np.linalg.norm(txt, axis=1, keepdims=True)
+        rows_ok = np.nonzero(ok)[0]
+        img16, txt16 = img[rows_ok].astype(np.float16), txt[rows_ok].astype(np.float16)
+        score = np.einsum("ij,ij->i", img16.astype(np.float32), txt16.astype(np.float32))
+        m = len(rows_ok)
+        ok_uids = pa.array([uids[i] for i in rows_ok])
+        embed = pa.table({
+            S.UID: ok_uids, S.SHARD: pa.array([shard] * m, pa.int32()),
+            S.IMAGE_EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(img16.ravel()), DIM),
+            S.TEXT_EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(txt16.ravel()), DIM),
+            S.CLIP_SCORE: pa.array(score, pa.float32()), S.DECODE_ERROR: pa.nulls(m, pa.string()),
+            S.MODEL: pa.array(["synthetic"] * m), S.CHECKPOINT_SHA256: pa.array(["-"] * m),
+        }, schema=embed_schema)  # fmt: skip
+        write_parquet_atomic(pool.table_path("embed", shard), embed)
+        pool.mark_done("embed", shard, "synthetic", {"samples": m})
+        caption = pa.table({S.UID: ok_uids, S.SHARD: pa.array([shard] * m, pa.int32()),
+                            S.CAPTION_EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(txt16.ravel()), DIM),
+                            S.CAPTION_MODEL: pa.array(["synthetic"] * m)}, schema=caption_schema)  # fmt: skip
+        write_parquet_atomic(pool.table_path("caption_embed", shard), caption)
+        pool.mark_done("caption_embed", shard, "synthetic", {"samples": m})
+    write_json_atomic(pool.root / "completions" / "embed" / "config.json",
+                      {"config": {"model": "synthetic", "checkpoint": "-"}, "config_hash": "synthetic"})  # fmt: skip
+    np.save(root / "targets.npy", centres[:1000] / np.linalg.norm(centres[:1000], axis=1, keepdims=True))
+
+
+# -- one step, in its own process ----------------------------------------------------------------------
+
+
+def run_step(step: str, root: Path, engine_name: str) -> None:
+    """Run one step on the pool (in this process, which the parent measures)."""
+    from pipeline.config import parse_config
+    from pipeline.engines import get_engine
+    from pipeline.store.parquet import Pool
+
+    cfg = parse_config(config(root, engine_name), "bench")
+    pool, engine = Pool(root), get_engine(cfg)
+    if step == "metaclip":
+        from pipeline.metaclip.stage import run_metaclip
+
+        run_metaclip(pool, cfg.metaclip, engine, progress=False)
+    elif step == "filter_scores":
+        from pipeline.filters.stage import pending_scores, score_shards
+
+        score_shards(pool, engine, pending_scores(pool), progress=False)
+    elif step == "image_based":
+        from pipeline.filters.image_based import run_image_based
+
+        run_image_based(pool, cfg.filters, engine, progress=False)
+    elif step == "dedup":
+        from pipeline.filters.dedup import run_dedup
+
+        run_dedup(pool, cfg.filters, engine, progress=False)
+    elif step == "decisions":
+        from pipeline.filters.decisions import run_decisions
+
+        run_decisions(pool, cfg.filters, engine, progress=False)
+    elif step == "mode":
+        from pipeline.mode_stage import run_mode
+
+        run_mode(pool, cfg.mode, engine, progress=False)
+    elif step == "rebalance":
+        from pipeline.rebalance import run_rebalance
+
+        run_rebalance(pool, cfg.rebalance, engine, progress=False)
+    elif step == "export_plan":
+        from pipeline.export import plan_release
+
+        plan = plan_release(pool, cfg.export, engine)
+        print(json.dumps({"release_samples": plan["samples"], "release_shards": len(plan["bounds"])}), file=sys.stderr)
+    stop = getattr(engine, "stop", None)
+    if stop is not None:
+        stop()
+
+
+class _Poll:
+    """Peak RSS of every descendant of a process, by kind (JVM or other), polled every 0.2 s."""
+
+    def __init__(self, pid: int):
+        import psutil
+
+        self.proc, self.peaks, self.done = psutil.Process(pid), {"worker": 0, "jvm": 0}, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self.done.is_set():
+            try:
+                for child in self.proc.children(recursive=True):
+                    try:
+                        kind = "jvm" if "java" in child.name() else "worker"
+                        self.peaks[kind] = max(self.peaks[kind], child.memory_info().rss)
+                    except psutil.Error:
+                        continue
+            except psutil.Error:
+                return
+            self.done.wait(0.2)
+
+    def __enter__(self) -> _Poll:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.thread.join()
+
+
+def measure(step: str, root: Path, size: int, engine: str) -> dict:
+    cmd = [sys.executable, __file__, "--run-step", step, "--pool", str(root), "--engine", engine,
+           "--rss-out", str(root.parent / f"{step}.rss")]  # fmt: skip
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd)
+    with _Poll(proc.pid) as poll:
+        rc = proc.wait()
+    seconds = time.perf_counter() - t
+    if rc:
+        raise SystemExit(f"step {step} failed at size {size} (exit {rc})")
+    main_gib = float((root.parent / f"{step}.rss").read_text())
+    line = {"step": step, "size": size, "engine": engine, "seconds": round(seconds, 1),
+            "samples_per_s": round(size / seconds), "peak_rss_gib": round(main_gib, 3),
+            "worker_peak_rss_gib": round(poll.peaks["worker"] / 2**30, 3)}  # fmt: skip
+    if engine == "spark":
+        line["jvm_peak_rss_gib"] = round(poll.peaks["jvm"] / 2**30, 3)
+    return line
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 4_000_000])
+    ap.add_argument("--engine", choices=("local", "spark"), default="local")
+    ap.add_argument("--json", type=Path, help="append the JSON lines to this file")
+    ap.add_argument("--work", type=Path, default=REPO / "runs" / "bench_scale")
+    ap.add_argument("--keep", action="store_true", help="reuse pools built by an earlier run")
+    ap.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
+    ap.add_argument("--run-step", choices=STEPS, help=argparse.SUPPRESS)
+    ap.add_argument("--pool", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--rss-out", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.run_step:  # the child: one step, then its own peak RSS (the kernel's, exact)
+        run_step(args.run_step, args.pool, args.engine)
+        args.rss_out.write_text(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20))
+        return
+    for size in args.sizes:
+        root = args.work / f"{size}" / "pool"
+        if not (args.keep and (root / "input" / "plan.json").exists()):
+            shutil.rmtree(root.parent, ignore_errors=True)
+            t = time.perf_counter()
+            build_pool(root, size)
+            print(f"# built {size} rows in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+        for stage in ("metaclip_match", "metaclip", "filters", "image_based", "dedup", "decisions", "mode",
+                      "rebalance"):  # fmt: skip
+            if stage in {"metaclip_match", "metaclip"} and "metaclip" not in args.steps:
+                continue
+            shutil.rmtree(root / "completions" / stage, ignore_errors=True)
+            shutil.rmtree(root / "tables" / stage, ignore_errors=True)
+        shutil.rmtree(root / "aggregates", ignore_errors=True)
+        for step in args.steps:
+            line = measure(step, root, size, args.engine)
+            print(json.dumps(line), flush=True)
+            if args.json:
+                with args.json.open("a") as f:
+                    f.write(json.dumps(line) + "\n")
+
+
+if __name__ == "__main__":
+    main()

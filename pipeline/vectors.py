@@ -1,0 +1,91 @@
+"""Vector steps at any pool size: fit on a bounded sample, then apply per shard.
+
+A k-means (DataComp's image-based filter, SemDeDup, MoDE) is trained on a deterministic uniform
+sample of the pool, chosen by a hash of the uid (:mod:`pipeline.sampling`), so the sample is the
+same on any engine, partitioning or re-run. Each shard task writes its part of the sample to
+``<dir>/{shard:05d}.parquet``; the driver reads the parts back in shard order, which bounds its
+memory by the sample size, never by the pool. The centres are saved in the pool and every shard is
+then assigned by its own task. Anchors: faiss's ``max_points_per_centroid`` (faiss itself
+subsamples to at most 256 points per centre), MoDE's fit on about 5% of the pool.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.sampling import uid_to_uint64, uniform
+from pipeline.store import schema as S
+from pipeline.store.parquet import Pool, shard_name, write_parquet_atomic
+
+VECTOR = "vector"
+
+
+def sample_rate(wanted: int, population: int) -> float:
+    """Share of the population to draw for about ``wanted`` rows (1 when it is all of them)."""
+    return 1.0 if population <= wanted else wanted / population
+
+
+def sample_size(k: int, max_points_per_centroid: int, max_sample: int) -> int:
+    """Points a k-means of ``k`` centres trains on: faiss's own cap (``k * max_points_per_centroid``),
+    bounded by ``max_sample`` so that memory does not grow with the pool."""
+    return max(k, min(k * max_points_per_centroid, max_sample))
+
+
+def drawn(uids: pa.Array | pa.ChunkedArray, key: int, seed: int, rate: float) -> np.ndarray:
+    """The rows of a uniform sample at ``rate``, by hash of (seed, uid, key)."""
+    if rate >= 1.0:
+        return np.ones(len(uids), dtype=bool)
+    return uniform(uid_to_uint64(uids), np.uint64(key), seed) < rate
+
+
+def shard_vectors(pool: Pool, stage: str, column: str, shard: int, columns: tuple[str, ...] = ()) -> pa.Table:
+    """``uid``, the vector column and ``columns`` of one shard, in the download table's row order
+    (deterministic: img2dataset writes a shard's samples in varying order), rows without a vector
+    left out."""
+    order = pq.read_table(pool.table_path("download", shard), columns=[S.UID])[S.UID]
+    table = pq.read_table(pool.table_path(stage, shard), columns=[S.UID, column, *columns])
+    table = table.filter(pc.is_valid(table[column]))
+    rows = pc.index_in(order, value_set=table[S.UID].combine_chunks())
+    rows = rows.filter(pc.is_valid(rows))
+    return table.take(rows)
+
+
+def as_float32(column: pa.ChunkedArray | pa.Array, normalise: bool = True) -> np.ndarray:
+    """A fixed-size-list vector column as a ``(rows, dim)`` float32 array, L2-normalised."""
+    if isinstance(column, pa.ChunkedArray):
+        if column.num_chunks == 0:
+            return np.zeros((0, column.type.list_size), dtype=np.float32)
+        column = column.combine_chunks()
+    x = S.vectors(column).astype(np.float32)
+    if normalise:
+        x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return x
+
+
+def write_sample(out_dir: Path, shard: int, uids: pa.Array, vectors: pa.Array) -> int:
+    """One shard's part of a sample (uid + the stored vectors, as they are)."""
+    write_parquet_atomic(Path(out_dir) / f"{shard_name(shard)}.parquet", pa.table({S.UID: uids, VECTOR: vectors}))
+    return len(uids)
+
+
+def read_sample(out_dir: Path, shards: list[int]) -> tuple[pa.Array, np.ndarray]:
+    """The sample's uids and normalised float32 vectors, in shard order."""
+    uids, parts = [], []
+    for shard in shards:
+        table = pq.read_table(Path(out_dir) / f"{shard_name(shard)}.parquet")
+        if table.num_rows:
+            uids.append(table[S.UID].combine_chunks())
+            parts.append(as_float32(table[VECTOR]))
+    if not parts:
+        return pa.array([], pa.string()), np.zeros((0, 0), dtype=np.float32)
+    return pa.concat_arrays(uids), np.concatenate(parts)
+
+
+def clusters_for(rows: int, k: int | None, per_cluster: int) -> int:
+    """k as configured, or the pool's rows over ``per_cluster`` (at least 1)."""
+    return k or max(1, round(rows / per_cluster))
