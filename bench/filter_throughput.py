@@ -7,10 +7,12 @@ sha256 (1% exact repeats), and 512-dimensional float16 image/text embeddings (Vi
 drawn around 2,000 random centres, with 1% planted near duplicates. ``clip_score`` is the cosine
 of each pair, as the embed stage stores it.
 
-Timed: ``run_filters`` with every rule (recipe ``all`` below): per-shard scoring (language ID,
-counts, WordNet entities; 2 processes), the image-based filter's k-means (1,000 clusters) and
-assignment, SemDeDup (1,000 clusters, exact + semantic), and the decisions. Peak memory is the
-largest resident set of this process and, separately, of the scoring worker processes.
+Timed: the filter stage with every rule (recipe ``all`` below) on the local engine with 2 worker
+processes: per-shard scoring (language ID, counts, WordNet entities), the image-based filter
+(k-means of 1,000 clusters fitted on a uid-hash sample, assignment per shard), SemDeDup (exact
+groups in SQL, 1,000 clusters, per-cluster-group tasks), and the per-shard decisions. Peak memory is
+the largest resident set of this process and, separately, of the worker processes.
+``bench/scale.py`` runs the same steps one process each, at several pool sizes.
 
     .venv/bin/python bench/filter_throughput.py [--rows 1000000] [--work runs/bench_filters]
 """
@@ -106,11 +108,15 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "bench_filters")
     ap.add_argument("--keep", action="store_true", help="reuse a pool built by an earlier run")
+    ap.add_argument("--decisions-out", type=Path, help="write uid, keep, drop_reason here (to compare versions)")
     args = ap.parse_args()
 
     from pipeline.config import parse_config
     from pipeline.engines.local import LocalEngine
     from pipeline.filters import stage
+    from pipeline.filters.decisions import run_decisions
+    from pipeline.filters.dedup import run_dedup
+    from pipeline.filters.image_based import run_image_based
     from pipeline.store.parquet import Pool
 
     root = args.work / "pool"
@@ -122,33 +128,38 @@ def main() -> None:
     for name in ("filters", "image_based", "dedup", "decisions"):
         shutil.rmtree(root / "completions" / name, ignore_errors=True)
         shutil.rmtree(root / "tables" / name, ignore_errors=True)
+    shutil.rmtree(root / "aggregates", ignore_errors=True)
     cfg = parse_config({"pool": str(root), "download": {"input": "-"}, "filters": {
         "recipe": "all", "recipes": {"all": RECIPE}, "image_clusters": 1000,
         "image_targets": str(root / "targets.npy"),
         "samples_per_dedup_cluster": 1000, "dedup_eps": 0.01}}).filters  # fmt: skip
     pool = Pool(root)
+    engine = LocalEngine(2, memory_limit="1GB", temp_directory=root / "_staging" / "duckdb")
     times = {}
     t0 = time.perf_counter()
-    stage.score_shards(pool, LocalEngine(2), stage.pending_scores(pool), progress=False)
+    stage.score_shards(pool, engine, stage.pending_scores(pool), progress=False)
     times["scores (2 processes)"] = time.perf_counter() - t0
-    data = stage.PoolData(pool)  # as run_filters does: the embeddings are read once, in the first step
     t = time.perf_counter()
-    image = stage.run_image_based(pool, cfg, data=data)
-    times["image-based: read embeddings, k-means + assignment"] = time.perf_counter() - t
+    image = run_image_based(pool, cfg, engine, progress=False)
+    times["image-based: sample, k-means, assignment per shard"] = time.perf_counter() - t
     t = time.perf_counter()
-    dedup = stage.run_dedup(pool, cfg, data=data)
-    times["dedup (exact + SemDeDup)"] = time.perf_counter() - t
+    dedup = run_dedup(pool, cfg, engine, progress=False)
+    times["dedup (exact in SQL + SemDeDup per cluster group)"] = time.perf_counter() - t
     t = time.perf_counter()
-    summary = stage.run_decisions(pool, cfg, data=data)
-    times["decisions"] = time.perf_counter() - t
+    summary = run_decisions(pool, cfg, engine, progress=False)
+    times["decisions (per shard)"] = time.perf_counter() - t
     total = time.perf_counter() - t0
+    if args.decisions_out:
+        import pyarrow.parquet as pq
+
+        pq.write_table(pool.read_table("decisions", ["uid", "keep", "drop_reason"]), args.decisions_out)
     rss_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     rss_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
     print(f"\n| step | seconds | samples/s |\n|---|---:|---:|")  # noqa: F541
     for name, sec in times.items():
         print(f"| {name} | {sec:.1f} | {args.rows / sec:,.0f} |")
     print(f"| **whole filter step** | **{total:.1f}** | **{args.rows / total:,.0f}** |")
-    print(f"\npeak RSS: main process {rss_self:.2f} GiB, largest scoring worker {rss_children:.2f} GiB")
+    print(f"\npeak RSS: main process {rss_self:.2f} GiB, largest worker process {rss_children:.2f} GiB")
     print(json.dumps({"kept": summary["kept"], "drop_reasons": summary["drop_reasons"],
                       "image_based": {k: image[k] for k in ("clusters", "target_clusters")},
                       "dedup": {k: dedup[k] for k in ("exact_dropped", "semantic_dropped")}}, indent=1))  # fmt: skip

@@ -14,12 +14,12 @@ memory is its own:
 - ``filter_scores``, ``image_based``, ``dedup``, ``decisions``: the filters with every rule;
 - ``mode``: MoDE fit on a capped sample, per-shard assignment, report;
 - ``rebalance``: over the fine clusters (SQL group sizes, per-shard draws);
-- ``export_plan``: planning a shuffled release of ``rebalance_keep`` (about half the pool).
+- ``export_plan``: planning a shuffled release of every downloaded sample (the largest plan).
 
 One JSON line per step and size: ``step``, ``size``, ``seconds``, ``samples_per_s``,
 ``peak_rss_gib`` (the step's main process), ``worker_peak_rss_gib`` (its largest other process:
 engine workers, Spark's Python workers) and, for Spark, ``jvm_peak_rss_gib``. Peaks are the kernel's
-``ru_maxrss`` for the main process and a 0.2 s poll of every descendant's RSS for the others.
+``ru_maxrss`` for the main process and a 1 s poll of every descendant's RSS for the others.
 """
 
 from __future__ import annotations
@@ -47,22 +47,29 @@ PER_SHARD = 10_000
 RECIPE = ["english", "caption_words", "caption_chars", "min_side", "aspect_ratio", "text_entity",
           "clip_score", "image_cluster", "dedup"]  # fmt: skip
 STEPS = ("metaclip", "filter_scores", "image_based", "dedup", "decisions", "mode", "rebalance", "export_plan")
+CLEARS = {"metaclip": ("metaclip_match", "metaclip"), "filter_scores": ("filters",), "image_based": ("image_based",),
+          "dedup": ("dedup",), "decisions": ("decisions",), "mode": ("mode",), "rebalance": ("rebalance",),
+          "export_plan": ()}  # fmt: skip
 
 
 def config(root: Path, engine: str) -> dict:
     """The pipeline config of the benchmark: memory set here, never by the pool's size."""
     return {
         "pool": str(root), "engine": engine, "download": {"input": "-", "processes": 2},
-        "spark": {"master": "local[2]", "conf": {"spark.driver.memory": "2g"}},
-        "duckdb": {"memory_limit": "1GB"},
+        # the engines' memory is set here, low enough to bind at every size measured
+        "spark": {"master": "local[2]", "conf": {"spark.driver.memory": "1g"}},
+        "duckdb": {"memory_limit": "256MB"},
         "metaclip": {"metadata": str(REPO / "metadata" / "entries.json"), "scale_t_to_pool": True},
+        # k fixed, as SemDeDup fixes it (50,000 clusters for LAION-440M): a k that grows with the pool
+        # makes the nearest-centre search cost grow per sample; clusters that outgrow
+        # dedup_max_cluster_size are split instead, which bounds the pairwise work per sample
         "filters": {"recipe": "all", "recipes": {"all": RECIPE}, "image_clusters": 1000,
-                    "image_targets": str(root / "targets.npy"), "samples_per_dedup_cluster": 1000,
-                    "dedup_eps": 0.01},
+                    "image_targets": str(root / "targets.npy"), "dedup_clusters": 1000,
+                    "dedup_max_cluster_size": 2000, "dedup_eps": 0.01},
         "mode": {"n_fine": 1024, "n_experts": 4, "fit_fraction": 0.05, "min_fit_samples": 50_000,
                  "max_fit_samples": 50_000},
         "rebalance": {"group_by": "fine_id", "t": 500},
-        "export": {"out": str(root.parent / "release"), "where": "rebalance_keep",
+        "export": {"out": str(root.parent / "release"), "where": "true",  # every downloaded sample: the largest plan
                    "shuffle_seed": 0},
     }  # fmt: skip
 
@@ -99,8 +106,9 @@ def build_pool(root: Path, rows: int, seed: int = 0) -> None:
     centres = rng.normal(size=(2000, DIM)).astype(np.float32)
     pool = Pool(root)
     shards = (rows + PER_SHARD - 1) // PER_SHARD
-    write_json_atomic(pool.plan_path, {"num_shards": shards, "samples_per_shard": PER_SHARD, "num_rows": rows,
-                                       "source": "synthetic", "source_rows": rows, "duplicates_dropped": 0})  # fmt: skip
+    plan = {"num_shards": shards, "samples_per_shard": PER_SHARD, "num_rows": rows, "source": "synthetic",
+            "source_rows": rows, "duplicates_dropped": 0}  # fmt: skip
+    write_json_atomic(pool.plan_path, plan)
     embed_schema, caption_schema = S.embed_schema(DIM), S.caption_embed_schema(DIM)
     for shard in range(shards):
         n = min(PER_SHARD, rows - shard * PER_SHARD)
@@ -190,7 +198,7 @@ def run_step(step: str, root: Path, engine_name: str) -> None:
 
         run_decisions(pool, cfg.filters, engine, progress=False)
     elif step == "mode":
-        from pipeline.mode_stage import run_mode
+        from pipeline.mode import run_mode
 
         run_mode(pool, cfg.mode, engine, progress=False)
     elif step == "rebalance":
@@ -208,7 +216,8 @@ def run_step(step: str, root: Path, engine_name: str) -> None:
 
 
 class _Poll:
-    """Peak RSS of every descendant of a process, by kind (JVM or other), polled every 0.2 s."""
+    """Peak RSS of every descendant of a process, by kind (JVM or other), polled every second (a
+    poll costs CPU that the measured step would otherwise have: 0.2 s took a third of a core)."""
 
     def __init__(self, pid: int):
         import psutil
@@ -229,7 +238,7 @@ class _Poll:
                         continue
             except psutil.Error:
                 return
-            self.done.wait(0.2)
+            self.done.wait(1.0)
 
     def __enter__(self) -> _Poll:
         self.thread.start()
@@ -282,13 +291,11 @@ def main() -> None:
             t = time.perf_counter()
             build_pool(root, size)
             print(f"# built {size} rows in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
-        for stage in ("metaclip_match", "metaclip", "filters", "image_based", "dedup", "decisions", "mode",
-                      "rebalance"):  # fmt: skip
-            if stage in {"metaclip_match", "metaclip"} and "metaclip" not in args.steps:
-                continue
-            shutil.rmtree(root / "completions" / stage, ignore_errors=True)
-            shutil.rmtree(root / "tables" / stage, ignore_errors=True)
-        shutil.rmtree(root / "aggregates", ignore_errors=True)
+        for step in args.steps:  # each measured step starts from none of its own output
+            for stage in CLEARS[step]:
+                shutil.rmtree(root / "completions" / stage, ignore_errors=True)
+                shutil.rmtree(root / "tables" / stage, ignore_errors=True)
+                (root / "aggregates" / f"{stage}.json").unlink(missing_ok=True)  # MoDE reuses a recorded fit
         for step in args.steps:
             line = measure(step, root, size, args.engine)
             print(json.dumps(line), flush=True)

@@ -27,7 +27,7 @@ from pipeline.download import plan_shards, run_download
 from pipeline.engines import get_engine
 from pipeline.engines.base import Engine
 from pipeline.metaclip.stage import match_shards, pending_matches, run_metaclip
-from pipeline.mode_stage import run_mode
+from pipeline.mode import run_mode
 from pipeline.rebalance import run_rebalance
 from pipeline.store.parquet import Pool
 

@@ -7,12 +7,16 @@ functions that need them, so ``import pipeline`` stays fast.
 from pipeline.config import (
     DemoConfig,
     DownloadConfig,
+    DuckdbConfig,
     EmbedConfig,
+    ExportConfig,
+    FilterConfig,
     FlowConfig,
     MetaclipConfig,
     ModeConfig,
     PipelineConfig,
     RebalanceConfig,
+    SparkConfig,
     load_config,
 )
 from pipeline.store.parquet import Pool
@@ -20,13 +24,17 @@ from pipeline.store.parquet import Pool
 __all__ = [
     "DemoConfig",
     "DownloadConfig",
+    "DuckdbConfig",
     "EmbedConfig",
+    "ExportConfig",
+    "FilterConfig",
     "FlowConfig",
     "MetaclipConfig",
     "ModeConfig",
     "PipelineConfig",
     "Pool",
     "RebalanceConfig",
+    "SparkConfig",
     "load_config",
 ]
 __version__ = "0.1.0"

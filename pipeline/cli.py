@@ -94,7 +94,7 @@ def _section(args: argparse.Namespace, name: str) -> tuple[Any, Any]:
 
 def cmd_mode(args: argparse.Namespace) -> int:
     from pipeline.engines import get_engine
-    from pipeline.mode_stage import run_mode
+    from pipeline.mode import run_mode
 
     cfg, mode = _section(args, "mode")
     summary = run_mode(Pool(cfg.pool), mode, get_engine(cfg))
@@ -103,7 +103,7 @@ def cmd_mode(args: argparse.Namespace) -> int:
 
 
 def cmd_route(args: argparse.Namespace) -> int:
-    from pipeline.mode_stage import route
+    from pipeline.mode import route
 
     names = [line.strip() for line in Path(args.classes).read_text(encoding="utf-8").splitlines() if line.strip()]
     if not names:

@@ -165,6 +165,8 @@ class MetaclipConfig:
         seed: Seed of the balancing draws; a seed selects the same samples on any engine.
         case_sensitive: MetaCLIP matches case-sensitively; ``False`` lowercases captions first.
         only_downloaded: Count entries over, and keep only, samples whose download succeeded.
+        where: SQL over the ``samples`` view (of the stages before MetaCLIP) narrowing the samples
+            counted and drawn; null (the default): the whole pool, as MetaCLIP counts.
     """
 
     __pydantic_config__ = _STRICT
@@ -176,6 +178,7 @@ class MetaclipConfig:
     seed: int = 0
     case_sensitive: bool = True
     only_downloaded: bool = True
+    where: str | None = None
 
     def __post_init__(self) -> None:
         _require(bool(self.metadata), "metadata", "must name an entries file")
@@ -199,6 +202,9 @@ class ModeConfig:
         report_samples: Captions read for the report's top terms per expert (a uid-hash sample).
         metric: ``cosine`` (spherical k-means on normalised embeddings) or ``euclidean``.
         balanced: Balanced k-means for the fine level (MoDE's choice), see :mod:`pipeline.mode`.
+        balanced_coarse: Balanced k-means for the coarse level too (MoDE's ``prep_hrchy.py``:
+            ``cluster_coarse(balanced=1)``), so each expert holds about ``n_fine / n_experts`` fine
+            clusters; false clusters the fine centres with plain k-means.
         iterations: k-means iterations.
         seed: Seed of the fit sample and the k-means initialisation.
         smooth_weight: MoDE's ensemble smoothing (``post_report_ensemble.py``: 5.0, 8.0).
@@ -215,6 +221,7 @@ class ModeConfig:
     report_samples: int = 100_000
     metric: Literal["cosine", "euclidean"] = "cosine"
     balanced: bool = True
+    balanced_coarse: bool = True
     iterations: int = 20
     seed: int = 0
     smooth_weight: tuple[float, float] = (5.0, 8.0)
@@ -244,11 +251,16 @@ class RebalanceConfig:
         alpha: The temperature exponent (0: equal groups, 1: unchanged proportions).
         target_size: Solve t (cap) or the scale (temperature) for this expected subset size.
         seed: Seed of the draws (partition-independent, like MetaCLIP balancing).
+        where: SQL over the ``samples`` view choosing the samples counted and drawn (the others get
+            no ``rebalance_keep``). Unset in a config file, it is the conjunction of the keep columns
+            of the stages configured before it (``metaclip_keep and keep``), so the cap holds in
+            what a release takes; null: every sample with the group.
     """
 
     __pydantic_config__ = _STRICT
 
     group_by: str = "fine_id"
+    where: str | None = None
     method: Literal["cap", "temperature"] = "cap"
     t: float = 20_000
     alpha: float = 0.5
@@ -565,6 +577,22 @@ def _known_keys(path: list[str]) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
+KEEP_COLUMNS = (("metaclip", "metaclip_keep"), ("filters", "keep"), ("rebalance", "rebalance_keep"))
+
+
+def _default_populations(data: dict[str, Any]) -> dict[str, Any]:
+    """Each balancing step counts what is still in play: an unset ``rebalance.where`` is the
+    conjunction of the keep columns of the configured stages before it (``metaclip_keep``,
+    ``keep``), an unset ``export.where`` that of every configured stage (a release means what the
+    curation decided). ``metaclip.where`` stays the whole pool, as MetaCLIP counts."""
+    data = dict(data)
+    for section, upto in (("rebalance", 2), ("export", 3)):
+        if isinstance(data.get(section), dict) and "where" not in data[section]:
+            keeps = [col for name, col in KEEP_COLUMNS[:upto] if data.get(name) is not None]
+            data[section] = {**data[section], "where": " and ".join(keeps) or None}
+    return data
+
+
 def parse_config(data: Any, source: str = "<config>") -> PipelineConfig:
     """Validate a mapping into a :class:`PipelineConfig`.
 
@@ -577,7 +605,7 @@ def parse_config(data: Any, source: str = "<config>") -> PipelineConfig:
     if _ADAPTER is None:
         _ADAPTER = TypeAdapter(PipelineConfig)
     try:
-        return _ADAPTER.validate_python(data)
+        return _ADAPTER.validate_python(_default_populations(data))
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
         # An unknown key explains a "missing" one next to it (a typo), so report it first.

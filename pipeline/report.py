@@ -101,20 +101,29 @@ def _plot_funnel(steps: list[tuple[str, int]], reasons: list[tuple[str, int]], o
     return _save(fig, out)
 
 
-def _plot_clip(con: Any, columns: set[str], out: Path) -> str | None:
+def _plot_clip(con: Any, columns: set[str], out: Path, bins: int = 60) -> str | None:
+    """The CLIP-score histogram, counted in SQL (60 bins: a few rows, whatever the pool's size)."""
     if S.CLIP_SCORE not in columns:
         return None
-    scores = con.sql(f"select {S.CLIP_SCORE} from samples where {S.CLIP_SCORE} is not null").fetchnumpy()[S.CLIP_SCORE]
-    if not len(scores):
+    lo, hi, n = con.execute(f"select min({S.CLIP_SCORE}), max({S.CLIP_SCORE}), count({S.CLIP_SCORE}) "
+                            "from samples").fetchone()  # fmt: skip
+    if not n:
         return None
+    edges = np.linspace(float(lo), float(hi) + 1e-6, bins + 1)
+    width = (edges[-1] - edges[0]) / bins
+    kept = f"count(*) filter (where {S.KEEP})" if S.KEEP in columns else "0"
+    rows = con.execute(f"select least(cast(floor(({S.CLIP_SCORE} - {float(lo)!r}) / {width!r}) as integer), "
+                       f"{bins - 1}) as b, count(*), {kept} from samples where {S.CLIP_SCORE} is not null "
+                       "group by 1").fetchall()  # fmt: skip
+    counts, kept_counts = np.zeros(bins), np.zeros(bins)
+    for b, c, k in rows:
+        counts[b], kept_counts[b] = c, k
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    bins = np.linspace(float(scores.min()), float(scores.max()) + 1e-6, 60)
-    ax.hist(scores, bins=bins, color="#8c8c8c", label=f"embedded ({len(scores):,})")
+    ax.stairs(counts, edges, fill=True, color="#8c8c8c", label=f"embedded ({n:,})")
     if S.KEEP in columns:
-        kept = con.sql(f"select {S.CLIP_SCORE} from samples where {S.KEEP} and {S.CLIP_SCORE} is not null"
-                       ).fetchnumpy()[S.CLIP_SCORE]  # fmt: skip
-        ax.hist(kept, bins=bins, color="#55a868", alpha=0.8, label=f"kept by the filter recipe ({len(kept):,})")
+        ax.stairs(kept_counts, edges, fill=True, color="#55a868", alpha=0.8,
+                  label=f"kept by the filter recipe ({int(kept_counts.sum()):,})")  # fmt: skip
     ax.set_xlabel("clip_score (cosine of image and caption embeddings)")
     ax.set_ylabel("samples")
     ax.legend(fontsize=8)
@@ -140,7 +149,7 @@ def _plot_clusters(con: Any, columns: set[str], out: Path) -> str | None:
     """MoDE cluster sizes, and after rebalancing, with the plot MoDE's and rebalancing's reports use."""
     if S.FINE_ID not in columns:
         return None
-    from pipeline.mode_stage import plot_sizes
+    from pipeline.mode import plot_sizes
 
     keep = f"sum(coalesce({S.REBALANCE_KEEP}, false)::int)" if S.REBALANCE_KEEP in columns else "null"
     rows = con.execute(f"select count(*), {keep} from samples where {S.FINE_ID} is not null group by {S.FINE_ID}"

@@ -109,7 +109,7 @@ def clustered(downloaded_pool, tiny_checkpoint, tmp_path_factory):
 
     from pipeline.embed import run_embed
     from pipeline.engines.local import LocalEngine
-    from pipeline.mode_stage import run_mode
+    from pipeline.mode import run_mode
     from pipeline.store.parquet import Pool
 
     pool = Pool(shutil.copytree(downloaded_pool[0].root, tmp_path_factory.mktemp("mode") / "pool"))

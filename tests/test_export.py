@@ -140,3 +140,24 @@ def test_parallel_export_writes_the_same_bytes(pool, tmp_path):
         import pyarrow.parquet as pq
 
         assert pq.read_table(tmp_path / "a" / name).equals(pq.read_table(tmp_path / "b" / name))
+
+
+def test_export_recipe_decides_with_the_pools_recorded_parameters(clustered, tmp_path):
+    """``--recipe R`` re-decides with the pool's recorded filter config (here a non-default
+    ``clip_score_fraction``), so the release is exactly what ``tables/decisions`` keeps."""
+    from pipeline.config import FilterConfig
+    from pipeline.engines.local import LocalEngine
+    from pipeline.filters.stage import run_filters
+    from pipeline.query import query
+
+    pool = copy_pool(clustered[0], tmp_path / "pool", STAGES_AFTER_MODE)
+    cfg = FilterConfig(recipe="mine", recipes={"mine": ["english", "clip_score"]}, clip_score_fraction=0.55)
+    summary = run_filters(pool, cfg, LocalEngine(1), progress=False)
+    export(pool, ExportConfig(out=str(tmp_path / "rel"), recipe="mine"))
+    kept = query(pool, "select uid from samples where keep and status = 'success' and key is not null "
+                       "order by shard, key")["uid"].to_pylist()  # fmt: skip
+    uids, _ = _release_uids(tmp_path / "rel")
+    assert uids == kept and 0 < len(kept) == summary["kept"]
+    # the same recipe with the default fraction (0.3) would keep fewer: the recorded one was used
+    fewer = run_filters(pool, FilterConfig(recipe="mine", recipes=cfg.recipes), LocalEngine(1), progress=False)
+    assert fewer["kept"] < len(kept)

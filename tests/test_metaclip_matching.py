@@ -82,3 +82,16 @@ def test_parity_with_metaclip_reference_on_every_demo_caption():
     mismatches = [i for i, (a, b) in enumerate(zip(ours, reference, strict=True)) if a != b]
     assert not mismatches, f"{len(mismatches)} captions differ, first: {captions[mismatches[0]]!r}"
     assert sum(map(len, ours)) > 20_000  # the test compares real matches, not empty lists
+
+
+def test_a_repeated_entry_matches_every_id(tmp_path):
+    """MetaCLIP's loop tests every entry in turn, so an entry string listed twice yields both ids."""
+    from pipeline.metaclip.matching import SubstringMatcher
+
+    path = tmp_path / "entries.json"
+    entries = ["dog", "cat", "dog", "red car", "cat"]
+    path.write_text(json.dumps(entries))
+    matcher = SubstringMatcher(path)
+    for caption in ("a dog and a red car", "a cat", "a dog, a cat"):
+        assert matcher.match(caption) == reference_substr_matching(caption, entries)
+    assert matcher.match("a dog and a red car") == [0, 2, 3]

@@ -10,8 +10,16 @@ import pytest
 
 from pipeline.config import ModeConfig
 from pipeline.engines.local import LocalEngine
-from pipeline.mode import balanced_assign, fit_hierarchy, gini, nearest, routing_weights, top_terms
-from pipeline.mode_stage import expert_uids, run_mode
+from pipeline.mode import (
+    balanced_assign,
+    expert_uids,
+    fit_hierarchy,
+    gini,
+    nearest,
+    routing_weights,
+    run_mode,
+    top_terms,
+)
 from tests.conftest import LAION
 from tests.test_embed import PARAPHRASES
 
@@ -138,3 +146,29 @@ def test_expert_subsets_mix_in_a_share_of_other_experts(clustered):
     mixed_in = (~np.array(small["in_expert"].to_pylist())).sum()
     assert mixed_in == min(sizes.sum() - sizes[smaller], round(sizes[smaller] * 0.1 / 0.9))
     assert expert_uids(pool, 0, mix=0.25, seed=1).equals(mixed)
+
+
+def test_coarse_level_is_balanced_as_in_mode(demo_captions, fitted):
+    """MoDE clusters the fine centres into experts with balanced k-means: each expert holds
+    n_fine / n_experts fine clusters, so expert sizes stay close, unlike plain k-means."""
+    _captions, x, _ = demo_captions
+    hierarchy, fine, expert = fitted
+    assert np.bincount(hierarchy.fine_to_expert, minlength=4).tolist() == [16, 16, 16, 16]
+    sizes = np.bincount(expert, minlength=4)
+    plain = np.bincount(hierarchy.plain_fine_to_expert[fine], minlength=4)
+    assert sizes.max() / sizes.min() <= 1.5  # fine clusters are balanced too: about n / 4 each
+    assert sizes.max() / sizes.min() < plain.max() / max(1, plain.min())
+    unbalanced = fit_hierarchy(x, ModeConfig(n_fine=64, n_experts=4, fit_fraction=1.0, iterations=15,
+                                             balanced_coarse=False))  # fmt: skip
+    assert np.array_equal(unbalanced.fine_to_expert, hierarchy.plain_fine_to_expert)
+
+
+def test_report_shows_expert_sizes_with_and_without_balanced_coarse(clustered):
+    import json
+
+    pool, cfg, _ = clustered
+    report = json.loads((pool.report_dir("mode") / "clusters.json").read_text())
+    assert sum(report["expert_sizes"]) == sum(report["expert_sizes_plain_coarse"]) > 250
+    assert report["fine_clusters_per_expert"] == [cfg.n_fine // cfg.n_experts] * cfg.n_experts
+    assert report["expert_size_ratio"] == round(max(report["expert_sizes"]) / min(report["expert_sizes"]), 3)
+    assert "plain coarse k-means" in (pool.report_dir("mode") / "clusters.md").read_text()

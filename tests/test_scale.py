@@ -18,7 +18,7 @@ import pytest
 from pipeline.config import FilterConfig, MetaclipConfig, RebalanceConfig
 from pipeline.engines.local import LocalEngine
 from pipeline.store import schema as S
-from pipeline.store.parquet import Pool, write_json_atomic
+from pipeline.store.parquet import Pool, write_json_atomic, write_parquet_atomic
 from tests.conftest import REPO, STAGES_AFTER_MODE, copy_pool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,10 +78,9 @@ def test_metaclip_entry_counts_equal_numpy(curated):
 
 
 def test_threshold_funnel_and_drop_reasons_equal_numpy(curated):
-    from pipeline.filters.rules import Rule as R
-    from pipeline.filters.rules import decide, get_threshold, parse_rule
+    from pipeline.filters.rules import Rule, decide, get_threshold, parse_rule
 
-    pool, cfg, summary = curated
+    pool, _, summary = curated
     embed = pool.read_table("embed", ["uid", "clip_score"])
     threshold = get_threshold(embed["clip_score"].to_numpy(zero_copy_only=False), 0.4)
     assert summary["rule_params"]["clip_score"]["threshold"] == threshold
@@ -93,8 +92,8 @@ def test_threshold_funnel_and_drop_reasons_equal_numpy(curated):
         rows = pc.index_in(base["uid"], value_set=table["uid"].combine_chunks())
         for name in names:
             columns[name] = pc.take(table[name], rows).to_numpy(zero_copy_only=False)
-    rules = [R("downloaded"), parse_rule("english"), parse_rule("caption_words"),
-             R("clip_score", {"threshold": threshold, "fraction": 0.4}), parse_rule("dedup")]  # fmt: skip
+    rules = [Rule("downloaded"), parse_rule("english"), parse_rule("caption_words"),
+             Rule("clip_score", {"threshold": threshold, "fraction": 0.4}), parse_rule("dedup")]  # fmt: skip
     keep, reason, funnel = decide(columns, rules)
     assert [f["left"] for f in summary["funnel"]] == funnel
     expected = {r: int((reason[~keep] == r).sum()) for r in set(reason[~keep])}
@@ -151,7 +150,8 @@ def _synthetic_pool(root: Path, shards: int = 3, per_shard: int = 300, dim: int 
         for i in rng.choice(n, 10, replace=False):
             sha[i] = sha[(i + 3) % n]
         dl = S.conform(pa.table({S.UID: uids, S.SHARD: pa.array([shard] * n, pa.int32()),
-                                 S.KEY: [f"{shard:05d}{i:04d}" for i in range(n)], S.ROW: pa.array(range(n), pa.int64()),
+                                 S.KEY: [f"{shard:05d}{i:04d}" for i in range(n)],
+                                 S.ROW: pa.array(range(n), pa.int64()),
                                  S.STATUS: ["success"] * n, S.SHA256: sha}), S.DOWNLOAD_SCHEMA)  # fmt: skip
         pool.write_table("download", shard, dl)
         pool.mark_done("download", shard, "synthetic", {"samples": n})
@@ -161,8 +161,8 @@ def _synthetic_pool(root: Path, shards: int = 3, per_shard: int = 300, dim: int 
                         S.IMAGE_EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(x16.ravel()), dim),
                         S.TEXT_EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(x16.ravel()), dim),
                         S.CLIP_SCORE: pa.array(np.ones(n), pa.float32()), S.DECODE_ERROR: pa.nulls(n, pa.string()),
-                        S.MODEL: ["synthetic"] * n, S.CHECKPOINT_SHA256: ["-"] * n}, schema=S.embed_schema(dim))  # fmt: skip
-        from pipeline.store.parquet import write_parquet_atomic
+                        S.MODEL: ["synthetic"] * n, S.CHECKPOINT_SHA256: ["-"] * n},
+                       schema=S.embed_schema(dim))  # fmt: skip
 
         write_parquet_atomic(pool.table_path("embed", shard), emb)
         pool.mark_done("embed", shard, "synthetic", {"samples": n})

@@ -63,7 +63,7 @@ def curated(clustered, tmp_path_factory, spark, load_log):
 
     from pipeline.filters.stage import run_filters
     from pipeline.metaclip.stage import run_metaclip
-    from pipeline.mode_stage import run_mode
+    from pipeline.mode import run_mode
     from pipeline.rebalance import run_rebalance
 
     targets = tmp_path_factory.mktemp("targets") / "targets.npy"
@@ -146,13 +146,14 @@ def test_sql_writes_equal_local_rows_and_partitions(tmp_path, spark):
         engine.write(_EXACT_SQL, tables, tmp_path / name, partition_by="shard")
     parts = {}
     for name in ("local", "spark"):
-        parts[name] = {p.name: sorted(r for f in p.glob("*.parquet") for r in
-                                      zip(*pq.read_table(f).select(["uid", "dup_of"]).to_pydict().values(), strict=True))
-                       for p in sorted((tmp_path / name).glob("shard=*"))}  # fmt: skip
+        parts[name] = {}
+        for folder in sorted((tmp_path / name).glob("shard=*")):
+            rows = [pq.read_table(f).select(["uid", "dup_of"]).to_pylist() for f in folder.glob("*.parquet")]
+            parts[name][folder.name] = sorted((r["uid"], r["dup_of"]) for part in rows for r in part)
     assert parts["local"] == parts["spark"] and len(parts["local"]) == 3
     d = pool.read_table("download")
     uids, hashes = np.array(d["uid"].to_pylist()), np.array(d["sha256"].to_pylist())
-    rep, size = exact_groups(uids, hashes)
+    rep, _ = exact_groups(uids, hashes)
     expected = sorted((uids[i], uids[rep[i]]) for i in range(len(uids)) if rep[i] != i)
     assert sorted(r for rows in parts["local"].values() for r in rows) == expected and len(expected) > 50
 

@@ -130,11 +130,14 @@ class LocalEngine:
         import duckdb
 
         con = duckdb.connect()
-        spill = self.temp_directory or os.path.join(tempfile.gettempdir(), "clipcurate-duckdb")
+        spill = self.temp_directory or str(Path(tempfile.gettempdir()) / "clipcurate-duckdb")
         Path(spill).mkdir(parents=True, exist_ok=True)
         con.execute(f"SET memory_limit = {_sql_literal(self.memory_limit)}")
         con.execute(f"SET temp_directory = {_sql_literal(spill)}")
         con.execute("SET preserve_insertion_order = true")
+        # a partitioned COPY buffers rows per open partition: keep that within the memory limit too
+        con.execute("SET partitioned_write_flush_threshold = 32768")
+        con.execute("SET partitioned_write_max_open_files = 32")
         if self.threads:
             con.execute(f"SET threads = {int(self.threads)}")
         return con

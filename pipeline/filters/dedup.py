@@ -37,6 +37,7 @@ dedup and datatrove's MinHash dedup split theirs:
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from pathlib import Path
 from typing import Any
@@ -174,13 +175,27 @@ def _left_vectors(pool_root: str, shard: int) -> pa.Table:
     return table.filter(pc.invert(pc.is_in(table[S.UID], value_set=_exact_dropped(pool_root, shard))))
 
 
+def count_shard(pool_root: str, shard: int) -> int:
+    """This shard's images left after exact dedup (SemDeDup's population), without reading vectors."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from pipeline.store import schema as S
+    from pipeline.store.parquet import Pool
+
+    embed = pq.read_table(Pool(pool_root).table_path("embed", shard), columns=[S.UID, S.CLIP_SCORE])
+    uids = embed[S.UID].filter(pc.is_valid(embed[S.CLIP_SCORE]))  # null exactly when no image embedding
+    return int(pc.sum(pc.invert(pc.is_in(uids, value_set=_exact_dropped(pool_root, shard)))).as_py() or 0)
+
+
 def sample_shard(pool_root: str, out_dir: str, rate: float, seed: int, shard: int) -> int:
     from pipeline.store import schema as S
     from pipeline.vectors import drawn, write_sample
 
     table = _left_vectors(pool_root, shard)
     table = table.filter(pa.array(drawn(table[S.UID], _SAMPLE_KEY, seed, rate)))
-    return write_sample(Path(out_dir), shard, table[S.UID].combine_chunks(), table[S.IMAGE_EMBEDDING].combine_chunks())
+    uids, vectors = table[S.UID].combine_chunks(), table[S.IMAGE_EMBEDDING].combine_chunks()
+    return write_sample(Path(out_dir), shard, uids, vectors)
 
 
 @functools.lru_cache(maxsize=2)
@@ -283,7 +298,7 @@ def group_task(pool_root: str, eps: float, dim: int, group: int) -> int:
     unit = table["cluster"].to_numpy().astype(np.int64) << 32 | table["sub"].to_numpy().astype(np.int64)
     starts = np.r_[0, np.nonzero(np.diff(unit))[0] + 1, len(unit)]
     dropped, dup_of = [], []
-    for a, b in zip(starts[:-1], starts[1:], strict=True):
+    for a, b in itertools.pairwise(starts):
         if b - a < 2:
             continue
         keep, of = dedup_members(_decode(table["vector"].slice(a, b - a), dim), eps)
@@ -386,11 +401,9 @@ def run_dedup(pool: Any, cfg: Any, engine: Any, progress: bool = True) -> dict[s
     import json
 
     from pipeline.engines.base import Table, run_shards
-    from pipeline.filters.image_based import kmeans_l2 as fit
     from pipeline.filters.stage import DEDUP_STAGE, embed_digest, not_done, stage_digest
     from pipeline.store import schema as S
-    from pipeline.store.parquet import atomic_path, write_json_atomic, write_parquet_atomic
-    from pipeline.vectors import clusters_for, read_sample, sample_rate, sample_size
+    from pipeline.store.parquet import write_json_atomic
 
     keys = ("dedup_eps", "dedup_clusters", "samples_per_dedup_cluster", "kmeans_iterations",
             "kmeans_max_points_per_centroid", "kmeans_max_sample", "dedup_max_cluster_size",
@@ -403,54 +416,14 @@ def run_dedup(pool: Any, cfg: Any, engine: Any, progress: bool = True) -> dict[s
     dirs = _dirs(pool)
     download = {"download": pool.table("download", [S.UID, S.SHARD, S.STATUS, S.SHA256])}
     engine.write(_EXACT_SQL, download, dirs["exact"], partition_by="shard")
-    exact = Table.of(_files(dirs["exact"]), _EXACT_SCHEMA, ["uid", "dup_of"])
-    population = engine.query("select count(*) as n from embed e left join exact x on e.uid = x.uid "
-                              "where e.clip_score is not null and x.uid is null",
-                              {"embed": pool.table("embed", [S.UID, S.CLIP_SCORE]), "exact": exact})["n"][0].as_py()  # fmt: skip
-    k = clusters_for(population, cfg.dedup_clusters, cfg.samples_per_dedup_cluster)
-    wanted = sample_size(k, cfg.kmeans_max_points_per_centroid, cfg.kmeans_max_sample)
-    run_shards(pool, engine, functools.partial(sample_shard, str(pool.root), str(dirs["sample"]),
-                                               sample_rate(wanted, population), cfg.seed),
-               shards, desc="dedup sample", progress=progress)  # fmt: skip
-    _, train = read_sample(dirs["sample"], shards)
-    semantic, subs, tasks, largest = 0, {}, 0, 0
-    if len(train) >= 2:
-        k = max(1, min(k, len(train)))
-        centres_path = dirs["base"] / "centroids.npz"
-        with atomic_path(centres_path) as tmp, tmp.open("wb") as f:
-            np.savez(f, centroids=fit(train, k, cfg.kmeans_iterations, cfg.seed, cfg.kmeans_max_points_per_centroid))
-        dim = train.shape[1]
-        del train
-        run_shards(pool, engine, functools.partial(assign_shard, str(pool.root), str(centres_path), digest), shards,
-                   desc="dedup assign", weights=pool.shard_sizes(shards), progress=progress)  # fmt: skip
-        assign = {"assign": Table.of(_files(dirs["assign"]), _ASSIGN_SCHEMA)}
-        sizes = engine.query("select cluster, count(*) as n from assign group by cluster order by cluster",
-                             {"assign": Table.of(_files(dirs["assign"]), _ASSIGN_SCHEMA, ["cluster"])})  # fmt: skip
-        subs = _split_big(pool, engine, cfg, sizes, dim, dirs, digest)
-        if subs:
-            run_shards(pool, engine, functools.partial(split_shard, str(pool.root), str(dirs["base"] / "subclusters.npz"),
-                                                       digest), shards, desc="dedup split", progress=progress)  # fmt: skip
-        units = engine.query("select cluster, sub, count(*) as n from assign group by cluster, sub "
-                             "order by cluster, sub", {"assign": Table.of(_files(dirs["assign"]), _ASSIGN_SCHEMA,
-                                                                          ["cluster", "sub"])})  # fmt: skip
-        groups = _groups(list(zip(*(units[c].to_pylist() for c in ("cluster", "sub", "n")), strict=True)),
-                         cfg.dedup_vectors_per_task)  # fmt: skip
-        largest = max(units["n"].to_pylist(), default=0)
-        write_parquet_atomic(dirs["base"] / "groups.parquet", groups)
-        tables = {**assign, "groups": Table.of([dirs["base"] / "groups.parquet"], groups.schema)}
-        engine.write("select a.shard, a.uid, a.cluster, a.sub, a.cos_dist, a.vector, g.grp from assign a "
-                     "join groups g on a.cluster = g.cluster and a.sub = g.sub", tables, dirs["by_group"],
-                     partition_by="grp")  # fmt: skip
-        tasks = int(groups["grp"][-1].as_py()) + 1 if groups.num_rows else 0
-        for old in _files(dirs["semantic"]):
-            old.unlink()
-        drops = run_shards(pool, engine, functools.partial(group_task, str(pool.root), cfg.dedup_eps, dim),
-                           list(range(tasks)), desc="dedup clusters", progress=progress)  # fmt: skip
-        semantic = sum(drops.values())
+    counts = run_shards(pool, engine, functools.partial(count_shard, str(pool.root)), shards, desc="dedup count",
+                        progress=False)  # fmt: skip
+    population = sum(counts.values())
+    semantic = _semantic(pool, engine, cfg, dirs, shards, population, digest, progress)
     # every drop, by shard; an exact duplicate whose kept copy was then dropped as a near duplicate
     # points on to the sample that one duplicates (always kept: SemDeDup's dup_of is kept)
-    engine.write("select x.src_shard as shard, x.uid, coalesce(s.dup_of, x.dup_of) as dup_of, 'exact' as kind from exact x "
-                 "left join semantic s on x.dup_of = s.uid "
+    engine.write("select x.src_shard as shard, x.uid, coalesce(s.dup_of, x.dup_of) as dup_of, 'exact' as kind "
+                 "from exact x left join semantic s on x.dup_of = s.uid "
                  "union all select shard, uid, dup_of, 'semantic' as kind from semantic",
                  {"exact": Table.of(_files(dirs["exact"]), _EXACT_SCHEMA),
                   "semantic": Table.of(_files(dirs["semantic"]), _DROPS_SCHEMA)},
@@ -459,8 +432,61 @@ def run_dedup(pool: Any, cfg: Any, engine: Any, progress: bool = True) -> dict[s
     run_shards(pool, engine, functools.partial(write_shard, str(pool.root), digest), todo, desc=DEDUP_STAGE,
                progress=progress)  # fmt: skip
     exact_dropped = sum(m["counts"]["exact"] for m in pool.completed(DEDUP_STAGE).values())
-    summary = {"exact_dropped": exact_dropped, "semantic_dropped": semantic, "semantic_clusters": int(k),
-               "semantic_samples": int(population), "split_clusters": len(subs), "cluster_tasks": tasks,
-               "largest_task_unit": int(largest), "eps": cfg.dedup_eps, "digest": digest}  # fmt: skip
+    summary = {"exact_dropped": exact_dropped, **semantic, "semantic_samples": int(population),
+               "eps": cfg.dedup_eps, "digest": digest}  # fmt: skip
     write_json_atomic(summary_path, summary)
     return summary
+
+
+def _semantic(pool: Any, engine: Any, cfg: Any, dirs: dict[str, Path], shards: list[int], population: int,
+              digest: str, progress: bool) -> dict[str, int]:  # fmt: skip
+    """SemDeDup's part: sample, fit, assign per shard, split big clusters, regroup, one task per
+    group. Leaves ``semantic/{group}.parquet`` (the dropped samples) and returns its counts."""
+    from pipeline.engines.base import Table, run_shards
+    from pipeline.store.parquet import atomic_path, write_parquet_atomic
+    from pipeline.vectors import clusters_for, read_sample, sample_rate, sample_size
+
+    for old in _files(dirs["semantic"]):  # a re-run starts from no drops
+        old.unlink()
+    dirs["semantic"].mkdir(parents=True, exist_ok=True)
+    k = clusters_for(population, cfg.dedup_clusters, cfg.samples_per_dedup_cluster)
+    wanted = sample_size(k, cfg.kmeans_max_points_per_centroid, cfg.kmeans_max_sample)
+    run_shards(pool, engine, functools.partial(sample_shard, str(pool.root), str(dirs["sample"]),
+                                               sample_rate(wanted, population), cfg.seed),
+               shards, desc="dedup sample", progress=progress)  # fmt: skip
+    _, train = read_sample(dirs["sample"], shards)
+    if len(train) < 2:
+        return {"semantic_dropped": 0, "semantic_clusters": 0, "split_clusters": 0, "cluster_tasks": 0,
+                "largest_task_unit": 0}  # fmt: skip
+    k = max(1, min(k, len(train)))
+    centres_path = dirs["base"] / "centroids.npz"
+    with atomic_path(centres_path) as tmp, tmp.open("wb") as f:
+        np.savez(f, centroids=kmeans_l2(train, k, cfg.kmeans_iterations, cfg.seed, cfg.kmeans_max_points_per_centroid))
+    dim = train.shape[1]
+    del train
+    run_shards(pool, engine, functools.partial(assign_shard, str(pool.root), str(centres_path), digest), shards,
+               desc="dedup assign", weights=pool.shard_sizes(shards), progress=progress)  # fmt: skip
+
+    def assign(*columns: str) -> dict[str, Any]:
+        return {"assign": Table.of(_files(dirs["assign"]), _ASSIGN_SCHEMA, list(columns) or None)}
+
+    sizes = engine.query("select cluster, count(*) as n from assign group by cluster order by cluster",
+                         assign("cluster"))  # fmt: skip
+    subs = _split_big(pool, engine, cfg, sizes, dim, dirs, digest)
+    if subs:
+        fn = functools.partial(split_shard, str(pool.root), str(dirs["base"] / "subclusters.npz"), digest)
+        run_shards(pool, engine, fn, shards, desc="dedup split", progress=progress)
+    units = engine.query("select cluster, sub, count(*) as n from assign group by cluster, sub order by cluster, sub",
+                         assign("cluster", "sub"))  # fmt: skip
+    groups = _groups(list(zip(*(units[c].to_pylist() for c in ("cluster", "sub", "n")), strict=True)),
+                     cfg.dedup_vectors_per_task)  # fmt: skip
+    write_parquet_atomic(dirs["base"] / "groups.parquet", groups)
+    tables = {**assign(), "groups": Table.of([dirs["base"] / "groups.parquet"], groups.schema)}
+    engine.write("select a.shard, a.uid, a.cluster, a.sub, a.cos_dist, a.vector, g.grp from assign a "
+                 "join groups g on a.cluster = g.cluster and a.sub = g.sub", tables, dirs["by_group"],
+                 partition_by="grp")  # fmt: skip
+    tasks = int(groups["grp"][-1].as_py()) + 1 if groups.num_rows else 0
+    drops = run_shards(pool, engine, functools.partial(group_task, str(pool.root), cfg.dedup_eps, dim),
+                       list(range(tasks)), desc="dedup clusters", progress=progress)  # fmt: skip
+    return {"semantic_dropped": sum(drops.values()), "semantic_clusters": int(k), "split_clusters": len(subs),
+            "cluster_tasks": tasks, "largest_task_unit": int(max(units["n"].to_pylist(), default=0))}  # fmt: skip

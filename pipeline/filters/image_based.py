@@ -89,7 +89,6 @@ def imagenet_text_targets(embedder) -> np.ndarray:
 # -- the pool-wide step: count (SQL), sample per shard, fit, assign per shard ----------------------
 
 _SAMPLE_KEY = 0x494D4753  # "IMGS": hash key of the k-means sample's draws
-_CAPTION_RULE = "lang = 'en' and caption_tokens > 1 and caption_chars > 5"  # DataComp's caption filter
 
 
 def _caption_ok(filters: dict[str, np.ndarray]) -> np.ndarray:
@@ -108,7 +107,8 @@ def sample_shard(pool_root: str, out_dir: str, rate: float, seed: int, captioned
     if captioned:
         table = _with_caption_ok(pool, shard, table)
     table = table.filter(pa.array(drawn(table[S.UID], _SAMPLE_KEY, seed, rate)))
-    return write_sample(Path(out_dir), shard, table[S.UID].combine_chunks(), table[S.IMAGE_EMBEDDING].combine_chunks())
+    uids, vectors = table[S.UID].combine_chunks(), table[S.IMAGE_EMBEDDING].combine_chunks()
+    return write_sample(Path(out_dir), shard, uids, vectors)
 
 
 def _with_caption_ok(pool, shard: int, table):
@@ -117,9 +117,27 @@ def _with_caption_ok(pool, shard: int, table):
 
     from pipeline.store import schema as S
 
-    scores = pq.read_table(pool.table_path("filters", shard), columns=[S.UID, S.LANG, S.CAPTION_TOKENS, S.CAPTION_CHARS])
+    columns = [S.UID, S.LANG, S.CAPTION_TOKENS, S.CAPTION_CHARS]
+    scores = pq.read_table(pool.table_path("filters", shard), columns=columns)
     ok = _caption_ok({c: scores[c].to_numpy(zero_copy_only=False) for c in scores.column_names[1:]})
     return table.filter(pc.is_in(table[S.UID], value_set=scores[S.UID].filter(pa.array(ok)).combine_chunks()))
+
+
+def count_shard(pool_root: str, shard: int) -> dict[str, int]:
+    """This shard's embedded images, and those whose caption passes DataComp's caption filter: the
+    population the sample is drawn from, counted by the same per-row test the sampling task applies
+    (and with no pool-sized join)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from pipeline.store import schema as S
+    from pipeline.store.parquet import Pool
+
+    pool = Pool(pool_root)
+    embed = pq.read_table(pool.table_path("embed", shard), columns=[S.UID, S.CLIP_SCORE])
+    embedded = embed[S.UID].filter(pc.is_valid(embed[S.CLIP_SCORE]))  # null exactly when no image embedding
+    captioned = _with_caption_ok(pool, shard, pa.table({S.UID: embedded}))
+    return {"embedded": len(embedded), "captioned": captioned.num_rows}
 
 
 @functools.lru_cache(maxsize=2)
@@ -150,7 +168,8 @@ def assign_shard(pool_root: str, centres_path: str, digest: str, shard: int) -> 
     target = np.isin(cluster, chosen)
     table = pa.table({S.UID: base[S.UID], S.SHARD: base[S.SHARD],
                       S.IMAGE_CLUSTER: pa.array(cluster.astype(np.int32), pa.int32(), mask=mask),
-                      S.IMAGE_TARGET: pa.array(target, pa.bool_(), mask=mask)}, schema=S.IMAGE_BASED_SCHEMA)  # fmt: skip
+                      S.IMAGE_TARGET: pa.array(target, pa.bool_(), mask=mask)},
+                     schema=S.IMAGE_BASED_SCHEMA)  # fmt: skip
     pool.write_table("image_based", shard, table)
     counts = {"samples": table.num_rows, "target": int(target[~mask].sum())}
     pool.mark_done("image_based", shard, digest, counts)
@@ -186,7 +205,6 @@ def run_image_based(pool, cfg, engine, embed_cfg=None, progress: bool = True) ->
 
     from pipeline.engines.base import run_shards
     from pipeline.filters.stage import IMAGE_STAGE, embed_digest, not_done, scores_digest, stage_digest
-    from pipeline.store import schema as S
     from pipeline.store.parquet import atomic_path, write_json_atomic
     from pipeline.vectors import clusters_for, read_sample, sample_rate, sample_size
 
@@ -198,11 +216,10 @@ def run_image_based(pool, cfg, engine, embed_cfg=None, progress: bool = True) ->
     summary_path = pool.aggregates_dir / "image_based.json"
     if not not_done(pool, IMAGE_STAGE, digest) and summary_path.exists():
         return json.loads(summary_path.read_text())
-    tables = {"embed": pool.table("embed", [S.UID, S.CLIP_SCORE]),
-              "filters": pool.table("filters", [S.UID, S.LANG, S.CAPTION_TOKENS, S.CAPTION_CHARS])}  # fmt: skip
-    counts = engine.query("select count(*) as embedded, count(f.uid) as captioned from embed e left join "
-                          f"(select uid from filters where {_CAPTION_RULE}) f on e.uid = f.uid "
-                          "where e.clip_score is not null", tables).to_pylist()[0]  # fmt: skip
+    pool.require_complete("filters")
+    parts = run_shards(pool, engine, functools.partial(count_shard, str(pool.root)), shards, desc="image_based count",
+                       progress=False)  # fmt: skip
+    counts = {key: sum(p[key] for p in parts.values()) for key in ("embedded", "captioned")}
     captioned = counts["captioned"] > 0  # DataComp trains on the caption-filtered images, if any
     population = counts["captioned"] if captioned else counts["embedded"]
     if not population:

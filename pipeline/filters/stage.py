@@ -3,17 +3,19 @@
 1. ``filters`` (per shard, in parallel): caption language and its probability, word / token /
    character counts, the original image's shorter side and aspect ratio, and whether the caption
    names an ImageNet-21k entity. These depend only on the download, not on the config.
-2. ``image_based`` (global, when the recipe uses ``image_cluster``): k-means of the pool's image
-   embeddings, target clusters, each sample's cluster (:mod:`pipeline.filters.image_based`).
-3. ``dedup`` (global, when the recipe uses ``dedup``): exact and SemDeDup duplicates
-   (:mod:`pipeline.filters.dedup`).
-4. ``decisions`` (global): the recipe's rules in order over those scores (and ``clip_score`` from
-   ``embed``) give ``keep`` and ``drop_reason`` (:mod:`pipeline.filters.rules`); the funnel and the
-   resolved CLIP-score threshold go to ``aggregates/decisions.json`` (and so the manifest) and
-   ``reports/decisions/``.
+2. ``image_based`` (when the recipe uses ``image_cluster``): k-means of the pool's image embeddings
+   fitted on a uid-hash sample, target clusters, each sample's cluster assigned per shard
+   (:mod:`pipeline.filters.image_based`).
+3. ``dedup`` (when the recipe uses ``dedup``): exact duplicates in SQL, then SemDeDup per cluster
+   group (:mod:`pipeline.filters.dedup`).
+4. ``decisions`` (per shard, once the recipe's parameters are resolved): the recipe's rules in order
+   over those scores (and ``clip_score`` from ``embed``) give ``keep`` and ``drop_reason``
+   (:mod:`pipeline.filters.decisions`); the funnel and the resolved CLIP-score threshold go to
+   ``aggregates/decisions.json`` (and so the manifest) and ``reports/decisions/``.
 
 Every table has one row per sample of the download table, so ``kept + dropped`` is the pool and
-``select drop_reason, count(*) from samples group by 1`` explains every sample.
+``select drop_reason, count(*) from samples group by 1`` explains every sample. No step holds the
+pool in memory: see the README's "Pools of any size".
 """
 
 from __future__ import annotations

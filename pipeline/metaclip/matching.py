@@ -73,6 +73,7 @@ class SubstringMatcher:
         self.case_sensitive = case_sensitive
         self.entries: list[str] = []
         self._automaton: Any = None
+        self._repeats: dict[int, list[int]] = {}
 
     def setup(self) -> SubstringMatcher:
         if self._automaton is None:
@@ -80,7 +81,12 @@ class SubstringMatcher:
 
             self.entries = load_entries(self.metadata)
             automaton = ahocorasick.Automaton(ahocorasick.STORE_INTS)
+            first: dict[str, int] = {}
             for entry_id, entry in enumerate(self.entries):
+                if entry in first:  # a repeated entry: MetaCLIP's loop returns every id of it
+                    self._repeats.setdefault(first[entry], [first[entry]]).append(entry_id)
+                    continue
+                first[entry] = entry_id
                 automaton.add_word(f" {entry} ", entry_id)
             automaton.make_automaton()
             self._automaton = automaton
@@ -91,7 +97,10 @@ class SubstringMatcher:
         if caption is None:
             return []
         text = spacing(caption if self.case_sensitive else caption.lower())
-        return sorted({entry_id for _, entry_id in self.setup()._automaton.iter(text)})
+        found = {entry_id for _, entry_id in self.setup()._automaton.iter(text)}
+        if self._repeats:
+            found |= {i for e in found & self._repeats.keys() for i in self._repeats[e]}
+        return sorted(found)
 
     def __call__(self, captions: pa.Array | pa.ChunkedArray) -> pa.ListArray:
         """``matched_entry_ids`` (list<int32>) for a column of captions."""

@@ -36,7 +36,7 @@ COUNTS_FILE = "metaclip_entry_counts.parquet"
 
 def match_hash(cfg: MetaclipConfig) -> str:
     """What the matches depend on: the entries file's content, case handling, what counts."""
-    blob = f"{file_digest(cfg.metadata)}|{cfg.case_sensitive}|{cfg.only_downloaded}|markers-v2"
+    blob = f"{file_digest(cfg.metadata)}|{cfg.case_sensitive}|{cfg.only_downloaded}|{cfg.where}|markers-v2"
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -46,6 +46,10 @@ def match_shard(pool_root: str, cfg: MetaclipConfig, shard: int) -> dict[str, in
     dl = pq.read_table(pool.table_path("download", shard), columns=[S.UID, S.CAPTION, S.STATUS])
     matched = matcher_for(cfg.metadata, cfg.case_sensitive)(dl[S.CAPTION])
     counted = pc.equal(dl[S.STATUS], S.STATUS_SUCCESS) if cfg.only_downloaded else pa.array([True] * dl.num_rows)
+    if cfg.where:  # the population counted and drawn
+        from pipeline.query import select_uids
+
+        counted = pc.and_(counted, pc.is_in(dl[S.UID], value_set=select_uids(pool, shard, cfg.where)))
     table = pa.table(
         {S.UID: dl[S.UID], S.SHARD: pa.array([shard] * dl.num_rows, pa.int32()),
          S.MATCHED_ENTRY_IDS: matched, S.COUNTED: counted},

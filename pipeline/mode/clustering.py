@@ -113,6 +113,7 @@ class Hierarchy:
     coarse: np.ndarray  # (n_experts, d)
     fine_to_expert: np.ndarray  # (n_fine,)
     plain_fine: np.ndarray  # the plain k-means fine centres (for the balance report)
+    plain_fine_to_expert: np.ndarray  # (n_fine,): experts by plain k-means of the fine centres (report)
 
 
 def fit_hierarchy(x: np.ndarray, cfg: ModeConfig) -> Hierarchy:
@@ -122,9 +123,17 @@ def fit_hierarchy(x: np.ndarray, cfg: ModeConfig) -> Hierarchy:
     k = min(cfg.n_fine, len(x))
     plain = kmeans(x, k, cfg.metric, cfg.iterations, cfg.seed)
     fine = balanced_kmeans(x, k, cfg.metric, cfg.iterations, cfg.seed) if cfg.balanced else plain
-    coarse = kmeans(fine, cfg.n_experts, cfg.metric, cfg.iterations, cfg.seed)
-    fine_to_expert = nearest(fine, coarse, cfg.metric)[0][:, 0]
-    return Hierarchy(fine=fine, coarse=coarse, fine_to_expert=fine_to_expert.astype(np.int32), plain_fine=plain)
+    # MoDE's prep_hrchy.py clusters the fine centres into experts with balanced k-means
+    # (cluster_coarse(balanced=1)): every expert gets about n_fine / n_experts fine clusters
+    plain_coarse = kmeans(fine, cfg.n_experts, cfg.metric, cfg.iterations, cfg.seed)
+    plain_to_expert = nearest(fine, plain_coarse, cfg.metric)[0][:, 0]
+    if cfg.balanced_coarse:
+        coarse = balanced_kmeans(fine, cfg.n_experts, cfg.metric, cfg.iterations, cfg.seed)
+        fine_to_expert = balanced_assign(fine, coarse, cfg.metric)
+    else:
+        coarse, fine_to_expert = plain_coarse, plain_to_expert
+    return Hierarchy(fine=fine, coarse=coarse, fine_to_expert=fine_to_expert.astype(np.int32), plain_fine=plain,
+                     plain_fine_to_expert=plain_to_expert.astype(np.int32))  # fmt: skip
 
 
 def routing_weights(

@@ -34,7 +34,7 @@ from pipeline.store.parquet import Pool, file_sha256
 
 STAGE = "embed"
 CAPTION_STAGE = "caption_embed"
-MODEL_CONFIGS = Path(__file__).resolve().parent / "model_configs"
+MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "model_configs"
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
 
@@ -325,7 +325,7 @@ def run_embed(pool: Pool, cfg: EmbedConfig, shards: list[int] | None = None, pro
         return {}
     digest, dim = stage_hash(embedder.cfg, embedder.checkpoint_sha256), embedder.dim
     captions_enc = CaptionEncoder(cfg.caption_model, embedder.device) if cfg.caption_model else None
-    from pipeline.embed_data import ShardImages  # imports torch: only when the stage runs
+    from pipeline.embed.data import ShardImages  # imports torch: only when the stage runs
 
     dataset = ShardImages(str(pool.root), todo, embedder.preprocess, cfg.batch_size, cfg.max_image_pixels)
     loader = torch.utils.data.DataLoader(

@@ -98,6 +98,10 @@ def shard_task(pool_root: str, cfg: RebalanceConfig, stage: str, listed: bool, p
     pool = Pool(pool_root)
     table = pq.read_table(pool.table_path(stage, shard), columns=[S.UID, cfg.group_by])
     table = table.filter(pc.is_valid(table[cfg.group_by])).sort_by(S.UID)
+    if cfg.where:  # only the samples in play are counted and drawn
+        from pipeline.query import select_uids
+
+        table = table.filter(pc.is_in(table[S.UID], value_set=select_uids(pool, shard, cfg.where)))
     if listed:
         matched = table[cfg.group_by].combine_chunks().cast(pa.list_(pa.int32()))
         p, keep = balance(table[S.UID], matched, _groups(groups_path, digest)["n"], param, cfg.seed)
@@ -115,12 +119,17 @@ def shard_task(pool_root: str, cfg: RebalanceConfig, stage: str, listed: bool, p
     return counts
 
 
-def _expected_task(pool_root: str, stage: str, column: str, groups_path: str, digest: str, ts: list[float],
-                   shard: int) -> list[float]:  # fmt: skip
+def _expected_task(pool_root: str, stage: str, cfg: RebalanceConfig, groups_path: str, digest: str,
+                   ts: list[float], shard: int) -> list[float]:  # fmt: skip
     from pipeline.metaclip.balancing import expected_sizes
 
-    table = pq.read_table(Pool(pool_root).table_path(stage, shard), columns=[column])
-    matched = table[column].combine_chunks().drop_null().cast(pa.list_(pa.int32()))
+    pool = Pool(pool_root)
+    table = pq.read_table(pool.table_path(stage, shard), columns=[S.UID, cfg.group_by])
+    if cfg.where:
+        from pipeline.query import select_uids
+
+        table = table.filter(pc.is_in(table[S.UID], value_set=select_uids(pool, shard, cfg.where)))
+    matched = table[cfg.group_by].combine_chunks().drop_null().cast(pa.list_(pa.int32()))
     return expected_sizes(matched, _groups(groups_path, digest)["n"], ts)
 
 
@@ -140,18 +149,26 @@ def run_rebalance(pool: Pool, cfg: RebalanceConfig, engine: Any, progress: bool 
     pool.require_complete(stage)
     col = cfg.group_by  # a plain identifier (checked in its config): the same spelling in both SQL dialects
     tables = {"t": pool.table(stage, [S.UID, cfg.group_by])}
-    inner = f"select unnest({col}) as g from t" if listed else f"select {col} as g from t where {col} is not null"
-    sizes = engine.query(f"select g, count(*) as n from ({inner}) x group by g order by g", tables)
+    prefix, source = "", "t"
+    if cfg.where:  # the population in play, through the pool's samples view
+        from pipeline.query import engine_samples
+
+        prefix, samples = engine_samples(pool, f"{cfg.where} {col}")
+        tables, source = {**tables, **samples}, f"(select * from samples where {cfg.where}) s"
+    inner = (f"select unnest({col}) as g from {source}" if listed
+             else f"select {col} as g from {source} where {col} is not null")  # fmt: skip
+    sizes = engine.query(f"{prefix}select g, count(*) as n from ({inner}) x group by g order by g", tables)
     values, counts = sizes["g"].to_numpy(), sizes["n"].to_numpy().astype(np.int64)
     groups_path = pool.aggregates_dir / "rebalance_groups.parquet"
     if listed:  # MetaCLIP's any-entry rule: dense per-entry counts, t solved on the expected size
         dense = np.zeros(int(values.max(initial=-1)) + 1, dtype=np.int64)
         dense[values] = counts
-        digest = hashlib.sha256(f"{config_hash(cfg)}|{hashlib.sha256(dense.tobytes()).hexdigest()}".encode()).hexdigest()[:16]
+        counts_digest = hashlib.sha256(dense.tobytes()).hexdigest()
+        digest = hashlib.sha256(f"{config_hash(cfg)}|{counts_digest}".encode()).hexdigest()[:16]
         write_parquet_atomic(groups_path, pa.table({"g": np.arange(len(dense)), "n": dense}))
         if cfg.target_size:
             def expected(ts: list[float]) -> np.ndarray:
-                fn = functools.partial(_expected_task, str(pool.root), stage, cfg.group_by, str(groups_path), digest, ts)
+                fn = functools.partial(_expected_task, str(pool.root), stage, cfg, str(groups_path), digest, ts)
                 parts = run_shards(pool, engine, fn, shards, desc="rebalance t", progress=False)
                 return np.sum([parts[s] for s in shards], axis=0)
 
@@ -169,11 +186,11 @@ def run_rebalance(pool: Pool, cfg: RebalanceConfig, engine: Any, progress: bool 
     run_shards(pool, engine, fn, todo, desc=STAGE, weights=pool.shard_sizes(todo), progress=progress)
     kept_sql = (f"select g, count(*) as n from (select {'unnest(' + col + ')' if listed else col} as g from t "
                 "join r on t.uid = r.uid where r.rebalance_keep) x group by g order by g")  # fmt: skip
-    kept_rows = engine.query(kept_sql, {**tables, "r": pool.table(STAGE, [S.UID, S.REBALANCE_KEEP])})
+    kept_rows = engine.query(kept_sql, {"t": tables["t"], "r": pool.table(STAGE, [S.UID, S.REBALANCE_KEEP])})
     kept = np.zeros(len(values), dtype=np.int64)
     kept[np.searchsorted(values, kept_rows["g"].to_numpy())] = kept_rows["n"].to_numpy()
     markers = pool.completed(STAGE)
-    summary = {"group_by": cfg.group_by, "method": cfg.method, "param": param, "alpha": cfg.alpha,
+    summary = {"group_by": cfg.group_by, "where": cfg.where, "method": cfg.method, "param": param, "alpha": cfg.alpha,
                "samples": sum(m["counts"]["samples"] for m in markers.values()),
                "kept": sum(m["counts"]["kept"] for m in markers.values()),
                "expected_kept": sum(m["counts"]["expected"] for m in markers.values()),
@@ -185,8 +202,7 @@ def run_rebalance(pool: Pool, cfg: RebalanceConfig, engine: Any, progress: bool 
 
 
 def _report(pool: Pool, cfg: RebalanceConfig, counts: np.ndarray, kept: np.ndarray, summary: dict[str, Any]) -> None:
-    from pipeline.mode import size_spread
-    from pipeline.mode_stage import plot_sizes
+    from pipeline.mode import plot_sizes, size_spread
     from pipeline.store.parquet import atomic_path
 
     out = pool.report_dir(STAGE)

@@ -1,5 +1,5 @@
 """MoDE over a pool: fit the centres on a sample of caption embeddings, assign every shard, report,
-select data-expert subsets, and route a task's class names to experts (see :mod:`pipeline.mode`).
+select data-expert subsets, and route a task's class names to experts (see :mod:`pipeline.mode.clustering`).
 
 Fitted centres live in ``aggregates/mode/`` (``fine_centers.npy``, ``coarse_centers.npy``,
 ``fine_to_expert.npy``, ``plain_fine_centers.npy``) with ``aggregates/mode.json`` (config, fit size,
@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import ModeConfig, config_hash
 from pipeline.engines.base import run_shards
-from pipeline.mode import fit_hierarchy, nearest, normalize, routing_weights, size_spread, top_terms
+from pipeline.mode.clustering import fit_hierarchy, nearest, normalize, routing_weights, size_spread, top_terms
 from pipeline.sampling import uid_to_uint64, uniform
 from pipeline.store import schema as S
 from pipeline.store.parquet import Pool, atomic_path, write_json_atomic
@@ -29,7 +29,7 @@ from pipeline.store.parquet import Pool, atomic_path, write_json_atomic
 STAGE = "mode"
 SOURCE = "caption_embed"
 _FIT_KEY = 0x4D6F4445  # "MoDE": the hash key of the fit sample's draws
-ARRAYS = ("fine_centers", "coarse_centers", "fine_to_expert", "plain_fine_centers")
+ARRAYS = ("fine_centers", "coarse_centers", "fine_to_expert", "plain_fine_centers", "plain_fine_to_expert")
 
 
 def _vectors(table: pa.Table) -> np.ndarray:
@@ -64,8 +64,9 @@ def fit_mode(pool: Pool, cfg: ModeConfig) -> dict[str, Any]:
     x = np.concatenate(parts)
     hierarchy = fit_hierarchy(x, cfg)
     out = pool.aggregates_dir / "mode"
-    for name, array in zip(ARRAYS, (hierarchy.fine, hierarchy.coarse, hierarchy.fine_to_expert, hierarchy.plain_fine),
-                           strict=True):  # fmt: skip
+    arrays = (hierarchy.fine, hierarchy.coarse, hierarchy.fine_to_expert, hierarchy.plain_fine,
+              hierarchy.plain_fine_to_expert)  # fmt: skip
+    for name, array in zip(ARRAYS, arrays, strict=True):
         with atomic_path(out / f"{name}.npy") as tmp, tmp.open("wb") as f:
             np.save(f, array)
     embed = pool.stage_config("embed")["config"]
@@ -131,12 +132,21 @@ def write_report(pool: Pool, cfg: ModeConfig, engine: Any) -> dict[str, Any]:
         out[rows["c"].to_numpy()] = rows["n"].to_numpy()
     share = uid_below(cfg.report_samples / max(1, int(sizes.sum())))
     where = f"where m.{share} and d.{share}" if share else ""
+    tables = {"mode": mode, "download": pool.table("download", [S.UID, S.CAPTION])}
     rows = engine.query(f"select m.expert_id, d.caption from mode m join download d on m.uid = d.uid {where} "
-                        "order by m.uid", {"mode": mode, "download": pool.table("download", [S.UID, S.CAPTION])})  # fmt: skip
+                        "order by m.uid", tables)  # fmt: skip
     terms = top_terms(rows["caption"].to_pylist(), rows["expert_id"].to_numpy(), cfg.n_experts)
+    mapping = np.load(pool.aggregates_dir / "mode" / "plain_fine_to_expert.npy")
+    plain_expert_sizes = np.bincount(mapping, weights=sizes, minlength=cfg.n_experts).astype(np.int64).tolist()
+    fine_per_expert = np.bincount(np.load(pool.aggregates_dir / "mode" / "fine_to_expert.npy"),
+                                  minlength=cfg.n_experts).tolist()  # fmt: skip
     expert_sizes = expert_sizes.tolist()
     report = {"fine_sizes": size_spread(sizes), "fine_sizes_plain_kmeans": size_spread(plain_sizes),
-              "expert_sizes": expert_sizes, "expert_top_terms": terms}  # fmt: skip
+              "expert_sizes": expert_sizes, "expert_sizes_plain_coarse": plain_expert_sizes,
+              "fine_clusters_per_expert": fine_per_expert,
+              "expert_size_ratio": round(max(expert_sizes) / max(1, min(expert_sizes)), 3),
+              "expert_size_ratio_plain_coarse": round(max(plain_expert_sizes) / max(1, min(plain_expert_sizes)), 3),
+              "expert_top_terms": terms}  # fmt: skip
     out = pool.report_dir(STAGE)
     write_json_atomic(out / "clusters.json", report)
     plot_sizes(out / "cluster_sizes.png", {"balanced k-means" if cfg.balanced else "k-means": sizes,
@@ -144,8 +154,10 @@ def write_report(pool: Pool, cfg: ModeConfig, engine: Any) -> dict[str, Any]:
     lines = ["# MoDE clusters", "", "| | clusters | min | median | max | Gini |", "|---|---|---|---|---|---|"]
     for name, sp in (("fitted", report["fine_sizes"]), ("plain k-means", report["fine_sizes_plain_kmeans"])):
         lines.append(f"| {name} | {sp['clusters']} | {sp['min']} | {sp['median']} | {sp['max']} | {sp['gini']} |")
-    lines += ["", "| expert | samples | top caption terms |", "|---|---|---|"]
-    lines += [f"| {e} | {expert_sizes[e]} | {', '.join(terms[e])} |" for e in range(cfg.n_experts)]
+    lines += ["", "| expert | samples | fine clusters | samples, plain coarse k-means | top caption terms |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {e} | {expert_sizes[e]} | {fine_per_expert[e]} | {plain_expert_sizes[e]} | {', '.join(terms[e])} |"
+              for e in range(cfg.n_experts)]  # fmt: skip
     with atomic_path(out / "clusters.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     return {"report": report}

@@ -1,0 +1,13 @@
+"""Long-tail rebalancing: group sizes as SQL (pool-wide), probabilities per group, draws per shard.
+See :mod:`pipeline.rebalance.stage`."""
+
+from pipeline.rebalance.stage import (
+    STAGE,
+    group_probabilities,
+    rebalance,
+    run_rebalance,
+    shard_task,
+    solve_param,
+)
+
+__all__ = ["STAGE", "group_probabilities", "rebalance", "run_rebalance", "shard_task", "solve_param"]
