@@ -92,6 +92,8 @@ def test_a_repeated_entry_matches_every_id(tmp_path):
     entries = ["dog", "cat", "dog", "red car", "cat"]
     path.write_text(json.dumps(entries))
     matcher = SubstringMatcher(path)
-    for caption in ("a dog and a red car", "a cat", "a dog, a cat"):
-        assert matcher.match(caption) == reference_substr_matching(caption, entries)
+    captions = ["a dog and a red car", "a cat", "a dog, a cat", "no match"]
+    expected = [reference_substr_matching(c, entries) for c in captions]
+    assert [matcher.match(c) for c in captions] == expected
+    assert matcher(pa.array(captions)).to_pylist() == expected  # the batch path too
     assert matcher.match("a dog and a red car") == [0, 2, 3]

@@ -204,9 +204,9 @@ def test_per_cluster_semdedup_equals_in_memory(tmp_path, split):
     got = dict(zip(table["uid"].to_pylist(), table["dedup_keep"].to_pylist(), strict=True))
     assert got == _in_memory_semdedup(pool, 4, 0.01, cfg)
     assert summary["exact_dropped"] >= 25 and summary["semantic_dropped"] >= 40
-    if split:  # the clusters were split, and no task held more than its bound
+    if split:  # the clusters were split inside their tasks, and no sub-cluster came near a cluster's size
         assert summary["split_clusters"] >= 3 and summary["largest_task_unit"] <= 120
-        assert summary["cluster_tasks"] > 4
+        assert summary["cluster_tasks"] >= 4
     # a dropped sample names a kept one
     kept = set(table["uid"].filter(table["dedup_keep"]).to_pylist())
     assert all(g in kept for g, k in zip(table["dup_group"].to_pylist(), table["dedup_keep"].to_pylist(),

