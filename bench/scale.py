@@ -58,7 +58,7 @@ def config(root: Path, engine: str) -> dict:
         "pool": str(root), "engine": engine, "download": {"input": "-", "processes": 2},
         # the engines' memory is set here, low enough to bind at every size measured
         "spark": {"master": "local[2]", "conf": {"spark.driver.memory": "1g"}},
-        "duckdb": {"memory_limit": "256MB"},
+        "duckdb": {"memory_limit": "1GB"},
         "metaclip": {"metadata": str(REPO / "metadata" / "entries.json"), "scale_t_to_pool": True},
         # k fixed, as SemDeDup fixes it (50,000 clusters for LAION-440M): a k that grows with the pool
         # makes the nearest-centre search cost grow per sample; clusters that outgrow

@@ -107,3 +107,46 @@ def test_stage_over_metaclip_entries_is_metaclips_rule(clustered):
         bad = {"group_by": "matched_entry_ids", "method": "temperature"}
         run_rebalance(pool, parse_config({"pool": "p", "download": {"input": "u"}, "rebalance": bad}).rebalance,
                       LocalEngine(1))  # fmt: skip
+
+
+def test_where_counts_and_draws_only_the_samples_in_play(clustered, tmp_path):
+    """With ``where``, group sizes count only the samples in play, so the cap holds in the subset a
+    release takes (binomial bound), groups under t are untouched, and the rest get no draw."""
+    from pipeline.engines.local import LocalEngine
+    from pipeline.metaclip.stage import run_metaclip
+    from pipeline.query import query
+    from tests.conftest import REPO, STAGES_AFTER_MODE, copy_pool
+
+    pool = copy_pool(clustered[0], tmp_path / "pool", STAGES_AFTER_MODE)
+    mc = parse_config({"pool": "p", "download": {"input": "u"},
+                       "metaclip": {"metadata": str(REPO / "metadata/entries.json"), "t": 2}}).metaclip  # fmt: skip
+    run_metaclip(pool, mc, LocalEngine(1), progress=False)
+    t = 12
+    cfg = parse_config({"pool": "p", "download": {"input": "u"},
+                        "rebalance": {"t": t, "where": "metaclip_keep", "seed": 3}}).rebalance  # fmt: skip
+    run_rebalance(pool, cfg, LocalEngine(1), progress=False)
+    rows = query(pool, "select fine_id, count(*) as n, sum(rebalance_keep::int) as kept, min(rebalance_p) as p "
+                       "from samples where metaclip_keep and fine_id is not null group by 1").to_pylist()  # fmt: skip
+    assert sum(r["n"] for r in rows) > 50
+    for r in rows:
+        assert r["p"] == pytest.approx(min(1.0, t / r["n"]))  # counted over the samples in play only
+        if r["n"] <= t:
+            assert r["kept"] == r["n"]  # groups under t are untouched
+        else:  # about t kept: within 4 binomial standard deviations
+            assert abs(r["kept"] - t) <= 4 * math.sqrt(t * (1 - t / r["n"])) + 1
+    outside = query(pool, "select count(*) as n, count(rebalance_keep) as drawn from samples "
+                          "where not metaclip_keep").to_pylist()[0]  # fmt: skip
+    assert outside["n"] > 0 and outside["drawn"] == 0
+
+
+def test_config_defaults_count_what_is_still_in_play():
+    base = {"pool": "p", "download": {"input": "u"}, "metaclip": {}, "filters": {}, "rebalance": {},
+            "export": {"out": "r"}}  # fmt: skip
+    cfg = parse_config(base)
+    assert cfg.rebalance.where == "metaclip_keep and keep"
+    assert cfg.export.where == "metaclip_keep and keep and rebalance_keep"
+    assert cfg.metaclip.where is None  # MetaCLIP counts the whole pool
+    only = parse_config({"pool": "p", "download": {"input": "u"}, "rebalance": {}, "export": {"out": "r"}})
+    assert only.rebalance.where is None and only.export.where == "rebalance_keep"
+    explicit = parse_config({**base, "rebalance": {"where": None}, "export": {"out": "r", "where": "keep"}})
+    assert explicit.rebalance.where is None and explicit.export.where == "keep"

@@ -83,7 +83,8 @@ def curated(clustered, tmp_path_factory, spark, load_log):
                            dedup_vectors_per_task=60)  # fmt: skip
         run_filters(pool, cfg, engine, progress=False)
         run_mode(pool, ModeConfig(n_fine=8, n_experts=2, fit_fraction=0.5, min_fit_samples=0), engine, progress=False)
-        run_rebalance(pool, RebalanceConfig(t=10), engine)
+        # the population in play: the samples view joined in the engine's own SQL
+        run_rebalance(pool, RebalanceConfig(t=10, where="metaclip_keep and keep"), engine)
         pools[name] = pool
     return pools["local"], pools["spark"]
 

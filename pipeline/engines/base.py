@@ -6,8 +6,10 @@ Stages are engine-free. A stage hands the engine
   distributors follow the same idea: each one takes the same downloader callable);
 - SQL over the pool's Parquet tables, either returning a small Arrow table to the driver
   (:meth:`Engine.query`: per-entry counts, a threshold, group sizes) or writing a large result back
-  to Parquet without it ever passing through the driver (:meth:`Engine.write`: duplicate groups,
-  vectors regrouped by cluster);
+  to Parquet, sorted, without it ever passing through the driver (:meth:`Engine.write`: duplicate
+  groups, vectors regrouped by cluster), where a task finds one key's rows through the row groups'
+  statistics (:func:`read_where`) -- the engines' out-of-core sorts do the regrouping, rather than
+  a partitioned writer that buffers every open partition;
 - a model stage's two forms (:meth:`Engine.map_model`) and the download's (:meth:`Engine.map_download`),
   where the best way to run them differs between one machine and a cluster.
 
@@ -113,10 +115,10 @@ class Engine(Protocol):
         """Run ``sql`` over ``tables`` (each a view of that name); the result must be small."""
         ...
 
-    def write(self, sql: str, tables: Mapping[str, Table], out: Path, partition_by: str | None = None) -> None:
-        """Run ``sql`` over ``tables`` and write its rows as Parquet under the directory ``out``
-        (replaced atomically), hive-partitioned (``out/<col>=<value>/*.parquet``) by ``partition_by``.
-        The rows never pass through the driver."""
+    def write(self, sql: str, tables: Mapping[str, Table], out: Path, order_by: str | None = None) -> None:
+        """Run ``sql`` over ``tables`` and write its rows as Parquet files under the directory ``out``
+        (replaced atomically), sorted by ``order_by`` when given (else in the query's own order)
+        across the files taken in name order. The rows never pass through the driver."""
         ...
 
 
@@ -145,6 +147,26 @@ def raise_failures(pool: Pool, desc: str, result: ShardResults) -> dict[int, Any
     return result.results
 
 
-def partition_files(out: Path, column: str, value: Any) -> list[Path]:
-    """The Parquet files of one hive partition written by :meth:`Engine.write` (none if empty)."""
-    return sorted((Path(out) / f"{column}={value}").glob("*.parquet"))
+def written_files(out: Path) -> list[Path]:
+    """The Parquet files :meth:`Engine.write` left in ``out``, in order."""
+    return sorted(Path(out).glob("*.parquet")) if Path(out).is_dir() else []
+
+
+def read_where(out: Path, column: str, value: Any, columns: Sequence[str] | None = None) -> Any:
+    """The rows of a sorted :meth:`Engine.write` output whose ``column`` equals ``value``: pyarrow
+    skips every row group whose statistics exclude it, so a task reads about its own rows only."""
+    import pyarrow.dataset as ds
+
+    files = written_files(out)
+    if not files:
+        return None
+    data = ds.dataset([str(f) for f in files], format="parquet")
+    return data.to_table(columns=list(columns) if columns else None, filter=ds.field(column) == value)
+
+
+def batches_where(out: Path, column: str, value: Any, columns: Sequence[str], batch_size: int = 8192) -> Any:
+    """:func:`read_where` as a stream of record batches (a task that must not hold its rows)."""
+    import pyarrow.dataset as ds
+
+    data = ds.dataset([str(f) for f in written_files(out)], format="parquet")
+    return data.to_batches(columns=list(columns), filter=ds.field(column) == value, batch_size=batch_size)

@@ -134,9 +134,7 @@ class LocalEngine:
         Path(spill).mkdir(parents=True, exist_ok=True)
         con.execute(f"SET memory_limit = {_sql_literal(self.memory_limit)}")
         con.execute(f"SET temp_directory = {_sql_literal(spill)}")
-        # a partitioned COPY buffers rows per open partition: keep that within the memory limit too
-        con.execute("SET partitioned_write_flush_threshold = 2048")
-        con.execute("SET partitioned_write_max_open_files = 8")
+        con.execute("SET preserve_insertion_order = true")  # a COPY keeps its query's ORDER BY
         if self.threads:
             con.execute(f"SET threads = {int(self.threads)}")
         return con
@@ -149,24 +147,19 @@ class LocalEngine:
         finally:
             con.close()
 
-    def write(self, sql: str, tables: Mapping[str, Table], out: Path, partition_by: str | None = None) -> None:
+    def write(self, sql: str, tables: Mapping[str, Table], out: Path, order_by: str | None = None) -> None:
+        """``COPY (sql [ORDER BY order_by]) TO`` one file: DuckDB's sort spills beyond the memory
+        limit, and its row groups are small enough for a reader to skip the ones it does not need."""
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         con = self.connect()
         try:
             register_tables(con, tables)
-            if partition_by:  # no order to keep; small row groups, since one is buffered per partition
-                con.execute("SET preserve_insertion_order = false")
-                target = _sql_literal(str(tmp))
-                options = (f"FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 2048, "
-                           f"PARTITION_BY ({_quote(partition_by)})")  # fmt: skip
-            else:  # the query's ORDER BY is kept in the one file
-                tmp.mkdir()
-                target = _sql_literal(str(tmp / "part-00000.parquet"))
-                options = "FORMAT parquet, COMPRESSION zstd"
-            con.execute(f"COPY ({sql}) TO {target} ({options})")
-            tmp.mkdir(exist_ok=True)  # an empty result writes no partition
+            tmp.mkdir()
+            query = f"SELECT * FROM ({sql}) ORDER BY {_quote(order_by)}" if order_by else sql
+            target = _sql_literal(str(tmp / "part-00000.parquet"))
+            con.execute(f"COPY ({query}) TO {target} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 16384)")
             replace_dir(tmp, out)
         finally:
             con.close()

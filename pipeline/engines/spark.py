@@ -190,7 +190,7 @@ class SparkEngine:
         self._register(tables)
         return self.spark.sql(spark_sql(sql)).toArrow()
 
-    def write(self, sql: str, tables: Mapping[str, Table], out: Path, partition_by: str | None = None) -> None:
+    def write(self, sql: str, tables: Mapping[str, Table], out: Path, order_by: str | None = None) -> None:
         import uuid
 
         from pipeline.engines.local import replace_dir
@@ -199,10 +199,10 @@ class SparkEngine:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         self._register(tables)
-        writer = self.spark.sql(spark_sql(sql)).write.mode("overwrite")
-        if partition_by:
-            writer = writer.partitionBy(partition_by)
-        writer.parquet(str(tmp))
+        frame = self.spark.sql(spark_sql(sql))
+        if order_by:  # a range-partitioned sort: part files in name order hold ascending keys
+            frame = frame.orderBy(order_by)
+        frame.write.mode("overwrite").parquet(str(tmp))
         for extra in [*tmp.rglob("_SUCCESS"), *tmp.rglob(".*.crc")]:
             extra.unlink()
         replace_dir(tmp, out)

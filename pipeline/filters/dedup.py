@@ -135,7 +135,7 @@ _EXACT_SQL = """
 with reps as (
   select sha256, min(uid) as rep from download
   where status = 'success' and sha256 is not null group by sha256 having count(*) > 1)
-select d.shard, d.shard as src_shard, d.uid, r.rep as dup_of from download d join reps r on d.sha256 = r.sha256
+select d.shard, d.uid, r.rep as dup_of from download d join reps r on d.sha256 = r.sha256
 where d.status = 'success' and d.uid <> r.rep
 """
 
@@ -147,12 +147,10 @@ def _dirs(pool: Any) -> dict[str, Path]:
 
 
 def _partition(out: Path, shard: int) -> pa.Table | None:
-    import pyarrow.parquet as pq
+    """One shard's rows of a table the engine wrote sorted by shard."""
+    from pipeline.engines.base import read_where
 
-    from pipeline.engines.base import partition_files
-
-    files = partition_files(out, "shard", shard)
-    return pa.concat_tables(pq.read_table(f) for f in files) if files else None
+    return read_where(out, "shard", shard)
 
 
 def _exact_dropped(pool_root: str, shard: int) -> pa.Array:
@@ -272,19 +270,18 @@ def _dedup_unit(table: pa.Table, eps: float, dim: int) -> tuple[np.ndarray, np.n
     return uids[~keep], uids[of[~keep]]
 
 
-def _split(files: list[Path], n: int, cfg: Any, dim: int, tmp: Path) -> list[Path]:
+def _split(by_group: Path, group: int, n: int, cfg: Any, dim: int, tmp: Path) -> list[Path]:
     """A cluster of ``n`` > ``dedup_max_cluster_size`` vectors, split without holding it: pass 1
     draws a uid-hash sample of at most that size and fits a second-level k-means on it; pass 2
     streams the cluster again and writes each row to its sub-cluster's file."""
-    import pyarrow.dataset as ds
     import pyarrow.parquet as pq
 
+    from pipeline.engines.base import batches_where
     from pipeline.vectors import drawn
 
-    data = ds.dataset([str(f) for f in files], format="parquet")
     rate = cfg.dedup_max_cluster_size / n
     parts = [b.filter(pa.array(drawn(b.column("uid"), _SPLIT_KEY, cfg.seed, rate)))
-             for b in data.to_batches(columns=["uid", "vector"], batch_size=8192)]  # fmt: skip
+             for b in batches_where(by_group, "grp", group, ["uid", "vector"])]  # fmt: skip
     sample = pa.Table.from_batches(parts).sort_by("uid")  # a fixed order: k-means depends on it
     k = max(2, min(sample.num_rows, math.ceil(4 * n / cfg.dedup_max_cluster_size)))
     centres = kmeans_l2(_decode(sample["vector"], dim), k, cfg.kmeans_iterations, cfg.seed,
@@ -293,7 +290,7 @@ def _split(files: list[Path], n: int, cfg: Any, dim: int, tmp: Path) -> list[Pat
     paths = [tmp / f"sub-{i:05d}.parquet" for i in range(k)]
     writers: dict[int, Any] = {}
     try:
-        for batch in data.to_batches(columns=["shard", "uid", "cos_dist", "vector"], batch_size=8192):
+        for batch in batches_where(by_group, "grp", group, ["shard", "uid", "cos_dist", "vector"]):
             sub = _nearest_l2(_decode(batch.column("vector"), dim), centres)
             for i in np.unique(sub):
                 if i not in writers:
@@ -314,20 +311,20 @@ def group_task(pool_root: str, cfg: Any, dim: int, group: int) -> dict[str, int]
 
     import pyarrow.parquet as pq
 
-    from pipeline.engines.base import partition_files
+    from pipeline.engines.base import read_where
     from pipeline.store.parquet import Pool, shard_name, write_parquet_atomic
 
     dirs = _dirs(Pool(pool_root))
-    files = partition_files(dirs["by_group"], "grp", group)
     units = pq.read_table(dirs["base"] / "groups.parquet").filter(pa.compute.field("grp") == group)
     columns = ["shard", "uid", "cluster", "cos_dist", "vector"]
     parts, largest, split = [], 0, 0
     with tempfile.TemporaryDirectory(dir=dirs["base"]) as tmp:
         if units.num_rows == 1 and units["n"][0].as_py() > cfg.dedup_max_cluster_size:
-            pieces = (pq.read_table(p) for p in _split(files, units["n"][0].as_py(), cfg, dim, Path(tmp)))
+            pieces = (pq.read_table(p) for p in _split(dirs["by_group"], group, units["n"][0].as_py(), cfg, dim,
+                                                      Path(tmp)))  # fmt: skip
             split = 1
         else:
-            table = pa.concat_tables(pq.read_table(f, columns=columns) for f in files)
+            table = read_where(dirs["by_group"], "grp", group, columns)
             cluster = table["cluster"].to_numpy()
             pieces = (table.filter(pa.array(cluster == c)) for c in np.unique(cluster))
         for piece in pieces:
@@ -389,7 +386,6 @@ def _groups(clusters: list[int], sizes: list[int], per_task: int, max_cluster: i
 
 _ASSIGN_SCHEMA = pa.schema([("shard", pa.int32()), ("uid", pa.string()), ("cluster", pa.int32()),
                             ("cos_dist", pa.float64()), ("vector", pa.binary())])  # fmt: skip
-_EXACT_SCHEMA = pa.schema([("src_shard", pa.int32()), ("uid", pa.string()), ("dup_of", pa.string())])
 _DROPS_SCHEMA = pa.schema([("shard", pa.int32()), ("uid", pa.string()), ("dup_of", pa.string())])
 
 
@@ -418,19 +414,19 @@ def run_dedup(pool: Any, cfg: Any, engine: Any, progress: bool = True) -> dict[s
         return json.loads(summary_path.read_text())
     dirs = _dirs(pool)
     download = {"download": pool.table("download", [S.UID, S.SHARD, S.STATUS, S.SHA256])}
-    engine.write(_EXACT_SQL, download, dirs["exact"], partition_by="shard")
+    engine.write(_EXACT_SQL, download, dirs["exact"], order_by="shard")
     counts = run_shards(pool, engine, functools.partial(count_shard, str(pool.root)), shards, desc="dedup count",
                         progress=False)  # fmt: skip
     population = sum(counts.values())
     semantic = _semantic(pool, engine, cfg, dirs, shards, population, digest, progress)
     # every drop, by shard; an exact duplicate whose kept copy was then dropped as a near duplicate
     # points on to the sample that one duplicates (always kept: SemDeDup's dup_of is kept)
-    engine.write("select x.src_shard as shard, x.uid, coalesce(s.dup_of, x.dup_of) as dup_of, 'exact' as kind "
+    engine.write("select x.shard, x.uid, coalesce(s.dup_of, x.dup_of) as dup_of, 'exact' as kind "
                  "from exact x left join semantic s on x.dup_of = s.uid "
                  "union all select shard, uid, dup_of, 'semantic' as kind from semantic",
-                 {"exact": Table.of(_files(dirs["exact"]), _EXACT_SCHEMA),
+                 {"exact": Table.of(_files(dirs["exact"]), _DROPS_SCHEMA),
                   "semantic": Table.of(_files(dirs["semantic"]), _DROPS_SCHEMA)},
-                 dirs["drops"], partition_by="shard")  # fmt: skip
+                 dirs["drops"], order_by="shard")  # fmt: skip
     todo = not_done(pool, DEDUP_STAGE, digest)
     run_shards(pool, engine, functools.partial(write_shard, str(pool.root), digest), todo, desc=DEDUP_STAGE,
                progress=progress)  # fmt: skip
@@ -478,7 +474,7 @@ def _semantic(pool: Any, engine: Any, cfg: Any, dirs: dict[str, Path], shards: l
     write_parquet_atomic(dirs["base"] / "groups.parquet", groups)
     tables = {**assign, "groups": Table.of([dirs["base"] / "groups.parquet"], groups.schema, ["cluster", "grp"])}
     engine.write("select a.shard, a.uid, a.cluster, a.cos_dist, a.vector, g.grp from assign a "
-                 "join groups g on a.cluster = g.cluster", tables, dirs["by_group"], partition_by="grp")  # fmt: skip
+                 "join groups g on a.cluster = g.cluster", tables, dirs["by_group"], order_by="grp")  # fmt: skip
     tasks = int(groups["grp"][-1].as_py()) + 1 if groups.num_rows else 0
     results = run_shards(pool, engine, functools.partial(group_task, str(pool.root), cfg, dim), list(range(tasks)),
                          desc="dedup clusters", progress=progress).values()  # fmt: skip
