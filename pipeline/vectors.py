@@ -74,16 +74,23 @@ def write_sample(out_dir: Path, shard: int, uids: pa.Array, vectors: pa.Array) -
 
 
 def read_sample(out_dir: Path, shards: list[int]) -> tuple[pa.Array, np.ndarray]:
-    """The sample's uids and normalised float32 vectors, in shard order."""
-    uids, parts = [], []
-    for shard in shards:
-        table = pq.read_table(Path(out_dir) / f"{shard_name(shard)}.parquet")
-        if table.num_rows:
-            uids.append(table[S.UID].combine_chunks())
-            parts.append(as_float32(table[VECTOR]))
-    if not parts:
+    """The sample's uids and normalised float32 vectors, in shard order, read into one array sized
+    from the files' footers: the sample is held once, however many shards it came from."""
+    paths = [Path(out_dir) / f"{shard_name(shard)}.parquet" for shard in shards]
+    sizes = [pq.ParquetFile(p).metadata.num_rows for p in paths]
+    total = sum(sizes)
+    if not total:
         return pa.array([], pa.string()), np.zeros((0, 0), dtype=np.float32)
-    return pa.concat_arrays(uids), np.concatenate(parts)
+    dim = next(pq.read_schema(p).field(VECTOR).type.list_size for p, n in zip(paths, sizes, strict=True) if n)
+    x = np.empty((total, dim), dtype=np.float32)
+    uids, at = [], 0
+    for path, n in zip(paths, sizes, strict=True):
+        if n:
+            table = pq.read_table(path)
+            uids.append(table[S.UID].combine_chunks())
+            x[at : at + n] = as_float32(table[VECTOR])
+            at += n
+    return pa.concat_arrays(uids), x
 
 
 def clusters_for(rows: int, k: int | None, per_cluster: int) -> int:

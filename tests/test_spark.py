@@ -107,7 +107,7 @@ def test_global_steps_equal_local(curated):
     assert a.equals(b)
     dedup = json.loads((spark.aggregates_dir / "dedup.json").read_text())
     assert dedup["semantic_dropped"] > 0 and dedup["split_clusters"] > 0  # a cluster was split on both engines
-    a, b = (pq.read_table(p.aggregates_dir / "rebalance_groups.parquet") for p in (local, spark))
+    a, b = (pq.read_table(p.aggregates_dir / "rebalance" / "groups.parquet") for p in (local, spark))
     assert a.equals(b)
 
 

@@ -460,7 +460,8 @@ def _semantic(pool: Any, engine: Any, cfg: Any, dirs: dict[str, Path], shards: l
     k = max(1, min(k, len(train)))
     centres_path = dirs["base"] / "centroids.npz"
     with atomic_path(centres_path) as tmp, tmp.open("wb") as f:
-        np.savez(f, centroids=kmeans_l2(train, k, cfg.kmeans_iterations, cfg.seed, cfg.kmeans_max_points_per_centroid))
+        np.savez(f, centroids=kmeans_l2(train, k, cfg.kmeans_iterations, cfg.seed,
+                                        max(cfg.kmeans_max_points_per_centroid, -(-len(train) // k))))  # fmt: skip
     dim = train.shape[1]
     del train
     run_shards(pool, engine, functools.partial(assign_shard, str(pool.root), str(centres_path), digest), shards,

@@ -233,7 +233,9 @@ def run_image_based(pool, cfg, engine, embed_cfg=None, progress: bool = True) ->
     run_shards(pool, engine, fn, shards, desc="image_based sample", progress=progress)
     _, train = read_sample(sample_dir, shards)
     k = min(k, len(train))
-    centroids = kmeans_l2(train, k, cfg.kmeans_iterations, cfg.seed, cfg.kmeans_max_points_per_centroid)
+    # the sample is already bounded: faiss trains on all of it rather than copying a subsample
+    centroids = kmeans_l2(train, k, cfg.kmeans_iterations, cfg.seed, max(cfg.kmeans_max_points_per_centroid,
+                                                                        -(-len(train) // k)))  # fmt: skip
     targets = _targets(cfg, embed_cfg)
     if targets.shape[1] != centroids.shape[1]:
         raise ValueError(f"image targets have dimension {targets.shape[1]}, the pool's embeddings {centroids.shape[1]}")

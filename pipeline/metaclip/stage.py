@@ -65,7 +65,7 @@ def match_shard(pool_root: str, cfg: MetaclipConfig, shard: int) -> dict[str, in
 
 
 def _balance_hash(cfg: MetaclipConfig, t: float, counts_digest: str) -> str:
-    return hashlib.sha256(f"{config_hash(cfg)}|{t!r}|{counts_digest}".encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{config_hash(cfg)}|{t!r}|{counts_digest}|kept-v1".encode()).hexdigest()[:16]
 
 
 @functools.lru_cache(maxsize=2)
@@ -86,6 +86,11 @@ def balance_shard(pool_root: str, cfg: MetaclipConfig, t: float, digest: str, sh
         schema=S.METACLIP_SCHEMA,
     )
     pool.write_table(STAGE, shard, table)
+    # this shard's kept samples per entry: the pool's figure is a SQL sum of these, with no join
+    kept_ids, kept_n = np.unique(matched.filter(pa.array(keep)).flatten().to_numpy(zero_copy_only=False),
+                                 return_counts=True)  # fmt: skip
+    kept_table = pa.table({"entry_id": pa.array(kept_ids, pa.int32()), "n": pa.array(kept_n, pa.int64())})
+    write_parquet_atomic(pool.aggregates_dir / "metaclip_kept" / f"{shard:05d}.parquet", kept_table)
     result = {"samples": table.num_rows, "kept": int(keep.sum())}
     pool.mark_done(STAGE, shard, _balance_hash(cfg, t, digest), result)
     return result
@@ -122,8 +127,7 @@ def resolve_t(pool: Pool, cfg: MetaclipConfig, engine: Any, counts: np.ndarray, 
 
 _COUNTS_SQL = ("select e as entry_id, count(*) as n from (select unnest(matched_entry_ids) as e from metaclip_match "
                "where counted) x group by e")  # fmt: skip
-_KEPT_SQL = ("select e as entry_id, count(*) as n from (select unnest(m.matched_entry_ids) as e from metaclip_match m "
-             "join metaclip b on m.uid = b.uid where b.metaclip_keep) x group by e")  # fmt: skip
+_KEPT_SQL = "select entry_id, sum(n) as n from kept group by entry_id"
 
 
 def entry_counts_sql(engine: Any, sql: str, tables: dict[str, Any], num_entries: int) -> np.ndarray:
@@ -179,8 +183,11 @@ def run_metaclip(pool: Pool, cfg: MetaclipConfig, engine: Any, progress: bool = 
     fn = functools.partial(balance_shard, str(pool.root), cfg, t, digest)
     run_shards(pool, engine, fn, todo, desc=STAGE, weights=pool.shard_sizes(todo), progress=progress)
 
-    tables = {"metaclip_match": match, "metaclip": pool.table(STAGE, [S.UID, S.METACLIP_KEEP])}
-    kept_counts = entry_counts_sql(engine, _KEPT_SQL, tables, len(entries))
+    from pipeline.engines.base import Table
+
+    kept_files = [pool.aggregates_dir / "metaclip_kept" / f"{s:05d}.parquet" for s in shards]
+    kept_schema = pa.schema([("entry_id", pa.int32()), ("n", pa.int64())])
+    kept_counts = entry_counts_sql(engine, _KEPT_SQL, {"kept": Table.of(kept_files, kept_schema)}, len(entries))
     write_parquet_atomic(counts_path, table.set_column(4, "kept", pa.array(kept_counts, pa.int64())))
     summary = {
         "t": t, "seed": cfg.seed, "metadata": cfg.metadata, "metadata_sha256": file_digest(cfg.metadata),

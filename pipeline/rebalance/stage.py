@@ -84,17 +84,20 @@ def _locate(pool: Pool, column: str) -> tuple[str, pa.DataType]:
 
 @functools.lru_cache(maxsize=2)
 def _groups(path: str, digest: str) -> dict[str, np.ndarray]:
-    """``aggregates/rebalance_groups.parquet``: group value ``g``, size ``n`` and (for a scalar
+    """``aggregates/rebalance/groups.parquet``: group value ``g``, size ``n`` and (for a scalar
     column) probability ``p``; cached per worker process."""
     table = pq.read_table(path)
     return {name: table[name].to_numpy() for name in table.column_names}
 
 
-def shard_task(pool_root: str, cfg: RebalanceConfig, stage: str, listed: bool, param: float, groups_path: str,
-               digest: str, shard: int) -> dict[str, int]:  # fmt: skip
-    """Write ``tables/rebalance/{shard}``: the samples of the shard that have a group, by uid."""
-    from pipeline.metaclip.balancing import balance
+def _dir(pool: Pool) -> Any:
+    return pool.aggregates_dir / STAGE
 
+
+def population_task(pool_root: str, cfg: RebalanceConfig, stage: str, shard: int) -> int:
+    """This shard's samples in play (a group, and ``where`` when given) with their group value, to
+    ``aggregates/rebalance/input/{shard}.parquet``: what the group sizes are counted over (a SQL
+    aggregation of these narrow files, with no pool-sized join) and what the draws read."""
     pool = Pool(pool_root)
     table = pq.read_table(pool.table_path(stage, shard), columns=[S.UID, cfg.group_by])
     table = table.filter(pc.is_valid(table[cfg.group_by])).sort_by(S.UID)
@@ -102,41 +105,63 @@ def shard_task(pool_root: str, cfg: RebalanceConfig, stage: str, listed: bool, p
         from pipeline.query import select_uids
 
         table = table.filter(pc.is_in(table[S.UID], value_set=select_uids(pool, shard, cfg.where)))
+    write_parquet_atomic(_dir(pool) / "input" / f"{shard:05d}.parquet", table.rename_columns([S.UID, "g"]))
+    return table.num_rows
+
+
+def shard_task(pool_root: str, cfg: RebalanceConfig, listed: bool, param: float, groups_path: str, digest: str,
+               shard: int) -> dict[str, int]:  # fmt: skip
+    """Write ``tables/rebalance/{shard}`` (the shard's samples in play, by uid) and the shard's kept
+    samples per group (``aggregates/rebalance/kept/{shard}``, summed in SQL for the report)."""
+    from pipeline.metaclip.balancing import balance
+
+    pool = Pool(pool_root)
+    table = pq.read_table(_dir(pool) / "input" / f"{shard:05d}.parquet")
     if listed:
-        matched = table[cfg.group_by].combine_chunks().cast(pa.list_(pa.int32()))
+        matched = table["g"].combine_chunks().cast(pa.list_(pa.int32()))
         p, keep = balance(table[S.UID], matched, _groups(groups_path, digest)["n"], param, cfg.seed)
+        kept_values = matched.filter(pa.array(keep)).flatten().to_numpy(zero_copy_only=False)
     else:
         groups = _groups(groups_path, digest)
-        g = table[cfg.group_by].to_numpy()
+        g = table["g"].to_numpy()
         p = groups["p"][np.searchsorted(groups["g"], g)]
         keep = rebalance(table[S.UID], g, p, cfg.seed)
+        kept_values = g[keep]
     out = pa.table({S.UID: table[S.UID], S.SHARD: pa.array(np.full(table.num_rows, shard), pa.int32()),
                     S.REBALANCE_P: pa.array(p, pa.float64()), S.REBALANCE_KEEP: pa.array(keep)},
                    schema=S.REBALANCE_SCHEMA)  # fmt: skip
     pool.write_table(STAGE, shard, out)
-    counts = {"samples": out.num_rows, "kept": int(keep.sum()), "expected": float(p.sum())}
-    pool.mark_done(STAGE, shard, digest, counts)
-    return counts
+    values, counts = np.unique(kept_values, return_counts=True)
+    write_parquet_atomic(_dir(pool) / "kept" / f"{shard:05d}.parquet",
+                         pa.table({"g": pa.array(values, pa.int64()), "n": pa.array(counts, pa.int64())}))  # fmt: skip
+    result = {"samples": out.num_rows, "kept": int(keep.sum()), "expected": float(p.sum())}
+    pool.mark_done(STAGE, shard, digest, result)
+    return result
 
 
-def _expected_task(pool_root: str, stage: str, cfg: RebalanceConfig, groups_path: str, digest: str,
-                   ts: list[float], shard: int) -> list[float]:  # fmt: skip
+def _expected_task(pool_root: str, groups_path: str, digest: str, ts: list[float], shard: int) -> list[float]:
     from pipeline.metaclip.balancing import expected_sizes
 
-    pool = Pool(pool_root)
-    table = pq.read_table(pool.table_path(stage, shard), columns=[S.UID, cfg.group_by])
-    if cfg.where:
-        from pipeline.query import select_uids
+    table = pq.read_table(_dir(Pool(pool_root)) / "input" / f"{shard:05d}.parquet")
+    return expected_sizes(table["g"].combine_chunks().cast(pa.list_(pa.int32())), _groups(groups_path, digest)["n"], ts)
 
-        table = table.filter(pc.is_in(table[S.UID], value_set=select_uids(pool, shard, cfg.where)))
-    matched = table[cfg.group_by].combine_chunks().drop_null().cast(pa.list_(pa.int32()))
-    return expected_sizes(matched, _groups(groups_path, digest)["n"], ts)
+
+def _sizes(pool: Pool, engine: Any, shards: list[int], listed: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Samples in play per group value: one SQL aggregation over the per-shard input files."""
+    from pipeline.engines.base import Table
+
+    files = [_dir(pool) / "input" / f"{s:05d}.parquet" for s in shards]
+    table = Table.of(files, pq.read_schema(files[0]))
+    inner = "select unnest(g) as g from input" if listed else "select g from input"
+    sizes = engine.query(f"select g, count(*) as n from ({inner}) x group by g order by g", {"input": table})
+    return sizes["g"].to_numpy().astype(np.int64), sizes["n"].to_numpy().astype(np.int64)
 
 
 def run_rebalance(pool: Pool, cfg: RebalanceConfig, engine: Any, progress: bool = True) -> dict[str, Any]:
-    """Rebalance every sample that has ``cfg.group_by``: group sizes are SQL run by the engine, the
-    probabilities are computed from them (one row per group), and each shard draws in its own task."""
-    from pipeline.engines.base import run_shards
+    """Rebalance the samples in play: each shard lists its population (per-shard tasks), the group
+    sizes are SQL over those lists, the probabilities come from the sizes (one row per group), and
+    each shard draws in its own task."""
+    from pipeline.engines.base import Table, run_shards
     from pipeline.metaclip.balancing import solve_increasing
 
     shards = pool.require_complete("download")
@@ -147,46 +172,37 @@ def run_rebalance(pool: Pool, cfg: RebalanceConfig, engine: Any, progress: bool 
     if listed and cfg.method != "cap":
         raise ValueError("rebalance.method: a list column (MetaCLIP entries) supports only `cap`")
     pool.require_complete(stage)
-    col = cfg.group_by  # a plain identifier (checked in its config): the same spelling in both SQL dialects
-    tables = {"t": pool.table(stage, [S.UID, cfg.group_by])}
-    prefix, source = "", "t"
-    if cfg.where:  # the population in play, through the pool's samples view
-        from pipeline.query import engine_samples
-
-        prefix, samples = engine_samples(pool, f"{cfg.where} {col}")
-        tables, source = {**tables, **samples}, f"(select * from samples where {cfg.where}) s"
-    inner = (f"select unnest({col}) as g from {source}" if listed
-             else f"select {col} as g from {source} where {col} is not null")  # fmt: skip
-    sizes = engine.query(f"{prefix}select g, count(*) as n from ({inner}) x group by g order by g", tables)
-    values, counts = sizes["g"].to_numpy(), sizes["n"].to_numpy().astype(np.int64)
-    groups_path = pool.aggregates_dir / "rebalance_groups.parquet"
+    run_shards(pool, engine, functools.partial(population_task, str(pool.root), cfg, stage), shards,
+               desc="rebalance population", progress=False)  # fmt: skip
+    values, counts = _sizes(pool, engine, shards, listed)
+    groups_path = _dir(pool) / "groups.parquet"
     if listed:  # MetaCLIP's any-entry rule: dense per-entry counts, t solved on the expected size
         dense = np.zeros(int(values.max(initial=-1)) + 1, dtype=np.int64)
         dense[values] = counts
         counts_digest = hashlib.sha256(dense.tobytes()).hexdigest()
         digest = hashlib.sha256(f"{config_hash(cfg)}|{counts_digest}".encode()).hexdigest()[:16]
         write_parquet_atomic(groups_path, pa.table({"g": np.arange(len(dense)), "n": dense}))
+        param = cfg.t
         if cfg.target_size:
             def expected(ts: list[float]) -> np.ndarray:
-                fn = functools.partial(_expected_task, str(pool.root), stage, cfg, str(groups_path), digest, ts)
+                fn = functools.partial(_expected_task, str(pool.root), str(groups_path), digest, ts)
                 parts = run_shards(pool, engine, fn, shards, desc="rebalance t", progress=False)
                 return np.sum([parts[s] for s in shards], axis=0)
 
             param = solve_increasing(expected, cfg.target_size, max(1.0, float(dense.max(initial=1))))
-        else:
-            param = cfg.t
     else:
         param = solve_param(counts, cfg.method, cfg.alpha, cfg.target_size) if cfg.target_size else (
             cfg.t if cfg.method == "cap" else 1.0)  # fmt: skip
         p = group_probabilities(counts, cfg.method, param, cfg.alpha)
-        digest = hashlib.sha256(f"{config_hash(cfg)}|{param!r}|{sizes.to_pydict()}".encode()).hexdigest()[:16]
+        blob = f"{config_hash(cfg)}|{param!r}|{hashlib.sha256(counts.tobytes() + values.tobytes()).hexdigest()}"
+        digest = hashlib.sha256(blob.encode()).hexdigest()[:16]
         write_parquet_atomic(groups_path, pa.table({"g": values, "n": counts, "p": p}))
     todo = [s for s in shards if not pool.is_done(STAGE, s, digest)]
-    fn = functools.partial(shard_task, str(pool.root), cfg, stage, listed, param, str(groups_path), digest)
+    fn = functools.partial(shard_task, str(pool.root), cfg, listed, param, str(groups_path), digest)
     run_shards(pool, engine, fn, todo, desc=STAGE, weights=pool.shard_sizes(todo), progress=progress)
-    kept_sql = (f"select g, count(*) as n from (select {'unnest(' + col + ')' if listed else col} as g from t "
-                "join r on t.uid = r.uid where r.rebalance_keep) x group by g order by g")  # fmt: skip
-    kept_rows = engine.query(kept_sql, {"t": tables["t"], "r": pool.table(STAGE, [S.UID, S.REBALANCE_KEEP])})
+    kept_files = [_dir(pool) / "kept" / f"{s:05d}.parquet" for s in shards]
+    kept_schema = pa.schema([("g", pa.int64()), ("n", pa.int64())])
+    kept_rows = engine.query("select g, sum(n) as n from kept group by g", {"kept": Table.of(kept_files, kept_schema)})
     kept = np.zeros(len(values), dtype=np.int64)
     kept[np.searchsorted(values, kept_rows["g"].to_numpy())] = kept_rows["n"].to_numpy()
     markers = pool.completed(STAGE)
