@@ -202,7 +202,7 @@ class SparkEngine:
         frame = self.spark.sql(spark_sql(sql))
         if order_by:  # a range-partitioned sort: part files in name order hold ascending keys
             frame = frame.orderBy(order_by)
-        frame.write.mode("overwrite").parquet(str(tmp))
+        frame.write.mode("overwrite").option("parquet.block.size", 8 << 20).parquet(str(tmp))
         for extra in [*tmp.rglob("_SUCCESS"), *tmp.rglob(".*.crc")]:
             extra.unlink()
         replace_dir(tmp, out)

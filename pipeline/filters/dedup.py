@@ -413,12 +413,15 @@ def run_dedup(pool: Any, cfg: Any, engine: Any, progress: bool = True) -> dict[s
     if not not_done(pool, DEDUP_STAGE, digest) and summary_path.exists():
         return json.loads(summary_path.read_text())
     dirs = _dirs(pool)
+    clock = _Clock()
     download = {"download": pool.table("download", [S.UID, S.SHARD, S.STATUS, S.SHA256])}
     engine.write(_EXACT_SQL, download, dirs["exact"], order_by="shard")
+    clock.lap("exact (SQL)")
     counts = run_shards(pool, engine, functools.partial(count_shard, str(pool.root)), shards, desc="dedup count",
                         progress=False)  # fmt: skip
     population = sum(counts.values())
-    semantic = _semantic(pool, engine, cfg, dirs, shards, population, digest, progress)
+    clock.lap("count")
+    semantic = _semantic(pool, engine, cfg, dirs, shards, population, digest, progress, clock)
     # every drop, by shard; an exact duplicate whose kept copy was then dropped as a near duplicate
     # points on to the sample that one duplicates (always kept: SemDeDup's dup_of is kept)
     engine.write("select x.shard, x.uid, coalesce(s.dup_of, x.dup_of) as dup_of, 'exact' as kind "
@@ -427,18 +430,37 @@ def run_dedup(pool: Any, cfg: Any, engine: Any, progress: bool = True) -> dict[s
                  {"exact": Table.of(_files(dirs["exact"]), _DROPS_SCHEMA),
                   "semantic": Table.of(_files(dirs["semantic"]), _DROPS_SCHEMA)},
                  dirs["drops"], order_by="shard")  # fmt: skip
+    clock.lap("drops by shard (SQL)")
     todo = not_done(pool, DEDUP_STAGE, digest)
     run_shards(pool, engine, functools.partial(write_shard, str(pool.root), digest), todo, desc=DEDUP_STAGE,
                progress=progress)  # fmt: skip
+    clock.lap("tables per shard")
     exact_dropped = sum(m["counts"]["exact"] for m in pool.completed(DEDUP_STAGE).values())
     summary = {"exact_dropped": exact_dropped, **semantic, "semantic_samples": int(population),
-               "eps": cfg.dedup_eps, "digest": digest}  # fmt: skip
+               "eps": cfg.dedup_eps, "seconds": clock.laps, "digest": digest}  # fmt: skip
     write_json_atomic(summary_path, summary)
     return summary
 
 
+class _Clock:
+    """Seconds per phase, recorded in the summary (where the time of a pool-wide step goes)."""
+
+    def __init__(self) -> None:
+        import time
+
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        import time
+
+        now = time.perf_counter()
+        self.laps[name] = round(now - self._last, 2)
+        self._last = now
+
+
 def _semantic(pool: Any, engine: Any, cfg: Any, dirs: dict[str, Path], shards: list[int], population: int,
-              digest: str, progress: bool) -> dict[str, int]:  # fmt: skip
+              digest: str, progress: bool, clock: _Clock) -> dict[str, int]:  # fmt: skip
     """SemDeDup's part: sample, fit, assign per shard, split big clusters, regroup, one task per
     group. Leaves ``semantic/{group}.parquet`` (the dropped samples) and returns its counts."""
     from pipeline.engines.base import Table, run_shards
@@ -454,6 +476,7 @@ def _semantic(pool: Any, engine: Any, cfg: Any, dirs: dict[str, Path], shards: l
                                                sample_rate(wanted, population), cfg.seed),
                shards, desc="dedup sample", progress=progress)  # fmt: skip
     _, train = read_sample(dirs["sample"], shards)
+    clock.lap("sample")
     if len(train) < 2:
         return {"semantic_dropped": 0, "semantic_clusters": 0, "split_clusters": 0, "cluster_tasks": 0,
                 "largest_task_unit": 0}  # fmt: skip
@@ -464,8 +487,10 @@ def _semantic(pool: Any, engine: Any, cfg: Any, dirs: dict[str, Path], shards: l
                                         max(cfg.kmeans_max_points_per_centroid, -(-len(train) // k))))  # fmt: skip
     dim = train.shape[1]
     del train
+    clock.lap("k-means fit")
     run_shards(pool, engine, functools.partial(assign_shard, str(pool.root), str(centres_path), digest), shards,
                desc="dedup assign", weights=pool.shard_sizes(shards), progress=progress)  # fmt: skip
+    clock.lap("assign per shard")
 
     assign = {"assign": Table.of(_files(dirs["assign"]), _ASSIGN_SCHEMA)}
     sizes = engine.query("select cluster, count(*) as n from assign group by cluster order by cluster",
@@ -476,9 +501,11 @@ def _semantic(pool: Any, engine: Any, cfg: Any, dirs: dict[str, Path], shards: l
     tables = {**assign, "groups": Table.of([dirs["base"] / "groups.parquet"], groups.schema, ["cluster", "grp"])}
     engine.write("select a.shard, a.uid, a.cluster, a.cos_dist, a.vector, g.grp from assign a "
                  "join groups g on a.cluster = g.cluster", tables, dirs["by_group"], order_by="grp")  # fmt: skip
+    clock.lap("sizes and regroup by cluster (SQL)")
     tasks = int(groups["grp"][-1].as_py()) + 1 if groups.num_rows else 0
     results = run_shards(pool, engine, functools.partial(group_task, str(pool.root), cfg, dim), list(range(tasks)),
                          desc="dedup clusters", progress=progress).values()  # fmt: skip
+    clock.lap("SemDeDup per cluster group")
     return {"semantic_dropped": sum(r["dropped"] for r in results), "semantic_clusters": int(k),
             "split_clusters": sum(r["split"] for r in results), "cluster_tasks": tasks,
             "largest_task_unit": max((r["largest"] for r in results), default=0)}  # fmt: skip
