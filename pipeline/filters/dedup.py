@@ -336,6 +336,9 @@ def group_task(pool_root: str, cfg: Any, dim: int, group: int) -> dict[str, int]
                                    "dup_of": pa.array(dup_of.tolist(), pa.string())}))  # fmt: skip
     out = pa.concat_tables(parts).sort_by("uid") if parts else _DROPS_SCHEMA.empty_table()
     write_parquet_atomic(dirs["semantic"] / f"{shard_name(group)}.parquet", out)
+    # a worker runs hundreds of these tasks (Spark reuses its Python workers): hand the group's
+    # buffers back to the system rather than letting Arrow's allocator keep its high-water mark
+    pa.default_memory_pool().release_unused()
     return {"dropped": out.num_rows, "split": split, "largest": largest}
 
 
