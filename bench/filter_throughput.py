@@ -20,7 +20,6 @@ the largest resident set of this process and, separately, of the worker processe
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import resource
@@ -38,69 +37,13 @@ RECIPE = ["english", "caption_words", "caption_chars", "min_side", "aspect_ratio
           "clip_score", "image_cluster", "dedup"]  # fmt: skip
 
 
-def build_pool(root: Path, rows: int, per_shard: int = 10_000, seed: int = 0) -> None:
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+def build_pool(root: Path, rows: int) -> None:
+    """The synthetic pool of ``bench/scale.py`` (the same rows; it also writes tars and caption
+    embeddings, which this benchmark does not read)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from scale import build_pool as build
 
-    from pipeline.store import schema as S
-    from pipeline.store.parquet import Pool, write_json_atomic, write_parquet_atomic
-
-    rng = np.random.default_rng(seed)
-    captions = [c for c in pq.read_table(REPO / "data" / "laion_10k.parquet")["TEXT"].to_pylist() if c]
-    words = [c.split() for c in captions]
-    centres = rng.normal(size=(2000, DIM)).astype(np.float32)
-    pool = Pool(root)
-    shards = (rows + per_shard - 1) // per_shard
-    plan = {"num_shards": shards, "samples_per_shard": per_shard, "num_rows": rows, "source": "synthetic",
-            "source_rows": rows, "duplicates_dropped": 0}  # fmt: skip
-    write_json_atomic(pool.plan_path, plan)
-    embed_schema = S.embed_schema(DIM)
-    for shard in range(shards):
-        n = min(per_shard, rows - shard * per_shard)
-        a, b = rng.integers(0, len(words), n), rng.integers(0, len(words), n)
-        cut = rng.random(n)
-        caps = [" ".join(words[i][: max(1, int(len(words[i]) * c))] + words[j][int(len(words[j]) * c):])
-                for i, j, c in zip(a, b, cut, strict=True)]  # fmt: skip
-        uids = [hashlib.md5(f"{shard}-{i}-{c}".encode()).hexdigest() for i, c in enumerate(caps)]
-        ok = rng.random(n) < 0.96
-        side = rng.integers(64, 801, n)
-        ratio = np.exp(rng.uniform(-1.4, 1.4, n))
-        w = np.where(ratio >= 1, side, np.maximum(8, side * ratio)).astype(np.int32)
-        h = np.where(ratio >= 1, np.maximum(8, side / ratio), side).astype(np.int32)
-        sha = [hashlib.sha256(f"{shard}-{i}".encode()).hexdigest() for i in range(n)]
-        for i in np.nonzero(rng.random(n) < 0.01)[0]:
-            sha[i] = sha[(i + 1) % n]  # exact repeats
-        download = pa.table({
-            S.UID: uids, S.SHARD: pa.array([shard] * n, pa.int32()), S.KEY: [f"{shard:05d}{i:04d}" for i in range(n)],
-            S.ROW: pa.array(np.arange(n) + shard * per_shard, pa.int64()), S.URL: [f"http://x/{u}" for u in uids],
-            S.CAPTION: caps, S.STATUS: np.where(ok, S.STATUS_SUCCESS, S.STATUS_FAILED_DOWNLOAD).tolist(),
-            S.ERROR: pa.nulls(n, pa.string()), S.WIDTH: pa.array(w, mask=~ok), S.HEIGHT: pa.array(h, mask=~ok),
-            S.ORIGINAL_WIDTH: pa.array(w, mask=~ok), S.ORIGINAL_HEIGHT: pa.array(h, mask=~ok),
-            S.SHA256: pa.array(sha, mask=~ok),
-        }, schema=S.DOWNLOAD_SCHEMA)  # fmt: skip
-        pool.write_table("download", shard, download)
-        pool.mark_done("download", shard, "synthetic", {"samples": n})
-        img = centres[rng.integers(0, len(centres), n)] + rng.normal(scale=0.6, size=(n, DIM)).astype(np.float32)
-        near = np.nonzero(rng.random(n) < 0.01)[0]
-        img[near] = img[(near + 7) % n] + rng.normal(scale=0.01, size=(len(near), DIM))
-        img /= np.linalg.norm(img, axis=1, keepdims=True)
-        txt = img + rng.normal(scale=1.5, size=(n, DIM)).astype(np.float32) / np.sqrt(DIM) * 20
-        txt /= np.linalg.norm(txt, axis=1, keepdims=True)
-        keep_rows = np.nonzero(ok)[0]
-        img16, txt16 = img[keep_rows].astype(np.float16), txt[keep_rows].astype(np.float16)
-        score = np.einsum("ij,ij->i", img16.astype(np.float32), txt16.astype(np.float32))
-        embed = pa.table({
-            S.UID: pa.array([uids[i] for i in keep_rows]), S.SHARD: pa.array([shard] * len(keep_rows), pa.int32()),
-            S.IMAGE_EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(img16.ravel()), DIM),
-            S.TEXT_EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(txt16.ravel()), DIM),
-            S.CLIP_SCORE: pa.array(score, pa.float32()), S.DECODE_ERROR: pa.nulls(len(keep_rows), pa.string()),
-            S.MODEL: pa.array(["synthetic"] * len(keep_rows)), S.CHECKPOINT_SHA256: pa.array(["-"] * len(keep_rows)),
-        }, schema=embed_schema)  # fmt: skip
-        write_parquet_atomic(pool.table_path("embed", shard), embed)
-        pool.mark_done("embed", shard, "synthetic", {"samples": len(keep_rows)})
-    write_json_atomic(pool.root / "completions" / "embed" / "config.json", {"config": {}, "config_hash": "synthetic"})
-    np.save(root / "targets.npy", centres[:1000] / np.linalg.norm(centres[:1000], axis=1, keepdims=True))
+    build(root, rows)
 
 
 def main() -> None:

@@ -110,7 +110,7 @@ def _plot_clip(con: Any, columns: set[str], out: Path, bins: int = 60) -> str | 
     if not n:
         return None
     edges = np.linspace(float(lo), float(hi) + 1e-6, bins + 1)
-    width = (edges[-1] - edges[0]) / bins
+    width = float((edges[-1] - edges[0]) / bins)
     kept = f"count(*) filter (where {S.KEEP})" if S.KEEP in columns else "0"
     rows = con.execute(f"select least(cast(floor(({S.CLIP_SCORE} - {float(lo)!r}) / {width!r}) as integer), "
                        f"{bins - 1}) as b, count(*), {kept} from samples where {S.CLIP_SCORE} is not null "
