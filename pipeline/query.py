@@ -77,36 +77,6 @@ def select_uids(pool: Pool, shard: int, where: str) -> pa.Array:
         con.close()
 
 
-def engine_samples(pool: Pool, sql: str | None = None) -> tuple[str, dict[str, Any]]:
-    """The ``samples`` view for an engine's SQL: a ``with samples as (...)`` prefix and the stage
-    tables it joins, read with their declared schemas (embedding vectors left out), so a pool-wide
-    aggregation over any stage's columns runs on either engine. Given the ``sql`` that will use it,
-    only the stages whose columns it names are joined (each join is a pool-sized hash join)."""
-    import re
-
-    import pyarrow as pa
-
-    named = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", sql)) if sql is not None else None
-    seen: set[str] = set()
-    select, joins, tables = [], [], {}
-    stages = [s for s in pool.stages() if pool.table_dir(s).exists()]
-    for stage in [BASE_STAGE, *(s for s in stages if s != BASE_STAGE)]:
-        schema = pool.table_schema(stage)
-        columns = [f.name for f in schema
-                   if not pa.types.is_fixed_size_list(f.type) and (f.name == UID or f.name not in seen)]  # fmt: skip
-        if named is not None and stage != BASE_STAGE:
-            columns = [c for c in columns if c == UID or c in named]
-            if len(columns) == 1:
-                continue
-        new = [c for c in columns if c not in seen]
-        seen.update(new)
-        tables[stage] = pool.table(stage, columns)
-        select += [f"{stage}.{c}" for c in new]
-        if stage != BASE_STAGE:
-            joins.append(f"left join {stage} on {BASE_STAGE}.{UID} = {stage}.{UID}")
-    return f"with samples as (select {', '.join(select)} from {BASE_STAGE} {' '.join(joins)}) ", tables
-
-
 def query(pool: Pool, sql: str) -> pa.Table:
     """Run ``sql`` against the pool's views and return an Arrow table."""
     return connect(pool).sql(sql).fetch_arrow_table()

@@ -62,8 +62,12 @@ def as_float32(column: pa.ChunkedArray | pa.Array, normalise: bool = True) -> np
             return np.zeros((0, column.type.list_size), dtype=np.float32)
         column = column.combine_chunks()
     x = S.vectors(column).astype(np.float32)
-    if normalise:
-        x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return unit_rows(x) if normalise else x
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """``x`` (float32, rows) L2-normalised in place, and returned."""
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     return x
 
 

@@ -19,14 +19,14 @@ So the first sample of every set of mutual near-duplicates is kept.
 At pool scale (:func:`run_dedup`) the work is split into bounded steps, as NeMo Curator's semantic
 dedup and datatrove's MinHash dedup split theirs:
 
-1. exact groups: SQL (group by sha256, join back) written by the engine, partitioned by shard;
+1. exact groups: SQL (group by sha256, join back) written by the engine, sorted by shard;
 2. k-means fitted on a uid-hash sample of the images left (:mod:`pipeline.vectors`);
 3. per shard: each image's cluster and distance, written with its vector;
-4. cluster sizes (SQL); a cluster above ``dedup_max_cluster_size`` is split by a second k-means fitted
-   on a sample of that cluster (its members are compared only within their sub-cluster, still in the
-   order of their distance to the first-level centre);
-5. the engine regroups the vectors by cluster group (SQL, partitioned), and one task per group
-   applies SemDeDup to each of its clusters, loading only that group;
+4. cluster sizes (SQL), packed into groups; the engine regroups the vectors by group (a sorted SQL
+   write), and one task per group applies SemDeDup to each of its clusters, loading only that group;
+5. a cluster above ``dedup_max_cluster_size`` is a group of its own, whose task splits it by a second
+   k-means fitted on a sample of it (its members are compared only within their sub-cluster, still
+   in the order of their distance to the first-level centre);
 6. only the dropped samples are stored, each with ``dup_of``: for an exact duplicate the group's
    kept sample (smallest uid), for a semantic one the most similar kept sample before it in
    SemDeDup's order; they are regrouped by shard (SQL) and each shard writes ``tables/dedup``.
@@ -94,8 +94,6 @@ def semdedup(x: np.ndarray, uids: np.ndarray, k: int, eps: float, iterations: in
         ``keep`` (bool), ``dup_of`` (index of the kept sample a dropped one duplicates, -1 for kept
         ones) and ``cluster`` (the k-means cluster of each row).
     """
-    import faiss
-
     n = len(x)
     x = np.ascontiguousarray(x, dtype=np.float32)
     keep = np.ones(n, dtype=bool)
@@ -104,9 +102,7 @@ def semdedup(x: np.ndarray, uids: np.ndarray, k: int, eps: float, iterations: in
         return keep, dup_of, np.zeros(n, dtype=np.int64)
     k = max(1, min(k, n))
     centroids = kmeans_l2(x, k, iterations, seed, max_points_per_centroid)
-    index = faiss.IndexFlatL2(x.shape[1])
-    index.add(centroids)
-    cluster = index.search(x, 1)[1][:, 0]
+    cluster = _nearest_l2(x, centroids)
     cos_dist = centre_distance(x, centroids, cluster)
     # members of each cluster, farthest from the centroid first, ties by uid
     order = np.lexsort((uids, -cos_dist, cluster))
@@ -146,17 +142,11 @@ def _dirs(pool: Any) -> dict[str, Path]:
     return {name: base / name for name in names} | {"base": base}
 
 
-def _partition(out: Path, shard: int) -> pa.Table | None:
-    """One shard's rows of a table the engine wrote sorted by shard."""
-    from pipeline.engines.base import read_where
-
-    return read_where(out, "shard", shard)
-
-
 def _exact_dropped(pool_root: str, shard: int) -> pa.Array:
+    from pipeline.engines.base import read_where
     from pipeline.store.parquet import Pool
 
-    part = _partition(_dirs(Pool(pool_root))["exact"], shard)
+    part = read_where(_dirs(Pool(pool_root))["exact"], "shard", shard)
     return part["uid"].combine_chunks() if part is not None else pa.array([], pa.string())
 
 
@@ -204,8 +194,6 @@ def _load_npz(path: str, digest: str) -> dict[str, np.ndarray]:
 def assign_shard(pool_root: str, centres_path: str, digest: str, shard: int) -> int:
     """Each image's cluster, its SemDeDup distance and its stored vector (as bytes, so any engine
     can regroup it), to ``assign/{shard}.parquet``."""
-    import faiss
-
     from pipeline.store import schema as S
     from pipeline.store.parquet import Pool, shard_name, write_parquet_atomic
     from pipeline.vectors import as_float32
@@ -213,9 +201,7 @@ def assign_shard(pool_root: str, centres_path: str, digest: str, shard: int) -> 
     centroids = _load_npz(centres_path, digest)["centroids"]
     table = _left_vectors(pool_root, shard)
     x = as_float32(table[S.IMAGE_EMBEDDING])
-    index = faiss.IndexFlatL2(centroids.shape[1])
-    index.add(centroids)
-    cluster = index.search(x, 1)[1][:, 0] if len(x) else np.zeros(0, dtype=np.int64)
+    cluster = _nearest_l2(x, centroids) if len(x) else np.zeros(0, dtype=np.int64)
     vectors = _encode(table[S.IMAGE_EMBEDDING])
     out = pa.table({"shard": pa.array(np.full(len(x), shard), pa.int32()), "uid": table[S.UID],
                     "cluster": pa.array(cluster, pa.int32()),
@@ -238,6 +224,8 @@ def _encode(column: pa.ChunkedArray) -> pa.Array:
 
 def _decode(column: pa.Array | pa.ChunkedArray, dim: int) -> np.ndarray:
     """Stored float16 vector bytes -> normalised float32 rows (as the in-memory path computes them)."""
+    from pipeline.vectors import unit_rows
+
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     if len(column) == 0:
@@ -246,9 +234,7 @@ def _decode(column: pa.Array | pa.ChunkedArray, dim: int) -> np.ndarray:
         column = column.cast(pa.binary())
     offsets = np.frombuffer(column.buffers()[1], dtype=np.int32)[column.offset : column.offset + len(column) + 1]
     data = np.frombuffer(column.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
-    x = data.view(np.float16).reshape(len(column), dim).astype(np.float32)
-    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    return x
+    return unit_rows(data.view(np.float16).reshape(len(column), dim).astype(np.float32))
 
 
 def _nearest_l2(x: np.ndarray, centres: np.ndarray) -> np.ndarray:
@@ -347,6 +333,7 @@ def write_shard(pool_root: str, digest: str, shard: int) -> dict[str, int]:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    from pipeline.engines.base import read_where
     from pipeline.store import schema as S
     from pipeline.store.parquet import Pool
 
@@ -355,7 +342,7 @@ def write_shard(pool_root: str, digest: str, shard: int) -> dict[str, int]:
     base = pq.read_table(pool.table_path("download", shard), columns=[S.UID, S.SHARD])
     group = pa.nulls(base.num_rows, pa.string())
     kind = pa.nulls(base.num_rows, pa.string())
-    part = _partition(dirs["drops"], shard)
+    part = read_where(dirs["drops"], "shard", shard)
     if part is not None and part.num_rows:
         rows = pc.index_in(base[S.UID], value_set=part["uid"].combine_chunks())
         group = pc.take(part["dup_of"], rows)
@@ -392,17 +379,13 @@ _ASSIGN_SCHEMA = pa.schema([("shard", pa.int32()), ("uid", pa.string()), ("clust
 _DROPS_SCHEMA = pa.schema([("shard", pa.int32()), ("uid", pa.string()), ("dup_of", pa.string())])
 
 
-def _files(directory: Path) -> list[Path]:
-    return sorted(directory.rglob("*.parquet")) if directory.exists() else []
-
-
 def run_dedup(pool: Any, cfg: Any, engine: Any, progress: bool = True) -> dict[str, Any]:
     """Exact duplicates by image sha256, then SemDeDup over what is left, at any pool size (module
     docstring): every step is SQL run by the engine, a fit on a bounded sample, or a task over one
     shard or one cluster group."""
     import json
 
-    from pipeline.engines.base import Table, run_shards
+    from pipeline.engines.base import Table, run_shards, written_files
     from pipeline.filters.stage import DEDUP_STAGE, embed_digest, not_done, stage_digest
     from pipeline.store import schema as S
     from pipeline.store.parquet import write_json_atomic
@@ -430,8 +413,8 @@ def run_dedup(pool: Any, cfg: Any, engine: Any, progress: bool = True) -> dict[s
     engine.write("select x.shard, x.uid, coalesce(s.dup_of, x.dup_of) as dup_of, 'exact' as kind "
                  "from exact x left join semantic s on x.dup_of = s.uid "
                  "union all select shard, uid, dup_of, 'semantic' as kind from semantic",
-                 {"exact": Table.of(_files(dirs["exact"]), _DROPS_SCHEMA),
-                  "semantic": Table.of(_files(dirs["semantic"]), _DROPS_SCHEMA)},
+                 {"exact": Table.of(written_files(dirs["exact"]), _DROPS_SCHEMA),
+                  "semantic": Table.of(written_files(dirs["semantic"]), _DROPS_SCHEMA)},
                  dirs["drops"], order_by="shard")  # fmt: skip
     clock.lap("drops by shard (SQL)")
     todo = not_done(pool, DEDUP_STAGE, digest)
@@ -466,11 +449,12 @@ def _semantic(pool: Any, engine: Any, cfg: Any, dirs: dict[str, Path], shards: l
               digest: str, progress: bool, clock: _Clock) -> dict[str, int]:  # fmt: skip
     """SemDeDup's part: sample, fit, assign per shard, split big clusters, regroup, one task per
     group. Leaves ``semantic/{group}.parquet`` (the dropped samples) and returns its counts."""
-    from pipeline.engines.base import Table, run_shards
+    from pipeline.engines.base import Table, run_shards, written_files
+    from pipeline.filters.image_based import fit_on_sample
     from pipeline.store.parquet import atomic_path, write_parquet_atomic
     from pipeline.vectors import clusters_for, read_sample, sample_rate, sample_size
 
-    for old in _files(dirs["semantic"]):  # a re-run starts from no drops
+    for old in written_files(dirs["semantic"]):  # a re-run starts from no drops
         old.unlink()
     dirs["semantic"].mkdir(parents=True, exist_ok=True)
     k = clusters_for(population, cfg.dedup_clusters, cfg.samples_per_dedup_cluster)
@@ -486,8 +470,7 @@ def _semantic(pool: Any, engine: Any, cfg: Any, dirs: dict[str, Path], shards: l
     k = max(1, min(k, len(train)))
     centres_path = dirs["base"] / "centroids.npz"
     with atomic_path(centres_path) as tmp, tmp.open("wb") as f:
-        np.savez(f, centroids=kmeans_l2(train, k, cfg.kmeans_iterations, cfg.seed,
-                                        max(cfg.kmeans_max_points_per_centroid, -(-len(train) // k))))  # fmt: skip
+        np.savez(f, centroids=fit_on_sample(train, k, cfg))
     dim = train.shape[1]
     del train
     clock.lap("k-means fit")
@@ -495,9 +478,9 @@ def _semantic(pool: Any, engine: Any, cfg: Any, dirs: dict[str, Path], shards: l
                desc="dedup assign", weights=pool.shard_sizes(shards), progress=progress)  # fmt: skip
     clock.lap("assign per shard")
 
-    assign = {"assign": Table.of(_files(dirs["assign"]), _ASSIGN_SCHEMA)}
+    assign = {"assign": Table.of(written_files(dirs["assign"]), _ASSIGN_SCHEMA)}
     sizes = engine.query("select cluster, count(*) as n from assign group by cluster order by cluster",
-                         {"assign": Table.of(_files(dirs["assign"]), _ASSIGN_SCHEMA, ["cluster"])})  # fmt: skip
+                         {"assign": Table.of(written_files(dirs["assign"]), _ASSIGN_SCHEMA, ["cluster"])})  # fmt: skip
     groups = _groups(sizes["cluster"].to_pylist(), sizes["n"].to_pylist(), cfg.dedup_vectors_per_task,
                      cfg.dedup_max_cluster_size)  # fmt: skip
     write_parquet_atomic(dirs["base"] / "groups.parquet", groups)

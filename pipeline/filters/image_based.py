@@ -86,13 +86,24 @@ def imagenet_text_targets(embedder) -> np.ndarray:
     return np.stack(out).astype(np.float32)
 
 
-# -- the pool-wide step: count (SQL), sample per shard, fit, assign per shard ----------------------
+# -- the pool-wide step: count per shard, sample per shard, fit, assign per shard --------------------
 
 _SAMPLE_KEY = 0x494D4753  # "IMGS": hash key of the k-means sample's draws
 
 
-def _caption_ok(filters: dict[str, np.ndarray]) -> np.ndarray:
-    return (filters["lang"] == "en") & (filters["caption_tokens"] > 1) & (filters["caption_chars"] > 5)
+def _caption_ok(scores: dict[str, np.ndarray]) -> np.ndarray:
+    """DataComp's caption filter before the image clustering: the recipe rules ``english``,
+    ``caption_tokens`` and ``caption_chars`` with their default parameters."""
+    from pipeline.filters.rules import RULES, Rule, decide
+
+    return decide(scores, [Rule(n, dict(RULES[n].defaults)) for n in ("english", "caption_tokens", "caption_chars")])[0]
+
+
+def fit_on_sample(train: np.ndarray, k: int, cfg) -> np.ndarray:
+    """k-means centroids of an already bounded uid-hash sample: faiss trains on all of it rather than
+    copying a subsample of its own (its cap is raised to the sample's size)."""
+    return kmeans_l2(train, k, cfg.kmeans_iterations, cfg.seed,
+                     max(cfg.kmeans_max_points_per_centroid, -(-len(train) // k)))  # fmt: skip
 
 
 def sample_shard(pool_root: str, out_dir: str, rate: float, seed: int, captioned: bool, shard: int) -> int:
@@ -199,7 +210,7 @@ def _targets(cfg, embed_cfg) -> np.ndarray:
 
 def run_image_based(pool, cfg, engine, embed_cfg=None, progress: bool = True) -> dict:
     """DataComp's image-based filter at any pool size: count the caption-filtered embedded images
-    (SQL), fit k-means on a uid-hash sample of them (:mod:`pipeline.vectors`), pick the target
+    (per shard), fit k-means on a uid-hash sample of them (:mod:`pipeline.vectors`), pick the target
     clusters, then assign every shard in its own task."""
     import json
 
@@ -233,9 +244,7 @@ def run_image_based(pool, cfg, engine, embed_cfg=None, progress: bool = True) ->
     run_shards(pool, engine, fn, shards, desc="image_based sample", progress=progress)
     _, train = read_sample(sample_dir, shards)
     k = min(k, len(train))
-    # the sample is already bounded: faiss trains on all of it rather than copying a subsample
-    centroids = kmeans_l2(train, k, cfg.kmeans_iterations, cfg.seed, max(cfg.kmeans_max_points_per_centroid,
-                                                                        -(-len(train) // k)))  # fmt: skip
+    centroids = fit_on_sample(train, k, cfg)
     targets = _targets(cfg, embed_cfg)
     if targets.shape[1] != centroids.shape[1]:
         raise ValueError(f"image targets have dimension {targets.shape[1]}, the pool's embeddings {centroids.shape[1]}")

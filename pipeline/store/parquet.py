@@ -27,17 +27,16 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.store.schema import SHARD, STAGE_SCHEMAS
+from pipeline.store.schema import STAGE_SCHEMAS
 
 TRACKED_PACKAGES = (
     "clipcurate", "img2dataset", "webdataset", "pyarrow", "duckdb", "prefect", "numpy", "pillow",
@@ -238,18 +237,6 @@ class Pool:
         path = self.table_path(stage, shard)
         write_parquet_atomic(path, table)
         return path
-
-    def write_by_shard(self, stage: str, table: pa.Table, config_hash: str,
-                       counts_of: Callable[[pa.Table], dict[str, int]]) -> None:  # fmt: skip
-        """Split a pool-wide ``table`` (sorted by shard) into ``tables/<stage>/{shard}`` for every
-        planned shard, empty ones included, each marked done with ``counts_of(its rows)``: how the
-        global steps (dedup, decisions, rebalancing) write their per-shard tables."""
-        shards = table[SHARD].to_numpy()
-        for shard in range(self.read_plan()["num_shards"]):
-            a, b = (int(i) for i in np.searchsorted(shards, [shard, shard + 1]))
-            part = table.slice(a, b - a)
-            self.write_table(stage, shard, part)
-            self.mark_done(stage, shard, config_hash, counts_of(part))
 
     def table_schema(self, stage: str) -> pa.Schema:
         """The declared schema of a stage's table (the embedding tables' depends on the dimension,
