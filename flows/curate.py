@@ -29,6 +29,7 @@ from pipeline.engines.base import Engine
 from pipeline.metaclip.stage import match_shards, pending_matches, run_metaclip
 from pipeline.mode import run_mode
 from pipeline.rebalance import run_rebalance
+from pipeline.store.lock import writer_lock
 from pipeline.store.parquet import Pool
 
 
@@ -192,39 +193,40 @@ def curate(config_path: str, overrides: dict[str, Any] | None = None) -> dict[st
     cfg = load_config(config_path, overrides)
     engine = get_engine(cfg)
     pool = Pool(cfg.pool)
-    errors = _submit_batches(download_batch, cfg, engine, plan_download(cfg))
-    _stage_artifact(pool, "download")
-    if not errors and cfg.embed is not None:
-        errors = _submit_batches(embed_batch, cfg, engine, plan_embed(cfg))
-        _stage_artifact(pool, "embed")
-    if not errors and cfg.metaclip is not None:
-        errors = _submit_batches(metaclip_match_batch, cfg, engine, plan_metaclip(cfg))
-        if not errors:
-            metaclip_balance.with_options(retries=cfg.flow.task_retries)(cfg, engine)
-            _stage_artifact(pool, "metaclip")
-    if not errors and cfg.filters is not None:
-        errors = _submit_batches(filter_scores_batch, cfg, engine, plan_filters(cfg))
-        if not errors:
-            filter_decide.with_options(retries=cfg.flow.task_retries)(cfg, engine)
-            _stage_artifact(pool, "decisions")
-    if not errors and cfg.mode is not None:
-        mode_task.with_options(retries=cfg.flow.task_retries)(cfg, engine)
-        _stage_artifact(pool, "mode")
-    if not errors and cfg.rebalance is not None:
-        rebalance_task.with_options(retries=cfg.flow.task_retries)(cfg, engine)
-        _stage_artifact(pool, "rebalance")
-    if not errors and cfg.export is not None:
-        manifest = export_task.with_options(retries=cfg.flow.task_retries)(cfg, engine)
-        create_markdown_artifact(markdown=_release_markdown(manifest), key="curate-release",
-                                 description=f"Release {cfg.export.out}")  # fmt: skip
-    if not errors and cfg.report:
-        report_task(cfg)
-    create_markdown_artifact(
-        markdown=_counts_markdown(pool), key="curate-counts", description=f"Samples per stage in {pool.root}"
-    )
-    if errors:
-        raise errors[0]
-    return pool.update_manifest()
+    with writer_lock(pool.root, f"curate run {config_path}"):  # one writer per pool
+        errors = _submit_batches(download_batch, cfg, engine, plan_download(cfg))
+        _stage_artifact(pool, "download")
+        if not errors and cfg.embed is not None:
+            errors = _submit_batches(embed_batch, cfg, engine, plan_embed(cfg))
+            _stage_artifact(pool, "embed")
+        if not errors and cfg.metaclip is not None:
+            errors = _submit_batches(metaclip_match_batch, cfg, engine, plan_metaclip(cfg))
+            if not errors:
+                metaclip_balance.with_options(retries=cfg.flow.task_retries)(cfg, engine)
+                _stage_artifact(pool, "metaclip")
+        if not errors and cfg.filters is not None:
+            errors = _submit_batches(filter_scores_batch, cfg, engine, plan_filters(cfg))
+            if not errors:
+                filter_decide.with_options(retries=cfg.flow.task_retries)(cfg, engine)
+                _stage_artifact(pool, "decisions")
+        if not errors and cfg.mode is not None:
+            mode_task.with_options(retries=cfg.flow.task_retries)(cfg, engine)
+            _stage_artifact(pool, "mode")
+        if not errors and cfg.rebalance is not None:
+            rebalance_task.with_options(retries=cfg.flow.task_retries)(cfg, engine)
+            _stage_artifact(pool, "rebalance")
+        if not errors and cfg.export is not None:
+            manifest = export_task.with_options(retries=cfg.flow.task_retries)(cfg, engine)
+            create_markdown_artifact(markdown=_release_markdown(manifest), key="curate-release",
+                                     description=f"Release {cfg.export.out}")  # fmt: skip
+        if not errors and cfg.report:
+            report_task(cfg)
+        create_markdown_artifact(
+            markdown=_counts_markdown(pool), key="curate-counts", description=f"Samples per stage in {pool.root}"
+        )
+        if errors:
+            raise errors[0]
+        return pool.update_manifest()
 
 
 def run(config_path: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -4,8 +4,9 @@ curate run CONFIG [--set KEY=VALUE ...]      the curate flow (Prefect, no server
 curate download CONFIG [--set ...]           the download stage alone, without Prefect
 curate demo CONFIG                           the offline demo: image server + the flow
 curate filter POOL|CONFIG [--recipe NAME]    DataComp filters and dedup, then keep / drop_reason
-curate export POOL --out DIR [--where SQL] [--recipe NAME] [--shuffle-seed S]   a training release
-curate report POOL                           <pool>/report/index.html
+curate export POOL --out DIR [--where SQL] [--recipe NAME] [--shuffle-seed S] [--overwrite]   a release
+curate report POOL [--out DIR]               <pool>/report/index.html (or DIR for a read-only pool)
+curate verify POOL [--deep]                  check every completion marker against its files
 curate serve CONFIG --cron "0 3 * * *"       the flow on a schedule (Prefect server)
 curate query POOL SQL | --name NAME [--config CONFIG] [--format table|csv|json]
 curate stats POOL [--json]
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ConfigError, load_config
+from pipeline.errors import UserError
 from pipeline.store.parquet import Pool
 
 
@@ -38,8 +40,29 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
 def _existing_pool(path: str) -> Pool:
     pool = Pool(path)
     if not (pool.root / "completions").is_dir():
-        raise SystemExit(f"curate: {path}: not a pool (no completions/ directory); run a stage first")
+        raise UserError(f"{path}: not a pool (no completions/ directory); run a stage first")
     return pool
+
+
+def _locked(args: argparse.Namespace, pool: Pool) -> Any:
+    """The writer lock on ``pool`` for this command (one writer per pool; ``--wait`` waits)."""
+    from pipeline.store.lock import writer_lock
+
+    return writer_lock(pool.root, wait=getattr(args, "wait", False))
+
+
+def _pool_error(pool: Pool, exc: Exception) -> UserError:
+    """A DuckDB error while reading ``pool`` as one line: a damaged table named when the markers'
+    sizes show one, else DuckDB's own message (which names a file that does not match its schema)."""
+    from pipeline.query import stats
+
+    text = str(exc).splitlines()[0]
+    try:
+        damaged = [path for entry in stats(pool)["stages"].values() for path, _ in entry["damaged"]]
+    except Exception:  # the pool is too damaged to list: DuckDB's message is all there is
+        damaged = []
+    hint = f"damaged: {', '.join(damaged[:3])}; " if damaged else ""
+    return UserError(f"{pool.root}: {text} ({hint}`curate verify {pool.root}` lists damaged files)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -55,7 +78,8 @@ def cmd_download(args: argparse.Namespace) -> int:
     from pipeline.engines import get_engine
 
     cfg = load_config(args.config, _overrides(args.set))
-    run_download(Pool(cfg.pool), cfg.download, get_engine(cfg))
+    with _locked(args, Pool(cfg.pool)):
+        run_download(Pool(cfg.pool), cfg.download, get_engine(cfg))
     return _print_stats(Pool(cfg.pool))
 
 
@@ -72,7 +96,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
         if cfg.embed is None:
             raise ConfigError(f"{args.target}: has no `embed` section")
         pool, embed = Pool(cfg.pool), cfg.embed
-    done = run_embed(pool, embed)
+    with _locked(args, pool):
+        done = run_embed(pool, embed)
     print(f"embedded {len(done)} shard(s): {sum(c['samples'] for c in done.values())} samples, "
           f"{sum(c['decode_errors'] for c in done.values())} decode errors")  # fmt: skip
     return 0
@@ -97,7 +122,8 @@ def cmd_mode(args: argparse.Namespace) -> int:
     from pipeline.mode import run_mode
 
     cfg, mode = _section(args, "mode")
-    summary = run_mode(Pool(cfg.pool), mode, get_engine(cfg))
+    with _locked(args, Pool(cfg.pool)):
+        summary = run_mode(Pool(cfg.pool), mode, get_engine(cfg))
     print(json.dumps(summary["report"], indent=2))
     return 0
 
@@ -120,7 +146,8 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
     cfg, rebalance = _section(args, "rebalance")
     from pipeline.engines import get_engine
 
-    print(json.dumps(run_rebalance(Pool(cfg.pool), rebalance, get_engine(cfg)), indent=2))
+    with _locked(args, Pool(cfg.pool)):
+        print(json.dumps(run_rebalance(Pool(cfg.pool), rebalance, get_engine(cfg)), indent=2))
     return 0
 
 
@@ -131,7 +158,8 @@ def cmd_metaclip(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, _overrides(args.set))
     if cfg.metaclip is None:
         raise ConfigError(f"{args.config}: has no `metaclip` section")
-    summary = run_metaclip(Pool(cfg.pool), cfg.metaclip, get_engine(cfg))
+    with _locked(args, Pool(cfg.pool)):
+        summary = run_metaclip(Pool(cfg.pool), cfg.metaclip, get_engine(cfg))
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -164,7 +192,8 @@ def cmd_filter(args: argparse.Namespace) -> int:
         filters, embed, pool = cfg.filters or FilterConfig(), cfg.embed, Pool(cfg.pool)
         if args.recipe and cfg.filters is None:
             filters = dataclasses.replace(filters, recipe=args.recipe)
-    summary = run_filters(pool, filters, get_engine(cfg), embed_cfg=embed)
+    with _locked(args, pool):
+        summary = run_filters(pool, filters, get_engine(cfg), embed_cfg=embed)
     print((pool.report_dir("decisions") / "funnel.md").read_text())
     print(f"kept {summary['kept']} of {summary['pool_size']}; per sample: tables/decisions/ "
           f"(`curate query {pool.root} \"select drop_reason, count(*) from samples group by 1\"`)")  # fmt: skip
@@ -183,12 +212,21 @@ def cmd_export(args: argparse.Namespace) -> int:
         recipes = dict(cfg.filters.recipes) if cfg.filters else {}
     settings = {"out": args.out, "where": args.where, "recipe": args.recipe, "recipes": recipes,
                 "samples_per_shard": args.samples_per_shard, "max_shard_bytes": args.max_shard_bytes,
-                "shuffle_seed": args.shuffle_seed, "embeddings": args.embeddings}  # fmt: skip
+                "shuffle_seed": args.shuffle_seed, "embeddings": args.embeddings,
+                "allow_incomplete": args.allow_incomplete, "overwrite": args.overwrite}  # fmt: skip
     parse_config({"pool": str(pool.root), "download": {"input": "-"}, "export": settings}, "curate export")
+    import duckdb
+
     from pipeline.engines.local import LocalEngine
 
-    manifest = export(pool, ExportConfig(**settings), engine=LocalEngine(args.processes))
+    try:
+        manifest = export(pool, ExportConfig(**settings), engine=LocalEngine(args.processes), wait=args.wait)
+    except duckdb.Error as exc:
+        raise _pool_error(pool, exc) from None
     counts = manifest["counts"]
+    if manifest.get("incomplete_stages"):
+        print(f"warning: exported with incomplete stages {sorted(manifest['incomplete_stages'])} (--allow-incomplete)",
+              file=sys.stderr)  # fmt: skip
     print(f"{args.out}: {counts['samples']} samples in {counts['shards']} shards ({counts['bytes'] / 2**20:.1f} MiB)")
     if manifest["train_data"]:
         print(f"train with: --train-data '{Path(args.out) / manifest['train_data']}' "
@@ -209,7 +247,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from pipeline.report import write_report
 
-    page = write_report(_existing_pool(args.pool), release=Path(args.release) if args.release else None)
+    page = write_report(_existing_pool(args.pool), release=Path(args.release) if args.release else None,
+                        out=Path(args.out) if args.out else None)  # fmt: skip
     print(f"report: {page}")
     return 0
 
@@ -250,6 +289,26 @@ def _print_stats(pool: Pool) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    """``curate verify POOL [--deep]``: exit 0 when intact, 1 with each damaged file printed."""
+    from pipeline.verify import verify
+
+    pool = _existing_pool(args.pool)
+    damaged, checked = 0, 0
+    for item in verify(pool, deep=args.deep):
+        if isinstance(item, int):
+            checked = item
+        else:
+            damaged += 1
+            print(f"DAMAGED {item}")
+    kind = "deep: every tar member and table row read" if args.deep else "sha256 and schema of each"
+    if damaged:
+        print(f"{damaged} damaged file(s) of {checked} checked ({kind}); the commands above redo their shards")
+        return 1
+    print(f"{pool.root}: intact, {checked} files checked ({kind})")
+    return 0
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     from pipeline.query import format_stats, stats
 
@@ -264,22 +323,34 @@ def cmd_query(args: argparse.Namespace) -> int:
     sql = args.sql
     if args.name:
         if not args.config:
-            raise SystemExit("curate query: --name needs --config CONFIG (where the saved queries live)")
+            raise UserError("curate query: --name needs --config CONFIG (where the saved queries live)")
         saved = load_config(args.config).queries
         if args.name not in saved:
-            raise SystemExit(f"curate query: no saved query {args.name!r}; the config has {sorted(saved)}")
+            raise UserError(f"curate query: no saved query {args.name!r}; the config has {sorted(saved)}")
         sql = saved[args.name]
     if not sql:
-        raise SystemExit("curate query: give SQL or --name NAME")
-    con = connect(_existing_pool(args.pool))
+        raise UserError("curate query: give SQL or --name NAME")
+    import duckdb
+
+    from pipeline.query import completeness, format_completeness
+    from pipeline.sqlsafe import check_query
+
+    check_query(sql, f"query {args.name!r}" if args.name else "curate query")
+    pool = _existing_pool(args.pool)
+    note = format_completeness(completeness(pool))
+    if note:
+        print(note, file=sys.stderr)
+    con = connect(pool, confined=True)
     try:
         relation = con.sql(sql)
-    except Exception as exc:
-        raise SystemExit(f"curate query: {exc}") from None
-    if args.format == "table":
-        relation.show(max_rows=args.max_rows, max_width=200)
+        table = relation.fetch_arrow_table() if relation is not None else None
+    except duckdb.Error as exc:
+        raise UserError(f"curate query: {str(exc).splitlines()[0]}") from None
+    if table is None:
         return 0
-    table = relation.fetch_arrow_table()
+    if args.format == "table":
+        con.from_arrow(table).show(max_rows=args.max_rows, max_width=200)
+        return 0
     if args.format == "csv":
         import pyarrow.csv as pacsv
 
@@ -301,17 +372,20 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("config")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+        p.add_argument("--wait", action="store_true", help="wait for another writer of the pool instead of refusing")
         p.set_defaults(fn=fn)
     p = sub.add_parser("embed", help="run the embedding stage alone")
     p.add_argument("target", help="a config file, or a pool directory with --model/--checkpoint")
     p.add_argument("--model", default="ViT-B-32")
     p.add_argument("--checkpoint")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--wait", action="store_true", help="wait for another writer of the pool instead of refusing")
     p.set_defaults(fn=cmd_embed)
     p = sub.add_parser("filter", help="DataComp filters + dedup, then a recipe's keep/drop_reason")
     p.add_argument("target", help="a pool directory, or a config file (its `filters` section)")
     p.add_argument("--recipe", help="basic, clip_score, text_based, image_based, ... or one of the config's recipes")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--wait", action="store_true", help="wait for another writer of the pool instead of refusing")
     p.set_defaults(fn=cmd_filter)
     p = sub.add_parser("export", help="write a training release (WebDataset + Parquet) of selected samples")
     p.add_argument("pool")
@@ -324,6 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shuffle-seed", type=int)
     p.add_argument("--embeddings", action="store_true", help="also export CLIP embeddings as Parquet")
     p.add_argument("--processes", type=int, default=2, help="output shards written at once")
+    p.add_argument("--overwrite", action="store_true", help="replace a different release already in --out")
+    p.add_argument("--allow-incomplete", action="store_true",
+                   help="export although a stage the selection reads is unfinished (recorded in the manifest)")
+    p.add_argument("--wait", action="store_true", help="wait for another export into --out instead of refusing")
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser("serve", help="run the curate flow on a cron schedule (needs a Prefect server)")
     p.add_argument("config")
@@ -333,7 +411,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write <pool>/report/index.html")
     p.add_argument("pool")
     p.add_argument("--release", help="a release exported from this pool, for the funnel")
+    p.add_argument("--out", help="write the report here instead of <pool>/report (a read-only pool)")
     p.set_defaults(fn=cmd_report)
+    p = sub.add_parser("verify", help="check every completion marker against its files (sha256, schema)")
+    p.add_argument("pool")
+    p.add_argument("--deep", action="store_true", help="also read every tar member and every table row")
+    p.set_defaults(fn=cmd_verify)
     p = sub.add_parser("route", help="MoDE routing weights over experts for a task's class names")
     p.add_argument("pool")
     p.add_argument("--classes", required=True, help="text file, one class name per line")
@@ -363,15 +446,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pipeline.download import InputError
     from pipeline.engines.base import ShardFailures
 
     try:
         return args.fn(args)
-    except (ConfigError, InputError, ShardFailures) as exc:  # EmbedError is a ValueError, below
-        print(f"curate: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:  # a pool/config mismatch, say: the message names what
+    except (UserError, ShardFailures) as exc:  # anything else is a bug: its traceback stays
         print(f"curate: {exc}", file=sys.stderr)
         return 2
 

@@ -18,19 +18,33 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
+from pipeline.errors import UserError
+
 _STRICT = ConfigDict(extra="forbid")
 
 ResizeMode = Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"]
 InputFormat = Literal["parquet", "csv", "tsv", "jsonl"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or value is invalid; the message names the file and the key."""
 
 
 def _require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ValueError(f"{key}: {message}")
+
+
+def _sql(text: str | None, key: str, statement: bool = False) -> None:
+    """A ``where`` must be one SQL expression, a saved query one SELECT (:mod:`pipeline.sqlsafe`)."""
+    if text is None:
+        return
+    from pipeline.sqlsafe import SqlError, check_expression, check_query
+
+    try:
+        (check_query if statement else check_expression)(text, key)
+    except SqlError as exc:
+        raise ValueError(str(exc)) from None  # pydantic reports it under the key
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -182,6 +196,7 @@ class MetaclipConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.metadata), "metadata", "must name an entries file")
+        _sql(self.where, "where")
         _require(self.t > 0, "t", f"must be > 0, got {self.t}")
         _require(self.target_size is None or self.target_size > 0, "target_size", "must be > 0 or null")
 
@@ -270,6 +285,7 @@ class RebalanceConfig:
     def __post_init__(self) -> None:
         import re
 
+        _sql(self.where, "where")
         _require(bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.group_by)), "group_by",
                  f"must name a column (letters, digits, _), got {self.group_by!r}")  # fmt: skip
         _require(self.t > 0, "t", "must be > 0")
@@ -345,7 +361,7 @@ class FilterConfig:
         for name, rules in self.recipes.items():
             try:
                 parse_recipe(rules)
-            except ValueError as e:
+            except (ValueError, UserError) as e:  # ValueError: pydantic reports it under the key
                 raise ValueError(f"recipes.{name}: {e}") from None
         _require(0 < self.clip_score_fraction <= 1, "clip_score_fraction", "must be in (0, 1]")
         _require(self.image_clusters is None or self.image_clusters > 0, "image_clusters", "must be > 0 or null")
@@ -374,6 +390,9 @@ class ExportConfig:
         max_shard_bytes: Also start a new shard before one would exceed this many bytes.
         shuffle_seed: Shuffle the samples across shards with this seed (null: pool order).
         embeddings: Also write the samples' CLIP embeddings to ``embeddings/*.parquet``.
+        allow_incomplete: Export although a stage the selection reads has unfinished shards (their
+            samples then lack that stage's columns); recorded in the release manifest.
+        overwrite: Replace a different release already in ``out`` (never anything else).
     """
 
     __pydantic_config__ = _STRICT
@@ -386,9 +405,12 @@ class ExportConfig:
     max_shard_bytes: int | None = None
     shuffle_seed: int | None = None
     embeddings: bool = False
+    allow_incomplete: bool = False
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         _require(bool(self.out), "out", "must name a directory")
+        _sql(self.where, "where")
         _require(self.samples_per_shard > 0, "samples_per_shard", "must be > 0")
         _require(self.max_shard_bytes is None or self.max_shard_bytes > 0, "max_shard_bytes", "must be > 0 or null")
 
@@ -532,6 +554,8 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.pool), "pool", "must name a directory")
+        for name, sql in self.queries.items():
+            _sql(sql, f"queries.{name}", statement=True)
 
 
 _ADAPTER: TypeAdapter[PipelineConfig] | None = None

@@ -25,10 +25,21 @@ def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def connect(pool: Pool, con: duckdb.DuckDBPyConnection | None = None,
-            shards: list[int] | None = None) -> duckdb.DuckDBPyConnection:  # fmt: skip
+def connect(pool: Pool, con: duckdb.DuckDBPyConnection | None = None, shards: list[int] | None = None,
+            confined: bool = False, skip_damaged: bool = False) -> duckdb.DuckDBPyConnection:  # fmt: skip
     """Register the pool's views on ``con`` (a new in-memory connection by default), over every
-    finished shard or only ``shards`` (a per-shard task's view of its own rows)."""
+    finished shard or only ``shards`` (a per-shard task's view of its own rows).
+
+    Each view selects the columns ``store/schema.py`` declares, by name, from files read without
+    ``union_by_name``: the first file is checked against the declared schema, and DuckDB refuses (by
+    file name) any later file that lacks a column or has another type, so a damaged table is an
+    error, never a column of NULLs. ``confined`` then limits the connection to reading the pool
+    (:func:`pipeline.sqlsafe.confine`: user SQL runs on it). ``skip_damaged`` leaves out shards
+    whose table is missing (``curate stats`` reports them) instead of refusing.
+
+    Raises:
+        DamagedError: a finished shard's table is missing or has another schema (names the file).
+    """
     import duckdb
 
     con = con or duckdb.connect()
@@ -38,19 +49,32 @@ def connect(pool: Pool, con: duckdb.DuckDBPyConnection | None = None,
         done = [s for s in pool.done_shards(stage) if wanted is None or s in wanted]
         if not done:
             done = pool.done_shards(stage)[:1]  # keeps the view's columns; filtered out below
-        files = [str(pool.table_path(stage, s)) for s in done]
-        file_list = "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "]"
+        if skip_damaged:  # a stat per file (the markers' recorded sizes): what `curate stats` reports
+            markers = pool.completed(stage)
+            done = [s for s in done if s in markers and not pool.file_problems(stage, markers[s])]
+            if not done:
+                continue
+        files = pool.table_files(stage, done)
+        schema = pool.declared_schema(stage, files[0])
+        cols = ", ".join(_quote(f.name) for f in schema)
+        file_list = "[" + ", ".join("'" + str(f).replace("'", "''") + "'" for f in files) + "]"
         where = "" if wanted is None else f" WHERE shard IN ({', '.join(map(str, sorted(wanted)))})"
-        con.execute(
-            f"CREATE OR REPLACE VIEW {_quote(stage)} AS SELECT * FROM read_parquet({file_list}, union_by_name=true)"
-            + where
-        )
+        con.execute(f"CREATE OR REPLACE VIEW {_quote(stage)} AS SELECT {cols} FROM read_parquet({file_list})" + where)
+    stages = [s for s in stages if _has_view(con, s)]
     if BASE_STAGE in stages:
         con.execute(f"CREATE OR REPLACE VIEW samples AS {_samples_sql(con, stages)}")
     for path in sorted(pool.aggregates_dir.glob("*.parquet")):  # e.g. metaclip_entry_counts
         quoted = "'" + str(path).replace("'", "''") + "'"
         con.execute(f"CREATE OR REPLACE VIEW {_quote(path.stem)} AS SELECT * FROM read_parquet({quoted})")
+    if confined:
+        from pipeline.sqlsafe import confine
+
+        confine(con, pool.root)
     return con
+
+
+def _has_view(con: duckdb.DuckDBPyConnection, name: str) -> bool:
+    return bool(con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = ?", [name]).fetchone()[0])
 
 
 def _samples_sql(con: duckdb.DuckDBPyConnection, stages: list[str]) -> str:
@@ -70,7 +94,7 @@ def _samples_sql(con: duckdb.DuckDBPyConnection, stages: list[str]) -> str:
 def select_uids(pool: Pool, shard: int, where: str) -> pa.Array:
     """The uids of one shard's samples for which ``where`` (SQL over ``samples``) holds: how a
     per-shard task applies a population predicate without reading the rest of the pool."""
-    con = connect(pool, shards=[shard])
+    con = connect(pool, shards=[shard], confined=True)
     try:
         return con.sql(f"select {UID} from samples where ({where})").fetch_arrow_table()[UID].combine_chunks()
     finally:
@@ -82,17 +106,55 @@ def query(pool: Pool, sql: str) -> pa.Table:
     return connect(pool).sql(sql).fetch_arrow_table()
 
 
+def completeness(pool: Pool, stages: list[str] | None = None, show: int = 10) -> dict[str, dict[str, Any]]:
+    """Per stage (default: every stage with a finished shard): shards done and planned, whether it
+    is complete, and its first ``show`` missing shards (a bounded list, whatever the pool's size)."""
+    plan = pool.read_plan()
+    planned = plan["num_shards"] if plan else 0
+    out = {}
+    for stage in stages if stages is not None else pool.stages():
+        done = pool.done_shards(stage)
+        count, first, i = planned - len(done), [], 0
+        for shard in range(planned):
+            if len(first) >= show:
+                break
+            if i < len(done) and done[i] == shard:
+                i += 1
+            else:
+                first.append(shard)
+        out[stage] = {"done": len(done), "planned": planned, "complete": count == 0 and planned > 0,
+                      "missing": first, "missing_count": count}  # fmt: skip
+    return out
+
+
+def format_completeness(report: dict[str, dict[str, Any]]) -> str:
+    """One line per incomplete stage (empty when every stage is complete)."""
+    lines = []
+    for stage, e in report.items():
+        if not e["complete"]:
+            more = " ..." if e["missing_count"] > len(e["missing"]) else ""
+            missing = ", ".join(f"{m:05d}" for m in e["missing"]) + more
+            lines.append(f"stage {stage!r} incomplete: {e['done']}/{e['planned']} shards done (missing {missing}); "
+                         "its columns are NULL for those shards' samples")  # fmt: skip
+    return "\n".join(lines)
+
+
 def stats(pool: Pool) -> dict[str, Any]:
     """Counts per stage: shards done/planned, samples by status, and the error messages of each."""
     plan = pool.read_plan()
     out: dict[str, Any] = {"pool": str(pool.root), "input": plan, "stages": {}}
-    con = connect(pool)
+    con = connect(pool, skip_damaged=True)
+    complete = completeness(pool)
     for stage in pool.stages():
         done = pool.completed(stage)
+        damaged = [(str(path), problem) for m in done.values() for path, problem in pool.file_problems(stage, m)]
         entry: dict[str, Any] = {
             "shards_done": len(done),
             "shards_planned": plan["num_shards"] if plan else None,
+            "complete": complete[stage]["complete"] and not damaged,
             "counts": total_counts(done),
+            "damaged": damaged[:20],
+            "damaged_count": len(damaged),
         }
         if stage == BASE_STAGE:
             rows = con.execute(
@@ -121,7 +183,12 @@ def format_stats(report: dict[str, Any], max_errors: int = 8) -> str:
             f"of {plan['samples_per_shard']}"
         )
     for stage, entry in report["stages"].items():
-        lines.append(f"{stage}: {entry['shards_done']}/{entry['shards_planned']} shards done")
+        state = "complete" if entry.get("complete") else "INCOMPLETE"
+        lines.append(f"{stage}: {entry['shards_done']}/{entry['shards_planned']} shards done ({state})")
+        for path, problem in entry.get("damaged", []):
+            lines.append(f"  DAMAGED {path}: {problem}")
+        if entry.get("damaged_count", 0) > len(entry.get("damaged", [])):
+            lines.append(f"  ... {entry['damaged_count'] - len(entry['damaged'])} more damaged files (`curate verify`)")
         if "status" not in entry:
             lines.append("  " + ", ".join(f"{k}: {v}" for k, v in sorted(entry["counts"].items())))
         total = entry.get("samples")

@@ -204,13 +204,15 @@ def _why(row: dict[str, Any]) -> str:
     return ""
 
 
-def write_report(pool: Pool, thumbnails: int = 12, release: Path | None = None) -> Path:
-    """Write ``<pool>/report/index.html`` and its PNGs; returns the page's path."""
-    from pipeline.query import connect
+def write_report(pool: Pool, thumbnails: int = 12, release: Path | None = None, out: Path | None = None) -> Path:
+    """Write ``index.html`` and its PNGs into ``out`` (default ``<pool>/report``; another folder
+    reports on a read-only pool); returns the page's path. The page says which stages are incomplete."""
+    from pipeline.query import completeness, connect
 
-    out = pool.root / "report"
+    out = Path(out) if out is not None else pool.root / "report"
     out.mkdir(parents=True, exist_ok=True)
     con = connect(pool)
+    incomplete = {s: e for s, e in completeness(pool).items() if not e["complete"]}
     columns = {r[0] for r in con.execute("describe samples").fetchall()}
     steps = funnel(pool, con, columns)
     if release is not None and (release / "manifest.json").exists():
@@ -230,8 +232,13 @@ def write_report(pool: Pool, thumbnails: int = 12, release: Path | None = None) 
         ".card img{max-width:160px;max-height:160px;display:block}img[data-ok='0']{outline:3px solid red}</style>",
         "</head><body>",
         f"<h1>clipcurate report</h1><p>Pool <code>{e(str(pool.root.resolve()))}</code></p>",
-        "<h2>Funnel</h2><table><tr><th>stage</th><th>samples</th><th>share of input</th></tr>",
     ]
+    if incomplete:
+        parts.append("<p class='incomplete'><b>Incomplete stages</b> (their columns are NULL for the missing shards): "
+                     + ", ".join(f"{e(s)} {v['done']}/{v['planned']} shards" for s, v in incomplete.items()) + "</p>")
+    else:
+        parts.append("<p>Every stage is complete.</p>")
+    parts.append("<h2>Funnel</h2><table><tr><th>stage</th><th>samples</th><th>share of input</th></tr>")
     total = steps[0][1] or 1
     parts += [f"<tr><td>{e(n)}</td><td>{v:,}</td><td>{100 * v / total:.1f}%</td></tr>" for n, v in steps]
     parts.append("</table><h2>Drop reasons</h2><table><tr><th>reason</th><th>samples</th></tr>")

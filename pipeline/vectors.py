@@ -47,8 +47,8 @@ def shard_vectors(pool: Pool, stage: str, column: str, shard: int, columns: tupl
     """``uid``, the vector column and ``columns`` of one shard, in the download table's row order
     (deterministic: img2dataset writes a shard's samples in varying order), rows without a vector
     left out."""
-    order = pq.read_table(pool.table_path("download", shard), columns=[S.UID])[S.UID]
-    table = pq.read_table(pool.table_path(stage, shard), columns=[S.UID, column, *columns])
+    order = pool.read_shard("download", shard, columns=[S.UID])[S.UID]
+    table = pool.read_shard(stage, shard, columns=[S.UID, column, *columns])
     table = table.filter(pc.is_valid(table[column]))
     rows = pc.index_in(order, value_set=table[S.UID].combine_chunks())
     rows = rows.filter(pc.is_valid(rows))

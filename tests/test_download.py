@@ -17,6 +17,7 @@ from PIL import Image
 from pipeline.devserver import kind_of, served_image, token_for
 from pipeline.download import InputError, prepare, read_url_list, run_download
 from pipeline.engines.local import LocalEngine
+from pipeline.errors import UserError
 from pipeline.store.parquet import Pool
 from pipeline.store.schema import DOWNLOAD_SCHEMA, make_uid
 from pipeline.store.webdataset import iter_shard
@@ -178,7 +179,7 @@ def test_rerun_skips_finished_shards(downloaded_pool):
 def test_changed_config_is_refused_naming_the_key(downloaded_pool):
     pool, _, cfg = downloaded_pool
     changed = make_config(pool.root, Path(cfg.download.input), image_size=256)
-    with pytest.raises(ValueError, match=r"another config \(image_size: 512 -> 256\)"):
+    with pytest.raises(UserError, match=r"another config \(image_size: 512 -> 256\)"):
         run_download(pool, changed.download, LocalEngine(1), progress=False)
     # worker counts do not change the output, so they may change freely
     run_download(pool, make_config(pool.root, Path(cfg.download.input), processes=1).download, LocalEngine(1))

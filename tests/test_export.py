@@ -105,11 +105,14 @@ def test_byte_limit_and_resume(pool, tmp_path):
     for p in partial.glob("0000[1-9].*"):
         p.unlink()
     (partial / "plan.json").write_text(json.dumps({"digest": full["digest"]}))
+    (partial / ".clipcurate-partial").touch()  # the export's own mark on the folder it builds in
+    (partial / ".00001.tar.tmp-4242-1234").write_bytes(b"half a tar")  # a SIGKILLed writer's temp file
     kept_mtime = (partial / "00000.tar").stat().st_mtime_ns
     again = export(pool, ExportConfig(out=str(tmp_path / "rel"), samples_per_shard=1000, max_shard_bytes=400_000))
     assert (tmp_path / "rel" / "00000.tar").stat().st_mtime_ns == kept_mtime
     assert [e["sha256"] for e in again["shards"]] == [e["sha256"] for e in full["shards"]]
     assert not partial.exists()
+    assert sorted(p.name for p in (tmp_path / "rel").iterdir()) == sorted(p.name for p in (tmp_path / "ref").iterdir())
 
 
 def test_bad_predicate_names_itself(pool, tmp_path):

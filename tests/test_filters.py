@@ -11,6 +11,7 @@ import pytest
 
 from pipeline.config import ConfigError, parse_config
 from pipeline.devserver import DemoImageServer, kind_of, shared_seed, token_for
+from pipeline.errors import UserError
 from pipeline.filters import rules as R
 from pipeline.filters.dedup import exact_groups, semdedup
 from pipeline.filters.stage import caption_scores, fasttext_token_count, run_filters, size_scores
@@ -102,9 +103,9 @@ def test_recipes_parse_and_decide_in_order():
     assert [str(r) for r in R.recipe_rules("laion2b", {})] == ["downloaded", "english", "clip_score(threshold=0.28)"]
     assert [r.name for r in R.recipe_rules("basic", {})] == ["downloaded", "english", "caption_words", "caption_chars",
                                                              "min_side", "aspect_ratio"]  # fmt: skip
-    with pytest.raises(ValueError, match="unknown rule 'englsh'"):
+    with pytest.raises(UserError, match="unknown rule 'englsh'"):
         R.parse_rule("englsh")
-    with pytest.raises(ValueError, match="bad parameter"):
+    with pytest.raises(UserError, match="bad parameter"):
         R.parse_rule("min_side(max=3)")
     rules = R.parse_recipe(["english", "min_side(min=256)"])
     c = cols(status=["success", "success", "success", "failed_to_download"], lang=["en", "fr", "en", None],

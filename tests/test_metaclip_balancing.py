@@ -7,6 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from pipeline.errors import UserError
 from pipeline.metaclip.balancing import (
     balance,
     entry_probabilities,
@@ -96,7 +97,7 @@ def test_t_for_size_hits_the_expected_size(synthetic):
     t = t_for_size(matched, COUNTS, 5_000)
     expected = sample_probabilities(matched, entry_probabilities(COUNTS, t)).sum()
     assert expected == pytest.approx(5_000, rel=1e-3)
-    with pytest.raises(ValueError, match="exceeds the 30550 samples"):
+    with pytest.raises(UserError, match="exceeds the 30550 samples"):
         t_for_size(matched, COUNTS, 40_000)
 
 

@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.errors import UserError
 from pipeline.metaclip.matching import SubstringMatcher, entry_counts, load_entries, spacing
 from tests.conftest import LAION, REPO
 from tests.metaclip_reference import reference_matches_all, reference_spacing, reference_substr_matching
@@ -58,9 +59,9 @@ def test_entry_counts_count_each_sample_once_per_entry():
 
 def test_bad_entries_file_is_named(tmp_path: Path):
     (tmp_path / "bad.json").write_text('{"not": "a list"}')
-    with pytest.raises(ValueError, match=r"bad\.json: expected a JSON list of strings"):
+    with pytest.raises(UserError, match=r"bad\.json: expected a JSON list of strings"):
         load_entries(tmp_path / "bad.json")
-    with pytest.raises(ValueError, match="metadata file not found"):
+    with pytest.raises(UserError, match="metadata file not found"):
         load_entries(tmp_path / "missing.json")
 
 

@@ -10,6 +10,7 @@ from PIL import Image
 
 from pipeline.config import parse_config
 from pipeline.engines.local import LocalEngine
+from pipeline.errors import UserError
 from pipeline.metaclip.stage import run_metaclip
 from pipeline.query import connect
 from pipeline.store.parquet import Pool
@@ -114,7 +115,7 @@ def test_engines_agree_and_an_incomplete_download_is_refused(downloaded_pool, ba
     b = other.read_table("metaclip").sort_by("uid")
     assert a.equals(b)
     other.marker_path("download", 2).unlink()
-    with pytest.raises(ValueError, match=r"stage 'download' has 3/4 shards done \(first missing: 00002\)"):
+    with pytest.raises(UserError, match=r"stage 'download' has 3/4 shards done \(first missing: 00002\)"):
         run_metaclip(other, _cfg(t=5), LocalEngine(1), progress=False)
     assert duckdb  # imported for the views above
 

@@ -62,6 +62,9 @@ def test_cli_query_formats(downloaded_pool, capsys):
     assert "failed_to_download" in capsys.readouterr().out
 
 
-def test_cli_rejects_what_is_not_a_pool(tmp_path):
-    with pytest.raises(SystemExit, match="not a pool"):
-        main(["stats", str(tmp_path)])
+def test_cli_rejects_what_is_not_a_pool(tmp_path, capsys):
+    assert main(["stats", str(tmp_path)]) == 2
+    assert "not a pool (no completions/ directory)" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert main(["stats", str(tmp_path / "file")]) == 2  # a pool path that is a file: one line, no traceback
+    assert capsys.readouterr().err.strip() == f"curate: {tmp_path / 'file'}: is a file, not a pool directory"

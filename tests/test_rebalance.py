@@ -8,6 +8,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.config import parse_config
+from pipeline.errors import UserError
 from pipeline.rebalance import group_probabilities, rebalance, run_rebalance, solve_param
 
 
@@ -76,7 +77,7 @@ def test_stage_over_fine_clusters(clustered):
         assert p == pytest.approx(min(1.0, 10 / count))
     assert summary["kept"] == sum(r[2] for r in rows) and summary["groups"] == len(rows)
     assert (pool.report_dir("rebalance") / "group_sizes.png").exists()
-    with pytest.raises(ValueError, match="no column 'nope'"):
+    with pytest.raises(UserError, match="no column 'nope'"):
         run_rebalance(
             pool, parse_config({"pool": "p", "download": {"input": "u"}, "rebalance": {"group_by": "nope"}}).rebalance,
             LocalEngine(1),
@@ -103,7 +104,7 @@ def test_stage_over_metaclip_entries_is_metaclips_rule(clustered):
     rows = connect(pool).execute("select metaclip_p, rebalance_p, metaclip_keep, rebalance_keep from samples "
                                  "where rebalance_p is not null").fetchall()  # fmt: skip
     assert len(rows) == 301 and all(a == pytest.approx(b) and c == d for a, b, c, d in rows)
-    with pytest.raises(ValueError, match="supports only `cap`"):
+    with pytest.raises(UserError, match="supports only `cap`"):
         bad = {"group_by": "matched_entry_ids", "method": "temperature"}
         run_rebalance(pool, parse_config({"pool": "p", "download": {"input": "u"}, "rebalance": bad}).rebalance,
                       LocalEngine(1))  # fmt: skip

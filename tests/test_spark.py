@@ -242,10 +242,9 @@ def test_embedding_on_spark_equals_local_and_loads_the_model_once_per_worker(
 
 
 def test_export_on_spark_writes_the_same_release(curated, spark, tmp_path):
+    from pipeline import query
     from pipeline.config import ExportConfig
     from pipeline.export import export
-
-    from pipeline import query
 
     local, _ = curated
     where = "keep and metaclip_keep"

@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import DownloadConfig, config_dict, config_hash
+from pipeline.errors import UserError
 from pipeline.store import schema as S
 from pipeline.store.parquet import Pool, file_sha256, shard_name, write_json_atomic, write_parquet_atomic
 
@@ -34,7 +35,7 @@ _FETCHED_SCHEMES = ("http", "https")
 _RUNTIME_FIELDS = ("input", "processes", "threads", "shards_per_task")
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """The URL list cannot be used; the message names the file and, where one is at fault, the row."""
 
 
@@ -67,8 +68,10 @@ def _utf8(column: pa.ChunkedArray, path: Path, name: str) -> pa.ChunkedArray:
             return column.cast(pa.string())
         except pa.ArrowInvalid:
             column = column.cast(pa.binary())
-    if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+    if pa.types.is_null(column.type):  # every value null
         return column.cast(pa.string())
+    if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+        raise InputError(f"{path}: {name} holds {column.type} values; it must be a string column")
     try:
         return column.cast(pa.string())  # validates UTF-8
     except pa.ArrowInvalid:
@@ -119,6 +122,10 @@ def _read_jsonl(path: Path, columns: list[str]) -> pa.Table:
     if not rows:
         raise InputError(f"{path}: the file holds no rows")
     _require_columns(path, sorted(set().union(*rows)), columns)
+    for c in columns:
+        for i, row in enumerate(rows):
+            if not isinstance(row.get(c), str | None):
+                raise InputError(f"{path}: object {i + 1}: {c!r} is {type(row[c]).__name__}, not a string")
     return pa.table({c: pa.array([r.get(c) for r in rows], pa.string()) for c in columns})
 
 
@@ -300,6 +307,9 @@ def download_shard(pool_root: str, cfg: DownloadConfig, shard: int) -> dict[str,
     """
     pool = Pool(pool_root)
     name = shard_name(shard)
+    # a shard downloaded again (its files were damaged) may hold other images: what later stages
+    # made of the old one is no longer theirs to keep, so their markers for it go first
+    pool.forget_shard(shard, keep=(STAGE,))
     rows = pq.ParquetFile(pool.input_path).read_row_group(shard)
     fetchable = pc.fill_null(pc.match_substring_regex(rows[S.URL], r"^https?://", ignore_case=True), False)
     staging = pool.staging_dir / STAGE
@@ -320,7 +330,8 @@ def download_shard(pool_root: str, cfg: DownloadConfig, shard: int) -> dict[str,
         os.replace(staging / f"{name}{suffix}", pool.root / "shards" / f"{name}{suffix}")
     counts = {k: int(v) for k, v in zip(*_value_counts(table[S.STATUS]), strict=True)}
     counts["samples"] = table.num_rows
-    pool.mark_done(STAGE, shard, stage_hash(cfg), counts)
+    shard_files = [pool.root / "shards" / f"{name}{suffix}" for suffix in (".tar", ".parquet", "_stats.json")]
+    pool.mark_done(STAGE, shard, stage_hash(cfg), counts, files=[pool.table_path(STAGE, shard), *shard_files])
     return counts
 
 

@@ -12,9 +12,10 @@ from typing import Any
 
 import torch
 
+from pipeline.errors import DamagedError
 from pipeline.store import schema as S
 from pipeline.store.parquet import Pool
-from pipeline.store.webdataset import decode_image, image_of, iter_shard
+from pipeline.store.webdataset import decode_image, error_text, image_of, iter_shard
 
 
 class ShardImages(torch.utils.data.IterableDataset):
@@ -41,7 +42,7 @@ class ShardImages(torch.utils.data.IterableDataset):
                 try:
                     pixels = self.transform(img)
                 except Exception as exc:  # a transform can fail on odd modes or sizes
-                    error = f"cannot preprocess image: {type(exc).__name__}: {exc}"
+                    error = f"cannot preprocess image: {type(exc).__name__}: {error_text(exc)}"
         return {"index": index, "uid": meta.get(S.UID), "caption": sample.get("txt") or "", "pixels": pixels,
                 "error": error}  # fmt: skip
 
@@ -70,5 +71,5 @@ class ShardImages(torch.utils.data.IterableDataset):
                         yield self._collate(shard, items, last=False)
                         items = []
             except (tarfile.TarError, OSError) as exc:
-                raise ValueError(f"{pool.shard_tar(shard)}: unreadable shard: {exc}") from exc
+                raise DamagedError(f"{pool.shard_tar(shard)}: unreadable shard: {exc}") from exc
             yield self._collate(shard, items, last=True)

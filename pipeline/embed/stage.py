@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.config import EmbedConfig, config_hash
+from pipeline.errors import UserError
 from pipeline.store import schema as S
 from pipeline.store.parquet import Pool, file_sha256
 
@@ -38,7 +38,7 @@ MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "model_configs"
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
 
-class EmbedError(ValueError):
+class EmbedError(UserError, ValueError):
     """The embedding model cannot be set up; the message says which file or name and what to do."""
 
 
@@ -352,7 +352,7 @@ def _tar_sizes(pool: Pool, shards: list[int]) -> dict[int, int]:
     """Samples in each shard's tar: its successful downloads."""
     sizes = {}
     for shard in shards:
-        status = pq.read_table(pool.table_path("download", shard), columns=[S.STATUS])[S.STATUS]
+        status = pool.read_shard("download", shard, columns=[S.STATUS])[S.STATUS]
         sizes[shard] = int(pa.compute.sum(pa.compute.equal(status, S.STATUS_SUCCESS)).as_py() or 0)
     return sizes
 

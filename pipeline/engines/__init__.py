@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pipeline.errors import UserError
+
 if TYPE_CHECKING:
     from pipeline.config import PipelineConfig
     from pipeline.engines.base import Engine
@@ -23,4 +25,4 @@ def get_engine(cfg: PipelineConfig, workers: int | None = None) -> Engine:
         from pipeline.engines.spark import SparkEngine
 
         return SparkEngine(cfg.spark)
-    raise ValueError(f"engine: unknown engine {cfg.engine!r}; use local or spark")
+    raise UserError(f"engine: unknown engine {cfg.engine!r}; use local or spark")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.engines.base import ShardResults, Table
+from pipeline.errors import UserError
 from pipeline.progress import Progress
 
 
@@ -80,7 +81,7 @@ class LocalEngine:
     def __init__(self, workers: int = 2, memory_limit: str = "4GB", temp_directory: str | Path | None = None,
                  threads: int | None = None):  # fmt: skip
         if workers < 1:
-            raise ValueError(f"workers must be >= 1, got {workers}")
+            raise UserError(f"workers must be >= 1, got {workers}")
         self.workers = workers
         self.memory_limit = memory_limit
         self.temp_directory = str(temp_directory) if temp_directory else None

@@ -33,6 +33,7 @@ import functools
 import hashlib
 import io
 import json
+import re
 import shutil
 import tarfile
 import time
@@ -45,12 +46,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import ExportConfig, config_hash
+from pipeline.errors import DamagedError, UserError
 from pipeline.store import schema as S
 from pipeline.store.parquet import (
     Pool,
     atomic_path,
     file_sha256,
     package_versions,
+    redo_hint,
     write_json_atomic,
     write_parquet_atomic,
 )
@@ -60,13 +63,82 @@ EMBEDDING_COLUMNS = (S.IMAGE_EMBEDDING, S.TEXT_EMBEDDING, S.CAPTION_EMBEDDING)
 _EXPORT_KEY = 0x45585054  # "EXPT": hash key of the shuffle draws
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """A selection that cannot be exported; the message names the predicate or recipe."""
 
 
-def _predicate(where: str | None) -> str:
-    base = f"{S.STATUS} = 'success' and {S.KEY} is not null"
+def _predicate(where: str | None, decoded: bool) -> str:
+    """Only downloaded samples (with a key in a tar) and, on an embedded pool, samples whose image
+    decoded: a sample without a decodable image never reaches a release, whatever ``where`` says."""
+    base = f"{S.STATUS} = 'success' and {S.KEY} is not null" + (f" and {S.DECODE_ERROR} is null" if decoded else "")
     return f"{base} and ({where})" if where else base
+
+
+def _decoded(pool: Pool) -> bool:
+    return bool(pool.done_shards("embed"))
+
+
+def _column_refs(where: str) -> set[str]:
+    """The column names an expression reads (DuckDB's own parse tree)."""
+    import duckdb
+
+    tree = json.loads(duckdb.execute("SELECT json_serialize_sql(?)", [f"SELECT ({where})"]).fetchone()[0])
+    found: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.get("class") == "COLUMN_REF":
+                found.add(node["column_names"][-1])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(tree)
+    return found
+
+
+def needed_stages(pool: Pool, cfg: ExportConfig, rules: list | None) -> list[str]:
+    """The stages a release reads: ``download``, the stage of each column ``where`` names (the
+    ``samples`` view's first stage with that column), ``embed`` for the decoded check and for
+    ``embeddings``, and the stages of the recipe's rules."""
+    from pipeline.query import BASE_STAGE
+
+    stages = [s for s in pool.stages() if pool.table_dir(s).exists()]
+    stages = [BASE_STAGE] + [s for s in stages if s != BASE_STAGE]
+    owner: dict[str, str] = {}
+    for stage in stages:
+        done = pool.done_shards(stage)
+        for name in pool.declared_schema(stage, pool.table_path(stage, done[0])).names:
+            owner.setdefault(name, stage)
+    needed = {BASE_STAGE}
+    needed |= {owner[c] for c in _column_refs(cfg.where) if c in owner} if cfg.where else set()
+    if cfg.embeddings or _decoded(pool):
+        needed.add("embed")
+    needed |= {r.definition.stage for r in rules or []}
+    return [s for s in stages if s in needed] + sorted(needed - set(stages))
+
+
+def check_complete(pool: Pool, stages: list[str], allow: bool) -> dict[str, Any]:
+    """Which of ``stages`` have unfinished shards; refuse (naming them) unless ``allow``.
+
+    Returns:
+        ``{stage: {"done", "planned", "missing" (first 10), "missing_count"}}`` of the incomplete ones.
+    """
+    from pipeline.query import completeness
+
+    report = completeness(pool, stages)
+    incomplete = {s: e for s, e in report.items() if not e["complete"]}
+    if incomplete and not allow:
+        parts = []
+        for stage, e in incomplete.items():
+            more = " ..." if e["missing_count"] > len(e["missing"]) else ""
+            missing = ", ".join(f"{m:05d}" for m in e["missing"]) + more
+            parts.append(f"{stage} ({e['done']}/{e['planned']} shards done; missing {missing})")
+        raise ExportError(f"{pool.root}: the release reads unfinished stage(s): {'; '.join(parts)}. Finish them "
+                          "(`curate run CONFIG`) or pass --allow-incomplete (recorded in the manifest)")  # fmt: skip
+    return incomplete
 
 
 def _rules(pool: Pool, recipe: str | None, recipes: dict | None) -> list | None:
@@ -86,13 +158,18 @@ def _rules(pool: Pool, recipe: str | None, recipes: dict | None) -> list | None:
 
 def check_predicate(pool: Pool, where: str | None) -> list[str]:
     """Validate ``where`` against the ``samples`` view (no rows read); return the sidecar columns."""
-    from pipeline.query import connect
+    import duckdb
 
-    con = connect(pool, shards=pool.done_shards("download")[:1])
+    from pipeline.query import connect
+    from pipeline.sqlsafe import check_expression
+
+    if where is not None:
+        check_expression(where, "export.where (--where)")
+    con = connect(pool, shards=pool.done_shards("download")[:1], confined=True)
     try:
-        con.sql(f"select {S.UID} from samples where {_predicate(where)} limit 0").fetchall()
-    except Exception as exc:  # duckdb's errors name the bad column or syntax
-        raise ExportError(f"export predicate {where!r} over `samples`: {exc}") from None
+        con.sql(f"select {S.UID} from samples where {_predicate(where, _decoded(pool))} limit 0").fetchall()
+    except duckdb.Error as exc:  # duckdb's errors name the bad column or syntax
+        raise ExportError(f"export predicate {where!r} over `samples`: {str(exc).splitlines()[0]}") from None
     return [r[0] for r in con.execute("describe samples").fetchall() if r[0] not in EMBEDDING_COLUMNS]
 
 
@@ -104,17 +181,23 @@ def plan_source_shard(pool_root: str, plan_dir: str, where: str | None, rules: l
     from pipeline.query import connect
 
     pool = Pool(pool_root)
-    con = connect(pool, shards=[shard])
+    con = connect(pool, shards=[shard], confined=True)
     quoted = ", ".join(f'"{c}"' for c in side_cols)
-    table = con.sql(f"select {quoted} from samples where {_predicate(where)} order by {S.KEY}").fetch_arrow_table()
+    sql = f"select {quoted} from samples where {_predicate(where, _decoded(pool))} order by {S.KEY}"
+    table = con.sql(sql).fetch_arrow_table()
     con.close()
     if rules is not None:
         from pipeline.filters.decisions import decide_shard
 
         base, keep, _ = decide_shard(pool, shard, rules)
         table = table.filter(pa.compute.is_in(table[S.UID], value_set=base[S.UID].filter(pa.array(keep))))
+    located = _locate(pool, shard, table[S.KEY].to_pylist())
+    has_image = [any(m["ext"] in IMAGE_EXTENSIONS and m["size"] > 0 for m in members) for members in located]
+    without_image = has_image.count(False)
+    if without_image:  # an undecoded pool: a sample without an image member is never exported
+        table = table.filter(pa.array(has_image))
+        located = [m for m, ok in zip(located, has_image, strict=True) if ok]
     keys = table[S.KEY].to_pylist()
-    located = _locate(pool, shard, keys)
     plan = pa.table({"_source_shard": pa.array(np.full(len(keys), shard), pa.int32()),
                      "_source_key": pa.array(keys, pa.string()), "_uid": table[S.UID],
                      "_members": pa.array([json.dumps(m) for m in located], pa.string()),
@@ -124,7 +207,7 @@ def plan_source_shard(pool_root: str, plan_dir: str, where: str | None, rules: l
         plan = plan.append_column(f"side.{name}", table[name])
     write_parquet_atomic(Path(plan_dir) / f"{shard:05d}.parquet", plan)
     uids = "\n".join(table[S.UID].to_pylist()).encode()
-    return {"samples": len(keys), "uids_sha256": hashlib.sha256(uids).hexdigest()}
+    return {"samples": len(keys), "uids_sha256": hashlib.sha256(uids).hexdigest(), "without_image": without_image}
 
 
 def _draws(uids: pa.ChunkedArray, seed: int | None) -> pa.Array:
@@ -179,7 +262,7 @@ def _embeddings(pool: Pool, uids: list[str], shards: list[int]) -> pa.Table:
     order = pa.array(uids, pa.string())
     parts = []
     for shard in sorted(set(shards)):
-        table = pq.read_table(pool.table_path("embed", shard), columns=[S.UID, S.IMAGE_EMBEDDING, S.TEXT_EMBEDDING])
+        table = pool.read_shard("embed", shard, columns=[S.UID, S.IMAGE_EMBEDDING, S.TEXT_EMBEDDING])
         parts.append(table.filter(pa.compute.is_in(table[S.UID], value_set=order)))
     found = pa.concat_tables(parts)
     rows = pa.compute.index_in(order, value_set=found[S.UID].combine_chunks())
@@ -192,12 +275,15 @@ def _member_index(pool: Pool, shard: int) -> dict[str, dict[str, tuple[int, int]
     the safe reader checks them)."""
     path = pool.shard_tar(shard)
     members: dict[str, dict[str, tuple[int, int]]] = {}
-    with tarfile.open(path, mode="r:") as tar:
-        for m in tar.getmembers():
-            _check_name(path, m.name)
-            if m.isfile():
-                key, ext = _split(m.name)
-                members.setdefault(key, {})[ext] = (m.offset_data, m.size)
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for m in tar.getmembers():
+                _check_name(path, m.name)
+                if m.isfile():  # a symlink or device member is no image: the sample has none
+                    key, ext = _split(m.name)
+                    members.setdefault(key, {})[ext] = (m.offset_data, m.size)
+    except (tarfile.TarError, OSError) as exc:
+        raise DamagedError(f"{path}: unreadable shard ({exc}); {redo_hint('download')}") from None
     return members
 
 
@@ -207,7 +293,7 @@ def _locate(pool: Pool, shard: int, keys: list[str]) -> list[list[dict[str, Any]
     if not keys:
         return []
     index = _member_index(pool, shard)
-    out = []
+    out: list[list[dict[str, Any]]] = []
     for key in keys:
         if key not in index:
             raise ExportError(f"{pool.shard_tar(shard)}: sample {key!r} is in the download table but not the tar")
@@ -262,6 +348,7 @@ def write_release_shard(pool_root: str, partial: str, bounds: list[tuple[int, in
     new_keys = [f"{a + i:09d}" for i in range(plan.num_rows)]
     name = f"{index:05d}"
     reader = _Reader(Pool(pool_root))
+    repaired = 0
     try:
         with (
             atomic_path(partial_dir / f"{name}.tar") as tmp,
@@ -274,7 +361,10 @@ def write_release_shard(pool_root: str, partial: str, bounds: list[tuple[int, in
                         meta = json.loads(data)
                         meta.update({S.UID: uid, "source_shard": shard, "source_key": source_key})
                         data = json.dumps(meta, sort_keys=True).encode()
-                    elif ext not in IMAGE_EXTENSIONS and ext != "txt":
+                    elif ext == "txt":
+                        data, bad = _utf8_caption(data)
+                        repaired += bad
+                    elif ext not in IMAGE_EXTENSIONS:
                         continue
                     _add(tar, f"{key}.{ext}", data)
     finally:
@@ -285,8 +375,90 @@ def write_release_shard(pool_root: str, partial: str, bounds: list[tuple[int, in
     part = part.add_column(0, S.KEY, pa.array(new_keys))
     if embeddings:
         write_parquet_atomic(partial_dir / "embeddings" / f"{name}.parquet", _embeddings(Pool(pool_root), uids, shards))
+    part = part.replace_schema_metadata({"captions_repaired": str(repaired)})
     write_parquet_atomic(partial_dir / f"{name}.parquet", part)
-    return {"samples": plan.num_rows}
+    return {"samples": plan.num_rows, "captions_repaired": repaired}
+
+
+def _utf8_caption(data: bytes) -> tuple[bytes, int]:
+    """A caption as valid UTF-8: invalid bytes become U+FFFD (Python's ``errors="replace"``), the
+    documented repair (README, "Captions that are not UTF-8"); returns (bytes, 1 if repaired)."""
+    try:
+        data.decode("utf-8")
+        return data, 0
+    except UnicodeDecodeError:
+        return data.decode("utf-8", errors="replace").encode("utf-8"), 1
+
+
+RELEASE_FORMAT = "clipcurate-release/1"  # the manifest key that marks a folder as a release of ours
+_RELEASE_FILES = {"manifest.json", "sizes.json", "README.md", "embeddings"}
+_TMP = re.compile(r"^\..*\.tmp-\d+-\d+$")  # atomic_path's temporary names
+
+
+def _release_manifest(folder: Path) -> dict[str, Any] | None:
+    """The manifest of a release this tool made in ``folder``, else None."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    ours = isinstance(manifest, dict) and (manifest.get("format") == RELEASE_FORMAT
+                                           or {"digest", "source_pool", "shards"} <= set(manifest))  # fmt: skip
+    return manifest if ours else None
+
+
+def _foreign_files(folder: Path, manifest: dict[str, Any]) -> list[str]:
+    """Entries of a release folder that its manifest does not account for (the user's files)."""
+    names = set(_RELEASE_FILES)
+    for entry in manifest.get("shards", []):
+        names |= {entry["name"], entry["name"].removesuffix(".tar") + ".parquet"}
+    return sorted(p.name for p in folder.iterdir() if p.name not in names and not _TMP.match(p.name))
+
+
+def check_out(pool: Pool, out: Path, overwrite: bool) -> dict[str, Any] | None:
+    """Refuse an ``out`` the export may not write: the pool, a folder inside the pool, an ancestor of
+    the pool, a file, a non-empty folder that is not a release of ours, a release holding files of
+    the user's, or the folder where the release is built (``.<out>.partial``) when it is not ours.
+
+    Returns:
+        The manifest of the release already in ``out`` (None if ``out`` is missing or empty).
+
+    Raises:
+        ExportError: names ``out`` and why; nothing has been written or removed.
+    """
+    target, root = out.resolve(), pool.root.resolve()
+    if target == root or root in target.parents:
+        raise ExportError(f"--out {out}: inside the pool {pool.root}; write releases outside the pool")
+    if target in root.parents:
+        raise ExportError(f"--out {out}: contains the pool {pool.root}; a release folder must not hold a pool")
+    partial = out.parent / f".{out.name}.partial"
+    if partial.exists() and not (partial / ".clipcurate-partial").exists():
+        raise ExportError(f"{partial}: exists and was not made by clipcurate; move it away (nothing was removed)")
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise ExportError(f"--out {out}: is a file; give a folder (nothing was removed)")
+    if not any(out.iterdir()):
+        return None
+    manifest = _release_manifest(out)
+    if manifest is None:
+        raise ExportError(f"--out {out}: not empty and not a clipcurate release (no release manifest.json); "
+                          "give an empty or new folder (nothing was removed)")  # fmt: skip
+    foreign = _foreign_files(out, manifest)
+    if foreign:
+        raise ExportError(f"--out {out}: holds files that are not part of its release ({', '.join(foreign[:5])}); "
+                          "move them away first (nothing was removed)")  # fmt: skip
+    return manifest
+
+
+def _clean_partial(partial: Path) -> None:
+    """Make ``partial`` (ours, :func:`check_out`) ready to resume: no temporary files of a killed run."""
+    partial.mkdir(parents=True, exist_ok=True)
+    (partial / ".clipcurate-partial").touch()
+    for folder in (partial, partial / "embeddings"):
+        if folder.is_dir():
+            for path in folder.iterdir():
+                if _TMP.match(path.name):
+                    path.unlink()
 
 
 def plan_release(pool: Pool, cfg: ExportConfig, engine: Any, progress: bool = False) -> dict[str, Any]:
@@ -294,24 +466,28 @@ def plan_release(pool: Pool, cfg: ExportConfig, engine: Any, progress: bool = Fa
     shuffled order, and the output shards' bounds streamed from the samples' sizes.
 
     Returns:
-        ``partial`` (the folder), ``digest`` (of the config and the selected uids), ``samples`` and
-        ``bounds`` (each output shard's [start, end) in the ordered plan).
+        ``partial`` (the folder), ``digest`` (of the config and the selected uids), ``samples``,
+        ``without_image`` (selected samples left out for want of an image member), ``bounds`` (each
+        output shard's [start, end) in the ordered plan) and ``incomplete`` (stages read while
+        unfinished, with ``allow_incomplete``).
     """
     from pipeline.engines.base import Table, run_shards
 
     out = Path(cfg.out)
     side_cols = check_predicate(pool, cfg.where)
     rules = _rules(pool, cfg.recipe, cfg.recipes)
+    sources = pool.require_complete("download")
+    incomplete = check_complete(pool, needed_stages(pool, cfg, rules), cfg.allow_incomplete)
     partial = out.parent / f".{out.name}.partial"
-    partial.mkdir(parents=True, exist_ok=True)
+    _clean_partial(partial)
     for stale in ("plan", "ordered"):
         shutil.rmtree(partial / stale, ignore_errors=True)
-    sources = pool.require_complete("download")
     fn = functools.partial(plan_source_shard, str(pool.root), str(partial / "plan"), cfg.where, rules,
                            cfg.shuffle_seed, side_cols)  # fmt: skip
     planned = run_shards(pool, engine, fn, sources, desc="export plan", progress=progress)
     selection = [planned[s]["uids_sha256"] for s in sources]
-    digest = hashlib.sha256(json.dumps([config_hash(cfg, exclude=("out",)), selection]).encode()).hexdigest()[:16]
+    hashed = config_hash(cfg, exclude=("out", "overwrite"))
+    digest = hashlib.sha256(json.dumps([hashed, selection]).encode()).hexdigest()[:16]
     plan_files = [partial / "plan" / f"{s:05d}.parquet" for s in sources]
     if cfg.shuffle_seed is None:  # (shard, key) order: the plan files in shard order are already sorted
         (partial / "ordered").mkdir()
@@ -325,25 +501,49 @@ def plan_release(pool: Pool, cfg: ExportConfig, engine: Any, progress: bool = Fa
              for batch in pq.ParquetFile(f).iter_batches(columns=["_size"], batch_size=65536))  # fmt: skip
     bounds = _plan_shards(sizes, cfg.samples_per_shard, cfg.max_shard_bytes)
     return {"partial": partial, "digest": digest, "samples": sum(planned[s]["samples"] for s in sources),
-            "bounds": bounds}  # fmt: skip
+            "without_image": sum(planned[s]["without_image"] for s in sources), "bounds": bounds,
+            "incomplete": incomplete}  # fmt: skip
 
 
-def export(pool: Pool, cfg: ExportConfig, progress: bool = False, engine: Any = None) -> dict[str, Any]:
+def export(pool: Pool, cfg: ExportConfig, progress: bool = False, engine: Any = None,
+           wait: bool = False) -> dict[str, Any]:  # fmt: skip
     """Write the release ``cfg`` describes (module docstring); returns its manifest.
 
     Every step is bounded (:func:`plan_release`, then a task per output shard). With an ``engine``
     (local processes or Spark) the tasks run in parallel; without one, in this process. The bytes
-    are the same either way."""
+    are the same either way. The pool is only read (a read-only pool exports); ``out`` is checked
+    first (:func:`check_out`) and held with a writer lock (``wait``: wait for another export).
+
+    Raises:
+        ExportError: ``out`` may not be written, the selection is invalid, or a stage it reads is
+            unfinished (without ``allow_incomplete``); LockedError: another export writes ``out``.
+    """
+    from pipeline.store.lock import writer_lock
+
+    out = Path(cfg.out)
+    check_out(pool, out, cfg.overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with writer_lock(out.parent / f".{out.name}", f"curate export {pool.root} --out {out}", wait=wait):
+        return _export(pool, cfg, progress, engine)
+
+
+def _export(pool: Pool, cfg: ExportConfig, progress: bool, engine: Any) -> dict[str, Any]:
     from pipeline.engines.base import run_shards
     from pipeline.engines.local import LocalEngine
 
     engine = engine or LocalEngine(1)
     out = Path(cfg.out)
+    existing = check_out(pool, out, cfg.overwrite)  # again, under the lock
     plan = plan_release(pool, cfg, engine, progress)
     partial, digest, bounds = plan["partial"], plan["digest"], plan["bounds"]
-    if (out / "manifest.json").exists() and json.loads((out / "manifest.json").read_text()).get("digest") == digest:
+    if existing is not None and existing.get("digest") == digest:
         shutil.rmtree(partial)
-        return json.loads((out / "manifest.json").read_text())  # this very release is already there
+        return existing  # this very release is already there
+    if existing is not None and not cfg.overwrite:
+        shutil.rmtree(partial / "plan", ignore_errors=True)
+        shutil.rmtree(partial / "ordered", ignore_errors=True)
+        raise ExportError(f"--out {out}: holds another release ({existing.get('counts', {}).get('samples')} samples, "
+                          f"`{existing.get('where')}`); pass --overwrite to replace it")  # fmt: skip
     if (partial / "plan.json").exists() and json.loads((partial / "plan.json").read_text()).get("digest") != digest:
         for old in [*partial.glob("[0-9]*.*"), *partial.glob("embeddings/*")]:
             old.unlink()
@@ -351,22 +551,28 @@ def export(pool: Pool, cfg: ExportConfig, progress: bool = False, engine: Any = 
     todo = [i for i in range(len(bounds)) if not (partial / f"{i:05d}.parquet").exists()]
     fn = functools.partial(write_release_shard, str(pool.root), str(partial), bounds, cfg.embeddings)
     run_shards(pool, engine, fn, todo, desc="export", progress=progress)
-    entries = []
+    entries, repaired = [], 0
     for index, (a, b) in enumerate(bounds):
         tar_path = partial / f"{index:05d}.tar"
         entries.append({"name": tar_path.name, "samples": b - a, "bytes": tar_path.stat().st_size,
                         "sha256": file_sha256(tar_path)})  # fmt: skip
+        meta = pq.read_schema(partial / f"{index:05d}.parquet").metadata or {}
+        repaired += int(meta.get(b"captions_repaired", b"0"))
     for stale in ("plan", "ordered"):
         shutil.rmtree(partial / stale, ignore_errors=True)
     # open_clip_train's get_dataset_size reads sizes.json: --train-num-samples becomes optional
     write_json_atomic(partial / "sizes.json", {e["name"]: e["samples"] for e in entries})
-    manifest = _manifest(pool, cfg, digest, entries, plan["samples"])
+    extra = {"without_image": plan["without_image"], "captions_repaired": repaired, "incomplete": plan["incomplete"]}
+    manifest = _manifest(pool, cfg, digest, entries, plan["samples"], extra)
     write_json_atomic(partial / "manifest.json", manifest)
     with atomic_path(partial / "README.md") as tmp:
         tmp.write_text(dataset_card(pool, cfg, manifest))
     (partial / "plan.json").unlink()
-    if out.exists():
+    (partial / ".clipcurate-partial").unlink()
+    if out.exists():  # empty, or a release of ours with nothing else in it (check_out)
         trash = out.parent / f".{out.name}.old"
+        if trash.exists() and _release_manifest(trash) is None and any(trash.iterdir()):
+            raise ExportError(f"{trash}: exists and is not a clipcurate release; move it away (nothing was removed)")
         shutil.rmtree(trash, ignore_errors=True)
         out.rename(trash)
         partial.rename(out)
@@ -376,10 +582,12 @@ def export(pool: Pool, cfg: ExportConfig, progress: bool = False, engine: Any = 
     return manifest
 
 
-def _manifest(pool: Pool, cfg: ExportConfig, digest: str, entries: list[dict], n: int) -> dict[str, Any]:
-    pool_manifest = pool.update_manifest()
+def _manifest(pool: Pool, cfg: ExportConfig, digest: str, entries: list[dict], n: int,
+              extra: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    pool_manifest = pool.build_manifest()  # not written: the pool may be read-only
     last = len(entries) - 1
     return {
+        "format": RELEASE_FORMAT,
         "digest": digest,
         "source_pool": str(pool.root.resolve()),
         "where": cfg.where,
@@ -387,11 +595,16 @@ def _manifest(pool: Pool, cfg: ExportConfig, digest: str, entries: list[dict], n
         "export_config": dataclasses.asdict(cfg),
         "export_config_hash": config_hash(cfg),
         "pool_config_hashes": {s: e["config_hash"] for s, e in pool_manifest["stages"].items()},
+        "pool_stage_results": pool_manifest["stage_results"],
+        "allow_incomplete": cfg.allow_incomplete,
+        "incomplete_stages": extra["incomplete"],
         "counts": {
             "samples": n,
             "shards": len(entries),
             "bytes": sum(e["bytes"] for e in entries),
             "pool_samples": (pool_manifest["input"] or {}).get("num_rows"),
+            "left_out_without_image": extra["without_image"],
+            "captions_repaired": extra["captions_repaired"],
         },
         "shards": entries,
         "train_data": f"{{00000..{last:05d}}}.tar" if entries else None,
@@ -411,7 +624,7 @@ def dataset_card(pool: Pool, cfg: ExportConfig, manifest: dict[str, Any]) -> str
              + (f", recipe `{cfg.recipe}`" if cfg.recipe else ""),
              f"- order: {'shuffled, seed ' + str(cfg.shuffle_seed) if cfg.shuffle_seed is not None else 'pool order'}",
              "", "## Pool funnel", "", "| stage | samples it keeps (each stage alone) |", "|---|---:|"]  # fmt: skip
-    stages = json.loads(pool.manifest_path.read_text())["stage_results"] if pool.manifest_path.exists() else {}
+    stages = manifest["pool_stage_results"]
     plan = pool.read_plan() or {}
     lines.append(f"| input rows | {plan.get('num_rows', '?')} |")
     for name, key, label in (("metaclip", "samples_kept", "MetaCLIP balanced"), ("decisions", "kept", "filter recipe"),

@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline.config import FilterConfig, config_hash
 from pipeline.engines.base import Engine, run_shards
+from pipeline.errors import DamagedError, UserError
 from pipeline.filters.rules import Rule, decide, recipe_rules
 from pipeline.filters.threshold import order_statistic
 from pipeline.store import schema as S
@@ -36,7 +36,7 @@ def resolve_rules(pool: Pool, cfg: FilterConfig, engine: Engine) -> tuple[list[R
     """The recipe's rules with every parameter known: a ``clip_score`` rule without a threshold gets
     the configured one, or the pool's ``get_threshold`` for its fraction (SQL through the engine)."""
     resolved, thresholds = [], {}
-    for rule in recipe_rules(cfg.recipe, cfg.recipes):
+    for rule in recipe_rules(cfg.recipe, cfg.recipes, decoded=bool(pool.done_shards("embed"))):
         if rule.name == "clip_score" and rule.params.get("threshold") is None:
             fraction = rule.params.get("fraction")
             if fraction is None and cfg.clip_score_threshold is not None:
@@ -53,14 +53,14 @@ def resolve_rules(pool: Pool, cfg: FilterConfig, engine: Engine) -> tuple[list[R
 
 def decide_shard(pool: Pool, shard: int, rules: list[Rule]) -> tuple[pa.Table, np.ndarray, np.ndarray]:
     """(uid and shard of every sample of the shard, keep, drop reason) from the stored scores."""
-    base = pq.read_table(pool.table_path("download", shard), columns=[S.UID, S.SHARD, S.STATUS])
+    base = pool.read_shard("download", shard, columns=[S.UID, S.SHARD, S.STATUS])
     columns: dict[str, np.ndarray] = {S.STATUS: base[S.STATUS].to_numpy(zero_copy_only=False)}
     for stage in sorted({r.definition.stage for r in rules} - {"download"}):
         needed = sorted({c for r in rules if r.definition.stage == stage for c in r.definition.columns})
         path = pool.table_path(stage, shard)
         if not path.exists():
-            raise ValueError(f"{path}: missing; stage {stage!r} must finish shard {shard:05d} before the decisions")
-        table = pq.read_table(path, columns=[S.UID, *needed])
+            raise DamagedError(f"{path}: missing; stage {stage!r} must finish shard {shard:05d} before the decisions")
+        table = pool.read_shard(stage, shard, columns=[S.UID, *needed])
         rows = pc.index_in(base[S.UID], value_set=table[S.UID].combine_chunks())
         for c in needed:
             columns[c] = pc.take(table[c], rows).to_numpy(zero_copy_only=False)
@@ -119,7 +119,8 @@ def run_decisions(pool: Pool, cfg: FilterConfig, engine: Engine, progress: bool 
         left -= dropped
         funnel.append({"rule": str(rule), "left": left})
         if dropped:
-            reasons[rule.name] = reasons.get(rule.name, 0) + dropped
+            why = rule.definition.drop_reason or rule.name
+            reasons[why] = reasons.get(why, 0) + dropped
     summary = {
         "recipe": cfg.recipe, "rules": [str(r) for r in rules],
         "rule_params": {r.name: r.params for r in rules}, "clip_score_thresholds": thresholds,
@@ -137,10 +138,10 @@ def recorded_config(pool: Pool, recipe: str | None = None) -> FilterConfig:
     so an export re-decides with the pool's own thresholds and fractions."""
     path = pool.aggregates_dir / "decisions.json"
     if not path.exists():
-        raise ValueError(f"{pool.root}: no filter decisions yet; run `curate filter` first")
+        raise UserError(f"{pool.root}: no filter decisions yet; run `curate filter` first")
     data = json.loads(path.read_text()).get("config")
     if data is None:
-        raise ValueError(f"{path}: made by an older version without its config; run `curate filter` again")
+        raise UserError(f"{path}: made by an older version without its config; run `curate filter` again")
     data = {**data, "recipe": recipe or data["recipe"]}
     return FilterConfig(**data)
 

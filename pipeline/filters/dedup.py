@@ -165,12 +165,11 @@ def _left_vectors(pool_root: str, shard: int) -> pa.Table:
 def count_shard(pool_root: str, shard: int) -> int:
     """This shard's images left after exact dedup (SemDeDup's population), without reading vectors."""
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     from pipeline.store import schema as S
     from pipeline.store.parquet import Pool
 
-    embed = pq.read_table(Pool(pool_root).table_path("embed", shard), columns=[S.UID, S.CLIP_SCORE])
+    embed = Pool(pool_root).read_shard("embed", shard, columns=[S.UID, S.CLIP_SCORE])
     uids = embed[S.UID].filter(pc.is_valid(embed[S.CLIP_SCORE]))  # null exactly when no image embedding
     return int(pc.sum(pc.invert(pc.is_in(uids, value_set=_exact_dropped(pool_root, shard)))).as_py() or 0)
 
@@ -331,7 +330,6 @@ def group_task(pool_root: str, cfg: Any, dim: int, group: int) -> dict[str, int]
 def write_shard(pool_root: str, digest: str, shard: int) -> dict[str, int]:
     """``tables/dedup/{shard}`` from the shard's exact and semantic drops."""
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     from pipeline.engines.base import read_where
     from pipeline.store import schema as S
@@ -339,7 +337,7 @@ def write_shard(pool_root: str, digest: str, shard: int) -> dict[str, int]:
 
     pool = Pool(pool_root)
     dirs = _dirs(pool)
-    base = pq.read_table(pool.table_path("download", shard), columns=[S.UID, S.SHARD])
+    base = pool.read_shard("download", shard, columns=[S.UID, S.SHARD])
     group = pa.nulls(base.num_rows, pa.string())
     kind = pa.nulls(base.num_rows, pa.string())
     part = read_where(dirs["drops"], "shard", shard)

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from pipeline.errors import UserError
+
 
 def kmeans_l2(x: np.ndarray, k: int, iterations: int, seed: int, max_points_per_centroid: int) -> np.ndarray:
     """faiss k-means centroids (L2, as DataComp and SemDeDup train them)."""
@@ -64,12 +66,12 @@ def load_targets(path: str | Path) -> np.ndarray:
 
         table = pq.read_table(path)
         if "embedding" not in table.column_names:
-            raise ValueError(f"{path}: needs an `embedding` list column; it has {table.column_names}")
+            raise UserError(f"{path}: needs an `embedding` list column; it has {table.column_names}")
         x = np.asarray(table["embedding"].to_pylist(), dtype=np.float32)
     else:
-        raise ValueError(f"{path}: image_targets must be .npy or .parquet")
+        raise UserError(f"{path}: image_targets must be .npy or .parquet")
     if x.ndim != 2 or not len(x):
-        raise ValueError(f"{path}: expected a non-empty 2-D array of embeddings, got shape {x.shape}")
+        raise UserError(f"{path}: expected a non-empty 2-D array of embeddings, got shape {x.shape}")
     return x.astype(np.float32)
 
 
@@ -124,12 +126,11 @@ def sample_shard(pool_root: str, out_dir: str, rate: float, seed: int, captioned
 
 def _with_caption_ok(pool, shard: int, table):
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     from pipeline.store import schema as S
 
     columns = [S.UID, S.LANG, S.CAPTION_TOKENS, S.CAPTION_CHARS]
-    scores = pq.read_table(pool.table_path("filters", shard), columns=columns)
+    scores = pool.read_shard("filters", shard, columns=columns)
     ok = _caption_ok({c: scores[c].to_numpy(zero_copy_only=False) for c in scores.column_names[1:]})
     return table.filter(pc.is_in(table[S.UID], value_set=scores[S.UID].filter(pa.array(ok)).combine_chunks()))
 
@@ -139,13 +140,12 @@ def count_shard(pool_root: str, shard: int) -> dict[str, int]:
     population the sample is drawn from, counted by the same per-row test the sampling task applies
     (and with no pool-sized join)."""
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     from pipeline.store import schema as S
     from pipeline.store.parquet import Pool
 
     pool = Pool(pool_root)
-    embed = pq.read_table(pool.table_path("embed", shard), columns=[S.UID, S.CLIP_SCORE])
+    embed = pool.read_shard("embed", shard, columns=[S.UID, S.CLIP_SCORE])
     embedded = embed[S.UID].filter(pc.is_valid(embed[S.CLIP_SCORE]))  # null exactly when no image embedding
     captioned = _with_caption_ok(pool, shard, pa.table({S.UID: embedded}))
     return {"embedded": len(embedded), "captioned": captioned.num_rows}
@@ -161,7 +161,6 @@ def assign_shard(pool_root: str, centres_path: str, digest: str, shard: int) -> 
     """Write ``tables/image_based/{shard}``: each image's nearest centroid by dot product (DataComp's
     ``get_centroid_ids_gpu``) and whether it is a target cluster; null without an image."""
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     from pipeline.store import schema as S
     from pipeline.store.parquet import Pool
@@ -169,7 +168,7 @@ def assign_shard(pool_root: str, centres_path: str, digest: str, shard: int) -> 
 
     pool = Pool(pool_root)
     centroids, chosen = _centres(centres_path, digest)
-    base = pq.read_table(pool.table_path("download", shard), columns=[S.UID, S.SHARD])
+    base = pool.read_shard("download", shard, columns=[S.UID, S.SHARD])
     have = shard_vectors(pool, "embed", S.IMAGE_EMBEDDING, shard)
     cluster = np.full(base.num_rows, -1, dtype=np.int64)
     rows = pc.index_in(have[S.UID], value_set=base[S.UID].combine_chunks()).to_numpy(zero_copy_only=False)
@@ -202,7 +201,7 @@ def _targets(cfg, embed_cfg) -> np.ndarray:
     if cfg.image_targets:
         return load_targets(cfg.image_targets)
     if embed_cfg is None:
-        raise ValueError("filters.image_targets is null and there is no embed config to embed ImageNet class names")
+        raise UserError("filters.image_targets is null and there is no embed config to embed ImageNet class names")
     from pipeline.embed import ClipEmbedder
 
     return imagenet_text_targets(ClipEmbedder(embed_cfg))
@@ -234,7 +233,7 @@ def run_image_based(pool, cfg, engine, embed_cfg=None, progress: bool = True) ->
     captioned = counts["captioned"] > 0  # DataComp trains on the caption-filtered images, if any
     population = counts["captioned"] if captioned else counts["embedded"]
     if not population:
-        raise ValueError(f"{pool.root}: no image embeddings to cluster")
+        raise UserError(f"{pool.root}: no image embeddings to cluster")
     k = clusters_for(population, cfg.image_clusters, cfg.samples_per_image_cluster)
     wanted = sample_size(k, cfg.kmeans_max_points_per_centroid, cfg.kmeans_max_sample)
     out = pool.aggregates_dir / "image_based"
@@ -247,7 +246,7 @@ def run_image_based(pool, cfg, engine, embed_cfg=None, progress: bool = True) ->
     centroids = fit_on_sample(train, k, cfg)
     targets = _targets(cfg, embed_cfg)
     if targets.shape[1] != centroids.shape[1]:
-        raise ValueError(f"image targets have dimension {targets.shape[1]}, the pool's embeddings {centroids.shape[1]}")
+        raise UserError(f"image targets have dimension {targets.shape[1]}, the pool's embeddings {centroids.shape[1]}")
     chosen = np.unique(nearest_by_dot(targets, centroids))
     centres_path = out / "centroids.npz"
     with atomic_path(centres_path) as tmp, tmp.open("wb") as f:

@@ -4,7 +4,9 @@ Every rule reads score columns (``tables/filters``, ``tables/embed``, ``tables/i
 ``tables/dedup``) and answers pass/fail per sample; a null score fails. A recipe is an ordered list
 of rules; a sample is kept when it passes all of them, and its ``drop_reason`` is the name of the
 first rule it fails. Every recipe starts with the implicit rule ``downloaded`` (the image was
-fetched), so ``kept + dropped`` is the whole pool.
+fetched), so ``kept + dropped`` is the whole pool, and, on an embedded pool, the implicit rule
+``decoded`` (drop reason ``decode_error``: the image member decoded at embed), so a sample without a
+decodable image is never kept.
 
 The rules, with DataComp's definitions ("DataComp: In search of the next generation of multimodal
 datasets", Sec. 3.4 and Appendix; ``baselines/apply_filter.py``):
@@ -37,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.errors import UserError
 from pipeline.store import schema as S
 
 
@@ -48,6 +51,7 @@ class RuleDef:
     columns: tuple[str, ...]
     defaults: Mapping[str, Any]
     test: Callable[[Mapping[str, np.ndarray], Mapping[str, Any]], np.ndarray]
+    drop_reason: str | None = None  # the ``drop_reason`` it records (default: the rule's name)
 
 
 def _num(x: np.ndarray) -> np.ndarray:
@@ -55,8 +59,17 @@ def _num(x: np.ndarray) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
+def _is_null(x: np.ndarray) -> np.ndarray:
+    return np.array([v is None for v in x], dtype=bool)
+
+
+IMPLICIT = ("downloaded", "decoded")
+
 RULES: dict[str, RuleDef] = {
     "downloaded": RuleDef("download", (S.STATUS,), {}, lambda c, p: c[S.STATUS] == S.STATUS_SUCCESS),
+    # implicit once the pool is embedded: the image decoded (a bomb, a 0-byte file, a missing or
+    # non-file image member fail at embed and never reach a release)
+    "decoded": RuleDef("embed", (S.DECODE_ERROR,), {}, lambda c, p: _is_null(c[S.DECODE_ERROR]), "decode_error"),
     "english": RuleDef("filters", (S.LANG,), {"lang": "en"}, lambda c, p: c[S.LANG] == p["lang"]),
     "caption_words": RuleDef("filters", (S.CAPTION_WORDS,), {"min": 2},
                              lambda c, p: _num(c[S.CAPTION_WORDS]) > p["min"]),
@@ -116,29 +129,31 @@ def parse_rule(spec: str) -> Rule:
     m = _SPEC.match(spec)
     if not m or m.group(1) not in RULES:
         name = m.group(1) if m else spec
-        raise ValueError(f"unknown rule {name!r}; rules are {sorted(r for r in RULES if r != 'downloaded')}")
+        raise UserError(f"unknown rule {name!r}; rules are {sorted(r for r in RULES if r not in IMPLICIT)}")
     name, args = m.group(1), m.group(2)
     params = dict(RULES[name].defaults)
     for part in filter(None, (a.strip() for a in (args or "").split(","))):
         key, eq, value = part.partition("=")
         key = key.strip()
         if not eq or key not in params:
-            raise ValueError(f"rule {name}: bad parameter {part!r}; it takes {sorted(params) or 'none'}")
+            raise UserError(f"rule {name}: bad parameter {part!r}; it takes {sorted(params) or 'none'}")
         params[key] = _value(value.strip())
     return Rule(name, params)
 
 
-def parse_recipe(specs: list[str] | tuple[str, ...]) -> list[Rule]:
-    """The recipe's rules, the implicit ``downloaded`` first."""
-    return [Rule("downloaded"), *(parse_rule(s) for s in specs if s.strip() != "downloaded")]
+def parse_recipe(specs: list[str] | tuple[str, ...], decoded: bool = False) -> list[Rule]:
+    """The recipe's rules, the implicit ``downloaded`` first, then (``decoded``: the pool is
+    embedded) the implicit ``decoded``."""
+    implicit = [Rule("downloaded")] + ([Rule("decoded")] if decoded else [])
+    return [*implicit, *(parse_rule(s) for s in specs if s.strip() not in IMPLICIT)]
 
 
-def recipe_rules(name: str, recipes: Mapping[str, list[str]]) -> list[Rule]:
+def recipe_rules(name: str, recipes: Mapping[str, list[str]], decoded: bool = False) -> list[Rule]:
     if name in recipes:
-        return parse_recipe(recipes[name])
+        return parse_recipe(recipes[name], decoded)
     if name in BUILTIN_RECIPES:
-        return parse_recipe(BUILTIN_RECIPES[name])
-    raise ValueError(f"unknown recipe {name!r}; built-in: {sorted(BUILTIN_RECIPES)}, defined: {sorted(recipes)}")
+        return parse_recipe(BUILTIN_RECIPES[name], decoded)
+    raise UserError(f"unknown recipe {name!r}; built-in: {sorted(BUILTIN_RECIPES)}, defined: {sorted(recipes)}")
 
 
 def get_threshold(scores: np.ndarray, fraction: float) -> float:
@@ -166,7 +181,7 @@ def decide(columns: Mapping[str, np.ndarray], rules: list[Rule]) -> tuple[np.nda
     for rule in rules:
         passed = np.asarray(rule.definition.test(columns, rule.params), dtype=bool)
         failed = keep & ~passed
-        reason[failed] = rule.name
+        reason[failed] = rule.definition.drop_reason or rule.name
         keep &= passed
         funnel.append(int(keep.sum()))
     return keep, reason, funnel

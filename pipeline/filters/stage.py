@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline.config import EmbedConfig, FilterConfig
 from pipeline.engines.base import run_shards
@@ -110,8 +109,8 @@ def size_scores(width: pa.Array, height: pa.Array) -> dict[str, pa.Array]:
 def score_shard(pool_root: str, digest: str, shard: int) -> dict[str, int]:
     """Write ``tables/filters/{shard}`` and mark it done."""
     pool = Pool(pool_root)
-    dl = pq.read_table(pool.table_path("download", shard),
-                       columns=[S.UID, S.SHARD, S.CAPTION, S.ORIGINAL_WIDTH, S.ORIGINAL_HEIGHT])  # fmt: skip
+    dl = pool.read_shard("download", shard,
+                         columns=[S.UID, S.SHARD, S.CAPTION, S.ORIGINAL_WIDTH, S.ORIGINAL_HEIGHT])  # fmt: skip
     sizes = size_scores(dl[S.ORIGINAL_WIDTH].combine_chunks(), dl[S.ORIGINAL_HEIGHT].combine_chunks())
     columns = {S.UID: dl[S.UID], S.SHARD: dl[S.SHARD], **caption_scores(dl[S.CAPTION].to_pylist()), **sizes}
     table = pa.table({f.name: columns[f.name] for f in S.FILTERS_SCHEMA}, schema=S.FILTERS_SCHEMA)

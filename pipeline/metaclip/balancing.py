@@ -18,6 +18,7 @@ from collections.abc import Callable
 import numpy as np
 import pyarrow as pa
 
+from pipeline.errors import UserError
 from pipeline.sampling import uid_to_uint64, uniform
 
 METACLIP_T = 20_000
@@ -65,7 +66,7 @@ def t_for_size(matched: pa.ListArray, counts: np.ndarray, target: float) -> floa
     counts = np.asarray(counts, dtype=np.float64)
     reachable = float(np.count_nonzero(pa.compute.list_value_length(matched).to_numpy(zero_copy_only=False)))
     if target > reachable:
-        raise ValueError(f"target size {target:g} exceeds the {reachable:g} samples that match an entry")
+        raise UserError(f"target size {target:g} exceeds the {reachable:g} samples that match an entry")
     lo, hi = 0.0, max(1.0, float(counts.max(initial=1.0)))
     for _ in range(60):
         mid = (lo + hi) / 2

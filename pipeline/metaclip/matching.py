@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from pipeline.errors import UserError
 from pipeline.store.parquet import file_sha256
 
 PUNCTS_TO_WRAP = (",", ".", ";", ":", "?", "!", "`")
@@ -48,11 +49,11 @@ def load_entries(path: str | Path) -> list[str]:
     try:
         entries = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ValueError(f"{path}: metadata file not found") from None
+        raise UserError(f"{path}: metadata file not found") from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON: {exc}") from None
+        raise UserError(f"{path}: not valid JSON: {exc}") from None
     if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
-        raise ValueError(f"{path}: expected a JSON list of strings (MetaCLIP's metadata.json format)")
+        raise UserError(f"{path}: expected a JSON list of strings (MetaCLIP's metadata.json format)")
     return entries
 
 
@@ -85,7 +86,7 @@ class SubstringMatcher:
             first: dict[str, int] = {}
             for entry_id, entry in enumerate(self.entries):
                 if "\x00" in entry:
-                    raise ValueError(f"{self.metadata}: entry {entry_id} contains a NUL character")
+                    raise UserError(f"{self.metadata}: entry {entry_id} contains a NUL character")
                 if entry in first:  # a repeated entry: MetaCLIP's loop returns every id of it
                     self._repeats.setdefault(first[entry], [first[entry]]).append(entry_id)
                     continue

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import MetaclipConfig, config_hash
 from pipeline.engines.base import run_shards
+from pipeline.errors import UserError
 from pipeline.metaclip.balancing import balance, entry_probabilities, expected_sizes, scale_t, solve_increasing
 from pipeline.metaclip.matching import file_digest, load_entries, matcher_for
 from pipeline.store import schema as S
@@ -43,7 +44,7 @@ def match_hash(cfg: MetaclipConfig) -> str:
 def match_shard(pool_root: str, cfg: MetaclipConfig, shard: int) -> dict[str, int]:
     """Write ``tables/metaclip_match/{shard}`` and mark it done."""
     pool = Pool(pool_root)
-    dl = pq.read_table(pool.table_path("download", shard), columns=[S.UID, S.CAPTION, S.STATUS])
+    dl = pool.read_shard("download", shard, columns=[S.UID, S.CAPTION, S.STATUS])
     matched = matcher_for(cfg.metadata, cfg.case_sensitive)(dl[S.CAPTION])
     counted = pc.equal(dl[S.STATUS], S.STATUS_SUCCESS) if cfg.only_downloaded else pa.array([True] * dl.num_rows)
     if cfg.where:  # the population counted and drawn
@@ -77,7 +78,7 @@ def balance_shard(pool_root: str, cfg: MetaclipConfig, t: float, digest: str, sh
     """Write ``tables/metaclip/{shard}`` (keep probability and draw) and mark it done."""
     pool = Pool(pool_root)
     counts = _load_counts(str(pool.aggregates_dir / COUNTS_FILE), digest)
-    match = pq.read_table(pool.table_path(MATCH_STAGE, shard))
+    match = pool.read_shard(MATCH_STAGE, shard)
     matched = match[S.MATCHED_ENTRY_IDS].combine_chunks()
     p, keep = balance(match[S.UID], matched, counts, t, cfg.seed)
     keep &= match[S.COUNTED].to_numpy(zero_copy_only=False)
@@ -99,7 +100,7 @@ def balance_shard(pool_root: str, cfg: MetaclipConfig, t: float, digest: str, sh
 def expected_task(pool_root: str, counts_path: str, digest: str, ts: list[float], shard: int) -> list[float]:
     """This shard's expected kept samples for each t of ``ts`` (counted samples only)."""
     counts = _load_counts(counts_path, digest)
-    match = pq.read_table(Pool(pool_root).table_path(MATCH_STAGE, shard), columns=[S.MATCHED_ENTRY_IDS, S.COUNTED])
+    match = Pool(pool_root).read_shard(MATCH_STAGE, shard, columns=[S.MATCHED_ENTRY_IDS, S.COUNTED])
     matched = match[S.MATCHED_ENTRY_IDS].combine_chunks().filter(match[S.COUNTED].combine_chunks())
     return expected_sizes(matched, counts, ts)
 
@@ -110,7 +111,7 @@ def resolve_t(pool: Pool, cfg: MetaclipConfig, engine: Any, counts: np.ndarray, 
     pool, or as given."""
     if cfg.target_size is not None:
         if cfg.target_size > reachable:
-            raise ValueError(f"target size {cfg.target_size:g} exceeds the {reachable:g} samples that match an entry")
+            raise UserError(f"target size {cfg.target_size:g} exceeds the {reachable:g} samples that match an entry")
         shards = pool.require_complete(MATCH_STAGE)
         path = str(pool.aggregates_dir / COUNTS_FILE)
 

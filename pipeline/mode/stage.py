@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.config import ModeConfig, config_hash
 from pipeline.engines.base import run_shards
+from pipeline.errors import UserError
 from pipeline.mode.clustering import fit_hierarchy, nearest, normalize, routing_weights, size_spread, top_terms
 from pipeline.sampling import uid_to_uint64, uniform
 from pipeline.store import schema as S
@@ -51,13 +51,13 @@ def fit_mode(pool: Pool, cfg: ModeConfig) -> dict[str, Any]:
         return json.loads(summary_path.read_text())
     total = sum(m["counts"]["samples"] for m in pool.completed(SOURCE).values())
     if total == 0:
-        raise ValueError(f"{pool.root}: no caption embeddings to cluster")
+        raise UserError(f"{pool.root}: no caption embeddings to cluster")
     share = min(1.0, max(cfg.fit_fraction, cfg.min_fit_samples / total), cfg.max_fit_samples / total)
     parts, first = [], None
     for shard in shards:
         # by uid: img2dataset's threads write a shard's samples in a varying order, and k-means
         # depends on the order of its input
-        table = pq.read_table(pool.table_path(SOURCE, shard)).sort_by(S.UID)
+        table = pool.read_shard(SOURCE, shard).sort_by(S.UID)
         first = first or (table[S.CAPTION_MODEL][0].as_py() if table.num_rows else None)
         chosen = uniform(uid_to_uint64(table[S.UID]), np.uint64(_FIT_KEY), cfg.seed) < share
         parts.append(_vectors(table.filter(pa.array(chosen))))
@@ -89,7 +89,7 @@ def assign_shard(pool_root: str, cfg: ModeConfig, digest: str, shard: int) -> di
     """Write ``tables/mode/{shard}``: nearest fine centre, its expert, the distance."""
     pool = Pool(pool_root)
     centers = load_centers(pool_root, digest)
-    table = pq.read_table(pool.table_path(SOURCE, shard), columns=[S.UID, S.SHARD, S.CAPTION_EMBEDDING])
+    table = pool.read_shard(SOURCE, shard, columns=[S.UID, S.SHARD, S.CAPTION_EMBEDDING])
     x = _vectors(table)
     x = normalize(x) if cfg.metric == "cosine" else x
     n = table.num_rows
@@ -187,7 +187,7 @@ def expert_uids(pool: Pool, expert: int, mix: float = 0.0, seed: int = 0) -> pa.
     """A data expert's training subset: every sample of ``expert`` plus out-of-expert samples making
     up a ``mix`` share of the subset (MoDE's loader can mix in others), chosen by uid hash."""
     if not 0 <= mix < 1:
-        raise ValueError(f"mix must be in [0, 1), got {mix}")
+        raise UserError(f"mix must be in [0, 1), got {mix}")
     table = pool.read_table(STAGE, columns=[S.UID, S.EXPERT_ID])
     inside = table.filter(pa.compute.equal(table[S.EXPERT_ID], expert))
     outside = table.filter(pa.compute.not_equal(table[S.EXPERT_ID], expert))

@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import RebalanceConfig, config_hash
+from pipeline.errors import UserError
 from pipeline.sampling import uid_to_uint64, uniform
 from pipeline.store import schema as S
 from pipeline.store.parquet import Pool, write_json_atomic, write_parquet_atomic
@@ -47,7 +48,7 @@ def solve_param(counts: np.ndarray, method: str, alpha: float, target: float) ->
     """t or s whose expected subset size ``sum(p_g * count_g)`` is ``target``."""
     counts = np.asarray(counts, dtype=np.float64)
     if target >= counts.sum():
-        raise ValueError(f"target size {target:g} is not below the {counts.sum():g} samples to rebalance")
+        raise UserError(f"target size {target:g} is not below the {counts.sum():g} samples to rebalance")
     lo, hi = 0.0, float(counts.max())
     for _ in range(200):
         mid = (lo + hi) / 2
@@ -79,7 +80,7 @@ def _locate(pool: Pool, column: str) -> tuple[str, pa.DataType]:
         if column in schema.names:
             return stage, schema.field(column).type
         found += schema.names
-    raise ValueError(f"rebalance.group_by: no column {column!r} in the pool; it has {sorted(set(found))}")
+    raise UserError(f"rebalance.group_by: no column {column!r} in the pool; it has {sorted(set(found))}")
 
 
 @functools.lru_cache(maxsize=2)
@@ -99,7 +100,7 @@ def population_task(pool_root: str, cfg: RebalanceConfig, stage: str, shard: int
     ``aggregates/rebalance/input/{shard}.parquet``: what the group sizes are counted over (a SQL
     aggregation of these narrow files, with no pool-sized join) and what the draws read."""
     pool = Pool(pool_root)
-    table = pq.read_table(pool.table_path(stage, shard), columns=[S.UID, cfg.group_by])
+    table = pool.read_shard(stage, shard, columns=[S.UID, cfg.group_by])
     table = table.filter(pc.is_valid(table[cfg.group_by])).sort_by(S.UID)
     if cfg.where:  # only the samples in play are counted and drawn
         from pipeline.query import select_uids
@@ -168,9 +169,9 @@ def run_rebalance(pool: Pool, cfg: RebalanceConfig, engine: Any, progress: bool 
     stage, dtype = _locate(pool, cfg.group_by)
     listed = pa.types.is_list(dtype) or pa.types.is_large_list(dtype)
     if not (listed or pa.types.is_integer(dtype)):
-        raise ValueError(f"rebalance.group_by: {cfg.group_by!r} is {dtype}; it must be an integer id or a list of them")
+        raise UserError(f"rebalance.group_by: {cfg.group_by!r} is {dtype}; it must be an integer id or a list of them")
     if listed and cfg.method != "cap":
-        raise ValueError("rebalance.method: a list column (MetaCLIP entries) supports only `cap`")
+        raise UserError("rebalance.method: a list column (MetaCLIP entries) supports only `cap`")
     pool.require_complete(stage)
     run_shards(pool, engine, functools.partial(population_task, str(pool.root), cfg, stage), shards,
                desc="rebalance population", progress=False)  # fmt: skip

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 import threading
 import time
@@ -36,7 +37,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import DamagedError, UserError
 from pipeline.store.schema import STAGE_SCHEMAS
+
+log = logging.getLogger(__name__)
 
 TRACKED_PACKAGES = (
     "clipcurate", "img2dataset", "webdataset", "pyarrow", "duckdb", "prefect", "numpy", "pillow",
@@ -100,11 +104,45 @@ def total_counts(markers: dict[int, dict[str, Any]]) -> dict[str, int]:
     return totals
 
 
+# the command that redoes a stage's shards (a re-run redoes every shard whose files are damaged)
+REDO_COMMANDS = {
+    "download": "curate download CONFIG", "embed": "curate embed CONFIG", "caption_embed": "curate embed CONFIG",
+    "metaclip_match": "curate metaclip CONFIG", "metaclip": "curate metaclip CONFIG",
+    "filters": "curate filter CONFIG", "image_based": "curate filter CONFIG", "dedup": "curate filter CONFIG",
+    "decisions": "curate filter CONFIG", "mode": "curate mode CONFIG", "rebalance": "curate rebalance CONFIG",
+}  # fmt: skip
+
+
+def redo_hint(stage: str) -> str:
+    """How to redo a damaged shard of ``stage`` (``curate run CONFIG`` redoes every stage's)."""
+    return f"re-run stage {stage!r} (`{REDO_COMMANDS.get(stage, 'curate run CONFIG')}` or `curate run CONFIG`)"
+
+
+def read_schema(path: Path, stage: str) -> pa.Schema:
+    """A Parquet file's schema; an unreadable footer is a :class:`DamagedError` naming the file."""
+    try:
+        return pq.read_schema(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise DamagedError(f"{path}: unreadable Parquet ({exc}); {redo_hint(stage)}") from None
+
+
+def read_parquet(path: Path, stage: str, columns: list[str] | None = None) -> pa.Table:
+    """A table file of ``stage``; reading errors name the file and the stage to re-run."""
+    try:
+        return pq.read_table(path, columns=columns)
+    except FileNotFoundError:
+        raise DamagedError(f"{path}: missing; {redo_hint(stage)}") from None
+    except (OSError, pa.ArrowException) as exc:
+        raise DamagedError(f"{path}: unreadable Parquet ({exc}); {redo_hint(stage)}") from None
+
+
 class Pool:
     """A pool directory and the rules for writing into it. Cheap to create; holds no open files."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise UserError(f"{self.root}: is a file, not a pool directory")
 
     def __repr__(self) -> str:
         return f"Pool({str(self.root)!r})"
@@ -166,10 +204,45 @@ class Pool:
         return json.loads(self.marker_path(stage, shard).read_text())
 
     def is_done(self, stage: str, shard: int, config_hash: str | None = None) -> bool:
+        """Whether ``stage`` finished ``shard`` (with ``config_hash``, when given) and the files its
+        marker completes are still intact (:meth:`file_problems`, quick): a shard whose table was
+        deleted, truncated or rewritten since is redone by the next run, whatever its marker says."""
         path = self.marker_path(stage, shard)
         if not path.exists():
             return False
-        return config_hash is None or json.loads(path.read_text()).get("config_hash") == config_hash
+        marker = json.loads(path.read_text())
+        if config_hash is not None and marker.get("config_hash") != config_hash:
+            return False
+        problems = self.file_problems(stage, marker)
+        for file, problem in problems:
+            log.warning("%s: %s; shard %05d of stage %r will be redone", file, problem, shard, stage)
+        return not problems
+
+    def file_problems(self, stage: str, marker: dict[str, Any], full: bool = False) -> list[tuple[Path, str]]:
+        """What is wrong with the files ``marker`` completes: missing, another size, other bytes.
+
+        Quick (the default): a ``stat`` per file, and the sha256 only of a file whose size matches but
+        whose mtime moved (rsync's quick check), so planning a run costs one stat per file. ``full``
+        hashes every file (``curate verify``). Markers written before files were recorded are checked
+        for their table's existence only."""
+        files = marker.get("files")
+        if files is None:
+            table = self.table_path(stage, marker["shard"])
+            legacy = self.table_dir(stage).is_dir() and not table.exists()
+            return [(table, "missing (its completion marker says done)")] if legacy else []
+        problems = []
+        for rel, want in files.items():
+            path = self.root / rel
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                problems.append((path, "missing (its completion marker says done)"))
+                continue
+            if st.st_size != want["size"]:
+                problems.append((path, f"{st.st_size} bytes, its marker recorded {want['size']} (truncated?)"))
+            elif (full or st.st_mtime_ns != want["mtime_ns"]) and file_sha256(path) != want["sha256"]:
+                problems.append((path, "its bytes differ from the sha256 its marker recorded (damaged)"))
+        return problems
 
     def shard_sizes(self, shards: list[int]) -> dict[int, int]:
         """Input rows in each of ``shards`` (from the plan): the progress weight of a shard."""
@@ -185,20 +258,41 @@ class Pool:
         """
         plan = self.read_plan()
         if plan is None:
-            raise ValueError(f"{self.root}: no input prepared yet; run the download stage first")
+            raise UserError(f"{self.root}: no input prepared yet; run the download stage first")
         done = set(self.done_shards(stage))
         missing = [s for s in range(plan["num_shards"]) if s not in done]
         if missing:
-            raise ValueError(
+            raise UserError(
                 f"{self.root}: stage {stage!r} has {len(done)}/{plan['num_shards']} shards done "
                 f"(first missing: {missing[0]:05d}); finish it first"
             )
         return list(range(plan["num_shards"]))
 
-    def mark_done(self, stage: str, shard: int, config_hash: str, counts: dict[str, int]) -> None:
-        """Write the completion marker: the last write of a shard's stage."""
-        marker = {"shard": shard, "config_hash": config_hash, "counts": counts, "finished_at": time.time()}
+    def mark_done(self, stage: str, shard: int, config_hash: str, counts: dict[str, int],
+                  files: list[Path] | None = None) -> None:  # fmt: skip
+        """Write the completion marker: the last write of a shard's stage. It records the size,
+        mtime and sha256 of each file it completes (default: the stage's table for the shard), which
+        :meth:`is_done` and ``curate verify`` check."""
+        if files is None:
+            table = self.table_path(stage, shard)
+            files = [table] if table.exists() else []
+        recorded = {}
+        for path in files:
+            st = path.stat()
+            recorded[str(path.relative_to(self.root))] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                                                          "sha256": file_sha256(path)}  # fmt: skip
+        marker = {"shard": shard, "config_hash": config_hash, "counts": counts, "finished_at": time.time(),
+                  "files": recorded}  # fmt: skip
         write_json_atomic(self.marker_path(stage, shard), marker)
+
+    def forget_shard(self, shard: int, keep: tuple[str, ...] = ()) -> None:
+        """Remove ``shard``'s completion markers of every stage but ``keep`` (only markers: the
+        tool's own files, so the next run of those stages redoes the shard)."""
+        base = self.root / "completions"
+        if base.is_dir():
+            for entry in os.scandir(base):
+                if entry.is_dir() and entry.name not in keep:
+                    self.marker_path(entry.name, shard).unlink(missing_ok=True)
 
     def stage_config(self, stage: str) -> dict[str, Any] | None:
         """What :meth:`check_stage_config` recorded for ``stage``: ``{"config", "config_hash"}``."""
@@ -220,7 +314,7 @@ class Pool:
                 old = recorded["config"]
                 changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
                 diffs = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in changed)
-                raise ValueError(
+                raise UserError(
                     f"{self.root}: {len(self.completed(stage))} shard(s) of stage {stage!r} were made with "
                     f"another config ({diffs}). Use a new pool directory, or delete "
                     f"{self.root / 'completions' / stage} to redo the stage."
@@ -245,8 +339,57 @@ class Pool:
             return STAGE_SCHEMAS[stage]
         done = self.done_shards(stage)
         if not done:
-            raise ValueError(f"{self.root}: stage {stage!r} has no finished shard")
+            raise UserError(f"{self.root}: stage {stage!r} has no finished shard")
         return pq.read_schema(self.table_path(stage, done[0]))
+
+    def declared_schema(self, stage: str, path: Path | None = None) -> pa.Schema:
+        """The schema ``store/schema.py`` declares for ``stage``'s tables; the embedding tables' take
+        their dimension from ``path`` (a file of the stage)."""
+        if stage in STAGE_SCHEMAS:
+            return STAGE_SCHEMAS[stage]
+        from pipeline.store import schema as S
+
+        makers = {"embed": (S.embed_schema, S.IMAGE_EMBEDDING),
+                  "caption_embed": (S.caption_embed_schema, S.CAPTION_EMBEDDING)}  # fmt: skip
+        if stage not in makers or path is None:
+            return self.table_schema(stage)
+        make, column = makers[stage]
+        found = read_schema(path, stage)
+        if column not in found.names or not pa.types.is_fixed_size_list(found.field(column).type):
+            raise DamagedError(f"{path}: no {column} column of fixed-size lists; {redo_hint(stage)}")
+        return make(found.field(column).type.list_size)
+
+    def check_table_file(self, stage: str, path: Path) -> pa.Schema:
+        """Refuse a table file whose columns or types are not the declared ones (never read as NULLs).
+
+        Raises:
+            DamagedError: names the file, the columns at fault and the stage to re-run."""
+        want = self.declared_schema(stage, path)
+        found = read_schema(path, stage)
+        bad = [f"{f.name} ({'missing' if f.name not in found.names else found.field(f.name).type})"
+               for f in want if f.name not in found.names or not found.field(f.name).type.equals(f.type)]  # fmt: skip
+        if bad:
+            raise DamagedError(f"{path}: column(s) {', '.join(bad)} differ from the {stage} schema; {redo_hint(stage)}")
+        return want
+
+    def table_files(self, stage: str, shards: list[int]) -> list[Path]:
+        """The table files of ``shards`` of ``stage``, each checked to exist and the first checked
+        against the declared schema (DuckDB then refuses, by file name, any later file that differs
+        from the first when read without ``union_by_name``).
+
+        Raises:
+            DamagedError: a file is missing although its marker says done, or has another schema."""
+        paths = [self.table_path(stage, s) for s in shards]
+        for path in paths:
+            if not path.exists():
+                raise DamagedError(f"{path}: missing although its completion marker says done; {redo_hint(stage)}")
+        if paths:
+            self.check_table_file(stage, paths[0])
+        return paths
+
+    def read_shard(self, stage: str, shard: int, columns: list[str] | None = None) -> pa.Table:
+        """One shard's table of ``stage``; errors name the file and the stage to re-run."""
+        return read_parquet(self.table_path(stage, shard), stage, columns)
 
     def table(self, stage: str, columns: list[str] | None = None, shards: list[int] | None = None) -> Any:
         """The stage's finished shards as an engine :class:`~pipeline.engines.base.Table` (files and
@@ -257,17 +400,18 @@ class Pool:
         if shards is not None:
             wanted = set(shards)
             done = [s for s in done if s in wanted]
-        schema = STAGE_SCHEMAS.get(stage) or (self.table_schema(stage) if done else pa.schema([]))
-        return Table.of([self.table_path(stage, s) for s in done], schema, columns)
+        files = self.table_files(stage, done)
+        schema = self.declared_schema(stage, files[0]) if files else STAGE_SCHEMAS.get(stage, pa.schema([]))
+        return Table.of(files, schema, columns)
 
     def read_table(self, stage: str, columns: list[str] | None = None) -> pa.Table:
         """All completed shards of a stage's table, in shard order (small pools and tests: a pool-wide
         step reads per shard or through the engine's SQL instead)."""
-        paths = [self.table_path(stage, s) for s in self.done_shards(stage)]
+        paths = self.table_files(stage, self.done_shards(stage))
         if not paths:
             schema = STAGE_SCHEMAS.get(stage, pa.schema([]))
             return schema.empty_table() if columns is None else schema.empty_table().select(columns)
-        return pa.concat_tables(pq.read_table(p, columns=columns) for p in paths)
+        return pa.concat_tables(read_parquet(p, stage, columns) for p in paths)
 
     def stages(self) -> list[str]:
         """Stages with at least one completed shard."""
@@ -280,6 +424,12 @@ class Pool:
 
     def update_manifest(self) -> dict[str, Any]:
         """Rebuild manifest.json from the completion markers (the markers are the truth)."""
+        manifest = self.build_manifest()
+        write_json_atomic(self.manifest_path, manifest)
+        return manifest
+
+    def build_manifest(self) -> dict[str, Any]:
+        """The manifest from the completion markers and the stage summaries, without writing it."""
         plan = self.read_plan()
         stages: dict[str, Any] = {}
         for stage in self.stages():
@@ -291,7 +441,7 @@ class Pool:
                 "counts": total_counts(done),
             }
         summaries = {p.stem: json.loads(p.read_text()) for p in sorted(self.aggregates_dir.glob("*.json"))}
-        manifest = {
+        return {
             "pool": str(self.root.resolve()),
             "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "input": plan,
@@ -299,5 +449,3 @@ class Pool:
             "stage_results": summaries,
             "package_versions": package_versions(),
         }
-        write_json_atomic(self.manifest_path, manifest)
-        return manifest

@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from pipeline.errors import UserError
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp"})
 TEXT_EXTENSIONS = frozenset({"txt"})
@@ -31,7 +34,7 @@ ALLOWED_EXTENSIONS = IMAGE_EXTENSIONS | TEXT_EXTENSIONS | JSON_EXTENSIONS
 MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit
 
 
-class UnsafeShardError(ValueError):
+class UnsafeShardError(UserError, ValueError):
     """A shard holds a member name that could escape its directory; names the shard and member."""
 
 
@@ -46,6 +49,15 @@ def _check_name(tar_path: Path, name: str) -> None:
     parts = name.replace("\\", "/").split("/")
     if name.startswith(("/", "\\")) or posixpath.isabs(name) or ".." in parts or (parts and ":" in parts[0]):
         raise UnsafeShardError(f"{tar_path}: member {name!r} has an absolute or parent-relative path")
+
+
+_ADDRESS = re.compile(r" (?:object )?at 0x[0-9a-fA-F]+")
+
+
+def error_text(exc: BaseException) -> str:
+    """An exception's message without object addresses (Pillow names ``<_io.BytesIO object at
+    0x7f...>``), so a recorded error is the same on every run."""
+    return _ADDRESS.sub("", str(exc))
 
 
 def _decode(ext: str, data: bytes) -> Any:
@@ -78,7 +90,7 @@ def iter_shard(path: str | Path) -> Iterator[dict[str, Any]]:
             try:
                 current[ext] = _decode(ext, data)
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                current["__error__"] = f"{member.name}: cannot decode .{ext}: {exc}"
+                current["__error__"] = f"{member.name}: cannot decode .{ext}: {error_text(exc)}"
     if current is not None:
         yield current
 
@@ -112,6 +124,6 @@ def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[Any, 
             img.load()
             return img.convert("RGB"), None
     except Image.DecompressionBombError as exc:
-        return None, f"decompression bomb: {exc}"
+        return None, f"decompression bomb: {error_text(exc)}"
     except Exception as exc:  # any undecodable body: truncated, not an image, unsupported
-        return None, f"cannot decode image: {type(exc).__name__}: {exc}"
+        return None, f"cannot decode image: {type(exc).__name__}: {error_text(exc)}"

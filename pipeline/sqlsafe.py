@@ -1,0 +1,81 @@
+"""What user SQL may do: a predicate is one expression, a query is one SELECT, and both run on a
+connection confined to the pool's own folder.
+
+Predicates (``--where``, ``export.where``, ``rebalance.where``, ``metaclip.where``) are pasted into
+the tool's own statements, so text such as ``true) ; COPY (...) TO 'x'; select 1 where (true`` would
+otherwise run statements of its own. :func:`check_expression` parses ``SELECT (<text>)`` with
+DuckDB's own parser (``extract_statements`` and ``json_serialize_sql``) and accepts it only when
+that is one SELECT of one expression with no FROM, WHERE, GROUP BY, set operation or CTE: the text
+cannot close the tool's parentheses or add a clause.
+
+``curate query`` and the export's selection then run with DuckDB's external access switched off
+after the pool's views are made (``allowed_directories`` = the pool; ``enable_external_access =
+false``, which cannot be switched back on): ``read_text('/etc/passwd')``, ``COPY ... TO`` and
+``ATTACH`` are refused, and only the pool's own files can be read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipeline.errors import UserError
+
+if TYPE_CHECKING:
+    import duckdb
+
+
+class SqlError(UserError):
+    """User SQL that is not allowed or does not parse; the message names where it came from."""
+
+
+def check_expression(text: str, where: str) -> str:
+    """``text`` if it is exactly one SQL expression (a predicate); else :class:`SqlError` naming
+    ``where`` it came from (``--where``, ``export.where``)."""
+    import duckdb
+
+    sql = f"SELECT ({text})"
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise SqlError(f"{where}: not a SQL expression: {str(exc).splitlines()[0]}") from None
+    if len(statements) != 1:
+        raise SqlError(f"{where}: must be one SQL expression, not statements ({text!r})")
+    tree = json.loads(duckdb.execute("SELECT json_serialize_sql(?)", [sql]).fetchone()[0])
+    node = tree["statements"][0]["node"] if not tree.get("error") else {}
+    one = (
+        node.get("type") == "SELECT_NODE"
+        and len(node.get("select_list", [])) == 1
+        and node.get("from_table", {}).get("type") == "EMPTY"
+        and node.get("where_clause") is None
+        and not node.get("group_expressions")
+        and node.get("having") is None
+        and not node.get("modifiers")
+        and not node.get("cte_map", {}).get("map")
+    )
+    if not one:
+        raise SqlError(f"{where}: must be one SQL expression over `samples` (a predicate), got {text!r}")
+    return text
+
+
+def check_query(sql: str, where: str) -> str:
+    """``sql`` if it is exactly one SELECT statement (``curate query``, saved queries)."""
+    import duckdb
+
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise SqlError(f"{where}: {str(exc).splitlines()[0]}") from None
+    if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
+        kinds = ", ".join(s.type.name for s in statements) or "nothing"
+        raise SqlError(f"{where}: must be one SELECT statement (read-only); got {kinds}")
+    return sql
+
+
+def confine(con: duckdb.DuckDBPyConnection, root: str | Path) -> duckdb.DuckDBPyConnection:
+    """Limit ``con`` to reading ``root`` (the pool): call after its views are made. Irreversible."""
+    folder = str(Path(root).resolve()).rstrip("/") + "/"
+    con.execute("SET allowed_directories = [" + "'" + folder.replace("'", "''") + "']")
+    con.execute("SET enable_external_access = false")
+    return con
