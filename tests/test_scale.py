@@ -87,12 +87,12 @@ def test_threshold_funnel_and_drop_reasons_equal_numpy(curated):
     # the whole pool's columns, aligned in memory, decided at once
     base = pool.read_table("download", ["uid", "status"])
     columns = {"status": base["status"].to_numpy(zero_copy_only=False)}
-    for stage, names in (("filters", ["lang", "caption_words"]), ("embed", ["clip_score"]), ("dedup", ["dedup_keep"])):
+    for stage, names in (("filters", ["lang", "caption_words"]), ("embed", ["clip_score", "decode_error"]), ("dedup", ["dedup_keep"])):
         table = pool.read_table(stage, ["uid", *names])
         rows = pc.index_in(base["uid"], value_set=table["uid"].combine_chunks())
         for name in names:
             columns[name] = pc.take(table[name], rows).to_numpy(zero_copy_only=False)
-    rules = [Rule("downloaded"), parse_rule("english"), parse_rule("caption_words"),
+    rules = [Rule("downloaded"), Rule("decoded"), parse_rule("english"), parse_rule("caption_words"),
              Rule("clip_score", {"threshold": threshold, "fraction": 0.4}), parse_rule("dedup")]  # fmt: skip
     keep, reason, funnel = decide(columns, rules)
     assert [f["left"] for f in summary["funnel"]] == funnel

@@ -140,7 +140,7 @@ class LocalEngine:
         import duckdb
 
         con = duckdb.connect()
-        spill = self.temp_directory or str(Path(tempfile.gettempdir()) / "clipcurate-duckdb")
+        spill = self.temp_directory or str(Path(tempfile.gettempdir()) / f"clipcurate-duckdb-{os.getuid()}")
         Path(spill).mkdir(parents=True, exist_ok=True)
         con.execute(f"SET memory_limit = {_sql_literal(self.memory_limit)}")
         con.execute(f"SET temp_directory = {_sql_literal(spill)}")

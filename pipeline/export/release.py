@@ -193,8 +193,10 @@ def plan_source_shard(pool_root: str, plan_dir: str, where: str | None, rules: l
         table = table.filter(pa.compute.is_in(table[S.UID], value_set=base[S.UID].filter(pa.array(keep))))
     located = _locate(pool, shard, table[S.KEY].to_pylist())
     has_image = [any(m["ext"] in IMAGE_EXTENSIONS and m["size"] > 0 for m in members) for members in located]
+    if not _decoded(pool):  # never embedded: decode here what the embed stage would have
+        has_image = _decodes(pool, shard, located, has_image)
     without_image = has_image.count(False)
-    if without_image:  # an undecoded pool: a sample without an image member is never exported
+    if without_image:  # a sample without a (decodable) image member is never exported
         table = table.filter(pa.array(has_image))
         located = [m for m, ok in zip(located, has_image, strict=True) if ok]
     keys = table[S.KEY].to_pylist()
@@ -208,6 +210,22 @@ def plan_source_shard(pool_root: str, plan_dir: str, where: str | None, rules: l
     write_parquet_atomic(Path(plan_dir) / f"{shard:05d}.parquet", plan)
     uids = "\n".join(table[S.UID].to_pylist()).encode()
     return {"samples": len(keys), "uids_sha256": hashlib.sha256(uids).hexdigest(), "without_image": without_image}
+
+
+def _decodes(pool: Pool, shard: int, located: list[list[dict[str, Any]]], has_image: list[bool]) -> list[bool]:
+    """Whether each sample's image decodes (Pillow, with the decompression-bomb limit): the embed
+    stage's check, for a pool exported without one."""
+    from pipeline.store.webdataset import decode_image
+
+    reader, out = _Reader(pool), []
+    try:
+        for members, ok in zip(located, has_image, strict=True):
+            image = next((m for m in members if m["ext"] in IMAGE_EXTENSIONS), None) if ok else None
+            data = reader.read(shard, image["offset"], image["size"]) if image is not None else None
+            out.append(data is not None and decode_image(data)[0] is not None)
+    finally:
+        reader.close()
+    return out
 
 
 def _draws(uids: pa.ChunkedArray, seed: int | None) -> pa.Array:
