@@ -3,7 +3,6 @@ from __future__ import annotations
 import json
 
 import pyarrow as pa
-import pytest
 
 from pipeline.cli import main
 from pipeline.query import connect, format_stats, query, stats

@@ -87,7 +87,9 @@ def test_threshold_funnel_and_drop_reasons_equal_numpy(curated):
     # the whole pool's columns, aligned in memory, decided at once
     base = pool.read_table("download", ["uid", "status"])
     columns = {"status": base["status"].to_numpy(zero_copy_only=False)}
-    for stage, names in (("filters", ["lang", "caption_words"]), ("embed", ["clip_score", "decode_error"]), ("dedup", ["dedup_keep"])):
+    reads = [("filters", ["lang", "caption_words"]), ("embed", ["clip_score", "decode_error"])]
+    reads.append(("dedup", ["dedup_keep"]))
+    for stage, names in reads:
         table = pool.read_table(stage, ["uid", *names])
         rows = pc.index_in(base["uid"], value_set=table["uid"].combine_chunks())
         for name in names:
