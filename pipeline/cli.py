@@ -51,18 +51,20 @@ def _locked(args: argparse.Namespace, pool: Pool) -> Any:
     return writer_lock(pool.root, wait=getattr(args, "wait", False))
 
 
-def _pool_error(pool: Pool, exc: Exception) -> UserError:
-    """A DuckDB error while reading ``pool`` as one line: a damaged table named when the markers'
-    sizes show one, else DuckDB's own message (which names a file that does not match its schema)."""
-    from pipeline.query import stats
+def _pool_error(pool: Pool, exc: Exception, where: str) -> UserError:
+    """A DuckDB error while reading ``pool`` as one line: DuckDB's own message (which names a file
+    that does not match its schema), and the damaged files when the markers' quick check shows any."""
+    import re
+
+    from pipeline.store.parquet import redo_hint
 
     text = str(exc).splitlines()[0]
-    try:
-        damaged = [path for entry in stats(pool)["stages"].values() for path, _ in entry["damaged"]]
-    except Exception:  # the pool is too damaged to list: DuckDB's message is all there is
-        damaged = []
-    hint = f"damaged: {', '.join(damaged[:3])}; " if damaged else ""
-    return UserError(f"{pool.root}: {text} ({hint}`curate verify {pool.root}` lists damaged files)")
+    damaged = [str(path) for stage in pool.stages() for path, _ in pool.damaged_files(stage)]
+    hint = f" (damaged: {', '.join(damaged[:3])}; `curate verify {pool.root}` lists them)" if damaged else ""
+    named = re.search(re.escape(str(pool.root / "tables")) + r"/(\w+)/\d+\.parquet", text)
+    if named and not damaged:  # a table file that does not match its stage's schema
+        hint = f"; {redo_hint(named.group(1))}"
+    return UserError(f"{where}: {text}{hint}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -222,7 +224,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         manifest = export(pool, ExportConfig(**settings), engine=LocalEngine(args.processes), wait=args.wait)
     except duckdb.Error as exc:
-        raise _pool_error(pool, exc) from None
+        raise _pool_error(pool, exc, "curate export") from None
     counts = manifest["counts"]
     if manifest.get("incomplete_stages"):
         print(f"warning: exported with incomplete stages {sorted(manifest['incomplete_stages'])} (--allow-incomplete)",
@@ -340,12 +342,13 @@ def cmd_query(args: argparse.Namespace) -> int:
     note = format_completeness(completeness(pool))
     if note:
         print(note, file=sys.stderr)
+    pool.require_intact(pool.stages())  # a damaged file is named, never read as garbage
     con = connect(pool, confined=True)
     try:
         relation = con.sql(sql)
         table = relation.fetch_arrow_table() if relation is not None else None
     except duckdb.Error as exc:
-        raise UserError(f"curate query: {str(exc).splitlines()[0]}") from None
+        raise _pool_error(pool, exc, "curate query") from None
     if table is None:
         return 0
     if args.format == "table":

@@ -433,7 +433,8 @@ def _foreign_files(folder: Path, manifest: dict[str, Any]) -> list[str]:
 
 
 def check_out(pool: Pool, out: Path, overwrite: bool) -> dict[str, Any] | None:
-    """Refuse an ``out`` the export may not write: the pool, a folder inside the pool, an ancestor of
+    """Refuse an ``out`` the export may not write: the pool, a folder inside the pool's data (a new
+    folder directly in the pool, not one of :data:`POOL_ENTRIES`, is allowed), an ancestor of
     the pool, a file, a non-empty folder that is not a release of ours, a release holding files of
     the user's, or the folder where the release is built (``.<out>.partial``) when it is not ours.
 
@@ -443,9 +444,13 @@ def check_out(pool: Pool, out: Path, overwrite: bool) -> dict[str, Any] | None:
     Raises:
         ExportError: names ``out`` and why; nothing has been written or removed.
     """
+    from pipeline.store.parquet import POOL_ENTRIES
+
     target, root = out.resolve(), pool.root.resolve()
-    if target == root or root in target.parents:
-        raise ExportError(f"--out {out}: inside the pool {pool.root}; write releases outside the pool")
+    own = target.parent != root or target.name in POOL_ENTRIES or target.name.startswith(".")
+    if target == root or (root in target.parents and own):  # `<pool>/release` is fine; `<pool>/tables/x` is not
+        raise ExportError(f"--out {out}: is the pool {pool.root} or inside its data; give a folder outside "
+                          "the pool, or a new folder directly in it (such as <pool>/release)")  # fmt: skip
     if target in root.parents:
         raise ExportError(f"--out {out}: contains the pool {pool.root}; a release folder must not hold a pool")
     partial = out.parent / f".{out.name}.partial"
@@ -495,7 +500,9 @@ def plan_release(pool: Pool, cfg: ExportConfig, engine: Any, progress: bool = Fa
     side_cols = check_predicate(pool, cfg.where)
     rules = _rules(pool, cfg.recipe, cfg.recipes)
     sources = pool.require_complete("download")
-    incomplete = check_complete(pool, needed_stages(pool, cfg, rules), cfg.allow_incomplete)
+    needed = needed_stages(pool, cfg, rules)
+    incomplete = check_complete(pool, needed, cfg.allow_incomplete)
+    pool.require_intact(needed)  # never ship from damaged files: each is named
     partial = out.parent / f".{out.name}.partial"
     _clean_partial(partial)
     for stale in ("plan", "ordered"):
@@ -541,7 +548,7 @@ def export(pool: Pool, cfg: ExportConfig, progress: bool = False, engine: Any = 
     out = Path(cfg.out)
     check_out(pool, out, cfg.overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with writer_lock(out.parent / f".{out.name}", f"curate export {pool.root} --out {out}", wait=wait):
+    with writer_lock(out.parent, f"curate export {pool.root} --out {out}", wait=wait, name=f".{out.name}.lock"):
         return _export(pool, cfg, progress, engine)
 
 

@@ -27,16 +27,15 @@ from typing import Any
 from pipeline.errors import LockedError, UserError
 
 LOCK_NAME = ".clipcurate.lock"
-INFO_NAME = ".clipcurate.lock.json"
 
 _held: dict[str, list[Any]] = {}  # resolved folder -> [FileLock, depth]
 _guard = threading.Lock()
 
 
-def holder(folder: Path) -> dict[str, Any] | None:
-    """Who last took the lock on ``folder`` (None if nobody did)."""
+def holder(folder: Path, name: str = LOCK_NAME) -> dict[str, Any] | None:
+    """Who last took the lock ``name`` in ``folder`` (None if nobody did)."""
     try:
-        return json.loads((folder / INFO_NAME).read_text())
+        return json.loads((folder / f"{name}.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
 
@@ -49,8 +48,10 @@ def _describe(info: dict[str, Any] | None) -> str:
 
 
 @contextmanager
-def writer_lock(folder: str | Path, command: str | None = None, wait: bool = False) -> Iterator[None]:
-    """Hold the writer lock on ``folder`` (created if missing) for the block.
+def writer_lock(folder: str | Path, command: str | None = None, wait: bool = False,
+                name: str = LOCK_NAME) -> Iterator[None]:  # fmt: skip
+    """Hold the writer lock ``folder/name`` (the folder is created if missing) for the block; an
+    export locks ``.<out>.lock`` beside its release folder.
 
     Raises:
         LockedError: another process holds it and ``wait`` is false; names the holder.
@@ -59,7 +60,8 @@ def writer_lock(folder: str | Path, command: str | None = None, wait: bool = Fal
     import filelock
 
     folder = Path(folder)
-    key = str(folder.resolve())
+    key = str(folder.resolve() / name)
+    info_path = folder / f"{name}.json"
     with _guard:
         if key in _held:
             _held[key][1] += 1
@@ -75,11 +77,11 @@ def writer_lock(folder: str | Path, command: str | None = None, wait: bool = Fal
         return
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        lock = filelock.FileLock(str(folder / LOCK_NAME), timeout=-1 if wait else 0, thread_local=False)
+        lock = filelock.FileLock(str(folder / name), timeout=-1 if wait else 0, thread_local=False)
         lock.acquire()
     except filelock.Timeout:
-        who = _describe(holder(folder))
-        raise LockedError(f"{folder}: in use by {who}; wait for it to finish, or pass --wait") from None
+        who = _describe(holder(folder, name))
+        raise LockedError(f"{folder / name}: held by {who}; wait for it to finish, or pass --wait") from None
     except OSError as exc:
         if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
             why = exc.strerror
@@ -88,9 +90,9 @@ def writer_lock(folder: str | Path, command: str | None = None, wait: bool = Fal
     try:
         info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
                 "command": command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}  # fmt: skip
-        tmp = folder / f".{INFO_NAME}.tmp-{os.getpid()}-{threading.get_ident()}"
+        tmp = folder / f".{name}.json.tmp-{os.getpid()}-{threading.get_ident()}"
         tmp.write_text(json.dumps(info) + "\n")
-        os.replace(tmp, folder / INFO_NAME)
+        os.replace(tmp, info_path)
         with _guard:
             _held[key] = [lock, 1]
         try:
@@ -98,6 +100,6 @@ def writer_lock(folder: str | Path, command: str | None = None, wait: bool = Fal
         finally:
             with _guard:
                 del _held[key]
-            (folder / INFO_NAME).unlink(missing_ok=True)
+            info_path.unlink(missing_ok=True)
     finally:
         lock.release()

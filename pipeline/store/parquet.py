@@ -136,6 +136,12 @@ def read_parquet(path: Path, stage: str, columns: list[str] | None = None) -> pa
         raise DamagedError(f"{path}: unreadable Parquet ({exc}); {redo_hint(stage)}") from None
 
 
+# the entries of a pool's root the tool writes (hidden ones too: locks); anything else there, such as
+# a release folder (the demo's `release/`), is not the pool's data
+POOL_ENTRIES = frozenset({"manifest.json", "input", "_staging", "aggregates", "reports", "report", "shards",
+                          "tables", "completions"})  # fmt: skip
+
+
 class Pool:
     """A pool directory and the rules for writing into it. Cheap to create; holds no open files."""
 
@@ -243,6 +249,24 @@ class Pool:
             elif (full or st.st_mtime_ns != want["mtime_ns"]) and file_sha256(path) != want["sha256"]:
                 problems.append((path, "its bytes differ from the sha256 its marker recorded (damaged)"))
         return problems
+
+    def damaged_files(self, stage: str) -> list[tuple[Path, str]]:
+        """Every (file, problem) of ``stage``'s finished shards, by the quick check of :meth:`file_problems`."""
+        return [problem for marker in self.completed(stage).values() for problem in self.file_problems(stage, marker)]
+
+    def require_intact(self, stages: list[str]) -> None:
+        """Refuse to read ``stages`` while a file one of their markers completes is missing or damaged
+        (a stat per file; the sha256 only of a file whose mtime moved).
+
+        Raises:
+            DamagedError: names the first damaged file, how many more, and the stage to re-run.
+        """
+        problems = [(stage, path, why) for stage in stages for path, why in self.damaged_files(stage)]
+        if problems:
+            stage, path, why = problems[0]
+            more = f" ({len(problems) - 1} more damaged files: `curate verify {self.root}` lists them)" if len(
+                problems) > 1 else ""  # fmt: skip
+            raise DamagedError(f"{path}: {why}; {redo_hint(stage)}{more}")
 
     def shard_sizes(self, shards: list[int]) -> dict[int, int]:
         """Input rows in each of ``shards`` (from the plan): the progress weight of a shard."""
