@@ -245,7 +245,8 @@ class Pool:
                 problems.append((path, "missing (its completion marker says done)"))
                 continue
             if st.st_size != want["size"]:
-                problems.append((path, f"{st.st_size} bytes, its marker recorded {want['size']} (truncated?)"))
+                how = "truncated?" if st.st_size < want["size"] else "rewritten?"
+                problems.append((path, f"{st.st_size} bytes, its marker recorded {want['size']} ({how})"))
             elif (full or st.st_mtime_ns != want["mtime_ns"]) and file_sha256(path) != want["sha256"]:
                 problems.append((path, "its bytes differ from the sha256 its marker recorded (damaged)"))
         return problems
