@@ -215,7 +215,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     settings = {"out": args.out, "where": args.where, "recipe": args.recipe, "recipes": recipes,
                 "samples_per_shard": args.samples_per_shard, "max_shard_bytes": args.max_shard_bytes,
                 "shuffle_seed": args.shuffle_seed, "embeddings": args.embeddings,
-                "allow_incomplete": args.allow_incomplete, "overwrite": args.overwrite}  # fmt: skip
+                "allow_incomplete": args.allow_incomplete, "overwrite": args.overwrite, "uids": args.uids}  # fmt: skip
     parse_config({"pool": str(pool.root), "download": {"input": "-"}, "export": settings}, "curate export")
     import duckdb
 
@@ -230,6 +230,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"warning: exported with incomplete stages {sorted(manifest['incomplete_stages'])} (--allow-incomplete)",
               file=sys.stderr)  # fmt: skip
     print(f"{args.out}: {counts['samples']} samples in {counts['shards']} shards ({counts['bytes'] / 2**20:.1f} MiB)")
+    if counts.get("uids_unmatched") is not None:
+        print(f"{args.uids}: {counts['uids_unmatched']} of its uids are not in the release (not in the pool, "
+              "not downloaded, not decodable, or not selected by --where/--recipe)")  # fmt: skip
     if manifest["train_data"]:
         print(f"train with: --train-data '{Path(args.out) / manifest['train_data']}' "
               f"--train-num-samples {counts['samples']} --dataset-type webdataset")  # fmt: skip
@@ -400,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-bytes", type=int)
     p.add_argument("--shuffle-seed", type=int)
     p.add_argument("--embeddings", action="store_true", help="also export CLIP embeddings as Parquet")
+    p.add_argument("--uids", help="a DataComp uid file (.npy of sorted u8,u8 pairs): export exactly its samples")
     p.add_argument("--processes", type=int, default=2, help="output shards written at once")
     p.add_argument("--overwrite", action="store_true", help="replace a different release already in --out")
     p.add_argument("--allow-incomplete", action="store_true",

@@ -393,6 +393,8 @@ class ExportConfig:
         allow_incomplete: Export although a stage the selection reads has unfinished shards (their
             samples then lack that stage's columns); recorded in the release manifest.
         overwrite: Replace a different release already in ``out`` (never anything else).
+        uids: A DataComp uid file (sorted ``u8,u8`` pairs, ``.npy``): select exactly its samples
+            (with ``where`` and ``recipe``, if given); its uids not exported are counted.
     """
 
     __pydantic_config__ = _STRICT
@@ -407,6 +409,7 @@ class ExportConfig:
     embeddings: bool = False
     allow_incomplete: bool = False
     overwrite: bool = False
+    uids: str | None = None
 
     def __post_init__(self) -> None:
         _require(bool(self.out), "out", "must name a directory")

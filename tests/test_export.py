@@ -164,3 +164,39 @@ def test_export_recipe_decides_with_the_pools_recorded_parameters(clustered, tmp
     # the same recipe with the default fraction (0.3) would keep fewer: the recorded one was used
     fewer = run_filters(pool, FilterConfig(recipe="mine", recipes=cfg.recipes), LocalEngine(1), progress=False)
     assert fewer["kept"] < len(kept)
+
+
+def test_release_uids_are_datacomps_uid_file_and_select_the_same_release(pool, tmp_path, capsys):
+    """uids.npy holds the release's uids as DataComp's sorted u8,u8 pairs; `export --uids` of it (no
+    predicate) writes the same shards byte for byte, and counts the file's uids it could not export."""
+    import pyarrow.parquet as pq
+
+    from pipeline.cli import main
+
+    settings = {"samples_per_shard": 40, "shuffle_seed": 5}
+    first = export(pool, ExportConfig(out=str(tmp_path / "a"), where="keep and clip_score > -0.05", **settings))
+    pairs = np.load(tmp_path / "a" / "uids.npy")
+    assert pairs.dtype == np.dtype("u8,u8") and len(pairs) == first["counts"]["samples"] > 40
+    sidecar_uids = pq.read_table(sorted((tmp_path / "a").glob("*.parquet")), columns=["uid"])["uid"].to_pylist()
+    assert [f"{int(hi):016x}{int(lo):016x}" for hi, lo in pairs.tolist()] == sorted(sidecar_uids)
+    assert np.array_equal(np.sort(pairs), pairs)  # DataComp's own sort order
+    # a published subset's uid file, with three uids the pool does not have
+    foreign = np.array([(1, 2), (3, 4), (2**64 - 1, 5)], np.dtype("u8,u8"))
+    np.save(tmp_path / "subset.npy", np.sort(np.concatenate([pairs, foreign])))
+    args = ["export", str(pool.root), "--out", str(tmp_path / "b"), "--uids", str(tmp_path / "subset.npy"),
+            "--samples-per-shard", "40", "--shuffle-seed", "5"]  # fmt: skip
+    assert main(args) == 0
+    assert "3 of its uids are not in the release" in capsys.readouterr().out
+    second = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert second["counts"]["uids_unmatched"] == 3 and second["counts"]["samples"] == first["counts"]["samples"]
+    assert [e["sha256"] for e in second["shards"]] == [e["sha256"] for e in first["shards"]]
+    assert (tmp_path / "b" / "uids.npy").read_bytes() == (tmp_path / "a" / "uids.npy").read_bytes()
+    # files that are not a uid file are named
+    np.save(tmp_path / "unsorted.npy", pairs[::-1])
+    np.save(tmp_path / "ints.npy", np.arange(4))
+    for name, why in (("unsorted.npy", "is not above the one before it"), ("ints.npy", "u8,u8")):
+        args[3:6] = [str(tmp_path / "c"), "--uids", str(tmp_path / name)]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert str(tmp_path / name) in err and why in err
+        assert not (tmp_path / "c").exists() and not (tmp_path / ".c.partial").exists()

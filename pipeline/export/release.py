@@ -174,7 +174,7 @@ def check_predicate(pool: Pool, where: str | None) -> list[str]:
 
 
 def plan_source_shard(pool_root: str, plan_dir: str, where: str | None, rules: list | None, seed: int | None,
-                      side_cols: list[str], shard: int) -> dict[str, Any]:  # fmt: skip
+                      side_cols: list[str], uids_file: str | None, shard: int) -> dict[str, Any]:  # fmt: skip
     """The export plan of one source shard: its selected samples in key order, with where each one's
     members lie in the source tar, its size in an output tar, its shuffle draw and its sidecar
     columns. Written to ``plan/{shard}.parquet``; the driver never holds a per-sample plan."""
@@ -191,6 +191,10 @@ def plan_source_shard(pool_root: str, plan_dir: str, where: str | None, rules: l
 
         base, keep, _ = decide_shard(pool, shard, rules)
         table = table.filter(pa.compute.is_in(table[S.UID], value_set=base[S.UID].filter(pa.array(keep))))
+    if uids_file is not None:  # exactly the samples of a DataComp uid file (memory-mapped, binary search)
+        from pipeline.export.uids import in_uid_file, open_uid_file
+
+        table = table.filter(pa.array(in_uid_file(open_uid_file(uids_file, check=False), table[S.UID].to_pylist())))
     located = _locate(pool, shard, table[S.KEY].to_pylist())
     has_image = [any(m["ext"] in IMAGE_EXTENSIONS and m["size"] > 0 for m in members) for members in located]
     if not _decoded(pool):  # never embedded: decode here what the embed stage would have
@@ -409,7 +413,7 @@ def _utf8_caption(data: bytes) -> tuple[bytes, int]:
 
 
 RELEASE_FORMAT = "clipcurate-release/1"  # the manifest key that marks a folder as a release of ours
-_RELEASE_FILES = {"manifest.json", "sizes.json", "README.md", "embeddings"}
+_RELEASE_FILES = {"manifest.json", "sizes.json", "README.md", "embeddings", "uids.npy"}
 _TMP = re.compile(r"^\..*\.tmp-\d+-\d+$")  # atomic_path's temporary names
 
 
@@ -503,15 +507,21 @@ def plan_release(pool: Pool, cfg: ExportConfig, engine: Any, progress: bool = Fa
     needed = needed_stages(pool, cfg, rules)
     incomplete = check_complete(pool, needed, cfg.allow_incomplete)
     pool.require_intact(needed)  # never ship from damaged files: each is named
+    uids_total, uids_file = None, None
+    if cfg.uids is not None:
+        from pipeline.export.uids import open_uid_file
+
+        uids_total = len(open_uid_file(cfg.uids))  # checked once (sorted, unique); tasks only look up
+        uids_file = str(Path(cfg.uids).resolve())
     partial = out.parent / f".{out.name}.partial"
     _clean_partial(partial)
     for stale in ("plan", "ordered"):
         shutil.rmtree(partial / stale, ignore_errors=True)
     fn = functools.partial(plan_source_shard, str(pool.root), str(partial / "plan"), cfg.where, rules,
-                           cfg.shuffle_seed, side_cols)  # fmt: skip
+                           cfg.shuffle_seed, side_cols, uids_file)  # fmt: skip
     planned = run_shards(pool, engine, fn, sources, desc="export plan", progress=progress)
     selection = [planned[s]["uids_sha256"] for s in sources]
-    hashed = config_hash(cfg, exclude=("out", "overwrite"))
+    hashed = config_hash(cfg, exclude=("out", "overwrite", "uids"))  # a uid file counts by the uids it selects
     digest = hashlib.sha256(json.dumps([hashed, selection]).encode()).hexdigest()[:16]
     plan_files = [partial / "plan" / f"{s:05d}.parquet" for s in sources]
     if cfg.shuffle_seed is None:  # (shard, key) order: the plan files in shard order are already sorted
@@ -527,6 +537,7 @@ def plan_release(pool: Pool, cfg: ExportConfig, engine: Any, progress: bool = Fa
     bounds = _plan_shards(sizes, cfg.samples_per_shard, cfg.max_shard_bytes)
     return {"partial": partial, "digest": digest, "samples": sum(planned[s]["samples"] for s in sources),
             "without_image": sum(planned[s]["without_image"] for s in sources), "bounds": bounds,
+            "uids_total": uids_total,
             "incomplete": incomplete}  # fmt: skip
 
 
@@ -587,7 +598,10 @@ def _export(pool: Pool, cfg: ExportConfig, progress: bool, engine: Any) -> dict[
         shutil.rmtree(partial / stale, ignore_errors=True)
     # open_clip_train's get_dataset_size reads sizes.json: --train-num-samples becomes optional
     write_json_atomic(partial / "sizes.json", {e["name"]: e["samples"] for e in entries})
-    extra = {"without_image": plan["without_image"], "captions_repaired": repaired, "incomplete": plan["incomplete"]}
+    write_release_uids(partial, engine, plan["samples"])
+    unmatched = None if plan["uids_total"] is None else plan["uids_total"] - plan["samples"]
+    extra = {"without_image": plan["without_image"], "captions_repaired": repaired, "incomplete": plan["incomplete"],
+             "uids_unmatched": unmatched}  # fmt: skip
     manifest = _manifest(pool, cfg, digest, entries, plan["samples"], extra)
     write_json_atomic(partial / "manifest.json", manifest)
     with atomic_path(partial / "README.md") as tmp:
@@ -605,6 +619,25 @@ def _export(pool: Pool, cfg: ExportConfig, progress: bool, engine: Any) -> dict[
     else:
         partial.rename(out)
     return manifest
+
+
+def write_release_uids(partial: Path, engine: Any, n: int) -> None:
+    """``uids.npy``: the release's uids as DataComp's sorted ``u8,u8`` pairs (its resharder's input,
+    a filtering-track submission), sorted by the engine out of core and streamed into the file."""
+    from pipeline.engines.base import Table
+    from pipeline.export.uids import write_uid_file
+
+    sidecars = sorted(partial.glob("[0-9]*.parquet"))
+    if not sidecars:
+        write_uid_file(partial / "uids.npy", [], 0)
+        return
+    schema = pa.schema([pq.read_schema(sidecars[0]).field(S.UID)])
+    engine.write(f"select {S.UID} from side order by {S.UID}", {"side": Table.of(sidecars, schema)},
+                 partial / "uids_sorted")  # fmt: skip
+    batches = (batch.column(0) for f in sorted((partial / "uids_sorted").glob("*.parquet"))
+               for batch in pq.ParquetFile(f).iter_batches(batch_size=65536))  # fmt: skip
+    write_uid_file(partial / "uids.npy", batches, n)
+    shutil.rmtree(partial / "uids_sorted")
 
 
 def _manifest(pool: Pool, cfg: ExportConfig, digest: str, entries: list[dict], n: int,
@@ -629,6 +662,7 @@ def _manifest(pool: Pool, cfg: ExportConfig, digest: str, entries: list[dict], n
             "bytes": sum(e["bytes"] for e in entries),
             "pool_samples": (pool_manifest["input"] or {}).get("num_rows"),
             "left_out_without_image": extra["without_image"],
+            "uids_unmatched": extra["uids_unmatched"],
             "captions_repaired": extra["captions_repaired"],
         },
         "shards": entries,
