@@ -48,7 +48,7 @@ def _locked(args: argparse.Namespace, pool: Pool) -> Any:
     """The writer lock on ``pool`` for this command (one writer per pool; ``--wait`` waits)."""
     from pipeline.store.lock import writer_lock
 
-    return writer_lock(pool.root, wait=getattr(args, "wait", False))
+    return writer_lock(pool.root, wait=args.wait)
 
 
 def _pool_error(pool: Pool, exc: Exception, where: str) -> UserError:

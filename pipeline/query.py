@@ -9,6 +9,8 @@ any stage's columns. Pool-wide tables under ``aggregates/`` get a view named aft
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from pipeline.store.parquet import Pool, total_counts
@@ -26,7 +28,8 @@ def _quote(name: str) -> str:
 
 
 def connect(pool: Pool, con: duckdb.DuckDBPyConnection | None = None, shards: list[int] | None = None,
-            confined: bool = False, skip_damaged: bool = False) -> duckdb.DuckDBPyConnection:  # fmt: skip
+            confined: bool = False,
+            skip: Mapping[str, set[int]] | None = None) -> duckdb.DuckDBPyConnection:  # fmt: skip
     """Register the pool's views on ``con`` (a new in-memory connection by default), over every
     finished shard or only ``shards`` (a per-shard task's view of its own rows).
 
@@ -34,8 +37,8 @@ def connect(pool: Pool, con: duckdb.DuckDBPyConnection | None = None, shards: li
     ``union_by_name``: the first file is checked against the declared schema, and DuckDB refuses (by
     file name) any later file that lacks a column or has another type, so a damaged table is an
     error, never a column of NULLs. ``confined`` then limits the connection to reading the pool
-    (:func:`pipeline.sqlsafe.confine`: user SQL runs on it). ``skip_damaged`` leaves out shards
-    whose table is missing (``curate stats`` reports them) instead of refusing.
+    (:func:`pipeline.sqlsafe.confine`: user SQL runs on it). ``skip`` leaves out these shards of each
+    stage (``curate stats`` passes the damaged ones it reports) instead of refusing.
 
     Raises:
         DamagedError: a finished shard's table is missing or has another schema (names the file).
@@ -49,13 +52,11 @@ def connect(pool: Pool, con: duckdb.DuckDBPyConnection | None = None, shards: li
         done = [s for s in pool.done_shards(stage) if wanted is None or s in wanted]
         if not done:
             done = pool.done_shards(stage)[:1]  # keeps the view's columns; filtered out below
-        if skip_damaged:  # a stat per file (the markers' recorded sizes): what `curate stats` reports
-            markers = pool.completed(stage)
-            done = [s for s in done if s in markers and not pool.file_problems(stage, markers[s])]
+        if skip and skip.get(stage):
+            done = [s for s in done if s not in skip[stage]]
             if not done:
                 continue
-        files = pool.table_files(stage, done)
-        schema = pool.declared_schema(stage, files[0])
+        files, schema = pool.table_files(stage, done)
         cols = ", ".join(_quote(f.name) for f in schema)
         file_list = "[" + ", ".join("'" + str(f).replace("'", "''") + "'" for f in files) + "]"
         where = "" if wanted is None else f" WHERE shard IN ({', '.join(map(str, sorted(wanted)))})"
@@ -113,41 +114,39 @@ def completeness(pool: Pool, stages: list[str] | None = None, show: int = 10) ->
     planned = plan["num_shards"] if plan else 0
     out = {}
     for stage in stages if stages is not None else pool.stages():
-        done = pool.done_shards(stage)
-        count, first, i = planned - len(done), [], 0
-        for shard in range(planned):
-            if len(first) >= show:
-                break
-            if i < len(done) and done[i] == shard:
-                i += 1
-            else:
-                first.append(shard)
+        done = set(pool.done_shards(stage))
+        first = list(itertools.islice((s for s in range(planned) if s not in done), show))
+        count = planned - len(done)
         out[stage] = {"done": len(done), "planned": planned, "complete": count == 0 and planned > 0,
                       "missing": first, "missing_count": count}  # fmt: skip
     return out
 
 
+def missing_text(entry: dict[str, Any]) -> str:
+    """A :func:`completeness` entry's missing shards as text: ``00002, 00005 ...``."""
+    more = " ..." if entry["missing_count"] > len(entry["missing"]) else ""
+    return ", ".join(f"{m:05d}" for m in entry["missing"]) + more
+
+
 def format_completeness(report: dict[str, dict[str, Any]]) -> str:
     """One line per incomplete stage (empty when every stage is complete)."""
-    lines = []
-    for stage, e in report.items():
-        if not e["complete"]:
-            more = " ..." if e["missing_count"] > len(e["missing"]) else ""
-            missing = ", ".join(f"{m:05d}" for m in e["missing"]) + more
-            lines.append(f"stage {stage!r} incomplete: {e['done']}/{e['planned']} shards done (missing {missing}); "
-                         "its columns are NULL for those shards' samples")  # fmt: skip
-    return "\n".join(lines)
+    return "\n".join(
+        f"stage {stage!r} incomplete: {e['done']}/{e['planned']} shards done (missing {missing_text(e)}); "
+        "its columns are NULL for those shards' samples"
+        for stage, e in report.items() if not e["complete"]
+    )
 
 
 def stats(pool: Pool) -> dict[str, Any]:
     """Counts per stage: shards done/planned, samples by status, and the error messages of each."""
     plan = pool.read_plan()
     out: dict[str, Any] = {"pool": str(pool.root), "input": plan, "stages": {}}
-    con = connect(pool, skip_damaged=True)
+    markers = {stage: pool.completed(stage) for stage in pool.stages()}
+    problems = {stage: {s: pool.file_problems(stage, m) for s, m in done.items()} for stage, done in markers.items()}
+    con = connect(pool, skip={stage: {s for s, p in by.items() if p} for stage, by in problems.items()})
     complete = completeness(pool)
-    for stage in pool.stages():
-        done = pool.completed(stage)
-        damaged = [(str(path), problem) for m in done.values() for path, problem in pool.file_problems(stage, m)]
+    for stage, done in markers.items():
+        damaged = [(str(path), why) for by_shard in problems[stage].values() for path, why in by_shard]
         entry: dict[str, Any] = {
             "shards_done": len(done),
             "shards_planned": plan["num_shards"] if plan else None,

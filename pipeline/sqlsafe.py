@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import UserError
 
@@ -42,7 +42,7 @@ def check_expression(text: str, where: str) -> str:
         raise SqlError(f"{where}: not a SQL expression: {str(exc).splitlines()[0]}") from None
     if len(statements) != 1:
         raise SqlError(f"{where}: must be one SQL expression, not statements ({text!r})")
-    tree = json.loads(duckdb.execute("SELECT json_serialize_sql(?)", [sql]).fetchone()[0])
+    tree = _parse_tree(sql)
     node = tree["statements"][0]["node"] if not tree.get("error") else {}
     one = (
         node.get("type") == "SELECT_NODE"
@@ -57,6 +57,31 @@ def check_expression(text: str, where: str) -> str:
     if not one:
         raise SqlError(f"{where}: must be one SQL expression over `samples` (a predicate), got {text!r}")
     return text
+
+
+def _parse_tree(sql: str) -> dict[str, Any]:
+    """DuckDB's own parse tree of ``sql`` (``json_serialize_sql``)."""
+    import duckdb
+
+    return json.loads(duckdb.execute("SELECT json_serialize_sql(?)", [sql]).fetchone()[0])
+
+
+def column_refs(text: str) -> set[str]:
+    """The column names an expression (checked by :func:`check_expression`) reads."""
+    found: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.get("class") == "COLUMN_REF":
+                found.add(node["column_names"][-1])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(_parse_tree(f"SELECT ({text})"))
+    return found
 
 
 def check_query(sql: str, where: str) -> str:

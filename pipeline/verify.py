@@ -48,9 +48,7 @@ def _read_tar(path: Path) -> str | None:
 def verify(pool: Pool, deep: bool = False) -> Iterator[Damage | int]:
     """Yield a :class:`Damage` per damaged file, then the number of files checked (last)."""
     checked = 0
-    base = pool.root / "completions"
-    stages = sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
-    for stage in stages:
+    for stage in pool.stages():
         for shard, marker in sorted(pool.completed(stage).items()):
             problems = pool.file_problems(stage, marker, full=True)
             for path, problem in problems:

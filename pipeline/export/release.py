@@ -78,32 +78,12 @@ def _decoded(pool: Pool) -> bool:
     return bool(pool.done_shards("embed"))
 
 
-def _column_refs(where: str) -> set[str]:
-    """The column names an expression reads (DuckDB's own parse tree)."""
-    import duckdb
-
-    tree = json.loads(duckdb.execute("SELECT json_serialize_sql(?)", [f"SELECT ({where})"]).fetchone()[0])
-    found: set[str] = set()
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            if node.get("class") == "COLUMN_REF":
-                found.add(node["column_names"][-1])
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(tree)
-    return found
-
-
 def needed_stages(pool: Pool, cfg: ExportConfig, rules: list | None) -> list[str]:
     """The stages a release reads: ``download``, the stage of each column ``where`` names (the
     ``samples`` view's first stage with that column), ``embed`` for the decoded check and for
     ``embeddings``, and the stages of the recipe's rules."""
     from pipeline.query import BASE_STAGE
+    from pipeline.sqlsafe import column_refs
 
     stages = [s for s in pool.stages() if pool.table_dir(s).exists()]
     stages = [BASE_STAGE] + [s for s in stages if s != BASE_STAGE]
@@ -113,7 +93,7 @@ def needed_stages(pool: Pool, cfg: ExportConfig, rules: list | None) -> list[str
         for name in pool.declared_schema(stage, pool.table_path(stage, done[0])).names:
             owner.setdefault(name, stage)
     needed = {BASE_STAGE}
-    needed |= {owner[c] for c in _column_refs(cfg.where) if c in owner} if cfg.where else set()
+    needed |= {owner[c] for c in column_refs(cfg.where) if c in owner} if cfg.where else set()
     if cfg.embeddings or _decoded(pool):
         needed.add("embed")
     needed |= {r.definition.stage for r in rules or []}
@@ -126,16 +106,13 @@ def check_complete(pool: Pool, stages: list[str], allow: bool) -> dict[str, Any]
     Returns:
         ``{stage: {"done", "planned", "missing" (first 10), "missing_count"}}`` of the incomplete ones.
     """
-    from pipeline.query import completeness
+    from pipeline.query import completeness, missing_text
 
     report = completeness(pool, stages)
     incomplete = {s: e for s, e in report.items() if not e["complete"]}
     if incomplete and not allow:
-        parts = []
-        for stage, e in incomplete.items():
-            more = " ..." if e["missing_count"] > len(e["missing"]) else ""
-            missing = ", ".join(f"{m:05d}" for m in e["missing"]) + more
-            parts.append(f"{stage} ({e['done']}/{e['planned']} shards done; missing {missing})")
+        parts = [f"{stage} ({e['done']}/{e['planned']} shards done; missing {missing_text(e)})"
+                 for stage, e in incomplete.items()]  # fmt: skip
         raise ExportError(f"{pool.root}: the release reads unfinished stage(s): {'; '.join(parts)}. Finish them "
                           "(`curate run CONFIG`) or pass --allow-incomplete (recorded in the manifest)")  # fmt: skip
     return incomplete
@@ -181,9 +158,10 @@ def plan_source_shard(pool_root: str, plan_dir: str, where: str | None, rules: l
     from pipeline.query import connect
 
     pool = Pool(pool_root)
+    decoded = _decoded(pool)
     con = connect(pool, shards=[shard], confined=True)
     quoted = ", ".join(f'"{c}"' for c in side_cols)
-    sql = f"select {quoted} from samples where {_predicate(where, _decoded(pool))} order by {S.KEY}"
+    sql = f"select {quoted} from samples where {_predicate(where, decoded)} order by {S.KEY}"
     table = con.sql(sql).fetch_arrow_table()
     con.close()
     if rules is not None:
@@ -197,7 +175,7 @@ def plan_source_shard(pool_root: str, plan_dir: str, where: str | None, rules: l
         table = table.filter(pa.array(in_uid_file(open_uid_file(uids_file, check=False), table[S.UID].to_pylist())))
     located = _locate(pool, shard, table[S.KEY].to_pylist())
     has_image = [any(m["ext"] in IMAGE_EXTENSIONS and m["size"] > 0 for m in members) for members in located]
-    if not _decoded(pool):  # never embedded: decode here what the embed stage would have
+    if not decoded:  # never embedded: decode here what the embed stage would have
         has_image = _decodes(pool, shard, located, has_image)
     without_image = has_image.count(False)
     if without_image:  # a sample without a (decodable) image member is never exported

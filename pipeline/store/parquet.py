@@ -367,9 +367,9 @@ class Pool:
             raise UserError(f"{self.root}: stage {stage!r} has no finished shard")
         return pq.read_schema(self.table_path(stage, done[0]))
 
-    def declared_schema(self, stage: str, path: Path | None = None) -> pa.Schema:
+    def declared_schema(self, stage: str, path: Path | None = None, found: pa.Schema | None = None) -> pa.Schema:
         """The schema ``store/schema.py`` declares for ``stage``'s tables; the embedding tables' take
-        their dimension from ``path`` (a file of the stage)."""
+        their dimension from ``path`` (a file of the stage; ``found``: its schema, already read)."""
         if stage in STAGE_SCHEMAS:
             return STAGE_SCHEMAS[stage]
         from pipeline.store import schema as S
@@ -379,28 +379,29 @@ class Pool:
         if stage not in makers or path is None:
             return self.table_schema(stage)
         make, column = makers[stage]
-        found = read_schema(path, stage)
+        found = found if found is not None else read_schema(path, stage)
         if column not in found.names or not pa.types.is_fixed_size_list(found.field(column).type):
             raise DamagedError(f"{path}: no {column} column of fixed-size lists; {redo_hint(stage)}")
         return make(found.field(column).type.list_size)
 
     def check_table_file(self, stage: str, path: Path) -> pa.Schema:
-        """Refuse a table file whose columns or types are not the declared ones (never read as NULLs).
+        """Refuse a table file whose columns or types are not the declared ones (never read as NULLs);
+        returns the declared schema (one footer read).
 
         Raises:
             DamagedError: names the file, the columns at fault and the stage to re-run."""
-        want = self.declared_schema(stage, path)
         found = read_schema(path, stage)
+        want = self.declared_schema(stage, path, found)
         bad = [f"{f.name} ({'missing' if f.name not in found.names else found.field(f.name).type})"
                for f in want if f.name not in found.names or not found.field(f.name).type.equals(f.type)]  # fmt: skip
         if bad:
             raise DamagedError(f"{path}: column(s) {', '.join(bad)} differ from the {stage} schema; {redo_hint(stage)}")
         return want
 
-    def table_files(self, stage: str, shards: list[int]) -> list[Path]:
-        """The table files of ``shards`` of ``stage``, each checked to exist and the first checked
-        against the declared schema (DuckDB then refuses, by file name, any later file that differs
-        from the first when read without ``union_by_name``).
+    def table_files(self, stage: str, shards: list[int]) -> tuple[list[Path], pa.Schema]:
+        """The table files of ``shards`` of ``stage``, each checked to exist, and the declared schema
+        the first one was checked against (DuckDB then refuses, by file name, any later file that
+        differs from the first when read without ``union_by_name``).
 
         Raises:
             DamagedError: a file is missing although its marker says done, or has another schema."""
@@ -408,9 +409,8 @@ class Pool:
         for path in paths:
             if not path.exists():
                 raise DamagedError(f"{path}: missing although its completion marker says done; {redo_hint(stage)}")
-        if paths:
-            self.check_table_file(stage, paths[0])
-        return paths
+        schema = self.check_table_file(stage, paths[0]) if paths else STAGE_SCHEMAS.get(stage, pa.schema([]))
+        return paths, schema
 
     def read_shard(self, stage: str, shard: int, columns: list[str] | None = None) -> pa.Table:
         """One shard's table of ``stage``; errors name the file and the stage to re-run."""
@@ -425,16 +425,14 @@ class Pool:
         if shards is not None:
             wanted = set(shards)
             done = [s for s in done if s in wanted]
-        files = self.table_files(stage, done)
-        schema = self.declared_schema(stage, files[0]) if files else STAGE_SCHEMAS.get(stage, pa.schema([]))
+        files, schema = self.table_files(stage, done)
         return Table.of(files, schema, columns)
 
     def read_table(self, stage: str, columns: list[str] | None = None) -> pa.Table:
         """All completed shards of a stage's table, in shard order (small pools and tests: a pool-wide
         step reads per shard or through the engine's SQL instead)."""
-        paths = self.table_files(stage, self.done_shards(stage))
+        paths, schema = self.table_files(stage, self.done_shards(stage))
         if not paths:
-            schema = STAGE_SCHEMAS.get(stage, pa.schema([]))
             return schema.empty_table() if columns is None else schema.empty_table().select(columns)
         return pa.concat_tables(read_parquet(p, stage, columns) for p in paths)
 
