@@ -52,19 +52,16 @@ def _locked(args: argparse.Namespace, pool: Pool) -> Any:
 
 
 def _pool_error(pool: Pool, exc: Exception, where: str) -> UserError:
-    """A DuckDB error while reading ``pool`` as one line: DuckDB's own message (which names a file
-    that does not match its schema), and the damaged files when the markers' quick check shows any."""
+    """A DuckDB error while reading ``pool`` as one line: DuckDB's own message, which names a table
+    file that does not match its stage's schema, with the stage to re-run. (Damaged files never get
+    this far: ``query`` and ``export`` check every marker's files first, ``Pool.require_intact``.)"""
     import re
 
     from pipeline.store.parquet import redo_hint
 
     text = str(exc).splitlines()[0]
-    damaged = [str(path) for stage in pool.stages() for path, _ in pool.damaged_files(stage)]
-    hint = f" (damaged: {', '.join(damaged[:3])}; `curate verify {pool.root}` lists them)" if damaged else ""
     named = re.search(re.escape(str(pool.root / "tables")) + r"/(\w+)/\d+\.parquet", text)
-    if named and not damaged:  # a table file that does not match its stage's schema
-        hint = f"; {redo_hint(named.group(1))}"
-    return UserError(f"{where}: {text}{hint}")
+    return UserError(f"{where}: {text}" + (f"; {redo_hint(named.group(1))}" if named else ""))
 
 
 def cmd_run(args: argparse.Namespace) -> int:

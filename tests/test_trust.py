@@ -384,6 +384,8 @@ def test_flipped_bytes_in_a_table_are_named(pool, tmp_path, capsys):
     assert code == 2 and str(path) in one_line(err) and "sha256" in err
     code, _, err = cli(capsys, "export", pool.root, "--out", tmp_path / "rel", "--where", "keep")
     assert code == 2 and str(path) in one_line(err)
+    code, _, err = cli(capsys, "export", pool.root, "--out", tmp_path / "rel", "--where", "metaclip_keep")
+    assert code == 2 and str(path) in one_line(err)  # the sidecars would carry the damaged `keep` column
     code, out, _ = cli(capsys, "stats", pool.root)
     assert code == 0 and f"DAMAGED {path}" in out
     code, out, _ = cli(capsys, "verify", pool.root)

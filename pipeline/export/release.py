@@ -484,7 +484,7 @@ def plan_release(pool: Pool, cfg: ExportConfig, engine: Any, progress: bool = Fa
     sources = pool.require_complete("download")
     needed = needed_stages(pool, cfg, rules)
     incomplete = check_complete(pool, needed, cfg.allow_incomplete)
-    pool.require_intact(needed)  # never ship from damaged files: each is named
+    pool.require_intact(pool.stages())  # the sidecars carry every stage's columns: none may come from damage
     uids_total, uids_file = None, None
     if cfg.uids is not None:
         from pipeline.export.uids import open_uid_file
