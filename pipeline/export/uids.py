@@ -11,8 +11,6 @@ file by binary search on the high half (numpy's ``searchsorted`` touches log2(N)
 
 from __future__ import annotations
 
-import os
-import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -43,17 +41,18 @@ def uid_hex(pairs: np.ndarray) -> list[str]:
 
 def write_uid_file(path: Path, batches: Iterable[pa.Array], n: int) -> None:
     """Write ``n`` uids, given sorted in ``batches`` of strings, as DataComp's sorted pairs, atomically."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")  # removed on resume
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=UID_DTYPE, shape=(n,))
-    at = 0
-    for batch in batches:
-        out[at : at + len(batch)] = uid_pairs(batch.to_pylist())
-        at += len(batch)
-    if at != n:
-        raise RuntimeError(f"{path}: {at} uids written, {n} expected")
-    out.flush()
-    del out
-    os.replace(tmp, path)
+    from pipeline.store.parquet import atomic_path
+
+    with atomic_path(path) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=UID_DTYPE, shape=(n,))
+        at = 0
+        for batch in batches:
+            out[at : at + len(batch)] = uid_pairs(batch.to_pylist())
+            at += len(batch)
+        if at != n:
+            raise RuntimeError(f"{path}: {at} uids written, {n} expected")
+        out.flush()
+        del out
 
 
 def open_uid_file(path: str | Path, check: bool = True) -> np.ndarray:

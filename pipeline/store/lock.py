@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import LockedError, UserError
+from pipeline.store.parquet import write_json_atomic
 
 LOCK_NAME = ".clipcurate.lock"
 
-_held: dict[str, list[Any]] = {}  # resolved folder -> [FileLock, depth]
+_held: dict[str, int] = {}  # resolved lock path -> how deep this process holds it
 _guard = threading.Lock()
 
 
@@ -64,7 +65,7 @@ def writer_lock(folder: str | Path, command: str | None = None, wait: bool = Fal
     info_path = folder / f"{name}.json"
     with _guard:
         if key in _held:
-            _held[key][1] += 1
+            _held[key] += 1
             reentered = True
         else:
             reentered = False
@@ -73,7 +74,7 @@ def writer_lock(folder: str | Path, command: str | None = None, wait: bool = Fal
             yield
         finally:
             with _guard:
-                _held[key][1] -= 1
+                _held[key] -= 1
         return
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -90,11 +91,9 @@ def writer_lock(folder: str | Path, command: str | None = None, wait: bool = Fal
     try:
         info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
                 "command": command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}  # fmt: skip
-        tmp = folder / f".{name}.json.tmp-{os.getpid()}-{threading.get_ident()}"
-        tmp.write_text(json.dumps(info) + "\n")
-        os.replace(tmp, info_path)
+        write_json_atomic(info_path, info)
         with _guard:
-            _held[key] = [lock, 1]
+            _held[key] = 1
         try:
             yield
         finally:
