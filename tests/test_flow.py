@@ -151,3 +151,31 @@ def test_killed_flow_resumes_to_the_same_release(tmp_path, paced_server, prefect
     assert [s["sha256"] for s in got["shards"]] == [s["sha256"] for s in want["shards"]]
     assert got["counts"] == {**want["counts"], "pool_samples": want["counts"]["pool_samples"]}
     assert (tmp_path / "killed" / "report" / "index.html").exists()
+
+
+def test_flow_curates_before_downloading_when_download_where_is_set(tmp_path: Path, image_server, prefect_harness):
+    """MetaCLIP and the caption scores run on the listed captions, then only the selected rows are
+    fetched; the recipe then decides on the downloaded rows."""
+    from flows.curate import run
+    from pipeline.query import query
+
+    where = "metaclip_keep and lang = 'en'"
+    pq.write_table(point_at(laion_rows(200, offset=4000), image_server), tmp_path / "u.parquet")
+    cfg = make_config(tmp_path / "pool", tmp_path / "u.parquet", samples_per_shard=50)
+    cfg = dataclasses.replace(
+        cfg,
+        download=dataclasses.replace(cfg.download, where=where),
+        metaclip=MetaclipConfig(metadata=str(REPO / "metadata/entries.json"), t=3, only_downloaded=False),
+        filters=FilterConfig(recipe="mine", recipes={"mine": ["english", "caption_words"]}),
+    )
+    manifest = run(str(write_config(tmp_path / "c.yaml", cfg)))
+    pool = Pool(cfg.pool)
+    selected = query(pool, f"select count(*) as n from samples where {where}")["n"][0].as_py()
+    rows = query(pool, "select status, count(*) as n from download group by 1")
+    status = dict(zip(rows["status"].to_pylist(), rows["n"].to_pylist(), strict=True))
+    assert status.pop("not_selected") == 200 - selected and 0 < selected < 200
+    assert sum(status.values()) == selected
+    assert manifest["stage_results"]["metaclip"]["pool_size"] == 200  # counted over the listed pool
+    kept = query(pool, "select count(*) as n from samples where keep")["n"][0].as_py()
+    assert 0 < kept <= status.get("success", 0)
+    assert query(pool, "select count(*) as n from samples where keep and not metaclip_keep")["n"][0].as_py() == 0

@@ -106,11 +106,24 @@ def size_scores(width: pa.Array, height: pa.Array) -> dict[str, pa.Array]:
     }
 
 
+def shard_digest(pool: Pool, shard: int, digest: str) -> str:
+    """A shard's scores digest: scored before its download (captions only: ``min_side`` and
+    ``aspect_ratio`` null) or after it, so a shard scored early is scored again once downloaded."""
+    return digest if pool.is_done("download", shard) else f"{digest}-listed"
+
+
 def score_shard(pool_root: str, digest: str, shard: int) -> dict[str, int]:
-    """Write ``tables/filters/{shard}`` and mark it done."""
+    """Write ``tables/filters/{shard}`` and mark it done (from the listed captions alone when the
+    shard is not downloaded yet: curating before the download)."""
     pool = Pool(pool_root)
-    dl = pool.read_shard("download", shard,
-                         columns=[S.UID, S.SHARD, S.CAPTION, S.ORIGINAL_WIDTH, S.ORIGINAL_HEIGHT])  # fmt: skip
+    digest = shard_digest(pool, shard, digest)
+    columns = [S.UID, S.SHARD, S.CAPTION, S.ORIGINAL_WIDTH, S.ORIGINAL_HEIGHT]
+    if digest.endswith("-listed"):
+        dl = pool.read_listed(shard, columns[:3])
+        for name in columns[3:]:
+            dl = dl.append_column(name, pa.nulls(dl.num_rows, pa.int32()))
+    else:
+        dl = pool.read_shard("download", shard, columns=columns)
     sizes = size_scores(dl[S.ORIGINAL_WIDTH].combine_chunks(), dl[S.ORIGINAL_HEIGHT].combine_chunks())
     columns = {S.UID: dl[S.UID], S.SHARD: dl[S.SHARD], **caption_scores(dl[S.CAPTION].to_pylist()), **sizes}
     table = pa.table({f.name: columns[f.name] for f in S.FILTERS_SCHEMA}, schema=S.FILTERS_SCHEMA)
@@ -121,11 +134,13 @@ def score_shard(pool_root: str, digest: str, shard: int) -> dict[str, int]:
     return counts
 
 
-def pending_scores(pool: Pool) -> list[int]:
-    shards = pool.require_complete("download")
+def pending_scores(pool: Pool, listed: bool = False) -> list[int]:
+    """Shards to score: of a complete download, or (``listed``) of every listed shard, downloaded
+    or not (the caption rules before the download)."""
+    shards = pool.listed_shards() if listed else pool.require_complete("download")
     digest = scores_digest()
     pool.check_stage_config(STAGE, {"scores_version": SCORES_VERSION}, digest)
-    return [s for s in shards if not pool.is_done(STAGE, s, digest)]
+    return [s for s in shards if not pool.is_done(STAGE, s, shard_digest(pool, s, digest))]
 
 
 def score_shards(pool: Pool, engine: Any, shards: list[int], progress: bool = True) -> None:

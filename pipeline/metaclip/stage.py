@@ -44,7 +44,11 @@ def match_hash(cfg: MetaclipConfig) -> str:
 def match_shard(pool_root: str, cfg: MetaclipConfig, shard: int) -> dict[str, int]:
     """Write ``tables/metaclip_match/{shard}`` and mark it done."""
     pool = Pool(pool_root)
-    dl = pool.read_shard("download", shard, columns=[S.UID, S.CAPTION, S.STATUS])
+    if pool.is_done("download", shard):
+        dl = pool.read_shard("download", shard, columns=[S.UID, S.CAPTION, S.STATUS])
+    else:  # curating before the download: the listed captions (only_downloaded is false)
+        dl = pool.read_listed(shard, [S.UID, S.CAPTION])
+        dl = dl.append_column(S.STATUS, pa.nulls(dl.num_rows, pa.string()))
     matched = matcher_for(cfg.metadata, cfg.case_sensitive)(dl[S.CAPTION])
     counted = pc.equal(dl[S.STATUS], S.STATUS_SUCCESS) if cfg.only_downloaded else pa.array([True] * dl.num_rows)
     if cfg.where:  # the population counted and drawn
@@ -140,8 +144,10 @@ def entry_counts_sql(engine: Any, sql: str, tables: dict[str, Any], num_entries:
 
 
 def pending_matches(pool: Pool, cfg: MetaclipConfig) -> list[int]:
-    """Shards still to match (the download must be complete)."""
-    shards = pool.require_complete("download")
+    """Shards still to match: with ``only_downloaded`` the download must be complete; without it
+    MetaCLIP runs on the listed captions, before (or without) any download, counting the whole
+    listed pool as MetaCLIP does."""
+    shards = pool.require_complete("download") if cfg.only_downloaded else pool.listed_shards()
     load_entries(cfg.metadata)  # a bad entries file fails here, before any work
     recorded = {"metadata_sha256": file_digest(cfg.metadata), **dataclasses.asdict(cfg)}
     pool.check_stage_config(MATCH_STAGE, recorded, match_hash(cfg))

@@ -275,6 +275,18 @@ class Pool:
         per, n = plan.get("samples_per_shard", 1), plan.get("num_rows", 0)
         return {s: min(per, n - s * per) for s in shards}
 
+    def listed_shards(self) -> list[int]:
+        """Every planned shard (the URL list is prepared; nothing need be downloaded)."""
+        plan = self.read_plan()
+        if plan is None:
+            raise UserError(f"{self.root}: no input prepared yet; run `curate prepare` or the download stage first")
+        return list(range(plan["num_shards"]))
+
+    def read_listed(self, shard: int, columns: list[str] | None = None) -> pa.Table:
+        """One shard's rows of the prepared URL list (every row, in input order, as the download
+        table has them): what the text stages read before the download."""
+        return pq.ParquetFile(self.input_path).read_row_group(shard, columns=columns)
+
     def require_complete(self, stage: str) -> list[int]:
         """All planned shards, once ``stage`` has finished every one of them.
 
@@ -349,8 +361,22 @@ class Pool:
         write_json_atomic(path, {"config_hash": config_hash, "config": config})
 
     # tables -------------------------------------------------------------------------------
+    def _fixed_schema(self, stage: str) -> pa.Schema | None:
+        """A stage's declared schema where it does not depend on a file of the stage: the download
+        table's extra columns are the prepared input's (``download.extra_cols``, ``bbox_col``)."""
+        if stage != "download":
+            return STAGE_SCHEMAS.get(stage)
+        from pipeline.store import schema as S
+
+        if not self.input_path.exists():
+            return S.DOWNLOAD_SCHEMA
+        extra = [f for f in pq.read_schema(self.input_path) if f.name not in S.INPUT_SCHEMA.names]
+        if (self.read_plan() or {}).get("bbox_col"):
+            extra.append(pa.field(S.BLURRED, pa.bool_()))
+        return S.download_schema(extra)
+
     def write_table(self, stage: str, shard: int, table: pa.Table) -> Path:
-        schema = STAGE_SCHEMAS.get(stage)
+        schema = self._fixed_schema(stage)
         if schema is not None and not table.schema.equals(schema):
             raise ValueError(f"{stage} table for shard {shard} does not match its schema:\n{table.schema}")
         path = self.table_path(stage, shard)
@@ -361,7 +387,7 @@ class Pool:
         """The declared schema of a stage's table (the embedding tables' depends on the dimension,
         so it is read from their first file)."""
         if stage in STAGE_SCHEMAS:
-            return STAGE_SCHEMAS[stage]
+            return self._fixed_schema(stage)
         done = self.done_shards(stage)
         if not done:
             raise UserError(f"{self.root}: stage {stage!r} has no finished shard")
@@ -371,7 +397,7 @@ class Pool:
         """The schema ``store/schema.py`` declares for ``stage``'s tables; the embedding tables' take
         their dimension from ``path`` (a file of the stage; ``found``: its schema, already read)."""
         if stage in STAGE_SCHEMAS:
-            return STAGE_SCHEMAS[stage]
+            return self._fixed_schema(stage)
         from pipeline.store import schema as S
 
         makers = {"embed": (S.embed_schema, S.IMAGE_EMBEDDING),
@@ -409,7 +435,7 @@ class Pool:
         for path in paths:
             if not path.exists():
                 raise DamagedError(f"{path}: missing although its completion marker says done; {redo_hint(stage)}")
-        schema = self.check_table_file(stage, paths[0]) if paths else STAGE_SCHEMAS.get(stage, pa.schema([]))
+        schema = self.check_table_file(stage, paths[0]) if paths else self._fixed_schema(stage) or pa.schema([])
         return paths, schema
 
     def read_shard(self, stage: str, shard: int, columns: list[str] | None = None) -> pa.Table:

@@ -31,15 +31,19 @@ STATUS_SUCCESS = "success"
 STATUS_FAILED_DOWNLOAD = "failed_to_download"
 STATUS_FAILED_RESIZE = "failed_to_resize"
 STATUS_INVALID_URL = "invalid_url"
-STATUSES = (STATUS_SUCCESS, STATUS_FAILED_DOWNLOAD, STATUS_FAILED_RESIZE, STATUS_INVALID_URL)
+STATUS_NOT_SELECTED = "not_selected"  # left out by ``download.where`` (curated before the download)
+STATUSES = (STATUS_SUCCESS, STATUS_FAILED_DOWNLOAD, STATUS_FAILED_RESIZE, STATUS_INVALID_URL, STATUS_NOT_SELECTED)
+BLURRED = "blurred"
 
-# The prepared URL list: the input after validation, deduplication and uid assignment.
+# The prepared URL list (``input/urls.parquet``, the ``listed`` view): the input after validation,
+# deduplication and uid assignment; ``download.extra_cols`` (and ``bbox_col``) follow these columns.
 INPUT_SCHEMA = pa.schema(
     [
-        pa.field(ROW, pa.int64(), nullable=False),  # 0-based row of the user's file
+        pa.field(ROW, pa.int64(), nullable=False),  # 0-based row of the user's file (files in name order)
         pa.field(UID, pa.string(), nullable=False),
         pa.field(URL, pa.string()),
         pa.field(CAPTION, pa.string()),
+        pa.field(SHARD, pa.int32(), nullable=False),
     ]
 )
 
@@ -61,6 +65,14 @@ DOWNLOAD_SCHEMA = pa.schema(
         pa.field(SHA256, pa.string()),  # of the downloaded bytes, before any re-encoding
     ]
 )
+
+
+
+def download_schema(extra: list[pa.Field] | None = None) -> pa.Schema:
+    """The ``download`` table of a pool whose input carries ``extra`` columns (``download.extra_cols``,
+    ``bbox_col`` and, with a ``bbox_col``, ``blurred``) after the declared ones."""
+    return pa.schema(list(DOWNLOAD_SCHEMA) + list(extra or []))
+
 
 MATCHED_ENTRY_IDS = "matched_entry_ids"
 COUNTED = "counted"
@@ -251,6 +263,13 @@ STAGE_SCHEMAS: dict[str, pa.Schema] = {
     "dedup": DEDUP_SCHEMA,
     "decisions": DECISIONS_SCHEMA,
 }
+
+
+def reserved_columns() -> set[str]:
+    """Every column a stage writes: an input column carried into ``download`` must not take one."""
+    names = {f.name for schema in STAGE_SCHEMAS.values() for f in schema}
+    names |= set(embed_schema(1).names) | set(caption_embed_schema(1).names) | {BLURRED, "exif"}
+    return names
 
 
 def make_uid(url: str | None, caption: str | None) -> str:
