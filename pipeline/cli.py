@@ -82,6 +82,21 @@ def cmd_download(args: argparse.Namespace) -> int:
     return _print_stats(Pool(cfg.pool))
 
 
+def cmd_import_embeddings(args: argparse.Namespace) -> int:
+    from pipeline.config import EmbedConfig, EmbedSourceConfig
+    from pipeline.embed import run_embed_on
+    from pipeline.engines.local import LocalEngine
+
+    pool = _existing_pool(args.pool)
+    source = EmbedSourceConfig(path=args.path, format=args.format, key=args.key)
+    embed = EmbedConfig(model=args.model, source=source, caption_model=None if args.no_captions else "clip")
+    with _locked(args, pool):
+        done = run_embed_on(LocalEngine(args.workers), pool, embed)
+    print(f"imported {len(done)} shard(s): {sum(c['imported'] for c in done.values())} samples, "
+          f"{sum(c['missing'] for c in done.values())} without a published embedding")  # fmt: skip
+    return 0
+
+
 def cmd_embed(args: argparse.Namespace) -> int:
     from pipeline.config import EmbedConfig
     from pipeline.embed import run_embed
@@ -150,6 +165,19 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """Validate the URL list into the pool (``input/urls.parquet``): the text stages can then run
+    before any download (``download.where``)."""
+    from pipeline.download import prepare
+
+    cfg = load_config(args.config, _overrides(args.set))
+    with _locked(args, Pool(cfg.pool)):
+        plan = prepare(Pool(cfg.pool), cfg.download)
+    print(f"{cfg.pool}: {plan['num_rows']} rows listed in {plan['num_shards']} shard(s) "
+          f"({plan['duplicates_dropped']} exact duplicates dropped)")  # fmt: skip
+    return 0
+
+
 def cmd_metaclip(args: argparse.Namespace) -> int:
     from pipeline.engines import get_engine
     from pipeline.metaclip.stage import run_metaclip
@@ -181,8 +209,8 @@ def cmd_filter(args: argparse.Namespace) -> int:
                                f"{args.target} (--recipe/--set)").filters  # fmt: skip
         recorded = pool.stage_config("embed")
         embed = None
-        if recorded is not None:  # the weights the pool was embedded with: they embed the image targets
-            used = recorded["config"]
+        if recorded is not None and "checkpoint" in recorded["config"]:  # the weights the pool was embedded
+            used = recorded["config"]  # with: they embed the image targets (imported vectors have none)
             embed = EmbedConfig(model=used["model"], checkpoint=used["checkpoint"], precision=used["precision"])
         cfg = parse_config({"pool": str(pool.root), "download": {"input": "-"}})
     else:
@@ -368,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="curate", description="Curate CLIP training sets.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn, text in (("run", cmd_run, "run the curate flow"),
+                           ("prepare", cmd_prepare, "validate the URL list into the pool (before any download)"),
                            ("download", cmd_download, "run the download stage alone"),
                            ("metaclip", cmd_metaclip, "run MetaCLIP matching and balancing alone"),
                            ("mode", cmd_mode, "run MoDE clustering alone"),
@@ -384,6 +413,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--wait", action="store_true", help="wait for another writer of the pool instead of refusing")
     p.set_defaults(fn=cmd_embed)
+    p = sub.add_parser("import-embeddings", help="write the embed tables from published vectors (DataComp, "
+                                                 "clip-retrieval/LAION) instead of computing them")  # fmt: skip
+    p.add_argument("pool")
+    p.add_argument("path", help="a DataComp metadata folder, or a clip-retrieval folder (img_emb/, text_emb/, "
+                                "metadata/)")  # fmt: skip
+    p.add_argument("--format", required=True, choices=("datacomp", "clip-retrieval"))
+    p.add_argument("--key", default="l14", choices=("l14", "b32"), help="DataComp's model (default l14)")
+    p.add_argument("--model", default="ViT-B-32", help="clip-retrieval: the model that made the vectors (recorded)")
+    p.add_argument("--no-captions", action="store_true", help="skip caption_embed (the text vectors)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--wait", action="store_true", help="wait for another writer of the pool instead of refusing")
+    p.set_defaults(fn=cmd_import_embeddings)
     p = sub.add_parser("filter", help="DataComp filters + dedup, then a recipe's keep/drop_reason")
     p.add_argument("target", help="a pool directory, or a config file (its `filters` section)")
     p.add_argument("--recipe", help="basic, clip_score, text_based, image_based, ... or one of the config's recipes")

@@ -290,8 +290,13 @@ def _embed_batch(embedder: ClipEmbedder, batch: dict[str, Any], dim: int) -> tup
 def pending_shards(pool: Pool, cfg: EmbedConfig) -> list[int]:
     """Shards not yet embedded with this model and checkpoint (the download must be complete).
 
-    Needs only the checkpoint's sha256, not a loaded model, so planning stays cheap.
+    Needs only the checkpoint's sha256, not a loaded model, so planning stays cheap. With
+    ``embed.source``: the shards not yet imported (:mod:`pipeline.embed.imported`).
     """
+    if cfg.source is not None:
+        from pipeline.embed.imported import pending_imports
+
+        return pending_imports(pool, cfg)
     shards = pool.require_complete("download")
     weights = checkpoint_sha256(check_checkpoint(cfg.model, cfg.checkpoint))
     digest = stage_hash(cfg, weights)
@@ -312,6 +317,11 @@ def run_embed(pool: Pool, cfg: EmbedConfig, shards: list[int] | None = None, pro
     Returns:
         Counts by shard for the shards this call finished.
     """
+    if cfg.source is not None:  # published vectors: nothing to compute
+        from pipeline.embed.imported import run_import
+        from pipeline.engines.local import LocalEngine
+
+        return run_import(pool, cfg, LocalEngine(1), shards, progress)
     import torch
 
     from pipeline.progress import Progress
@@ -380,6 +390,10 @@ def run_embed_on(engine: Any, pool: Pool, cfg: EmbedConfig, shards: list[int] | 
 
     from pipeline.engines.base import raise_failures
 
+    if cfg.source is not None:  # published vectors: a per-shard import on the engine, no model
+        from pipeline.embed.imported import run_import
+
+        return run_import(pool, cfg, engine, shards, progress)
     todo = pending_shards(pool, cfg)
     if shards is not None:
         pending = set(todo)

@@ -202,6 +202,11 @@ def _targets(cfg, embed_cfg) -> np.ndarray:
         return load_targets(cfg.image_targets)
     if embed_cfg is None:
         raise UserError("filters.image_targets is null and there is no embed config to embed ImageNet class names")
+    if embed_cfg.source is not None:
+        raise UserError("filters.image_targets is null, but the pool's embeddings are imported: there is no text tower "
+                        "here to embed ImageNet class names; set image_targets to an .npy or .parquet of target "
+                        "embeddings in the imported model's space (DataComp's: ImageNet-1k training image "
+                        "embeddings)")  # fmt: skip
     from pipeline.embed import ClipEmbedder
 
     return imagenet_text_targets(ClipEmbedder(embed_cfg))

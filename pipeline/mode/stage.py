@@ -218,5 +218,10 @@ def encode_class_names(summary: dict[str, Any], names: list[str]) -> np.ndarray:
         return CaptionEncoder("minilm").encode(names, np.zeros(0))
     from pipeline.config import EmbedConfig
 
+    if not summary.get("embed_checkpoint"):
+        from pipeline.errors import UserError
+
+        raise UserError(f"the clusters were built on {summary['caption_model']} (imported vectors); there is no text "
+                        "tower here to embed class names: re-cluster with embed.caption_model: minilm")  # fmt: skip
     embedder = ClipEmbedder(EmbedConfig(model=summary["embed_model"], checkpoint=summary["embed_checkpoint"])).setup()
     return embedder.encode_texts(names)
