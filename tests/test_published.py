@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.config import EmbedConfig, EmbedSourceConfig, ExportConfig, FilterConfig, parse_config
+from pipeline.config import EmbedConfig, EmbedSourceConfig, ExportConfig, FilterConfig, ModeConfig, parse_config
 from pipeline.devserver import kind_of, served_image, token_for
 from pipeline.download import InputError, run_download
 from pipeline.embed import run_embed_on
@@ -216,24 +216,33 @@ def test_import_carries_the_published_vectors_and_scores(datacomp, imported):
 
 
 def test_recipes_and_export_run_on_imported_vectors(datacomp, imported, tmp_path):
-    """clip_score(fraction=0.3) and image_based on the imported vectors, then a release; its uids.npy
-    holds the release's uids, and ``export --uids`` of it writes the same release byte for byte."""
+    """DataComp's clip_score (fraction 0.3) and image_based recipes and MoDE on the imported vectors,
+    then a release; its uids.npy holds the release's uids, and ``export --uids`` of it writes the same
+    release byte for byte."""
     from pipeline.cli import main
     from pipeline.export import export
     from pipeline.filters.stage import run_filters
+    from pipeline.mode import run_mode
 
     _, _, _, vectors = datacomp
     pool, _ = imported
     np.save(tmp_path / "targets.npy", vectors["l14_img"][[0, 40, 80]])  # ImageNet's place: real l14 vectors
-    recipes = {"published": ["clip_score(fraction=0.3)", "image_cluster"]}
-    cfg = FilterConfig(recipe="published", recipes=recipes, image_clusters=4,
-                       image_targets=str(tmp_path / "targets.npy"))
-    summary = run_filters(pool, cfg, LocalEngine(2), progress=False)
+    clip = run_filters(pool, FilterConfig(recipe="clip_score", clip_score_fraction=0.3), LocalEngine(2),
+                       progress=False)  # fmt: skip
     scores = query(pool, "select clip_score from embed")["clip_score"].to_numpy()
     threshold = np.sort(scores)[::-1][int(len(scores) * 0.3)]  # DataComp's get_threshold
-    assert summary["rule_params"]["clip_score"]["threshold"] == pytest.approx(float(threshold))
+    assert clip["rule_params"]["clip_score"]["threshold"] == pytest.approx(float(threshold))
+    assert clip["kept"] == int((scores >= threshold).sum())
+    cfg = FilterConfig(recipe="image_based", image_clusters=4, image_targets=str(tmp_path / "targets.npy"))
+    summary = run_filters(pool, cfg, LocalEngine(2), progress=False)
+    assert summary["image_based"]["target_embeddings"] == 3 and summary["image_based"]["target_clusters"] >= 1
     kept = query(pool, "select uid from samples where keep")["uid"].to_pylist()
-    assert 0 < len(kept) < int(len(scores) * 0.3) + 1
+    assert 0 < len(kept) == summary["kept"] < len(scores)
+    # MoDE clusters the published text vectors (caption_embed) like computed ones
+    mode = run_mode(pool, ModeConfig(n_fine=4, n_experts=2, fit_fraction=1.0, min_fit_samples=0), LocalEngine(2),
+                    progress=False)  # fmt: skip
+    assert mode["caption_model"] == "ViT-L-14 text (published)"
+    assert query(pool, "select count(*) as n from mode")["n"][0].as_py() == len(scores)
     manifest = export(pool, ExportConfig(out=str(tmp_path / "a"), where="keep", samples_per_shard=16, shuffle_seed=3,
                                          embeddings=True))  # fmt: skip
     assert manifest["counts"]["samples"] == len(kept)
