@@ -14,7 +14,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
@@ -91,6 +91,7 @@ class DownloadConfig:
     """
 
     __pydantic_config__ = _STRICT
+    ADDED_FIELDS: ClassVar[tuple[str, ...]] = ("uid_col", "extra_cols", "bbox_col", "where")
 
     input: str
     input_format: InputFormat | None = None
@@ -191,6 +192,7 @@ class EmbedConfig:
     """
 
     __pydantic_config__ = _STRICT
+    ADDED_FIELDS: ClassVar[tuple[str, ...]] = ("source",)
 
     model: str = "ViT-B-32"
     checkpoint: str | None = None
@@ -719,8 +721,14 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Pi
 
 
 def config_dict(cfg: Any, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
-    """A config dataclass as a plain dict, without the ``exclude`` fields."""
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in exclude}
+    """A config dataclass as a plain dict, without the ``exclude`` fields, and without the fields a
+    later version added (``ADDED_FIELDS``) while they hold their default: a pool made before a field
+    existed keeps its config hash, so upgrading never invalidates finished shards."""
+    added = set(getattr(type(cfg), "ADDED_FIELDS", ()))
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+                for f in dataclasses.fields(cfg) if f.name in added}  # fmt: skip
+    return {k: v for k, v in dataclasses.asdict(cfg).items()
+            if k not in exclude and not (k in added and v == defaults[k])}  # fmt: skip
 
 
 def config_hash(cfg: Any, exclude: tuple[str, ...] = ()) -> str:
