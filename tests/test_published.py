@@ -335,3 +335,27 @@ def test_clip_retrieval_parts_that_disagree_are_named(clip_retrieval, tmp_path):
     np.save(part, np.load(part)[:-2])
     with pytest.raises(EmbeddingImportError, match=r"text_emb_1\.npy: 18 rows but .*metadata_1\.parquet has 20"):
         check_clip_retrieval(folder)
+
+
+@pytest.mark.spark
+@pytest.mark.slow
+def test_import_on_spark_equals_local(datacomp, downloaded, imported, tmp_path):
+    """The uid join (an engine write) and the per-shard gathers give the local engine's tables on Spark."""
+    import shutil
+
+    pytest.importorskip("pyspark")
+    from pipeline.config import SparkConfig
+    from pipeline.engines.spark import SparkEngine
+    from tests.conftest import copy_pool
+
+    local, _ = imported
+    pool = copy_pool(local, tmp_path / "pool", tuple(s for s in local.stages() if s != "download"))
+    shutil.rmtree(pool.aggregates_dir, ignore_errors=True)
+    engine = SparkEngine(SparkConfig(master="local[2]", task_max_failures=2))
+    try:
+        run_embed_on(engine, pool, _import_cfg(datacomp[0]), progress=False)
+    finally:
+        engine.stop()
+    for stage in ("embed", "caption_embed"):
+        a, b = (p.read_table(stage).sort_by("uid") for p in (local, pool))
+        assert a.num_rows > 0 and a.equals(b), stage
