@@ -109,6 +109,9 @@ def spark_sql(sql: str) -> str:
     return _UNNEST.sub("explode(", sql)
 
 
+_FORWARDED_ENV = ("CLIPCURATE_", "HF_HUB_OFFLINE", "NO_ALBUMENTATIONS_UPDATE", "TOKENIZERS_PARALLELISM")
+
+
 class SparkEngine:
     """Runs each shard as a Spark task and the pool-wide SQL as Spark SQL (module docstring). The
     session starts on first use."""
@@ -131,7 +134,13 @@ class SparkEngine:
             settings = {"spark.task.maxFailures": str(self.cfg.task_max_failures),
                         "spark.python.worker.reuse": "true", "spark.ui.showConsoleProgress": "false",
                         "spark.sql.execution.arrow.pyspark.enabled": "true",
-                        "spark.sql.parquet.compression.codec": "zstd", **self.cfg.conf}  # fmt: skip
+                        "spark.sql.parquet.compression.codec": "zstd"}  # fmt: skip
+            # Executors do not inherit the driver's environment on a cluster, nor in local mode once the JVM
+            # was started by an earlier session of this process: the settings the stages read go explicitly.
+            for name in sorted(os.environ):
+                if name.startswith(_FORWARDED_ENV):
+                    settings[f"spark.executorEnv.{name}"] = os.environ[name]
+            settings.update(self.cfg.conf)
             for key, value in settings.items():
                 builder = builder.config(key, value)
             self._spark = builder.getOrCreate()
