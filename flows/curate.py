@@ -37,12 +37,22 @@ def batches(shards: list[int], size: int) -> list[list[int]]:
     return [shards[i : i + size] for i in range(0, len(shards), size)]
 
 
-@task(name="prepare", cache_policy=NO_CACHE)
-def prepare_task(cfg: PipelineConfig) -> dict[str, Any]:
-    """Validate the URL list into the pool (``input/urls.parquet``): all the text stages need."""
+@task(name="ingest", cache_policy=NO_CACHE)
+def ingest_task(cfg: PipelineConfig, engine: Engine) -> dict[str, Any]:
+    """Validate the input files the pool has not ingested yet and append their shards (the first
+    run: every file); refuse, naming them, files that changed since they were ingested."""
     from pipeline.download import prepare
+    from pipeline.download.stage import scan_inputs
 
-    return prepare(Pool(cfg.pool), cfg.download)
+    pool = Pool(cfg.pool)
+    before = (pool.read_plan() or {}).get("ingests") or []
+    plan = prepare(pool, cfg.download, engine)
+    new = plan["ingests"][len(before):] if len(plan.get("ingests") or []) > len(before) else []
+    first = new[0]["first_shard"] if new else plan["num_shards"]
+    return {"new_files": [{"path": f["path"], "rows": f["rows"]} for i in new for f in i["files"] or []],
+            "new_shards": list(range(first, plan["num_shards"])),
+            "vanished": scan_inputs(pool, cfg.download)["vanished"],
+            "num_shards": plan["num_shards"], "num_rows": plan["num_rows"]}  # fmt: skip
 
 
 @task(name="plan-download", cache_policy=NO_CACHE)
@@ -147,6 +157,10 @@ def report_task(cfg: PipelineConfig) -> str:
     from pipeline.report import write_report
 
     release = Path(cfg.export.out) if cfg.export is not None else None
+    if release is not None and cfg.export.versioned:
+        from pipeline.export.versions import latest_version
+
+        release = latest_version(release)
     return str(write_report(Pool(cfg.pool), release=release))
 
 
@@ -203,8 +217,13 @@ def curate(config_path: str, overrides: dict[str, Any] | None = None) -> dict[st
     pool = Pool(cfg.pool)
     with writer_lock(pool.root, f"curate run {config_path}"):  # one writer per pool
         errors: list[Exception] = []
+        ingested = ingest_task(cfg, engine)
+        state = _cycle_state(cfg, ingested)
+        if cfg.flow.skip_unchanged and not ingested["new_files"] and _unchanged(pool, state):
+            create_markdown_artifact(markdown=_cycle_markdown(ingested, None, pool, skipped=True), key="curate-cycle",
+                                     description=f"Curation cycle of {pool.root}")  # fmt: skip
+            return pool.build_manifest()
         if cfg.download.where is not None:  # curate from the captions first, then fetch what is selected
-            prepare_task(cfg)
             if cfg.metaclip is not None:
                 errors = _submit_batches(metaclip_match_batch, cfg, engine, plan_metaclip(cfg))
                 if not errors:
@@ -233,18 +252,81 @@ def curate(config_path: str, overrides: dict[str, Any] | None = None) -> dict[st
         if not errors and cfg.rebalance is not None:
             rebalance_task.with_options(retries=cfg.flow.task_retries)(cfg, engine)
             _stage_artifact(pool, "rebalance")
+        release = None
         if not errors and cfg.export is not None:
-            manifest = export_task.with_options(retries=cfg.flow.task_retries)(cfg, engine)
-            create_markdown_artifact(markdown=_release_markdown(manifest), key="curate-release",
+            release = export_task.with_options(retries=cfg.flow.task_retries)(cfg, engine)
+            create_markdown_artifact(markdown=_release_markdown(release), key="curate-release",
                                      description=f"Release {cfg.export.out}")  # fmt: skip
         if not errors and cfg.report:
             report_task(cfg)
         create_markdown_artifact(
             markdown=_counts_markdown(pool), key="curate-counts", description=f"Samples per stage in {pool.root}"
         )
+        create_markdown_artifact(markdown=_cycle_markdown(ingested, release, pool), key="curate-cycle",
+                                 description=f"Curation cycle of {pool.root}")  # fmt: skip
         if errors:
             raise errors[0]
+        from pipeline.store.parquet import write_json_atomic
+
+        write_json_atomic(_cycle_path(pool), {"state": state, "release": (release or {}).get("version")})
         return pool.update_manifest()
+
+
+def _cycle_path(pool: Pool) -> Any:
+    return pool.aggregates_dir / "cycle.json"
+
+
+def _cycle_state(cfg: PipelineConfig, ingested: dict[str, Any]) -> str:
+    """What a run's result depends on: the config (every section) and the pool's ingested input."""
+    import dataclasses
+    import hashlib
+
+    blob = json.dumps([dataclasses.asdict(cfg), ingested["num_shards"], ingested["num_rows"]], sort_keys=True,
+                      default=str)  # fmt: skip
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _unchanged(pool: Pool, state: str) -> bool:
+    """The last successful run had this state and no file a completion marker records is damaged
+    since (the quick check: a stat per file)."""
+    path = _cycle_path(pool)
+    if not path.exists() or json.loads(path.read_text()).get("state") != state:
+        return False
+    return not any(pool.damaged_files(stage) for stage in pool.stages())
+
+
+def _cycle_markdown(ingested: dict[str, Any], release: dict[str, Any] | None, pool: Pool,
+                    skipped: bool = False) -> str:  # fmt: skip
+    """The run's artifact: new inputs, new shards, decision flips, the release version and its changes."""
+    if skipped:
+        return (f"Nothing new in `{pool.root}`: no new input file, the same config, no damaged file. "
+                "No stage ran and no release version was made.")  # fmt: skip
+    files = ingested["new_files"]
+    lines = [f"## Curation cycle of `{pool.root}`", "", f"New input files: {len(files)}"]
+    lines += [f"- `{f['path']}` ({f['rows']} rows)" for f in files]
+    shards = ingested["new_shards"]
+    lines += ["", f"New shards: {len(shards)}" + (f" ({shards[0]:05d}-{shards[-1]:05d})" if shards else "")]
+    if ingested["vanished"]:
+        lines += ["", f"Ingested files now gone (their rows stay in the pool): {len(ingested['vanished'])}"]
+        lines += [f"- `{path}`" for path in ingested["vanished"]]
+    stages = pool.build_manifest()["stages"]
+    flips = [(stage, k, v) for stage in ("metaclip", "decisions", "rebalance")
+             for k, v in sorted(stages.get(stage, {}).get("counts", {}).items())
+             if k.startswith("flipped_")]  # fmt: skip
+    if flips:
+        lines += ["", "Decisions that changed on old samples:", "", "| stage | count | samples |", "|---|---|---:|"]
+        lines += [f"| {stage} | {k} | {v} |" for stage, k, v in flips]
+    if release is not None:
+        version = release.get("version")
+        state = "" if version is None else (" (new)" if release.get("new_version") else " (unchanged: no new version)")
+        lines += ["", f"Release: `{version or release.get('where')}`{state}, {release['counts']['samples']} samples"]
+        if version and release.get("new_version"):
+            from pathlib import Path
+
+            changes = Path(release["export_config"]["out"]) / "CHANGES.md"
+            if changes.exists():
+                lines += ["", changes.read_text()]
+    return "\n".join(lines)
 
 
 def run(config_path: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -261,7 +343,8 @@ def deployment(config_path: str, cron: str, name: str = "scheduled-curation", ti
 
     from prefect.schedules import Cron
 
-    return curate.to_deployment(name=name, schedule=Cron(cron, timezone=timezone),
+    # at most one run of this deployment at a time (Prefect's limit; the pool's writer lock as well)
+    return curate.to_deployment(name=name, schedule=Cron(cron, timezone=timezone), concurrency_limit=1,
                                 parameters={"config_path": str(Path(config_path).resolve())},
                                 description=f"clipcurate on {config_path}, cron {cron!r}")  # fmt: skip
 

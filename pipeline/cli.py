@@ -240,7 +240,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     settings = {"out": args.out, "where": args.where, "recipe": args.recipe, "recipes": recipes,
                 "samples_per_shard": args.samples_per_shard, "max_shard_bytes": args.max_shard_bytes,
                 "shuffle_seed": args.shuffle_seed, "embeddings": args.embeddings,
-                "allow_incomplete": args.allow_incomplete, "overwrite": args.overwrite, "uids": args.uids}  # fmt: skip
+                "allow_incomplete": args.allow_incomplete, "overwrite": args.overwrite, "uids": args.uids,
+                "versioned": args.versioned or args.keep_versions is not None,
+                "keep_versions": args.keep_versions}  # fmt: skip
     parse_config({"pool": str(pool.root), "download": {"input": "-"}, "export": settings}, "curate export")
     import duckdb
 
@@ -251,15 +253,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     except duckdb.Error as exc:
         raise _pool_error(pool, exc, "curate export") from None
     counts = manifest["counts"]
+    out = Path(args.out)
+    if manifest.get("version"):
+        state = "new version" if manifest.get("new_version") else "no new version: the selection equals the latest"
+        out = out / manifest["version"]
+        print(f"{out}: {state} ({Path(args.out) / 'latest'} -> {manifest['version']})")
+        if manifest.get("new_version") and manifest.get("changes"):
+            ch = manifest["changes"]
+            print(f"changes from {ch['previous']}: +{sum(ch['added'].values())} -{sum(ch['removed'].values())} "
+                  f"samples ({out / 'CHANGES.md'})")  # fmt: skip
     if manifest.get("incomplete_stages"):
         print(f"warning: exported with incomplete stages {sorted(manifest['incomplete_stages'])} (--allow-incomplete)",
               file=sys.stderr)  # fmt: skip
-    print(f"{args.out}: {counts['samples']} samples in {counts['shards']} shards ({counts['bytes'] / 2**20:.1f} MiB)")
+    print(f"{out}: {counts['samples']} samples in {counts['shards']} shards ({counts['bytes'] / 2**20:.1f} MiB)")
     if counts.get("uids_unmatched") is not None:
         print(f"{args.uids}: {counts['uids_unmatched']} of its uids are not in the release (not in the pool, "
               "not downloaded, not decodable, or not selected by --where/--recipe)")  # fmt: skip
     if manifest["train_data"]:
-        print(f"train with: --train-data '{Path(args.out) / manifest['train_data']}' "
+        print(f"train with: --train-data '{out / manifest['train_data']}' "
               f"--train-num-samples {counts['samples']} --dataset-type webdataset")  # fmt: skip
     return 0
 
@@ -447,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-incomplete", action="store_true",
                    help="export although a stage the selection reads is unfinished (recorded in the manifest)")
     p.add_argument("--wait", action="store_true", help="wait for another export into --out instead of refusing")
+    p.add_argument("--versioned", action="store_true",
+                   help="write --out/vNNNN (a new version when the selection changed), CHANGES.md, --out/latest")
+    p.add_argument("--keep-versions", type=int, help="with --versioned: keep the newest N versions")
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser("serve", help="run the curate flow on a cron schedule (needs a Prefect server)")
     p.add_argument("config")

@@ -447,9 +447,15 @@ class ExportConfig:
         overwrite: Replace a different release already in ``out`` (never anything else).
         uids: A DataComp uid file (sorted ``u8,u8`` pairs, ``.npy``): select exactly its samples
             (with ``where`` and ``recipe``, if given); its uids not exported are counted.
+        versioned: ``out`` holds versions: each export whose selection differs from the latest
+            writes ``out/v0001``, ``v0002``, ... (never touching an earlier one), with a
+            ``CHANGES.md`` against the previous version, and points ``out/latest`` at it.
+        keep_versions: With ``versioned``: keep the newest this many versions and remove older
+            ones (only releases this tool made); null keeps every version.
     """
 
     __pydantic_config__ = _STRICT
+    ADDED_FIELDS: ClassVar[tuple[str, ...]] = ("versioned", "keep_versions")
 
     out: str
     where: str | None = None
@@ -462,9 +468,13 @@ class ExportConfig:
     allow_incomplete: bool = False
     overwrite: bool = False
     uids: str | None = None
+    versioned: bool = False
+    keep_versions: int | None = None
 
     def __post_init__(self) -> None:
         _require(bool(self.out), "out", "must name a directory")
+        _require(self.keep_versions is None or self.keep_versions >= 1, "keep_versions", "must be >= 1 or null")
+        _require(self.keep_versions is None or self.versioned, "keep_versions", "needs versioned: true")
         _sql(self.where, "where")
         _require(self.samples_per_shard > 0, "samples_per_shard", "must be > 0")
         _require(self.max_shard_bytes is None or self.max_shard_bytes > 0, "max_shard_bytes", "must be > 0 or null")
@@ -479,6 +489,9 @@ class FlowConfig:
         task_retry_delay_s: Seconds between those retries.
         task_concurrency: Shard-batch tasks run at once. Each task already uses
             ``download.processes`` processes, so 1 suits one machine.
+        skip_unchanged: A run that finds no new input file, the same config as the last
+            successful run and no damaged file does nothing (a scheduled run with nothing new
+            makes no new version). False: every stage plans its shards again.
     """
 
     __pydantic_config__ = _STRICT
@@ -486,6 +499,7 @@ class FlowConfig:
     task_retries: int = 1
     task_retry_delay_s: float = 2.0
     task_concurrency: int = 1
+    skip_unchanged: bool = True
 
     def __post_init__(self) -> None:
         _require(self.task_retries >= 0, "task_retries", "must be >= 0")

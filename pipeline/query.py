@@ -89,14 +89,15 @@ def _listed_view(pool: Pool, con: duckdb.DuckDBPyConnection, wanted: set[int] | 
 
     from pipeline.store.schema import INPUT_SCHEMA
 
-    if not pool.input_path.exists():
+    paths = pool.listed_paths()
+    if not paths:
         return None
-    found = pq.read_schema(pool.input_path)
+    found = pq.read_schema(paths[0])
     if not all(f.name in found.names for f in INPUT_SCHEMA):
         return None
     where = "" if wanted is None else f" WHERE shard IN ({', '.join(map(str, sorted(wanted))) or 'NULL'})"
-    path = "'" + str(pool.input_path).replace("'", "''") + "'"
-    con.execute(f"CREATE OR REPLACE VIEW {LISTED} AS SELECT * FROM read_parquet({path})" + where)
+    files = ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths)
+    con.execute(f"CREATE OR REPLACE VIEW {LISTED} AS SELECT * FROM read_parquet([{files}])" + where)
     return LISTED
 
 

@@ -108,6 +108,41 @@ def test_duplicate_rows_keep_the_first(tmp_path: Path):
     assert prepared["row"].to_pylist() == list(range(10))
 
 
+def test_files_of_a_glob_are_one_list_whatever_the_workers(tmp_path: Path):
+    """Three files (CSV and Parquet) matched by a glob: rows numbered across the files in name order,
+    a (url, caption) repeated in a later file dropped there, uids equal to make_uid, and the same
+    urls.parquet from 1 or 2 worker processes."""
+    import pyarrow.csv
+
+    rows = laion_rows(30)
+    pq.write_table(rows.slice(0, 12), tmp_path / "a.parquet")
+    pyarrow.csv.write_csv(rows.slice(12, 10), tmp_path / "b.csv")
+    pq.write_table(pa.concat_tables([rows.slice(22, 8), rows.slice(5, 4)]), tmp_path / "c.parquet")
+    made = []
+    for workers in (1, 2):
+        cfg = make_config(tmp_path / f"pool{workers}", tmp_path / "[abc].*", samples_per_shard=7)
+        plan = prepare(Pool(cfg.pool), cfg.download, LocalEngine(workers))
+        assert (plan["source_files"], plan["source_rows"], plan["duplicates_dropped"]) == (3, 34, 4)
+        made.append(pq.read_table(Pool(cfg.pool).input_path))
+        assert pq.ParquetFile(Pool(cfg.pool).input_path).metadata.num_row_groups == plan["num_shards"] == 5
+    assert made[0].equals(made[1])
+    assert made[0]["row"].to_pylist() == list(range(30))
+    want = [make_uid(u, c) for u, c in zip(rows["url"].to_pylist(), rows["caption"].to_pylist(), strict=True)]
+    assert made[0]["uid"].to_pylist() == want
+    assert made[0]["shard"].to_pylist() == [i // 7 for i in range(30)]
+    assert not (tmp_path / "pool1" / "input" / "_prepare").exists()
+
+
+def test_a_bad_file_among_several_is_named_and_nothing_is_kept(tmp_path: Path):
+    rows = laion_rows(10)
+    pq.write_table(rows, tmp_path / "a.parquet")
+    pq.write_table(rows.rename_columns(["link", "caption"]), tmp_path / "b.parquet")
+    cfg = make_config(tmp_path / "pool", tmp_path)
+    with pytest.raises(InputError, match=r"b\.parquet: missing column\(s\) 'url'"):
+        prepare(Pool(cfg.pool), cfg.download)
+    assert not (tmp_path / "pool" / "input").exists()
+
+
 # --- a real download ---------------------------------------------------------------------------
 
 

@@ -200,3 +200,40 @@ def test_release_uids_are_datacomps_uid_file_and_select_the_same_release(pool, t
         err = capsys.readouterr().err
         assert str(tmp_path / name) in err and why in err
         assert not (tmp_path / "c").exists() and not (tmp_path / ".c.partial").exists()
+
+
+def test_versioned_releases_keep_old_versions_prune_by_retention_and_refuse_foreign_files(pool, tmp_path, capsys):
+    """v0001, v0002, ... never rewritten; the same selection makes no version; CHANGES.md counts
+    the removed samples by the decision that drops them; retention removes only our versions."""
+    from pipeline.cli import main
+    from pipeline.query import query
+
+    out = tmp_path / "versions"
+    first = export(pool, ExportConfig(out=str(out), where="clip_score > -0.05", versioned=True))
+    assert first["new_version"] and first["version"] == "v0001" and (out / "latest").readlink().name == "v0001"
+    v1 = {p.name: p.read_bytes() for p in (out / "v0001").iterdir()}
+    again = export(pool, ExportConfig(out=str(out), where="clip_score > -0.05", versioned=True))
+    assert not again["new_version"] and again["version"] == "v0001" and not (out / "v0002").exists()
+
+    where = "clip_score > -0.05 and keep and expert_id = 1"  # a narrower selection: a new version
+    assert main(["export", str(pool.root), "--out", str(out), "--where", where, "--versioned"]) == 0
+    assert "v0002: new version" in capsys.readouterr().out
+    second = json.loads((out / "v0002" / "manifest.json").read_text())
+    assert {p.name: p.read_bytes() for p in (out / "v0001").iterdir()} == v1 and second["previous_version"] == "v0001"
+    removed = query(pool, "select count(*) as n from samples where status = 'success' and clip_score > -0.05 "
+                          "and not (keep and expert_id = 1)")["n"][0].as_py()  # fmt: skip
+    changes = second["changes"]
+    assert sum(changes["removed"].values()) == removed > 0 and sum(changes["added"].values()) == 0
+    dropped = query(pool, "select count(*) as n from samples where status = 'success' and clip_score > -0.05 "
+                          "and not keep")["n"][0].as_py()  # fmt: skip
+    by_filter = sum(n for r, n in changes["removed"].items() if r.startswith("filtered: "))
+    assert by_filter == dropped and "## Removed, by reason" in (out / "v0002" / "CHANGES.md").read_text()
+
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match=r"notes\.txt"):
+        export(pool, ExportConfig(out=str(out), where="true", versioned=True, keep_versions=1))
+    (out / "notes.txt").unlink()
+    third = export(pool, ExportConfig(out=str(out), where="true", versioned=True, keep_versions=1))
+    assert third["version"] == "v0003" and sorted(p.name for p in out.iterdir() if p.name[0] != ".") == [
+        "latest", "v0003"]  # fmt: skip
+    assert (out / "latest").readlink().name == "v0003"

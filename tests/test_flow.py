@@ -74,6 +74,7 @@ def test_scheduled_deployment_builds_with_its_cron_schedule():
     (schedule,) = d.schedules
     assert schedule.schedule.cron == "0 3 * * *" and schedule.schedule.timezone == "UTC"
     assert d.parameters == {"config_path": str(REPO / "configs" / "demo.yaml")}
+    assert d.concurrency_limit == 1  # one run of the cycle at a time
 
 
 def test_prefect_yaml_deploys_the_flow_on_a_schedule():
@@ -83,7 +84,7 @@ def test_prefect_yaml_deploys_the_flow_on_a_schedule():
     (dep,) = spec["deployments"]
     module, _, name = dep["entrypoint"].partition(":")
     assert (REPO / module).exists() and name == "curate"
-    assert dep["schedules"][0]["cron"] and dep["parameters"]["config_path"]
+    assert dep["schedules"][0]["cron"] and dep["parameters"]["config_path"] and dep["concurrency_limit"] == 1
 
 
 def _full_config(tmp_path: Path, server, checkpoint, name: str) -> Path:
@@ -179,3 +180,108 @@ def test_flow_curates_before_downloading_when_download_where_is_set(tmp_path: Pa
     kept = query(pool, "select count(*) as n from samples where keep")["n"][0].as_py()
     assert 0 < kept <= status.get("success", 0)
     assert query(pool, "select count(*) as n from samples where keep and not metaclip_keep")["n"][0].as_py() == 0
+
+
+def _growth_config(tmp_path: Path, server, checkpoint, name: str, source: Path) -> Path:
+    cfg = make_config(tmp_path / name, source, samples_per_shard=500, shards_per_task=2, image_size=64)
+    cfg = dataclasses.replace(
+        cfg,
+        embed=embed_cfg(checkpoint, workers=0, batch_size=128),
+        metaclip=MetaclipConfig(metadata=str(REPO / "metadata/entries.json"), t=4),
+        filters=FilterConfig(recipe="mine", recipes={"mine": ["english", "caption_words", "min_side(min=32)"]}),
+        mode=ModeConfig(n_fine=6, n_experts=2, fit_fraction=1.0),
+        rebalance=RebalanceConfig(t=150),
+        export=ExportConfig(out=str(tmp_path / name / "release"), where="metaclip_keep and keep and rebalance_keep",
+                            samples_per_shard=400, shuffle_seed=3, versioned=True),
+    )
+    return write_config(tmp_path / f"{name}.yaml", cfg)
+
+
+def _visible(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))  # not the lock file
+
+
+def _release_uids(folder: Path) -> list[str]:
+    return sorted(pq.read_table(sorted(folder.glob("[0-9]*.parquet")), columns=["uid"])["uid"].to_pylist())
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    from pipeline.store.parquet import file_sha256
+
+    return {str(p.relative_to(folder)): file_sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _finished(pool: Pool) -> dict[tuple[str, int], float]:
+    return {(stage, shard): m["finished_at"] for stage in pool.stages() for shard, m in pool.completed(stage).items()}
+
+
+def test_scheduled_cycle_grows_the_pool_and_versions_its_releases(tmp_path, image_server, prefect_harness,
+                                                                  tiny_checkpoint):  # fmt: skip
+    """Three scheduled runs over a folder input: v0001 from one file; a second file gives v0002,
+    equal uid for uid to a one-shot curation of both files, with v0001 untouched; then nothing new."""
+    from prefect.artifacts import Artifact
+
+    from flows.curate import run
+
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    pq.write_table(point_at(laion_rows(2000, offset=0), image_server), inputs / "crawl-001.parquet")
+    config = _growth_config(tmp_path, image_server, tiny_checkpoint, "grown", inputs)
+    out = tmp_path / "grown" / "release"
+
+    run(str(config))  # run 1
+    pool = Pool(tmp_path / "grown")
+    assert _visible(out) == ["latest", "v0001"] and (out / "latest").readlink().name == "v0001"
+    v1 = _digests(out / "v0001")
+    v1_uids = _release_uids(out / "v0001")
+    assert 0 < len(v1_uids) < 2000 and "The first version" in (out / "v0001" / "CHANGES.md").read_text()
+    shards_1 = pool.read_plan()["num_shards"]
+
+    pq.write_table(point_at(laion_rows(2000, offset=2000), image_server), inputs / "crawl-002.parquet")
+    run(str(config))  # run 2: the new file is ingested as new shards, the pool-wide steps are redone
+    plan = pool.read_plan()
+    assert [len(i["files"]) for i in plan["ingests"]] == [1, 1] and plan["ingests"][1]["first_shard"] == shards_1
+    assert (out / "latest").readlink().name == "v0002" and _digests(out / "v0001") == v1  # v0001 byte for byte
+    v2 = json.loads((out / "v0002" / "manifest.json").read_text())
+    assert v2["previous_version"] == "v0001" and [f["rows"] for f in v2["pool_input"]["files"]] == [2000, 2000]
+    changes = v2["changes"]
+    assert changes["added"]["new input (files ingested since the previous version)"] > 0
+    assert changes["samples_before"] + sum(changes["added"].values()) - sum(changes["removed"].values()) == (
+        v2["counts"]["samples"])
+    assert all(r.startswith(("rebalanced:", "filtered:")) for r in changes["removed"]), changes["removed"]
+    assert "## Added, by reason" in (out / "v0002" / "CHANGES.md").read_text()
+    flips = pool.build_manifest()["stages"]["metaclip"]["counts"]
+    assert flips.get("flipped_p_unchanged", 0) == 0 and flips.get("p_changed", 0) > 0  # draws keyed by uid
+    cycle = Artifact.get("curate-cycle")
+    assert "crawl-002.parquet" in cycle.data and "v0002" in cycle.data
+
+    # a one-shot curation of both files with the same config: the same samples, uid for uid
+    fresh = _growth_config(tmp_path, image_server, tiny_checkpoint, "fresh", inputs)
+    run(str(fresh))
+    assert _release_uids(tmp_path / "fresh" / "release" / "v0001") == _release_uids(out / "v0002")
+
+    before = _finished(pool)
+    run(str(config))  # run 3: nothing new
+    assert _visible(out) == ["latest", "v0001", "v0002"]
+    assert _finished(pool) == before  # no stage redid a shard
+    assert "Nothing new" in Artifact.get("curate-cycle").data
+
+
+def test_an_ingested_file_that_changed_is_named_and_nothing_changes(tmp_path, image_server):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    pq.write_table(point_at(laion_rows(300, offset=100), image_server), inputs / "a.parquet")
+    cfg = make_config(tmp_path / "pool", inputs, samples_per_shard=100)
+    config = write_config(tmp_path / "c.yaml", cfg)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cli = [sys.executable, "-m", "pipeline.cli", "prepare", str(config)]
+    subprocess.run(cli, check=True, env=env, capture_output=True)
+    pool = Pool(tmp_path / "pool")
+    state = _digests(pool.root / "input")
+    pq.write_table(point_at(laion_rows(300, offset=150), image_server), inputs / "a.parquet")  # rewritten
+    pq.write_table(point_at(laion_rows(50, offset=900), image_server), inputs / "b.parquet")  # and a new file
+    done = subprocess.run(cli, env=env, capture_output=True, text=True)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert str(inputs / "a.parquet") in line and "changed since the pool ingested" in line
+    assert _digests(pool.root / "input") == state  # the new file was not taken in either

@@ -15,7 +15,9 @@ written last. A killed shard leaves no marker and is redone whole on the next ru
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,9 @@ STAGE = "download"
 _FETCHED_SCHEMES = ("http", "https")
 # Fields that change where or how fast the work runs, never its output.
 _RUNTIME_FIELDS = ("input", "processes", "threads", "shards_per_task")
+
+
+log = logging.getLogger(__name__)
 
 
 class InputError(UserError, ValueError):
@@ -224,7 +229,14 @@ def read_url_list(path: str | Path, cfg: DownloadConfig) -> pa.Table:
 
 
 def input_files(source: Path) -> list[Path]:
-    """The URL list's files: the file itself, or a folder's ``*.parquet`` files in name order."""
+    """The URL list's files: the file itself, a folder's ``*.parquet`` files, or the files a glob
+    (``/data/lists/*.csv``) matches, in name order."""
+    if any(ch in str(source) for ch in "*?["):
+        files = sorted(p for p in Path(source.anchor or ".").glob(str(source.relative_to(source.anchor or ".")))
+                       if p.is_file())  # fmt: skip
+        if not files:
+            raise InputError(f"{source}: the pattern matches no file")
+        return files
     if not source.is_dir():
         return [source]
     files = sorted(p for p in source.glob("*.parquet") if p.is_file())
@@ -235,14 +247,19 @@ def input_files(source: Path) -> list[Path]:
 
 def source_digest(source: Path) -> str | None:
     """sha256 of the URL list (of each file's name and sha256, for a folder); None when it is gone."""
-    if not source.exists():
+    globbed = any(ch in str(source) for ch in "*?[")
+    if not globbed and not source.exists():
         return None
-    if not source.is_dir():
+    if not globbed and not source.is_dir():
         return file_sha256(source)
     import hashlib
 
     h = hashlib.sha256()
-    for path in input_files(source):
+    try:
+        files = input_files(source)
+    except InputError:
+        return None
+    for path in files:
         h.update(f"{path.name}\0{file_sha256(path)}\n".encode())
     return h.hexdigest()
 
@@ -260,17 +277,80 @@ def _check_reserved(cfg: DownloadConfig) -> None:
 _PLAN_KEYS = ("samples_per_shard", "url_col", "caption_col", "uid_col", "extra_cols", "bbox_col")
 
 
-def _check_same_input(pool: Pool, plan: dict[str, Any], digest: str | None, cfg: DownloadConfig) -> None:
-    now: dict[str, Any] = {"source_sha256": digest, **_plan_settings(cfg)}
-    if digest is None:  # the source is gone; the prepared copy in the pool is all a resume needs
-        del now["source_sha256"]
+def _check_same_settings(pool: Pool, plan: dict[str, Any], cfg: DownloadConfig) -> None:
+    now = _plan_settings(cfg)
     was = {k: plan.get(k, [] if k == "extra_cols" else None) for k in now}  # plans made before a key existed
     changed = [f"{k}: {was[k]!r} -> {v!r}" for k, v in now.items() if was[k] != v]
     if changed:
         raise InputError(
             f"{pool.root} was prepared from {plan['source']} and this run differs ({'; '.join(changed)}). "
-            "Use a new pool directory for a new URL list."
+            "Use a new pool directory for another sharding or other columns."
         )
+
+
+def _file_record(path: Path, rows: int | None = None) -> dict[str, Any]:
+    st = path.stat()
+    record = {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": file_sha256(path)}
+    return record if rows is None else {**record, "rows": rows}
+
+
+def _legacy_ingests(pool: Pool, plan: dict[str, Any], source: Path) -> dict[str, Any]:
+    """A plan written before pools grew (one ``source_sha256``, no ``ingests``) as one ingest; its
+    files are recorded now if the source is the one it was prepared from, else the run is refused."""
+    if plan.get("ingests"):
+        return plan
+    digest = source_digest(source)
+    first = {"file": pool.input_path.name, "first_shard": 0, "num_shards": plan["num_shards"], "first_row": 0,
+             "source_rows": plan.get("source_rows", plan["num_rows"]), "num_rows": plan["num_rows"],
+             "duplicates_dropped": plan.get("duplicates_dropped", 0), "files": None}  # fmt: skip
+    if digest is not None and digest != plan.get("source_sha256"):
+        raise InputError(f"{pool.root} was prepared from {plan['source']} before pools recorded their input files, "
+                         "and that source has changed since: use a new pool directory for it")  # fmt: skip
+    if digest is not None:
+        first["files"] = [_file_record(f) for f in input_files(source)]
+    return {**plan, "ingests": [first]}
+
+
+def scan_inputs(pool: Pool, cfg: DownloadConfig, plan: dict[str, Any] | None = None) -> dict[str, list[str]]:
+    """Compare the input's files now with those the pool ingested (by path, size and sha256; the
+    sha256 only where the size matches and the mtime moved).
+
+    Returns:
+        ``new`` (not ingested yet, in name order) and ``vanished`` (ingested, now gone: their rows stay
+        in the pool).
+
+    Raises:
+        InputError: an ingested file has changed since; names each such file. Nothing is changed: a
+            file's rows are never re-ingested or dropped behind the user's back.
+    """
+    source = Path(cfg.input)
+    plan = plan if plan is not None else pool.read_plan()
+    ingested: dict[str, dict[str, Any]] = {}
+    for ingest in (plan or {}).get("ingests") or []:
+        for record in ingest.get("files") or []:
+            ingested[record["path"]] = {**record, "ingest": ingest}
+    try:
+        now = input_files(source)
+    except InputError:
+        now = []  # the source is gone: the prepared copy in the pool is all a resume needs
+    changed, vanished = [], []
+    for path, record in ingested.items():
+        try:
+            st = Path(path).stat()
+        except FileNotFoundError:
+            vanished.append(path)
+            continue
+        if st.st_size != record["size"] or (st.st_mtime_ns != record["mtime_ns"]
+                                            and file_sha256(path) != record["sha256"]):  # fmt: skip
+            changed.append(f"{path} ({record['size']} bytes, sha256 {record['sha256'][:12]}... when ingested; "
+                           f"{st.st_size} bytes now)")  # fmt: skip
+    if changed:
+        raise InputError(f"input file(s) changed since the pool ingested them: {'; '.join(changed)}. An ingested "
+                         "file is never re-read: put new rows in a new file, or restore it (nothing was changed)")
+    if vanished:
+        log.warning("%d ingested input file(s) are gone (their rows stay in the pool): %s", len(vanished),
+                    ", ".join(vanished))  # fmt: skip
+    return {"new": [str(p) for p in now if str(p.resolve()) not in ingested], "vanished": vanished}
 
 
 def _plan_settings(cfg: DownloadConfig) -> dict[str, Any]:
@@ -278,76 +358,225 @@ def _plan_settings(cfg: DownloadConfig) -> dict[str, Any]:
             "uid_col": cfg.uid_col, "extra_cols": list(cfg.extra_cols), "bbox_col": cfg.bbox_col}  # fmt: skip
 
 
-def _first_repeat(uids: pa.ChunkedArray) -> tuple[int, int] | None:
-    """The 0-based rows of the first uid given twice, or None."""
-    table = pa.table({"uid": uids, "i": pa.array(range(len(uids)), pa.int64())})
-    groups = table.group_by("uid", use_threads=False).aggregate([("i", "min"), ("i", "max"), ("i", "count")])
-    repeated = groups.filter(pc.greater(groups["i_count"], 1))
-    if repeated.num_rows == 0:
-        return None
-    first = repeated.sort_by("i_max").slice(0, 1)
-    return int(first["i_min"][0].as_py()), int(first["i_max"][0].as_py())
+_KEY_SHIFT = 1 << 40  # (file, row) as one sortable int64 key: files below 2**23, rows below 2**40
 
 
-def prepare(pool: Pool, cfg: DownloadConfig) -> dict[str, Any]:
-    """Validate the URL list and write ``input/urls.parquet`` and ``input/plan.json`` once.
+def prepare_file(parts_dir: str, files: list[str], cfg: DownloadConfig, file_id: int) -> dict[str, Any]:
+    """Validate one input file and write its part: ``file_row``, ``uid`` (the list's own, or
+    ``md5(url + "\\0" + caption)`` computed by DuckDB over the whole column, no per-row Python), url,
+    caption and the extra columns. A bad file comes back as ``{"error": message}``, the message
+    naming the file and row."""
+    import duckdb
 
-    Rows get a ``uid``: the list's own (``uid_col``: checked to be 32 lowercase hex digits and
-    unique), or :func:`pipeline.store.schema.make_uid`, in which case exact repeats of a (url,
-    caption) pair are the same sample and keep their first occurrence only. A folder's Parquet
-    files are read in name order and numbered as one list. Shard ``s`` is row group ``s`` of
-    ``urls.parquet`` (``samples_per_shard`` rows each), so shard membership never changes on a
-    re-run. Nothing is written unless the whole list is valid. Later runs check that the same list
-    and sharding are asked for.
+    path = Path(files[file_id])
+    try:
+        table = read_url_list(path, cfg)
+    except InputError as exc:
+        return {"error": str(exc)}
+    n = table.num_rows
+    if S.UID not in table.column_names:
+        con = duckdb.connect()
+        try:
+            con.register("t", table.select([S.URL, S.CAPTION]))
+            blob = "encode(coalesce(url, '')) || '\\x00'::BLOB || encode(coalesce(caption, ''))"
+            uids = con.sql(f"SELECT md5({blob}) AS uid FROM t").to_arrow_table()["uid"]  # = schema.make_uid
+        finally:
+            con.close()
+        table = table.append_column(S.UID, uids.cast(pa.string()))
+    extras = [c for c in table.column_names if c not in (S.URL, S.CAPTION, S.UID)]
+    part = pa.table({"file_row": pa.array(np.arange(n, dtype=np.int64)), S.UID: table[S.UID],
+                     S.URL: table[S.URL], S.CAPTION: table[S.CAPTION], **{c: table[c] for c in extras}})  # fmt: skip
+    part = part.append_column("file_id", pa.array(np.full(n, file_id, np.int32)))
+    write_parquet_atomic(Path(parts_dir) / f"{file_id:05d}.parquet", part, row_group_size=65536)
+    return {"rows": n}
+
+
+def _where_in(files: list[Path], key: int) -> str:
+    file_id, row = divmod(int(key), _KEY_SHIFT)
+    return f"{files[file_id]} row {row + 1}"
+
+
+def prepare(pool: Pool, cfg: DownloadConfig, engine: Any = None) -> dict[str, Any]:
+    """Validate the URL list's files not yet in the pool and append them; return the plan.
+
+    The first run ingests every file of ``download.input`` (a file, a folder of Parquet files or a
+    glob); each later run ingests the files it has not seen (:func:`scan_inputs`: by path, size
+    and sha256) as shards after the last, and refuses, naming them, files that changed since.
+
+    Each new file is validated and turned into a part by an engine task (in parallel; uids
+    vectorised). Rows get a ``uid``: the list's own (``uid_col``: checked to be 32 lowercase hex
+    digits, and unique across files and the pool's earlier rows by an engine aggregation), or
+    ``md5(url, caption)`` (:func:`pipeline.store.schema.make_uid`), in which case exact repeats of
+    a (url, caption) pair are the same sample and keep their first occurrence only (an engine
+    aggregation finds the others, an earlier ingest's row first). The files are taken in name
+    order and numbered as one list, after the rows ingested before; the parts are then streamed,
+    one shard at a time, into the ingest's ``urls.parquet`` (``urls-00001.parquet``, ... for later
+    ingests), whose row group ``s`` is the ingest's ``s``-th shard (``samples_per_shard`` rows), so
+    shard membership never changes on a re-run and the plan is the same on any engine and any
+    number of workers. Memory: one file (a task) or one shard (the writer), never the list.
+    Nothing is kept unless the new files are all valid; ``plan.json`` is written last.
     """
     source = Path(cfg.input)
     plan = pool.read_plan()
     if plan is not None:
-        _check_same_input(pool, plan, source_digest(source), cfg)
-        return plan
-    if not source.exists():
-        raise InputError(f"{source}: URL list not found")
-    _check_reserved(cfg)
-    files = input_files(source)
-    parts = [read_url_list(path, cfg) for path in files]
-    table = pa.concat_tables(parts, promote_options="permissive") if len(parts) > 1 else parts[0]
-    rows = pa.array(range(table.num_rows), pa.int64())
-    if cfg.uid_col:
-        repeat = _first_repeat(table[S.UID])
-        if repeat is not None:
-            starts = np.cumsum([0] + [p.num_rows for p in parts])
-            where = [f"{files[int(np.searchsorted(starts, r, 'right')) - 1]} row "
-                     f"{r - starts[int(np.searchsorted(starts, r, 'right')) - 1] + 1}" for r in repeat]  # fmt: skip
-            raise InputError(f"uid {table[S.UID][repeat[0]].as_py()} is given twice: {where[0]} and {where[1]}; "
-                             f"uids in download.uid_col ({cfg.uid_col!r}) must be unique")  # fmt: skip
-        uids, first = table[S.UID], None
+        _check_same_settings(pool, plan, cfg)
+        upgraded = _legacy_ingests(pool, plan, source)
+        if upgraded is not plan:
+            write_json_atomic(pool.plan_path, upgraded)
+            plan = upgraded
+        files = [Path(f) for f in scan_inputs(pool, cfg, plan)["new"]]
+        if not files:
+            return plan
     else:
-        made = [S.make_uid(u, c) for u, c in zip(table[S.URL].to_pylist(), table[S.CAPTION].to_pylist(), strict=True)]
-        seen: set[str] = set()
-        first = pa.array([not (u in seen or seen.add(u)) for u in made])  # type: ignore[func-returns-value]
-        uids = pa.array(made, pa.string())
-    extras = [c for c in table.column_names if c not in (S.URL, S.CAPTION, S.UID)]
-    prepared = pa.table({S.ROW: rows, S.UID: uids, S.URL: table[S.URL], S.CAPTION: table[S.CAPTION],
-                         **{c: table[c] for c in extras}})  # fmt: skip
-    if first is not None:
-        prepared = prepared.filter(first)
-    n = prepared.num_rows
-    shard = pa.array(np.arange(n, dtype=np.int64) // cfg.samples_per_shard, pa.int32())
-    prepared = prepared.add_column(4, S.SHARD, shard)
-    schema = pa.schema(list(S.INPUT_SCHEMA) + [prepared.schema.field(c) for c in extras])
-    write_parquet_atomic(pool.input_path, prepared.cast(schema), row_group_size=cfg.samples_per_shard)
+        if not any(ch in str(source) for ch in "*?[") and not source.exists():
+            raise InputError(f"{source}: URL list not found")
+        files = input_files(source)
+    _check_reserved(cfg)
+    return _ingest(pool, cfg, engine, files, plan, source)
+
+
+def _ingest(pool: Pool, cfg: DownloadConfig, engine: Any, files: list[Path], plan: dict[str, Any] | None,
+            source: Path) -> dict[str, Any]:  # fmt: skip
+    """Prepare ``files`` as the pool's next ingest (after ``plan``'s, or the first) and write the plan."""
+    import shutil
+    import time
+
+    from pipeline.engines.base import Table, raise_failures, read_where, written_files
+
+    if engine is None:
+        from pipeline.engines.local import LocalEngine
+
+        engine = LocalEngine(min(2, len(files)))
+    ingests = list((plan or {}).get("ingests") or [])
+    first_shard = plan["num_shards"] if plan else 0
+    first_row = plan.get("source_rows", plan["num_rows"]) if plan else 0
+    work = pool.root / "input" / "_prepare"  # the tool's own scratch: removed when done
+    if work.exists():
+        shutil.rmtree(work)
+    parts_dir = work / "parts"
+    fn = functools.partial(prepare_file, str(parts_dir), [str(f) for f in files], cfg)
+    done = raise_failures(pool, "prepare", engine.map_shards(fn, list(range(len(files))), desc="prepare",
+                                                             progress=False))  # fmt: skip
+    errors = [done[i]["error"] for i in range(len(files)) if "error" in done[i]]
+    if errors:
+        _discard(work, first=plan is None)
+        raise InputError(errors[0])
+    counts = np.array([done[i]["rows"] for i in range(len(files))], np.int64)
+    starts = first_row + np.concatenate([[0], np.cumsum(counts)])
+    part_files = [parts_dir / f"{i:05d}.parquet" for i in range(len(files))]
+    part_schema = pa.unify_schemas([pq.read_schema(p) for p in part_files], promote_options="permissive")
+    tables = {"parts": Table.of(part_files, part_schema, ["file_id", "file_row", S.UID])}
+    key = f"CAST(file_id AS BIGINT) * {_KEY_SHIFT} + file_row"
+    rows = f"SELECT uid, {key} AS k FROM parts"
+    if plan is not None:  # the rows ingested before come first: a repeat of one of them is the new row
+        listed = pool.listed_paths(plan)
+        tables["listed"] = Table.of(listed, pq.read_schema(listed[0]), [S.UID, S.SHARD])
+        rows += " UNION ALL SELECT uid, CAST(shard AS BIGINT) - 2147483648 AS k FROM listed"
+    if cfg.uid_col:
+        repeat = engine.query(f"SELECT uid, min(k) AS lo, max(k) AS hi FROM ({rows}) r GROUP BY uid "
+                              "HAVING count(*) > 1 ORDER BY hi LIMIT 1", tables)  # fmt: skip
+        if repeat.num_rows:
+            _discard(work, first=plan is None)
+            lo = repeat["lo"][0].as_py()
+            first = (f"shard {lo + 2**31:05d} of the pool (ingested before)" if lo < 0 else _where_in(files, lo))
+            raise InputError(f"uid {repeat['uid'][0].as_py()} is given twice: {first} and "
+                             f"{_where_in(files, repeat['hi'][0].as_py())}; "
+                             f"uids in download.uid_col ({cfg.uid_col!r}) must be unique")  # fmt: skip
+        dropped_dir = None
+    else:  # every occurrence of a uid but its first: written sorted by file, read back per file
+        dropped_dir = work / "dropped"
+        sql = (f"SELECT p.file_id, p.file_row FROM (SELECT uid, file_id, file_row, {key} AS k FROM parts) p "
+               f"JOIN (SELECT uid, min(k) AS first FROM ({rows}) r GROUP BY uid HAVING count(*) > 1) d "
+               "ON p.uid = d.uid WHERE p.k <> d.first")  # fmt: skip
+        engine.write(sql, tables, dropped_dir, order_by="file_id")
+    extras = [f for f in part_schema if f.name not in (S.UID, S.URL, S.CAPTION, "file_row", "file_id")]
+    schema = pa.schema(list(S.INPUT_SCHEMA) + extras)
+    if plan is not None:  # every ingest has the first one's columns and types
+        schema = pq.read_schema(pool.listed_paths(plan)[0]).with_metadata(None)
+    name = pool.input_path.name if not ingests else f"urls-{len(ingests):05d}.parquet"
+    n = _write_listed(pool.input_path.parent / name, cfg, part_files, schema, starts, first_shard,
+                      dropped_dir if dropped_dir and written_files(dropped_dir) else None, read_where)  # fmt: skip
+    ingest = {"file": name, "first_shard": first_shard, "num_shards": -(-n // cfg.samples_per_shard),
+              "first_row": first_row, "source_rows": int(counts.sum()), "num_rows": n,
+              "duplicates_dropped": int(counts.sum()) - n,
+              "ingested_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "files": [_file_record(f, int(c)) for f, c in zip(files, counts, strict=True)]}  # fmt: skip
+    ingests.append(ingest)
     plan = {
-        "source": str(source.resolve()),
-        "source_files": len(files),
+        "source": str(source.resolve()) if source.exists() else str(source),
+        "source_files": sum(len(i["files"] or []) for i in ingests),
         "source_sha256": source_digest(source),
-        "source_rows": table.num_rows,
-        "duplicates_dropped": table.num_rows - n,
-        "num_rows": n,
-        "num_shards": -(-n // cfg.samples_per_shard),
+        "source_rows": sum(i["source_rows"] for i in ingests),
+        "duplicates_dropped": sum(i["duplicates_dropped"] for i in ingests),
+        "num_rows": sum(i["num_rows"] for i in ingests),
+        "num_shards": first_shard + ingest["num_shards"],
         **_plan_settings(cfg),
+        "ingests": ingests,
     }
-    write_json_atomic(pool.plan_path, plan)
+    write_json_atomic(pool.plan_path, plan)  # last: the plan marks the input prepared
+    shutil.rmtree(work)
     return plan
+
+
+def _discard(work: Path, first: bool = True) -> None:
+    """Remove the preparation's scratch (and, on the first ingest, ``input/`` if it held nothing
+    else): a refused list leaves the pool as it was."""
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+    if first:
+        with contextlib.suppress(OSError):  # not empty, or never made
+            work.parent.rmdir()
+
+
+def _write_listed(out: Path, cfg: DownloadConfig, part_files: list[Path], schema: pa.Schema, starts: np.ndarray,
+                  first_shard: int, dropped_dir: Path | None, read_where: Any) -> int:  # fmt: skip
+    """Stream the parts, in file order and without the dropped repeats, into ``out``: one row group
+    of exactly ``samples_per_shard`` rows per shard, the first being ``first_shard``. Holds one
+    shard and one batch."""
+    from pipeline.store.parquet import atomic_path
+
+    per = cfg.samples_per_shard
+    written, pending, pending_rows = 0, [], 0
+
+    def flush(writer: Any, last: bool) -> None:
+        nonlocal written, pending, pending_rows
+        while pending_rows >= per or (last and pending_rows):
+            table = pa.concat_tables(pending) if len(pending) > 1 else pending[0]
+            take = min(per, table.num_rows)
+            head, rest = table.slice(0, take), table.slice(take)
+            columns = head.columns
+            shard = first_shard + written // per
+            columns[head.schema.get_field_index(S.SHARD)] = pa.array(np.full(take, shard, np.int32))
+            writer.write_table(pa.Table.from_arrays(columns, schema=writer.schema), row_group_size=per)
+            written += take
+            pending, pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        for file_id, path in enumerate(part_files):
+            drop = None
+            if dropped_dir is not None:
+                found = read_where(dropped_dir, "file_id", file_id, ["file_row"])
+                drop = found["file_row"].combine_chunks() if found is not None and found.num_rows else None
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=65536):
+                rows = pa.Table.from_batches([batch])
+                if drop is not None:
+                    rows = rows.filter(pc.invert(pc.is_in(rows["file_row"], value_set=drop)))
+                global_row = pc.add(rows["file_row"], pa.scalar(int(starts[file_id]), pa.int64()))
+                out = {S.ROW: global_row, S.UID: rows[S.UID], S.URL: rows[S.URL], S.CAPTION: rows[S.CAPTION],
+                       S.SHARD: pa.nulls(rows.num_rows, pa.int32())}  # fmt: skip
+                out.update({f.name: rows[f.name] for f in schema if f.name not in out})
+                pending.append(_conform_listed(pa.table(out), schema))
+                pending_rows += rows.num_rows
+                flush(writer, last=False)
+        flush(writer, last=True)
+    return written
+
+
+def _conform_listed(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table``'s columns in ``schema``'s order and types (a part's extra column may be all-null)."""
+    return pa.Table.from_arrays([table[f.name].cast(f.type) for f in schema], schema=schema.with_metadata(None))
 
 
 # --- one shard ----------------------------------------------------------------------------------
@@ -472,7 +701,7 @@ def download_shard(pool_root: str, cfg: DownloadConfig, shard: int) -> dict[str,
     # download keeps what the text stages made of its captions before it: ``download.where``)
     if pool.marker_path(STAGE, shard).exists() or pool.table_path(STAGE, shard).exists():
         pool.forget_shard(shard, keep=(STAGE,))
-    rows = pq.ParquetFile(pool.input_path).read_row_group(shard)
+    rows = pool.read_listed(shard)
     chosen = selected(pool, shard, cfg.where)
     wanted = pa.array([True] * rows.num_rows) if chosen is None else pc.is_in(rows[S.UID], value_set=chosen)
     fetchable = pc.fill_null(pc.match_substring_regex(rows[S.URL], r"^https?://", ignore_case=True), False)
@@ -522,7 +751,7 @@ def check_where(pool: Pool, where: str) -> list[str]:
     """
     from pipeline.sqlsafe import column_refs
 
-    listed = set(pq.read_schema(pool.input_path).names)
+    listed = set(pq.read_schema(pool.listed_paths()[0]).names)
     after = set(pool.declared_schema(STAGE).names) - listed
     owner: dict[str, str] = {}
     for stage in pool.stages():
@@ -544,10 +773,10 @@ def check_where(pool: Pool, where: str) -> list[str]:
     return stages
 
 
-def plan_shards(pool: Pool, cfg: DownloadConfig) -> tuple[dict[str, Any], list[int]]:
+def plan_shards(pool: Pool, cfg: DownloadConfig, engine: Any = None) -> tuple[dict[str, Any], list[int]]:
     """Prepare the pool's input and return its plan and the shards not yet downloaded (with a
     ``where``: once the stages it reads are finished)."""
-    plan = prepare(pool, cfg)
+    plan = prepare(pool, cfg, engine)
     pool.check_stage_config(STAGE, config_dict(cfg, _RUNTIME_FIELDS), stage_hash(cfg))
     todo = [s for s in range(plan["num_shards"]) if not pool.is_done(STAGE, s)]
     if todo and cfg.where is not None:
@@ -569,7 +798,7 @@ def run_download(
     """
     from pipeline.engines.base import raise_failures
 
-    _, todo = plan_shards(pool, cfg)
+    _, todo = plan_shards(pool, cfg, engine)
     if shards is not None:
         pending = set(todo)
         todo = [s for s in shards if s in pending]

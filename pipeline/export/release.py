@@ -391,7 +391,7 @@ def _utf8_caption(data: bytes) -> tuple[bytes, int]:
 
 
 RELEASE_FORMAT = "clipcurate-release/1"  # the manifest key that marks a folder as a release of ours
-_RELEASE_FILES = {"manifest.json", "sizes.json", "README.md", "embeddings", "uids.npy"}
+_RELEASE_FILES = {"manifest.json", "sizes.json", "README.md", "embeddings", "uids.npy", "CHANGES.md"}
 _TMP = re.compile(r"^\..*\.tmp-\d+-\d+$")  # atomic_path's temporary names
 
 
@@ -414,6 +414,19 @@ def _foreign_files(folder: Path, manifest: dict[str, Any]) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name not in names and not _TMP.match(p.name))
 
 
+def check_target(pool: Pool, out: Path) -> None:
+    """Refuse an ``out`` that is the pool, inside the pool's data, or an ancestor of the pool."""
+    from pipeline.store.parquet import POOL_ENTRIES
+
+    target, root = out.resolve(), pool.root.resolve()
+    own = target.parent != root or target.name in POOL_ENTRIES or target.name.startswith(".")
+    if target == root or (root in target.parents and own):  # `<pool>/release` is fine; `<pool>/tables/x` is not
+        raise ExportError(f"--out {out}: is the pool {pool.root} or inside its data; give a folder outside "
+                          "the pool, or a new folder directly in it (such as <pool>/release)")  # fmt: skip
+    if target in root.parents:
+        raise ExportError(f"--out {out}: contains the pool {pool.root}; a release folder must not hold a pool")
+
+
 def check_out(pool: Pool, out: Path, overwrite: bool) -> dict[str, Any] | None:
     """Refuse an ``out`` the export may not write: the pool, a folder inside the pool's data (a new
     folder directly in the pool, not one of :data:`POOL_ENTRIES`, is allowed), an ancestor of
@@ -426,15 +439,7 @@ def check_out(pool: Pool, out: Path, overwrite: bool) -> dict[str, Any] | None:
     Raises:
         ExportError: names ``out`` and why; nothing has been written or removed.
     """
-    from pipeline.store.parquet import POOL_ENTRIES
-
-    target, root = out.resolve(), pool.root.resolve()
-    own = target.parent != root or target.name in POOL_ENTRIES or target.name.startswith(".")
-    if target == root or (root in target.parents and own):  # `<pool>/release` is fine; `<pool>/tables/x` is not
-        raise ExportError(f"--out {out}: is the pool {pool.root} or inside its data; give a folder outside "
-                          "the pool, or a new folder directly in it (such as <pool>/release)")  # fmt: skip
-    if target in root.parents:
-        raise ExportError(f"--out {out}: contains the pool {pool.root}; a release folder must not hold a pool")
+    check_target(pool, out)
     partial = out.parent / f".{out.name}.partial"
     if partial.exists() and not (partial / ".clipcurate-partial").exists():
         raise ExportError(f"{partial}: exists and was not made by clipcurate; move it away (nothing was removed)")
@@ -499,7 +504,8 @@ def plan_release(pool: Pool, cfg: ExportConfig, engine: Any, progress: bool = Fa
                            cfg.shuffle_seed, side_cols, uids_file)  # fmt: skip
     planned = run_shards(pool, engine, fn, sources, desc="export plan", progress=progress)
     selection = [planned[s]["uids_sha256"] for s in sources]
-    hashed = config_hash(cfg, exclude=("out", "overwrite", "uids"))  # a uid file counts by the uids it selects
+    # a uid file counts by the uids it selects; where the versions go is not the selection
+    hashed = config_hash(cfg, exclude=("out", "overwrite", "uids", "versioned", "keep_versions"))
     digest = hashlib.sha256(json.dumps([hashed, selection]).encode()).hexdigest()[:16]
     plan_files = [partial / "plan" / f"{s:05d}.parquet" for s in sources]
     if cfg.shuffle_seed is None:  # (shard, key) order: the plan files in shard order are already sorted
@@ -534,6 +540,10 @@ def export(pool: Pool, cfg: ExportConfig, progress: bool = False, engine: Any = 
     """
     from pipeline.store.lock import writer_lock
 
+    if cfg.versioned:
+        from pipeline.export.versions import export_version
+
+        return export_version(pool, cfg, progress, engine, wait)
     out = Path(cfg.out)
     check_out(pool, out, cfg.overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -541,15 +551,21 @@ def export(pool: Pool, cfg: ExportConfig, progress: bool = False, engine: Any = 
         return _export(pool, cfg, progress, engine)
 
 
-def _export(pool: Pool, cfg: ExportConfig, progress: bool, engine: Any) -> dict[str, Any]:
+def _export(pool: Pool, cfg: ExportConfig, progress: bool, engine: Any,
+            version: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Build the release (``version``: a new version of a versioned ``out``, :mod:`.versions`)."""
     from pipeline.engines.base import run_shards
     from pipeline.engines.local import LocalEngine
 
     engine = engine or LocalEngine(1)
     out = Path(cfg.out)
-    existing = check_out(pool, out, cfg.overwrite)  # again, under the lock
+    existing = check_out(pool, out, cfg.overwrite) if version is None else None  # again, under the lock
     plan = plan_release(pool, cfg, engine, progress)
     partial, digest, bounds = plan["partial"], plan["digest"], plan["bounds"]
+    previous = (version or {}).get("previous_manifest")
+    if previous is not None and previous.get("digest") == digest:
+        shutil.rmtree(partial)
+        return {**previous, "new_version": False}  # the latest version is this very selection
     if existing is not None and existing.get("digest") == digest:
         shutil.rmtree(partial)
         return existing  # this very release is already there
@@ -581,6 +597,12 @@ def _export(pool: Pool, cfg: ExportConfig, progress: bool, engine: Any) -> dict[
     extra = {"without_image": plan["without_image"], "captions_repaired": repaired, "incomplete": plan["incomplete"],
              "uids_unmatched": unmatched}  # fmt: skip
     manifest = _manifest(pool, cfg, digest, entries, plan["samples"], extra)
+    if version is not None:
+        from pipeline.export.versions import write_changes
+
+        manifest["version"] = version["name"]
+        manifest["previous_version"] = version.get("previous_name")
+        manifest["changes"] = write_changes(pool, engine, partial, version, manifest)
     write_json_atomic(partial / "manifest.json", manifest)
     with atomic_path(partial / "README.md") as tmp:
         tmp.write_text(dataset_card(pool, cfg, manifest))
@@ -631,6 +653,7 @@ def _manifest(pool: Pool, cfg: ExportConfig, digest: str, entries: list[dict], n
         "export_config": dataclasses.asdict(cfg),
         "export_config_hash": config_hash(cfg),
         "pool_config_hashes": {s: e["config_hash"] for s, e in pool_manifest["stages"].items()},
+        "pool_input": pool_input(pool_manifest["input"]),
         "pool_stage_results": pool_manifest["stage_results"],
         "allow_incomplete": cfg.allow_incomplete,
         "incomplete_stages": extra["incomplete"],
@@ -648,6 +671,16 @@ def _manifest(pool: Pool, cfg: ExportConfig, digest: str, entries: list[dict], n
         "package_versions": package_versions(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def pool_input(plan: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The pool state a release came from: its input files (path, size, sha256, rows), rows, shards."""
+    if not plan:
+        return None
+    files = [{k: f[k] for k in ("path", "size", "sha256", "rows") if k in f}
+             for ingest in plan.get("ingests") or [] for f in ingest.get("files") or []]  # fmt: skip
+    return {"num_rows": plan["num_rows"], "num_shards": plan["num_shards"], "ingests": len(plan.get("ingests") or [1]),
+            "files": files}  # fmt: skip
 
 
 def dataset_card(pool: Pool, cfg: ExportConfig, manifest: dict[str, Any]) -> str:

@@ -74,8 +74,12 @@ def decide_task(pool_root: str, rules: list[Rule], digest: str, shard: int) -> d
     base, keep, reason = decide_shard(pool, shard, rules)
     table = pa.table({S.UID: base[S.UID], S.SHARD: base[S.SHARD], S.KEEP: pa.array(keep),
                       S.DROP_REASON: pa.array(reason, pa.string())}, schema=S.DECISIONS_SCHEMA)  # fmt: skip
+    from pipeline.flips import decision_flips
+
+    flips = decision_flips(pool.table_path(STAGE, shard), base[S.UID], keep, S.KEEP, reason=np.asarray(reason),
+                           reason_col=S.DROP_REASON)  # fmt: skip
     pool.write_table(STAGE, shard, table)
-    counts = {"samples": table.num_rows, "kept": int(keep.sum())}
+    counts = {"samples": table.num_rows, "kept": int(keep.sum()), **flips}
     first = _first_failing(base.num_rows, keep, reason, rules)
     for i in range(len(rules)):
         counts[f"dropped_by_rule_{i}"] = int((first == i).sum())

@@ -2,7 +2,8 @@
 
 1. ``metaclip_match`` (per shard, in parallel): ``matched_entry_ids`` of each caption and whether
    the sample counts towards the pool (``only_downloaded``: its download succeeded).
-2. Entry counts (global): the per-shard counts summed, written to
+2. Entry counts (global): the per-shard counts (``aggregates/metaclip_counts/``, written with
+   each shard's matches) summed by the engine, written to
    ``aggregates/metaclip_entry_counts.parquet``; t is resolved (fixed, scaled, or solved for a
    target size) and recorded in ``aggregates/metaclip.json``.
 3. ``metaclip`` (per shard): ``metaclip_p`` and ``metaclip_keep`` from the global counts. Its
@@ -25,6 +26,7 @@ import pyarrow.parquet as pq
 from pipeline.config import MetaclipConfig, config_hash
 from pipeline.engines.base import run_shards
 from pipeline.errors import UserError
+from pipeline.flips import decision_flips
 from pipeline.metaclip.balancing import balance, entry_probabilities, expected_sizes, scale_t, solve_increasing
 from pipeline.metaclip.matching import file_digest, load_entries, matcher_for
 from pipeline.store import schema as S
@@ -61,12 +63,33 @@ def match_shard(pool_root: str, cfg: MetaclipConfig, shard: int) -> dict[str, in
         schema=S.METACLIP_MATCH_SCHEMA,
     )  # fmt: skip
     pool.write_table(MATCH_STAGE, shard, table)
+    _write_shard_counts(pool, shard, table)
     lengths = pc.list_value_length(matched).to_numpy(zero_copy_only=False)
     is_counted = counted.to_numpy(zero_copy_only=False)
     counts = {"samples": dl.num_rows, "matched": int((lengths > 0).sum()), "matches": int(lengths.sum()),
               "counted": int(is_counted.sum()), "counted_matched": int(((lengths > 0) & is_counted).sum())}  # fmt: skip
     pool.mark_done(MATCH_STAGE, shard, match_hash(cfg), counts)
     return counts
+
+
+def _counts_path(pool: Pool, shard: int) -> Any:
+    return pool.aggregates_dir / "metaclip_counts" / f"{shard:05d}.parquet"
+
+
+def _write_shard_counts(pool: Pool, shard: int, match: pa.Table) -> None:
+    """This shard's counted matches per entry: the pool's entry counts are the SQL sum of these
+    small files, so a grown pool adds its new shards' counts to the stored ones."""
+    ids = match[S.MATCHED_ENTRY_IDS].combine_chunks().filter(match[S.COUNTED].combine_chunks())
+    entry_ids, n = np.unique(ids.flatten().to_numpy(zero_copy_only=False), return_counts=True)
+    write_parquet_atomic(_counts_path(pool, shard), pa.table({"entry_id": pa.array(entry_ids, pa.int32()),
+                                                               "n": pa.array(n, pa.int64())}))  # fmt: skip
+
+
+def shard_counts_task(pool_root: str, shard: int) -> int:
+    """The per-entry counts of a shard matched before they were stored (a pool of an earlier version)."""
+    pool = Pool(pool_root)
+    _write_shard_counts(pool, shard, pool.read_shard(MATCH_STAGE, shard, [S.MATCHED_ENTRY_IDS, S.COUNTED]))
+    return shard
 
 
 def _balance_hash(cfg: MetaclipConfig, t: float, counts_digest: str) -> str:
@@ -90,13 +113,14 @@ def balance_shard(pool_root: str, cfg: MetaclipConfig, t: float, digest: str, sh
         {S.UID: match[S.UID], S.SHARD: match[S.SHARD], S.METACLIP_P: p, S.METACLIP_KEEP: keep},
         schema=S.METACLIP_SCHEMA,
     )
+    flips = decision_flips(pool.table_path(STAGE, shard), match[S.UID], keep, S.METACLIP_KEEP, p, S.METACLIP_P)
     pool.write_table(STAGE, shard, table)
     # this shard's kept samples per entry: the pool's figure is a SQL sum of these, with no join
     kept_ids, kept_n = np.unique(matched.filter(pa.array(keep)).flatten().to_numpy(zero_copy_only=False),
                                  return_counts=True)  # fmt: skip
     kept_table = pa.table({"entry_id": pa.array(kept_ids, pa.int32()), "n": pa.array(kept_n, pa.int64())})
     write_parquet_atomic(pool.aggregates_dir / "metaclip_kept" / f"{shard:05d}.parquet", kept_table)
-    result = {"samples": table.num_rows, "kept": int(keep.sum())}
+    result = {"samples": table.num_rows, "kept": int(keep.sum()), **flips}
     pool.mark_done(STAGE, shard, _balance_hash(cfg, t, digest), result)
     return result
 
@@ -130,8 +154,6 @@ def resolve_t(pool: Pool, cfg: MetaclipConfig, engine: Any, counts: np.ndarray, 
     return float(cfg.t)
 
 
-_COUNTS_SQL = ("select e as entry_id, count(*) as n from (select unnest(matched_entry_ids) as e from metaclip_match "
-               "where counted) x group by e")  # fmt: skip
 _KEPT_SQL = "select entry_id, sum(n) as n from kept group by entry_id"
 
 
@@ -170,8 +192,15 @@ def run_metaclip(pool: Pool, cfg: MetaclipConfig, engine: Any, progress: bool = 
     shards = pool.require_complete(MATCH_STAGE)
     entries = load_entries(cfg.metadata)
 
-    match = pool.table(MATCH_STAGE, [S.UID, S.MATCHED_ENTRY_IDS, S.COUNTED])
-    counts = entry_counts_sql(engine, _COUNTS_SQL, {"metaclip_match": match}, len(entries))
+    from pipeline.engines.base import Table
+
+    # the sum of the stored per-shard counts (a grown pool: the old shards' plus the new ones')
+    missing = [s for s in shards if not _counts_path(pool, s).exists()]
+    run_shards(pool, engine, functools.partial(shard_counts_task, str(pool.root)), missing, desc="metaclip counts",
+               progress=False)  # fmt: skip
+    count_schema = pa.schema([("entry_id", pa.int32()), ("n", pa.int64())])
+    stored = Table.of([_counts_path(pool, s) for s in shards], count_schema)
+    counts = entry_counts_sql(engine, _KEPT_SQL, {"kept": stored}, len(entries))
     markers = pool.completed(MATCH_STAGE)
     pool_size = sum(m["counts"]["counted"] for m in markers.values())
     reachable = sum(m["counts"]["counted_matched"] for m in markers.values())
@@ -189,8 +218,6 @@ def run_metaclip(pool: Pool, cfg: MetaclipConfig, engine: Any, progress: bool = 
     todo = [s for s in shards if not pool.is_done(STAGE, s, _balance_hash(cfg, t, digest))]
     fn = functools.partial(balance_shard, str(pool.root), cfg, t, digest)
     run_shards(pool, engine, fn, todo, desc=STAGE, weights=pool.shard_sizes(todo), progress=progress)
-
-    from pipeline.engines.base import Table
 
     kept_files = [pool.aggregates_dir / "metaclip_kept" / f"{s:05d}.parquet" for s in shards]
     kept_schema = pa.schema([("entry_id", pa.int32()), ("n", pa.int64())])

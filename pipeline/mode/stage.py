@@ -39,7 +39,11 @@ def _vectors(table: pa.Table) -> np.ndarray:
 def fit_hash(pool: Pool, cfg: ModeConfig) -> str:
     # the embed stage records the config of both its tables (caption model included)
     source = pool.stage_config("embed")["config_hash"]
-    return hashlib.sha256(f"{config_hash(cfg)}|{source}".encode()).hexdigest()[:16]
+    # ... and the pool it is fitted on: a grown pool (new input files) is fitted again, as a pool
+    # curated from all its files at once would be (the sample is by uid hash, the same either way)
+    grown = (pool.read_plan() or {}).get("ingests") or []
+    size = "" if len(grown) <= 1 else f"|{(pool.read_plan() or {})['num_rows']}"
+    return hashlib.sha256(f"{config_hash(cfg)}|{source}{size}".encode()).hexdigest()[:16]
 
 
 def fit_mode(pool: Pool, cfg: ModeConfig) -> dict[str, Any]:
@@ -53,15 +57,16 @@ def fit_mode(pool: Pool, cfg: ModeConfig) -> dict[str, Any]:
     if total == 0:
         raise UserError(f"{pool.root}: no caption embeddings to cluster")
     share = min(1.0, max(cfg.fit_fraction, cfg.min_fit_samples / total), cfg.max_fit_samples / total)
-    parts, first = [], None
+    parts, uids, first = [], [], None
     for shard in shards:
-        # by uid: img2dataset's threads write a shard's samples in a varying order, and k-means
-        # depends on the order of its input
-        table = pool.read_shard(SOURCE, shard).sort_by(S.UID)
+        table = pool.read_shard(SOURCE, shard)
         first = first or (table[S.CAPTION_MODEL][0].as_py() if table.num_rows else None)
-        chosen = uniform(uid_to_uint64(table[S.UID]), np.uint64(_FIT_KEY), cfg.seed) < share
-        parts.append(_vectors(table.filter(pa.array(chosen))))
-    x = np.concatenate(parts)
+        chosen = table.filter(pa.array(uniform(uid_to_uint64(table[S.UID]), np.uint64(_FIT_KEY), cfg.seed) < share))
+        parts.append(_vectors(chosen))
+        uids.append(chosen[S.UID].to_numpy(zero_copy_only=False).astype("U32"))
+    # in uid order across the whole sample: k-means depends on the order of its input, and neither
+    # img2dataset's threads (a shard's order) nor the sharding (a pool grown file by file) may change it
+    x = np.concatenate(parts)[np.argsort(np.concatenate(uids), kind="stable")]
     hierarchy = fit_hierarchy(x, cfg)
     out = pool.aggregates_dir / "mode"
     arrays = (hierarchy.fine, hierarchy.coarse, hierarchy.fine_to_expert, hierarchy.plain_fine,

@@ -131,11 +131,15 @@ def shard_task(pool_root: str, cfg: RebalanceConfig, listed: bool, param: float,
     out = pa.table({S.UID: table[S.UID], S.SHARD: pa.array(np.full(table.num_rows, shard), pa.int32()),
                     S.REBALANCE_P: pa.array(p, pa.float64()), S.REBALANCE_KEEP: pa.array(keep)},
                    schema=S.REBALANCE_SCHEMA)  # fmt: skip
+    from pipeline.flips import decision_flips
+
+    flips = decision_flips(pool.table_path(STAGE, shard), table[S.UID], np.asarray(keep), S.REBALANCE_KEEP,
+                           np.asarray(p, np.float64), S.REBALANCE_P)  # fmt: skip
     pool.write_table(STAGE, shard, out)
     values, counts = np.unique(kept_values, return_counts=True)
     write_parquet_atomic(_dir(pool) / "kept" / f"{shard:05d}.parquet",
                          pa.table({"g": pa.array(values, pa.int64()), "n": pa.array(counts, pa.int64())}))  # fmt: skip
-    result = {"samples": out.num_rows, "kept": int(keep.sum()), "expected": float(p.sum())}
+    result = {"samples": out.num_rows, "kept": int(keep.sum()), "expected": float(p.sum()), **flips}
     pool.mark_done(STAGE, shard, digest, result)
     return result
 

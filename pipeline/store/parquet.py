@@ -2,7 +2,7 @@
 
 Layout of one pool directory::
 
-    input/urls.parquet            the validated URL list with uids (written once)
+    input/urls.parquet            the validated URL list with uids (one file per ingest: urls-00001.parquet ...)
     input/plan.json               source file, its sha256, row and shard counts
     shards/{shard:05d}.tar        WebDataset shard (.jpg/.txt/.json per sample)
     shards/{shard:05d}.parquet    img2dataset's sidecar for the shard
@@ -282,10 +282,28 @@ class Pool:
             raise UserError(f"{self.root}: no input prepared yet; run `curate prepare` or the download stage first")
         return list(range(plan["num_shards"]))
 
+    def listed_paths(self, plan: dict[str, Any] | None = None) -> list[Path]:
+        """The prepared URL list's files, one per ingest (``urls.parquet``, then ``urls-00001.parquet``
+        ... for the files a growing pool took in later), in shard order."""
+        plan = plan if plan is not None else self.read_plan()
+        ingests = (plan or {}).get("ingests")
+        if not ingests:
+            return [self.input_path] if self.input_path.exists() else []
+        return [self.input_path.parent / ingest["file"] for ingest in ingests]
+
+    def listed_location(self, shard: int, plan: dict[str, Any] | None = None) -> tuple[Path, int]:
+        """The file of the prepared list that holds ``shard`` and the shard's row group in it."""
+        plan = plan if plan is not None else self.read_plan()
+        for ingest in (plan or {}).get("ingests") or []:
+            if ingest["first_shard"] <= shard < ingest["first_shard"] + ingest["num_shards"]:
+                return self.input_path.parent / ingest["file"], shard - ingest["first_shard"]
+        return self.input_path, shard
+
     def read_listed(self, shard: int, columns: list[str] | None = None) -> pa.Table:
         """One shard's rows of the prepared URL list (every row, in input order, as the download
         table has them): what the text stages read before the download."""
-        return pq.ParquetFile(self.input_path).read_row_group(shard, columns=columns)
+        path, group = self.listed_location(shard)
+        return pq.ParquetFile(path).read_row_group(group, columns=columns)
 
     def require_complete(self, stage: str) -> list[int]:
         """All planned shards, once ``stage`` has finished every one of them.
