@@ -298,3 +298,21 @@ def test_redirects_to_other_schemes_are_refused(tmp_path: Path, image_server):
     assert rows[0]["status"] == "failed_to_download"
     assert "redirect to a non-http(s) URL refused: ftp://127.0.0.1/secret.jpg" in rows[0]["error_message"]
     assert rows[1]["status"] == "success"  # http -> http redirects still work
+
+
+def test_a_bad_row_far_into_a_big_file_is_named_by_its_row_in_the_file(tmp_path: Path):
+    """The files are read in batches of 65,536 rows; a row number is still the file's own."""
+    n = 70_000
+    uids = [f"{i:032x}" for i in range(n)]
+    uids[68_123] = "not-a-uid"
+    captions = [b"a caption"] * n
+    captions[67_000] = b"caf\xe9"  # latin-1, not UTF-8: found first, in the second batch
+    table = pa.table({"url": [f"http://x/{i}.jpg" for i in range(n)], "caption": pa.array(captions, pa.binary()),
+                      "uid": uids})  # fmt: skip
+    pq.write_table(table, tmp_path / "big.parquet")
+    _expect_input_error(tmp_path, tmp_path / "big.parquet", r"big\.parquet: row 67001: caption column 'caption' is "
+                        "not valid UTF-8", uid_col="uid")  # fmt: skip
+    captions[67_000] = b"cafe"
+    pq.write_table(table.set_column(1, "caption", pa.array(captions, pa.binary())), tmp_path / "big.parquet")
+    _expect_input_error(tmp_path, tmp_path / "big.parquet", r"big\.parquet: row 68124: uid column 'uid' holds "
+                        "'not-a-uid'", uid_col="uid")  # fmt: skip

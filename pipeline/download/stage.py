@@ -19,6 +19,7 @@ import contextlib
 import functools
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ import pyarrow.parquet as pq
 from pipeline.config import DownloadConfig, config_dict, config_hash
 from pipeline.errors import UserError
 from pipeline.store import schema as S
-from pipeline.store.parquet import Pool, file_sha256, shard_name, write_json_atomic, write_parquet_atomic
+from pipeline.store.parquet import Pool, file_sha256, shard_name, write_json_atomic
 
 STAGE = "download"
 _FETCHED_SCHEMES = ("http", "https")
@@ -66,8 +67,9 @@ def _require_columns(path: Path, available: list[str], wanted: list[str]) -> Non
         )
 
 
-def _utf8(column: pa.ChunkedArray, path: Path, name: str) -> pa.ChunkedArray:
-    """``column`` as valid UTF-8 strings, or an error naming the first bad row (1-based, no header)."""
+def _utf8(column: pa.ChunkedArray, path: Path, name: str, offset: int = 0) -> pa.ChunkedArray:
+    """``column`` as valid UTF-8 strings, or an error naming the first bad row (1-based, no header;
+    ``offset``: the rows of the file before this batch)."""
     if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
         try:
             column.validate(full=True)  # Parquet readers do not check UTF-8; this does
@@ -87,12 +89,13 @@ def _utf8(column: pa.ChunkedArray, path: Path, name: str) -> pa.ChunkedArray:
                     value.decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise InputError(
-                    f"{path}: row {i + 1}: {name} is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+                    f"{path}: row {offset + i + 1}: {name} is not valid UTF-8 ({exc.reason} at byte {exc.start})"
                 ) from None
         raise
 
 
-def _read_csv(path: Path, fmt: str, columns: list[str], text: list[str]) -> pa.Table:
+def _csv_batches(path: Path, fmt: str, columns: list[str], text: list[str]) -> Iterator[pa.Table]:
+    """The CSV/TSV file in blocks of rows (Arrow's streaming reader: one block in memory at a time)."""
     import pyarrow.csv as pacsv
 
     parse = pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True)
@@ -102,16 +105,22 @@ def _read_csv(path: Path, fmt: str, columns: list[str], text: list[str]) -> pa.T
     except pa.ArrowInvalid as exc:
         raise InputError(f"{path}: cannot read as {fmt.upper()}: {exc}") from None
     _require_columns(path, names, columns)
-    # every column as bytes: the text ones are checked for UTF-8 below, an extra one stays a string
+    # every column as bytes: the text ones are checked for UTF-8 by the caller, an extra one here
     convert = pacsv.ConvertOptions(include_columns=columns, column_types={c: pa.binary() for c in columns})
+    offset = 0
     try:
-        table = pacsv.read_csv(path, parse_options=parse, convert_options=convert)
+        with pacsv.open_csv(path, parse_options=parse, convert_options=convert,
+                            read_options=pacsv.ReadOptions(block_size=16 << 20)) as reader:  # fmt: skip
+            for batch in reader:
+                table = pa.Table.from_batches([batch])
+                for name in columns:
+                    if name not in text:
+                        table = table.set_column(table.column_names.index(name), name,
+                                                 _utf8(table[name], path, repr(name), offset))  # fmt: skip
+                offset += table.num_rows
+                yield table
     except pa.ArrowInvalid as exc:
         raise InputError(f"{path}: cannot read as {fmt.upper()}: {exc}") from None
-    for name in columns:
-        if name not in text:
-            table = table.set_column(table.column_names.index(name), name, _utf8(table[name], path, repr(name)))
-    return table
 
 
 def _read_jsonl(path: Path, columns: list[str], text: list[str]) -> pa.Table:
@@ -149,12 +158,12 @@ def _read_jsonl(path: Path, columns: list[str], text: list[str]) -> pa.Table:
 _UID_PATTERN = r"^[0-9a-f]{32}$"
 
 
-def _check_uids(uids: pa.ChunkedArray, path: Path, name: str) -> None:
+def _check_uids(uids: pa.ChunkedArray, path: Path, name: str, offset: int = 0) -> None:
     """32 lowercase hex digits per row (DataComp's uids), none missing; the first bad row is named."""
     ok = pc.fill_null(pc.match_substring_regex(uids, _UID_PATTERN), False).combine_chunks()
     if not pc.all(ok).as_py():
         i = int(pc.index(ok, False).as_py())
-        raise InputError(f"{path}: row {i + 1}: uid column {name!r} holds {uids[i].as_py()!r}; "
+        raise InputError(f"{path}: row {offset + i + 1}: uid column {name!r} holds {uids[i].as_py()!r}; "
                          "a uid must be 32 lowercase hex digits")  # fmt: skip
 
 
@@ -179,9 +188,14 @@ def _check_boxes(column: pa.ChunkedArray, path: Path, name: str) -> pa.ChunkedAr
     return boxes
 
 
-def read_url_list(path: str | Path, cfg: DownloadConfig) -> pa.Table:
-    """Read and validate one URL list file into ``url`` and ``caption`` string columns, then
+_BATCH_ROWS = 65_536
+
+
+def iter_url_list(path: str | Path, cfg: DownloadConfig) -> Iterator[tuple[int, pa.Table]]:
+    """Read and validate one URL list file in batches: ``(offset, table)``, where ``offset`` is the
+    file's rows before the batch and ``table`` has ``url`` and ``caption`` string columns, then
     ``uid`` (with ``uid_col``), the ``extra_cols`` and the ``bbox_col`` under their own names.
+    Parquet and CSV/TSV stream (memory: one batch, whatever the file's size); JSONL is read whole.
 
     Raises:
         InputError: the file is missing, empty, unreadable, lacks a named column, or holds a
@@ -196,36 +210,51 @@ def read_url_list(path: str | Path, cfg: DownloadConfig) -> pa.Table:
     fmt = cfg.input_format or _infer_format(path)
     text = [c for c in (cfg.url_col, cfg.caption_col, cfg.uid_col) if c]
     columns = text + list(cfg.extra_cols) + ([cfg.bbox_col] if cfg.bbox_col else [])
+    batches: Iterator[pa.Table]
     if fmt == "parquet":
         try:
-            parquet = pq.ParquetFile(path)
+            # pages read as they are decoded, not a whole row group's column chunks up front: memory
+            # is a batch, whatever the row groups' size
+            parquet = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
         except (pa.ArrowInvalid, OSError) as exc:
             raise InputError(f"{path}: cannot read as Parquet: {exc}") from None
         _require_columns(path, parquet.schema_arrow.names, columns)
-        table = parquet.read(columns=columns)
+        read = parquet.iter_batches(batch_size=_BATCH_ROWS, columns=columns, use_threads=False)
+        batches = (pa.Table.from_batches([b], schema=b.schema) for b in read)
     elif fmt in ("csv", "tsv"):
         if cfg.bbox_col:
             raise InputError(f"{path}: download.bbox_col needs a Parquet or JSONL list (boxes are lists)")
-        table = _read_csv(path, fmt, columns, text)
+        batches = _csv_batches(path, fmt, columns, text)
     else:
-        table = _read_jsonl(path, columns, text)
-    if table.num_rows == 0:
+        batches = iter([_read_jsonl(path, columns, text)])
+    offset = 0
+    for table in batches:
+        if table.num_rows == 0:
+            continue
+        url = _utf8(table[cfg.url_col], path, f"url column {cfg.url_col!r}", offset)
+        caption = (
+            _utf8(table[cfg.caption_col], path, f"caption column {cfg.caption_col!r}", offset)
+            if cfg.caption_col
+            else pa.chunked_array([pa.nulls(table.num_rows, pa.string())])
+        )
+        out = {S.URL: url, S.CAPTION: caption}
+        if cfg.uid_col:
+            out[S.UID] = _utf8(table[cfg.uid_col], path, f"uid column {cfg.uid_col!r}", offset)
+            _check_uids(out[S.UID], path, cfg.uid_col, offset)
+        for name in cfg.extra_cols:
+            out[name] = table[name]
+        if cfg.bbox_col:
+            out[cfg.bbox_col] = _check_boxes(table[cfg.bbox_col], path, cfg.bbox_col)
+        yield offset, pa.table(out)
+        offset += table.num_rows
+    if offset == 0:
         raise InputError(f"{path}: the file holds no rows")
-    url = _utf8(table[cfg.url_col], path, f"url column {cfg.url_col!r}")
-    caption = (
-        _utf8(table[cfg.caption_col], path, f"caption column {cfg.caption_col!r}")
-        if cfg.caption_col
-        else pa.chunked_array([pa.nulls(table.num_rows, pa.string())])
-    )
-    out = {S.URL: url, S.CAPTION: caption}
-    if cfg.uid_col:
-        out[S.UID] = _utf8(table[cfg.uid_col], path, f"uid column {cfg.uid_col!r}")
-        _check_uids(out[S.UID], path, cfg.uid_col)
-    for name in cfg.extra_cols:
-        out[name] = table[name]
-    if cfg.bbox_col:
-        out[cfg.bbox_col] = _check_boxes(table[cfg.bbox_col], path, cfg.bbox_col)
-    return pa.table(out)
+
+
+def read_url_list(path: str | Path, cfg: DownloadConfig) -> pa.Table:
+    """The whole validated file (:func:`iter_url_list`'s batches as one table; small lists, tests)."""
+    tables = [table for _, table in iter_url_list(path, cfg)]
+    return pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
 
 
 def input_files(source: Path) -> list[Path]:
@@ -363,31 +392,52 @@ _KEY_SHIFT = 1 << 40  # (file, row) as one sortable int64 key: files below 2**23
 
 def prepare_file(parts_dir: str, files: list[str], cfg: DownloadConfig, file_id: int) -> dict[str, Any]:
     """Validate one input file and write its part: ``file_row``, ``uid`` (the list's own, or
-    ``md5(url + "\\0" + caption)`` computed by DuckDB over the whole column, no per-row Python), url,
-    caption and the extra columns. A bad file comes back as ``{"error": message}``, the message
-    naming the file and row."""
+    ``md5(url + "\\0" + caption)`` computed by DuckDB over each batch's column, no per-row Python),
+    url, caption and the extra columns, batch by batch (memory: one batch). A bad file comes back
+    as ``{"error": message}``, the message naming the file and row."""
+    import itertools
+
     import duckdb
 
+    from pipeline.store.parquet import atomic_path
+
     path = Path(files[file_id])
+    out = Path(parts_dir) / f"{file_id:05d}.parquet"
+    con = duckdb.connect()
+    n = 0
     try:
-        table = read_url_list(path, cfg)
+        batches = iter_url_list(path, cfg)
+        first = next(batches)  # a file refused at its start leaves nothing behind, not even the folder
+        with atomic_path(out) as tmp:
+            writer = None
+            for offset, table in itertools.chain([first], batches):
+                rows = table.num_rows
+                if S.UID not in table.column_names:
+                    con.register("t", table.select([S.URL, S.CAPTION]))
+                    blob = "encode(coalesce(url, '')) || '\\x00'::BLOB || encode(coalesce(caption, ''))"
+                    uids = con.sql(f"SELECT md5({blob}) AS uid FROM t").to_arrow_table()["uid"]  # = schema.make_uid
+                    con.unregister("t")
+                    table = table.append_column(S.UID, uids.cast(pa.string()))
+                extras = [c for c in table.column_names if c not in (S.URL, S.CAPTION, S.UID)]
+                part = pa.table({"file_row": pa.array(np.arange(offset, offset + rows, dtype=np.int64)),
+                                 S.UID: table[S.UID], S.URL: table[S.URL], S.CAPTION: table[S.CAPTION],
+                                 **{c: table[c] for c in extras},
+                                 "file_id": pa.array(np.full(rows, file_id, np.int32))})  # fmt: skip
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, part.schema)
+                elif not part.schema.equals(writer.schema):
+                    try:  # a later batch of an extra column may type differently (all null, say)
+                        part = part.cast(writer.schema)
+                    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                        raise InputError(f"{path}: rows from {offset + 1}: the columns change type ({exc})") from None
+                writer.write_table(part, row_group_size=_BATCH_ROWS)
+                n += rows
+            if writer is not None:
+                writer.close()
     except InputError as exc:
         return {"error": str(exc)}
-    n = table.num_rows
-    if S.UID not in table.column_names:
-        con = duckdb.connect()
-        try:
-            con.register("t", table.select([S.URL, S.CAPTION]))
-            blob = "encode(coalesce(url, '')) || '\\x00'::BLOB || encode(coalesce(caption, ''))"
-            uids = con.sql(f"SELECT md5({blob}) AS uid FROM t").to_arrow_table()["uid"]  # = schema.make_uid
-        finally:
-            con.close()
-        table = table.append_column(S.UID, uids.cast(pa.string()))
-    extras = [c for c in table.column_names if c not in (S.URL, S.CAPTION, S.UID)]
-    part = pa.table({"file_row": pa.array(np.arange(n, dtype=np.int64)), S.UID: table[S.UID],
-                     S.URL: table[S.URL], S.CAPTION: table[S.CAPTION], **{c: table[c] for c in extras}})  # fmt: skip
-    part = part.append_column("file_id", pa.array(np.full(n, file_id, np.int32)))
-    write_parquet_atomic(Path(parts_dir) / f"{file_id:05d}.parquet", part, row_group_size=65536)
+    finally:
+        con.close()
     return {"rows": n}
 
 
@@ -447,6 +497,7 @@ def _ingest(pool: Pool, cfg: DownloadConfig, engine: Any, files: list[Path], pla
         from pipeline.engines.local import LocalEngine
 
         engine = LocalEngine(min(2, len(files)))
+    made_root = not pool.root.exists()
     ingests = list((plan or {}).get("ingests") or [])
     first_shard = plan["num_shards"] if plan else 0
     first_row = plan.get("source_rows", plan["num_rows"]) if plan else 0
@@ -459,7 +510,7 @@ def _ingest(pool: Pool, cfg: DownloadConfig, engine: Any, files: list[Path], pla
                                                              progress=False))  # fmt: skip
     errors = [done[i]["error"] for i in range(len(files)) if "error" in done[i]]
     if errors:
-        _discard(work, first=plan is None)
+        _discard(work, first=plan is None, made_root=made_root)
         raise InputError(errors[0])
     counts = np.array([done[i]["rows"] for i in range(len(files))], np.int64)
     starts = first_row + np.concatenate([[0], np.cumsum(counts)])
@@ -476,7 +527,7 @@ def _ingest(pool: Pool, cfg: DownloadConfig, engine: Any, files: list[Path], pla
         repeat = engine.query(f"SELECT uid, min(k) AS lo, max(k) AS hi FROM ({rows}) r GROUP BY uid "
                               "HAVING count(*) > 1 ORDER BY hi LIMIT 1", tables)  # fmt: skip
         if repeat.num_rows:
-            _discard(work, first=plan is None)
+            _discard(work, first=plan is None, made_root=made_root)
             lo = repeat["lo"][0].as_py()
             first = (f"shard {lo + 2**31:05d} of the pool (ingested before)" if lo < 0 else _where_in(files, lo))
             raise InputError(f"uid {repeat['uid'][0].as_py()} is given twice: {first} and "
@@ -518,15 +569,17 @@ def _ingest(pool: Pool, cfg: DownloadConfig, engine: Any, files: list[Path], pla
     return plan
 
 
-def _discard(work: Path, first: bool = True) -> None:
+def _discard(work: Path, first: bool = True, made_root: bool = False) -> None:
     """Remove the preparation's scratch (and, on the first ingest, ``input/`` if it held nothing
-    else): a refused list leaves the pool as it was."""
+    else, and the pool's folder if this run made it and it is empty): a refused list leaves the
+    pool as it was."""
     import shutil
 
     shutil.rmtree(work, ignore_errors=True)
     if first:
-        with contextlib.suppress(OSError):  # not empty, or never made
-            work.parent.rmdir()
+        for folder in (work.parent, work.parent.parent) if made_root else (work.parent,):
+            with contextlib.suppress(OSError):  # not empty, or never made
+                folder.rmdir()
 
 
 def _write_listed(out: Path, cfg: DownloadConfig, part_files: list[Path], schema: pa.Schema, starts: np.ndarray,
@@ -559,7 +612,10 @@ def _write_listed(out: Path, cfg: DownloadConfig, part_files: list[Path], schema
             if dropped_dir is not None:
                 found = read_where(dropped_dir, "file_id", file_id, ["file_row"])
                 drop = found["file_row"].combine_chunks() if found is not None and found.num_rows else None
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=65536):
+            # one row group after another on this thread: the threaded reader reads ahead, and its
+            # buffers grew the writer's peak with the parts' size
+            part = pq.ParquetFile(path, pre_buffer=False)
+            for batch in part.iter_batches(batch_size=_BATCH_ROWS, use_threads=False):
                 rows = pa.Table.from_batches([batch])
                 if drop is not None:
                     rows = rows.filter(pc.invert(pc.is_in(rows["file_row"], value_set=drop)))
