@@ -2,10 +2,11 @@
 published matchers (without I/O), side by side on the same captions and the full entries file.
 
     .venv/bin/python bench/metaclip_matching.py [--captions 20000] [--loop-captions 300] [--repeats 3]
+                                                [--per-shard 10000]
 
 - ``stage``: ``pipeline.metaclip.stage.match_shard`` over a pool of ``download`` tables (shards of
-  5,000 captions): read the shard's Parquet, match, write ``tables/metaclip_match`` and the marker,
-  one process (so the figure is per core).
+  ``--per-shard`` captions): read the shard's Parquet, match, write ``tables/metaclip_match``, the
+  shard's entry counts and the marker, one process (so the figure is per core).
 - ``aho-corasick``: a transcription of MetaCLIP's ``substr_matching.py`` (pyahocorasick, one
   automaton, per caption: spacing, ``automaton.iter``, a set of ids), captions already in memory.
 - ``loop``: a transcription of MetaCLIP's pure-Python version (every padded entry tested with ``in``
@@ -85,7 +86,7 @@ def loop_reference(text: str, padded_entries: list[str]) -> list[int]:
 # -- the sides ------------------------------------------------------------------------------------------
 
 
-def stage_side(texts: list[str], work: Path, per_shard: int = 5000) -> tuple[float, list[list[int]]]:
+def stage_side(texts: list[str], work: Path, per_shard: int = 10_000) -> tuple[float, list[list[int]]]:
     import pyarrow as pa
 
     from pipeline.config import MetaclipConfig
@@ -104,6 +105,7 @@ def stage_side(texts: list[str], work: Path, per_shard: int = 5000) -> tuple[flo
                                     S.ROW: pa.array(range(len(part)), pa.int64()), S.CAPTION: part,
                                     S.STATUS: ["success"] * len(part)}), S.DOWNLOAD_SCHEMA)  # fmt: skip
         pool.write_table("download", s, table)
+        pool.mark_done("download", s, "bench", {"samples": len(part)})  # downloaded: the stage reads its table
     cfg = MetaclipConfig(metadata=str(ENTRIES))
     matcher_for(cfg.metadata)  # the automaton is built once per process, as in the stage: not timed
     t = time.perf_counter()
@@ -119,6 +121,7 @@ def main() -> None:
     ap.add_argument("--captions", type=int, default=20_000)
     ap.add_argument("--loop-captions", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--per-shard", type=int, default=10_000, help="captions per shard (img2dataset's default)")
     args = ap.parse_args()
 
     from pipeline.metaclip.matching import load_entries
@@ -132,7 +135,7 @@ def main() -> None:
     for repeat in range(args.repeats):
         work = Path(tempfile.mkdtemp(prefix="clipcurate-matching-"))
         try:
-            stage_s, stage_out = stage_side(texts, work)
+            stage_s, stage_out = stage_side(texts, work, args.per_shard)
         finally:
             shutil.rmtree(work)
         t = time.perf_counter()

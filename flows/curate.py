@@ -45,11 +45,12 @@ def ingest_task(cfg: PipelineConfig, engine: Engine) -> dict[str, Any]:
     from pipeline.download.stage import scan_inputs
 
     pool = Pool(cfg.pool)
-    before = (pool.read_plan() or {}).get("ingests") or []
+    was = pool.read_plan()
+    before = len(was.get("ingests") or [1]) if was else 0  # a plan of an earlier version: one ingest
     plan = prepare(pool, cfg.download, engine)
-    new = plan["ingests"][len(before):] if len(plan.get("ingests") or []) > len(before) else []
+    new = plan["ingests"][before:]
     first = new[0]["first_shard"] if new else plan["num_shards"]
-    return {"new_files": [{"path": f["path"], "rows": f["rows"]} for i in new for f in i["files"] or []],
+    return {"new_files": [{"path": f["path"], "rows": f.get("rows")} for i in new for f in i["files"] or []],
             "new_shards": list(range(first, plan["num_shards"])),
             "vanished": scan_inputs(pool, cfg.download)["vanished"],
             "num_shards": plan["num_shards"], "num_rows": plan["num_rows"]}  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import shutil
 import subprocess
@@ -65,3 +66,22 @@ def test_report_renders_in_headless_chromium(reported, tmp_path):
     pixels = Image.open(shot).convert("L").resize((60, 150))
     dark = sum(1 for p in pixels.getdata() if p < 200)
     assert dark > 500  # plots and text, not a blank page
+
+
+def test_funnel_is_monotone_and_ends_at_the_release_of_every_keep(reported, tmp_path):
+    """Each funnel line is a subset of the one above, and the last is what a release of
+    `metaclip_keep and keep and rebalance_keep` (every stage's keep, the flow's default) holds."""
+    from pipeline.config import ExportConfig
+    from pipeline.export import export
+    from pipeline.query import connect
+    from pipeline.report import funnel
+
+    pool, _ = reported
+    con = connect(pool)
+    columns = {row[0] for row in con.execute("describe samples").fetchall()}
+    steps = funnel(pool, con, columns)
+    assert [s for s, _ in steps][-3:] == ["MetaCLIP balanced", "filter recipe", "rebalanced"]
+    counts = [n for _, n in steps]
+    assert all(a >= b for a, b in itertools.pairwise(counts)) and counts[-1] > 0, steps
+    manifest = export(pool, ExportConfig(out=str(tmp_path / "r"), where="metaclip_keep and keep and rebalance_keep"))
+    assert manifest["counts"]["samples"] == counts[-1]

@@ -336,7 +336,8 @@ def _legacy_ingests(pool: Pool, plan: dict[str, Any], source: Path) -> dict[str,
         raise InputError(f"{pool.root} was prepared from {plan['source']} before pools recorded their input files, "
                          "and that source has changed since: use a new pool directory for it")  # fmt: skip
     if digest is not None:
-        first["files"] = [_file_record(f) for f in input_files(source)]
+        files = input_files(source)
+        first["files"] = [_file_record(f, first["source_rows"] if len(files) == 1 else None) for f in files]
     return {**plan, "ingests": [first]}
 
 
