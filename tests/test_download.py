@@ -316,3 +316,24 @@ def test_a_bad_row_far_into_a_big_file_is_named_by_its_row_in_the_file(tmp_path:
     pq.write_table(table.set_column(1, "caption", pa.array(captions, pa.binary())), tmp_path / "big.parquet")
     _expect_input_error(tmp_path, tmp_path / "big.parquet", r"big\.parquet: row 68124: uid column 'uid' holds "
                         "'not-a-uid'", uid_col="uid")  # fmt: skip
+
+
+def test_a_pool_prepared_by_an_earlier_version_resumes_and_records_its_input_file(tmp_path: Path, image_server):
+    """A plan without ``ingests`` (written before pools grew) is upgraded in place when its source
+    is unchanged: the file is recorded, nothing is ingested again, and the flow sees no new input."""
+    import json
+
+    from flows.curate import ingest_task
+
+    url_list = tmp_path / "urls.parquet"
+    pq.write_table(point_at(laion_rows(150, offset=300), image_server), url_list)
+    cfg = make_config(tmp_path / "pool", url_list, samples_per_shard=100)
+    pool = Pool(cfg.pool)
+    prepare(pool, cfg.download)
+    old = {k: v for k, v in pool.read_plan().items() if k != "ingests"}
+    pool.plan_path.write_text(json.dumps(old))
+    listed = pool.input_path.read_bytes()
+    seen = ingest_task.fn(cfg, LocalEngine(1))
+    assert seen["new_files"] == [] and seen["new_shards"] == [] and pool.input_path.read_bytes() == listed
+    (ingest,) = pool.read_plan()["ingests"]
+    assert ingest["files"][0]["path"] == str(url_list.resolve()) and ingest["files"][0]["rows"] == 150
