@@ -84,7 +84,7 @@ def main() -> None:
     if args.run:
         run(*args.run)
         return
-    from scale import _Poll
+    from scale import _Poll, emit
 
     for size in args.sizes:
         root = args.work / str(size)
@@ -106,10 +106,7 @@ def main() -> None:
         line = {"size": size, "files": args.files, "seconds": round(seconds, 1), "rows_per_s": round(size / seconds),
                 "peak_rss_gib": round(float((root / "rss").read_text()), 3),
                 "worker_peak_rss_gib": round(poll.peaks["worker"] / 2**30, 3), **json.loads(out)}  # fmt: skip
-        print(json.dumps(line), flush=True)
-        if args.json:
-            with args.json.open("a") as f:
-                f.write(json.dumps(line) + "\n")
+        emit(line, args.json)
 
 
 if __name__ == "__main__":

@@ -297,11 +297,15 @@ def main() -> None:
                 shutil.rmtree(root / "tables" / stage, ignore_errors=True)
                 (root / "aggregates" / f"{stage}.json").unlink(missing_ok=True)  # MoDE reuses a recorded fit
         for step in args.steps:
-            line = measure(step, root, size, args.engine)
-            print(json.dumps(line), flush=True)
-            if args.json:
-                with args.json.open("a") as f:
-                    f.write(json.dumps(line) + "\n")
+            emit(measure(step, root, size, args.engine), args.json)
+
+
+def emit(line: dict, path: Path | None) -> None:
+    """Print a benchmark's JSON line, and append it to ``path`` when given."""
+    print(json.dumps(line), flush=True)
+    if path:
+        with path.open("a") as f:
+            f.write(json.dumps(line) + "\n")
 
 
 if __name__ == "__main__":
