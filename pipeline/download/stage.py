@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from pipeline.config import DownloadConfig, config_dict, config_hash
 from pipeline.errors import UserError
 from pipeline.store import schema as S
-from pipeline.store.parquet import Pool, file_sha256, shard_name, write_json_atomic
+from pipeline.store.parquet import Pool, file_sha256, recorded_change, shard_name, write_json_atomic
 
 STAGE = "download"
 _FETCHED_SCHEMES = ("http", "https")
@@ -257,10 +257,14 @@ def read_url_list(path: str | Path, cfg: DownloadConfig) -> pa.Table:
     return pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
 
 
+def _is_glob(source: Path) -> bool:
+    return any(ch in str(source) for ch in "*?[")
+
+
 def input_files(source: Path) -> list[Path]:
     """The URL list's files: the file itself, a folder's ``*.parquet`` files, or the files a glob
     (``/data/lists/*.csv``) matches, in name order."""
-    if any(ch in str(source) for ch in "*?["):
+    if _is_glob(source):
         files = sorted(p for p in Path(source.anchor or ".").glob(str(source.relative_to(source.anchor or ".")))
                        if p.is_file())  # fmt: skip
         if not files:
@@ -276,21 +280,35 @@ def input_files(source: Path) -> list[Path]:
 
 def source_digest(source: Path) -> str | None:
     """sha256 of the URL list (of each file's name and sha256, for a folder); None when it is gone."""
-    globbed = any(ch in str(source) for ch in "*?[")
+    globbed = _is_glob(source)
     if not globbed and not source.exists():
         return None
     if not globbed and not source.is_dir():
         return file_sha256(source)
-    import hashlib
-
-    h = hashlib.sha256()
     try:
         files = input_files(source)
     except InputError:
         return None
-    for path in files:
-        h.update(f"{path.name}\0{file_sha256(path)}\n".encode())
+    return _names_digest((path.name, file_sha256(path)) for path in files)
+
+
+def _names_digest(files: Any) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, sha256 in files:
+        h.update(f"{name}\0{sha256}\n".encode())
     return h.hexdigest()
+
+
+def _ingested_digest(source: Path, ingests: list[dict[str, Any]]) -> str | None:
+    """:func:`source_digest` of the ingested files, from their records (no file is read again)."""
+    records = sorted((f for i in ingests for f in i["files"] or []), key=lambda f: f["path"])
+    if not records:
+        return None
+    if not _is_glob(source) and source.is_file() and len(records) == 1:
+        return records[0]["sha256"]
+    return _names_digest((Path(f["path"]).name, f["sha256"]) for f in records)
 
 
 def _check_reserved(cfg: DownloadConfig) -> None:
@@ -301,9 +319,6 @@ def _check_reserved(cfg: DownloadConfig) -> None:
             "(the download recomputes original_width, original_height and sha256 from the fetched image); "
             "leave it out or rename it in the input"
         )
-
-
-_PLAN_KEYS = ("samples_per_shard", "url_col", "caption_col", "uid_col", "extra_cols", "bbox_col")
 
 
 def _check_same_settings(pool: Pool, plan: dict[str, Any], cfg: DownloadConfig) -> None:
@@ -358,22 +373,19 @@ def scan_inputs(pool: Pool, cfg: DownloadConfig, plan: dict[str, Any] | None = N
     ingested: dict[str, dict[str, Any]] = {}
     for ingest in (plan or {}).get("ingests") or []:
         for record in ingest.get("files") or []:
-            ingested[record["path"]] = {**record, "ingest": ingest}
+            ingested[record["path"]] = record
     try:
         now = input_files(source)
     except InputError:
         now = []  # the source is gone: the prepared copy in the pool is all a resume needs
     changed, vanished = [], []
     for path, record in ingested.items():
-        try:
-            st = Path(path).stat()
-        except FileNotFoundError:
+        change = recorded_change(Path(path), record)
+        if change is not None and change[0] == "missing":
             vanished.append(path)
-            continue
-        if st.st_size != record["size"] or (st.st_mtime_ns != record["mtime_ns"]
-                                            and file_sha256(path) != record["sha256"]):  # fmt: skip
+        elif change is not None:
             changed.append(f"{path} ({record['size']} bytes, sha256 {record['sha256'][:12]}... when ingested; "
-                           f"{st.st_size} bytes now)")  # fmt: skip
+                           f"{change[1]} bytes now)")  # fmt: skip
     if changed:
         raise InputError(f"input file(s) changed since the pool ingested them: {'; '.join(changed)}. An ingested "
                          "file is never re-read: put new rows in a new file, or restore it (nothing was changed)")
@@ -479,7 +491,7 @@ def prepare(pool: Pool, cfg: DownloadConfig, engine: Any = None) -> dict[str, An
         if not files:
             return plan
     else:
-        if not any(ch in str(source) for ch in "*?[") and not source.exists():
+        if not _is_glob(source) and not source.exists():
             raise InputError(f"{source}: URL list not found")
         files = input_files(source)
     _check_reserved(cfg)
@@ -557,7 +569,7 @@ def _ingest(pool: Pool, cfg: DownloadConfig, engine: Any, files: list[Path], pla
     plan = {
         "source": str(source.resolve()) if source.exists() else str(source),
         "source_files": sum(len(i["files"] or []) for i in ingests),
-        "source_sha256": source_digest(source),
+        "source_sha256": _ingested_digest(source, ingests),
         "source_rows": sum(i["source_rows"] for i in ingests),
         "duplicates_dropped": sum(i["duplicates_dropped"] for i in ingests),
         "num_rows": sum(i["num_rows"] for i in ingests),
@@ -853,12 +865,9 @@ def run_download(
         InputError: the URL list is unusable or differs from the one the pool was prepared from.
         ShardFailures: some shards failed; the others are finished and kept.
     """
-    from pipeline.engines.base import raise_failures
+    from pipeline.engines.base import raise_failures, requested
 
-    _, todo = plan_shards(pool, cfg, engine)
-    if shards is not None:
-        pending = set(todo)
-        todo = [s for s in shards if s in pending]
+    todo = requested(plan_shards(pool, cfg, engine)[1], shards)
     fn = functools.partial(download_shard, str(pool.root), cfg)
     result = engine.map_download(fn, todo, desc=STAGE, staging=pool.staging_dir, weights=pool.shard_sizes(todo),
                                  progress=progress)  # fmt: skip

@@ -355,7 +355,7 @@ def run_import(pool: Pool, cfg: EmbedConfig, engine: Any, shards: list[int] | No
     Raises:
         EmbeddingImportError: the layout is incomplete, or a file's dimension or row count differs.
     """
-    from pipeline.engines.base import Table, raise_failures, run_shards
+    from pipeline.engines.base import Table, raise_failures, requested, run_shards
 
     source = cfg.source
     assert source is not None
@@ -363,10 +363,7 @@ def run_import(pool: Pool, cfg: EmbedConfig, engine: Any, shards: list[int] | No
         files = [str(p) for p in check_datacomp(Path(source.path), source.key)]
     else:
         check_clip_retrieval(Path(source.path))
-    todo = pending_imports(pool, cfg)
-    if shards is not None:
-        wanted = set(shards)
-        todo = [s for s in todo if s in wanted]
+    todo = requested(pending_imports(pool, cfg), shards)
     if not todo:
         return {}
     digest = import_hash(cfg)

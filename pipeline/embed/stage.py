@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import EmbedConfig, config_hash
+from pipeline.engines.base import requested
 from pipeline.errors import UserError
 from pipeline.store import schema as S
 from pipeline.store.parquet import Pool, file_sha256
@@ -327,10 +328,7 @@ def run_embed(pool: Pool, cfg: EmbedConfig, shards: list[int] | None = None, pro
     from pipeline.progress import Progress
 
     embedder = (embedder or ClipEmbedder(cfg)).setup()
-    todo = pending_shards(pool, embedder.cfg)
-    if shards is not None:
-        pending = set(todo)
-        todo = [s for s in shards if s in pending]
+    todo = requested(pending_shards(pool, embedder.cfg), shards)
     if not todo:
         return {}
     digest, dim = stage_hash(embedder.cfg, embedder.checkpoint_sha256), embedder.dim
@@ -394,10 +392,7 @@ def run_embed_on(engine: Any, pool: Pool, cfg: EmbedConfig, shards: list[int] | 
         from pipeline.embed.imported import run_import
 
         return run_import(pool, cfg, engine, shards, progress)
-    todo = pending_shards(pool, cfg)
-    if shards is not None:
-        pending = set(todo)
-        todo = [s for s in shards if s in pending]
+    todo = requested(pending_shards(pool, cfg), shards)
     if not todo:
         return {}
     result = engine.map_model(functools.partial(_embed_batch_of, str(pool.root), cfg, progress),

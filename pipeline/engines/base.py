@@ -140,6 +140,15 @@ def run_shards(
     return raise_failures(pool, desc, result)
 
 
+def requested(todo: Sequence[int], shards: Sequence[int] | None) -> list[int]:
+    """The shards of ``todo`` (a stage's unfinished shards) that a caller asked for, in the order
+    it asked (``shards``; None: all of ``todo``): a Prefect task runs one batch of a stage this way."""
+    if shards is None:
+        return list(todo)
+    pending = set(todo)
+    return [s for s in shards if s in pending]
+
+
 def raise_failures(pool: Pool, desc: str, result: ShardResults) -> dict[int, Any]:
     if result.failures:
         pool.update_manifest()

@@ -596,13 +596,14 @@ def _export(pool: Pool, cfg: ExportConfig, progress: bool, engine: Any,
     unmatched = None if plan["uids_total"] is None else plan["uids_total"] - plan["samples"]
     extra = {"without_image": plan["without_image"], "captions_repaired": repaired, "incomplete": plan["incomplete"],
              "uids_unmatched": unmatched}  # fmt: skip
-    manifest = _manifest(pool, cfg, digest, entries, plan["samples"], extra)
+    pool_manifest = pool.build_manifest()  # not written: the pool may be read-only
+    manifest = _manifest(pool_manifest, cfg, digest, entries, plan["samples"], extra)
     if version is not None:
         from pipeline.export.versions import write_changes
 
         manifest["version"] = version["name"]
         manifest["previous_version"] = version.get("previous_name")
-        manifest["changes"] = write_changes(pool, engine, partial, version, manifest)
+        manifest["changes"] = write_changes(pool, pool_manifest, engine, partial, version, manifest)
     write_json_atomic(partial / "manifest.json", manifest)
     with atomic_path(partial / "README.md") as tmp:
         tmp.write_text(dataset_card(pool, cfg, manifest))
@@ -640,14 +641,13 @@ def write_release_uids(partial: Path, engine: Any, n: int) -> None:
     shutil.rmtree(partial / "uids_sorted")
 
 
-def _manifest(pool: Pool, cfg: ExportConfig, digest: str, entries: list[dict], n: int,
+def _manifest(pool_manifest: dict[str, Any], cfg: ExportConfig, digest: str, entries: list[dict], n: int,
               extra: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
-    pool_manifest = pool.build_manifest()  # not written: the pool may be read-only
     last = len(entries) - 1
     return {
         "format": RELEASE_FORMAT,
         "digest": digest,
-        "source_pool": str(pool.root.resolve()),
+        "source_pool": pool_manifest["pool"],
         "where": cfg.where,
         "recipe": cfg.recipe,
         "export_config": dataclasses.asdict(cfg),

@@ -140,8 +140,8 @@ def _counts(engine: Any, sql: str, tables: dict[str, Any]) -> dict[str, int]:
     return {str(r): int(n) for r, n in zip(rows["reason"].to_pylist(), rows["n"].to_pylist(), strict=True)}
 
 
-def release_changes(pool: Pool, engine: Any, new_dir: Path, previous: Path, previous_manifest: dict[str, Any],
-                    samples: int) -> dict[str, Any]:  # fmt: skip
+def release_changes(pool: Pool, pool_manifest: dict[str, Any], engine: Any, new_dir: Path, previous: Path,
+                    previous_manifest: dict[str, Any], samples: int) -> dict[str, Any]:  # fmt: skip
     """Samples added and removed against ``previous`` by reason, new input files, decision flips."""
     new = _sidecars(new_dir, [S.UID, "source_shard"])
     old = _sidecars(previous, [S.UID])
@@ -156,7 +156,7 @@ def release_changes(pool: Pool, engine: Any, new_dir: Path, previous: Path, prev
                                 f"count(*) as n from new n {anti} group by 1 order by 1",
                         {"new": new, **({"old": old} if old is not None else {})})  # fmt: skip
     if old is not None:
-        stages = set(pool.stages())
+        stages = set(pool_manifest["stages"])
         tables: dict[str, Any] = {"old": old, **({"new": new} if new is not None else {})}
         joins, cases = [], []
         for stage, alias, case in _REASONS:
@@ -170,15 +170,14 @@ def release_changes(pool: Pool, engine: Any, new_dir: Path, previous: Path, prev
         reason = f"case {' '.join(cases)} else 'no longer selected (selection or download changed)' end"
         removed = _counts(engine, f"select {reason} as reason, count(*) as n from ({gone}) r {' '.join(joins)} "
                                   "group by 1 order by 1", tables)  # fmt: skip
-    manifest = pool.build_manifest()
     flips = {}
     for stage, _ in _FLIP_STAGES:
-        counts = manifest["stages"].get(stage, {}).get("counts", {})
+        counts = pool_manifest["stages"].get(stage, {}).get("counts", {})
         picked = {k: v for k, v in counts.items() if k.startswith(("flipped_", "p_changed"))}
         if picked:
             flips[stage] = picked
     known = {f["path"] for f in old_input.get("files") or []}
-    now = (manifest.get("input") or {}).get("ingests") or []
+    now = (pool_manifest.get("input") or {}).get("ingests") or []
     new_files = [{"path": f["path"], "rows": f.get("rows")} for i in now for f in i.get("files") or []
                  if f["path"] not in known]  # fmt: skip
     before = int(previous_manifest["counts"]["samples"])
@@ -187,7 +186,7 @@ def release_changes(pool: Pool, engine: Any, new_dir: Path, previous: Path, prev
             "flips": flips}  # fmt: skip
 
 
-def write_changes(pool: Pool, engine: Any, partial: Path, version: dict[str, Any],
+def write_changes(pool: Pool, pool_manifest: dict[str, Any], engine: Any, partial: Path, version: dict[str, Any],
                   manifest: dict[str, Any]) -> dict[str, Any] | None:  # fmt: skip
     """``CHANGES.md`` in the version being built (``partial``); returns the manifest's ``changes``."""
     name, samples = version["name"], manifest["counts"]["samples"]
@@ -195,7 +194,8 @@ def write_changes(pool: Pool, engine: Any, partial: Path, version: dict[str, Any
         changes = None
         lines = [f"# {name}", "", f"The first version: {samples} samples."]
     else:
-        changes = release_changes(pool, engine, partial, version["previous"], version["previous_manifest"], samples)
+        changes = release_changes(pool, pool_manifest, engine, partial, version["previous"],
+                                  version["previous_manifest"], samples)  # fmt: skip
         prev = changes["previous"]
         lines = [f"# {name}: changes from {prev}", "", "| | samples |", "|---|---:|",
                  f"| {prev} | {changes['samples_before']} |", f"| added | {sum(changes['added'].values())} |",

@@ -76,13 +76,18 @@ def _counts_path(pool: Pool, shard: int) -> Any:
     return pool.aggregates_dir / "metaclip_counts" / f"{shard:05d}.parquet"
 
 
+def _write_entry_counts(path: Any, matched: pa.ListArray, rows: pa.Array) -> None:
+    """Samples per entry among ``rows`` of a shard's ``matched`` lists, as ``(entry_id, n)``: the
+    pool's figure is the engine's SQL sum of these small files, with no join."""
+    entry_ids, n = np.unique(matched.filter(rows).flatten().to_numpy(zero_copy_only=False), return_counts=True)
+    write_parquet_atomic(path, pa.table({"entry_id": pa.array(entry_ids, pa.int32()), "n": pa.array(n, pa.int64())}))
+
+
 def _write_shard_counts(pool: Pool, shard: int, match: pa.Table) -> None:
-    """This shard's counted matches per entry: the pool's entry counts are the SQL sum of these
-    small files, so a grown pool adds its new shards' counts to the stored ones."""
-    ids = match[S.MATCHED_ENTRY_IDS].combine_chunks().filter(match[S.COUNTED].combine_chunks())
-    entry_ids, n = np.unique(ids.flatten().to_numpy(zero_copy_only=False), return_counts=True)
-    write_parquet_atomic(_counts_path(pool, shard), pa.table({"entry_id": pa.array(entry_ids, pa.int32()),
-                                                               "n": pa.array(n, pa.int64())}))  # fmt: skip
+    """This shard's counted matches per entry: a grown pool adds its new shards' counts to the
+    stored ones."""
+    _write_entry_counts(_counts_path(pool, shard), match[S.MATCHED_ENTRY_IDS].combine_chunks(),
+                        match[S.COUNTED].combine_chunks())  # fmt: skip
 
 
 def shard_counts_task(pool_root: str, shard: int) -> int:
@@ -115,11 +120,7 @@ def balance_shard(pool_root: str, cfg: MetaclipConfig, t: float, digest: str, sh
     )
     flips = decision_flips(pool.table_path(STAGE, shard), match[S.UID], keep, S.METACLIP_KEEP, p, S.METACLIP_P)
     pool.write_table(STAGE, shard, table)
-    # this shard's kept samples per entry: the pool's figure is a SQL sum of these, with no join
-    kept_ids, kept_n = np.unique(matched.filter(pa.array(keep)).flatten().to_numpy(zero_copy_only=False),
-                                 return_counts=True)  # fmt: skip
-    kept_table = pa.table({"entry_id": pa.array(kept_ids, pa.int32()), "n": pa.array(kept_n, pa.int64())})
-    write_parquet_atomic(pool.aggregates_dir / "metaclip_kept" / f"{shard:05d}.parquet", kept_table)
+    _write_entry_counts(pool.aggregates_dir / "metaclip_kept" / f"{shard:05d}.parquet", matched, pa.array(keep))
     result = {"samples": table.num_rows, "kept": int(keep.sum()), **flips}
     pool.mark_done(STAGE, shard, _balance_hash(cfg, t, digest), result)
     return result

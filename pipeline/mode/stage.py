@@ -41,8 +41,8 @@ def fit_hash(pool: Pool, cfg: ModeConfig) -> str:
     source = pool.stage_config("embed")["config_hash"]
     # ... and the pool it is fitted on: a grown pool (new input files) is fitted again, as a pool
     # curated from all its files at once would be (the sample is by uid hash, the same either way)
-    grown = (pool.read_plan() or {}).get("ingests") or []
-    size = "" if len(grown) <= 1 else f"|{(pool.read_plan() or {})['num_rows']}"
+    plan = pool.read_plan() or {}
+    size = "" if len(plan.get("ingests") or []) <= 1 else f"|{plan['num_rows']}"
     return hashlib.sha256(f"{config_hash(cfg)}|{source}{size}".encode()).hexdigest()[:16]
 
 

@@ -85,6 +85,22 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def recorded_change(path: Path, want: dict[str, Any], full: bool = False) -> tuple[str, int] | None:
+    """How ``path`` differs from its record (``size``, ``mtime_ns``, ``sha256``): None when it does
+    not, else ``("missing", 0)``, ``("size", size now)`` or ``("bytes", size)``. rsync's quick
+    check: a ``stat``, and the sha256 only where the size matches and the mtime moved (``full``:
+    always)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return "missing", 0
+    if st.st_size != want["size"]:
+        return "size", st.st_size
+    if (full or st.st_mtime_ns != want["mtime_ns"]) and file_sha256(path) != want["sha256"]:
+        return "bytes", st.st_size
+    return None
+
+
 def package_versions() -> dict[str, str]:
     versions = {}
     for name in TRACKED_PACKAGES:
@@ -239,15 +255,16 @@ class Pool:
         problems = []
         for rel, want in files.items():
             path = self.root / rel
-            try:
-                st = path.stat()
-            except FileNotFoundError:
-                problems.append((path, "missing (its completion marker says done)"))
+            change = recorded_change(path, want, full)
+            if change is None:
                 continue
-            if st.st_size != want["size"]:
-                how = "truncated?" if st.st_size < want["size"] else "rewritten?"
-                problems.append((path, f"{st.st_size} bytes, its marker recorded {want['size']} ({how})"))
-            elif (full or st.st_mtime_ns != want["mtime_ns"]) and file_sha256(path) != want["sha256"]:
+            kind, size = change
+            if kind == "missing":
+                problems.append((path, "missing (its completion marker says done)"))
+            elif kind == "size":
+                how = "truncated?" if size < want["size"] else "rewritten?"
+                problems.append((path, f"{size} bytes, its marker recorded {want['size']} ({how})"))
+            else:
                 problems.append((path, "its bytes differ from the sha256 its marker recorded (damaged)"))
         return problems
 
