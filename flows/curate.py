@@ -1,17 +1,18 @@
-"""The ``curate`` flow: one Prefect task per batch of shards for each stage.
+"""The ``curate`` flow: a list of stages (:data:`STAGES`), one Prefect task per batch of shards.
 
-Stages, each when the config has its section: download; embed (per shard batch); MetaCLIP
+Each entry runs when the config has its section: download; embed (per shard batch); MetaCLIP
 (matching per shard batch, then one global balancing task); filters (scores per shard batch,
-then the recipe's global steps and decisions); MoDE clustering (global fit,
-per-shard assignment); rebalancing (global). The flow chooses the engine once and hands it to
-every task. Runs without a Prefect server (Prefect's ephemeral mode) unless ``PREFECT_API_URL``
-points at one.
+then the recipe's global steps and decisions); MoDE clustering (global fit, per-shard
+assignment); rebalancing (global). With ``download.where`` the caption stages come first
+(:data:`TEXT_FIRST`). The flow chooses the engine once and hands it to every task. Runs without a
+Prefect server (Prefect's ephemeral mode) unless ``PREFECT_API_URL`` points at one.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import Any
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -210,9 +211,56 @@ def _release_markdown(manifest: dict[str, Any]) -> str:
     return "\n".join([head, "", "| shard | samples | sha256 |", "|---|---:|---|", *rows])
 
 
+@dataclass(frozen=True)
+class FlowStage:
+    """One entry of the flow: run when the config has ``section``; ``plan`` lists the shards due and
+    ``batch`` runs one batch of them (a task per batch, ``download.shards_per_task`` shards each),
+    then ``finish`` runs the stage's pool-wide part; ``artifact`` names the stage whose counts are
+    published."""
+
+    section: str
+    plan: Any = None
+    batch: Any = None
+    finish: Any = None
+    artifact: str | None = None
+    listed: bool = False  # plan over the listed shards (curating before the download)
+
+
+STAGES = [
+    FlowStage("download", plan_download, download_batch, artifact="download"),
+    FlowStage("embed", plan_embed, embed_batch, artifact="embed"),
+    FlowStage("metaclip", plan_metaclip, metaclip_match_batch, metaclip_balance, artifact="metaclip"),
+    FlowStage("filters", plan_filters, filter_scores_batch, filter_decide, artifact="decisions"),
+    FlowStage("mode", finish=mode_task, artifact="mode"),
+    FlowStage("rebalance", finish=rebalance_task, artifact="rebalance"),
+]
+# MetaCLIP's order (``download.where``): the caption stages on the listed captions, then the rest
+TEXT_FIRST = [STAGES[2], FlowStage("filters", plan_filters, filter_scores_batch, listed=True), *STAGES]
+
+
+def stages_for(cfg: PipelineConfig) -> list[FlowStage]:
+    """The entries a config runs, in order."""
+    order = TEXT_FIRST if cfg.download.where is not None else STAGES
+    return [stage for stage in order if getattr(cfg, stage.section) is not None]
+
+
+def run_stage(stage: FlowStage, cfg: PipelineConfig, engine: Engine, pool: Pool) -> list[Exception]:
+    """One entry: its batches, then (when they all finished) its pool-wide part; the failures."""
+    errors = []
+    if stage.batch is not None:
+        shards = stage.plan(cfg, listed=True) if stage.listed else stage.plan(cfg)
+        errors = _submit_batches(stage.batch, cfg, engine, shards)
+    if not errors and stage.finish is not None:
+        stage.finish.with_options(retries=cfg.flow.task_retries)(cfg, engine)
+    if stage.artifact is not None:
+        _stage_artifact(pool, stage.artifact)
+    return errors
+
+
 @flow(name="curate", log_prints=True)
 def curate(config_path: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Curate the pool described by the YAML config at ``config_path``."""
+    """Curate the pool described by the YAML config at ``config_path``: ingest, the entries of
+    :func:`stages_for` in order, then the release and the report."""
     cfg = load_config(config_path, overrides)
     engine = get_engine(cfg)
     pool = Pool(cfg.pool)
@@ -224,35 +272,10 @@ def curate(config_path: str, overrides: dict[str, Any] | None = None) -> dict[st
             create_markdown_artifact(markdown=_cycle_markdown(ingested, None, pool, skipped=True), key="curate-cycle",
                                      description=f"Curation cycle of {pool.root}")  # fmt: skip
             return pool.build_manifest()
-        if cfg.download.where is not None:  # curate from the captions first, then fetch what is selected
-            if cfg.metaclip is not None:
-                errors = _submit_batches(metaclip_match_batch, cfg, engine, plan_metaclip(cfg))
-                if not errors:
-                    metaclip_balance.with_options(retries=cfg.flow.task_retries)(cfg, engine)
-            if not errors and cfg.filters is not None:
-                errors = _submit_batches(filter_scores_batch, cfg, engine, plan_filters(cfg, listed=True))
-        if not errors:
-            errors = _submit_batches(download_batch, cfg, engine, plan_download(cfg))
-        _stage_artifact(pool, "download")
-        if not errors and cfg.embed is not None:
-            errors = _submit_batches(embed_batch, cfg, engine, plan_embed(cfg))
-            _stage_artifact(pool, "embed")
-        if not errors and cfg.metaclip is not None:
-            errors = _submit_batches(metaclip_match_batch, cfg, engine, plan_metaclip(cfg))
-            if not errors:
-                metaclip_balance.with_options(retries=cfg.flow.task_retries)(cfg, engine)
-                _stage_artifact(pool, "metaclip")
-        if not errors and cfg.filters is not None:
-            errors = _submit_batches(filter_scores_batch, cfg, engine, plan_filters(cfg))
-            if not errors:
-                filter_decide.with_options(retries=cfg.flow.task_retries)(cfg, engine)
-                _stage_artifact(pool, "decisions")
-        if not errors and cfg.mode is not None:
-            mode_task.with_options(retries=cfg.flow.task_retries)(cfg, engine)
-            _stage_artifact(pool, "mode")
-        if not errors and cfg.rebalance is not None:
-            rebalance_task.with_options(retries=cfg.flow.task_retries)(cfg, engine)
-            _stage_artifact(pool, "rebalance")
+        for stage in stages_for(cfg):
+            errors = run_stage(stage, cfg, engine, pool)
+            if errors:
+                break
         release = None
         if not errors and cfg.export is not None:
             release = export_task.with_options(retries=cfg.flow.task_retries)(cfg, engine)

@@ -64,6 +64,18 @@ def _pool_error(pool: Pool, exc: Exception, where: str) -> UserError:
     return UserError(f"{where}: {text}" + (f"; {redo_hint(named.group(1))}" if named else ""))
 
 
+def _engine(config: str | None, pool: Pool, workers: int | None = None) -> Any:
+    """The engine of ``config`` (``engine:`` and its section), or, for a command given only a pool,
+    the local engine with ``workers`` processes: every command gets its engine here."""
+    from pipeline.config import parse_config
+    from pipeline.engines import get_engine
+
+    if config:
+        return get_engine(load_config(config), workers)
+    settings = {"pool": str(pool.root), "download": {"input": "-", "processes": workers or 2}}
+    return get_engine(parse_config(settings, "curate"), workers)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.curate import run
 
@@ -85,13 +97,12 @@ def cmd_download(args: argparse.Namespace) -> int:
 def cmd_import_embeddings(args: argparse.Namespace) -> int:
     from pipeline.config import EmbedConfig, EmbedSourceConfig
     from pipeline.embed import run_embed_on
-    from pipeline.engines.local import LocalEngine
 
     pool = _existing_pool(args.pool)
     source = EmbedSourceConfig(path=args.path, format=args.format, key=args.key)
     embed = EmbedConfig(model=args.model, source=source, caption_model=None if args.no_captions else "clip")
     with _locked(args, pool):
-        done = run_embed_on(LocalEngine(args.workers), pool, embed)
+        done = run_embed_on(_engine(args.config, pool, args.workers), pool, embed)
     print(f"imported {len(done)} shard(s): {sum(c['imported'] for c in done.values())} samples, "
           f"{sum(c['missing'] for c in done.values())} without a published embedding")  # fmt: skip
     return 0
@@ -99,19 +110,21 @@ def cmd_import_embeddings(args: argparse.Namespace) -> int:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from pipeline.config import EmbedConfig
-    from pipeline.embed import run_embed
+    from pipeline.embed import run_embed_on
+    from pipeline.engines import get_engine
 
     if Path(args.target).is_dir():
         if not args.checkpoint:
             raise ConfigError("curate embed POOL needs --checkpoint (or give a config file instead of POOL)")
         pool, embed = Pool(args.target), EmbedConfig(model=args.model, checkpoint=args.checkpoint)
+        engine = _engine(None, pool)
     else:
         cfg = load_config(args.target, _overrides(args.set))
         if cfg.embed is None:
             raise ConfigError(f"{args.target}: has no `embed` section")
-        pool, embed = Pool(cfg.pool), cfg.embed
+        pool, embed, engine = Pool(cfg.pool), cfg.embed, get_engine(cfg)
     with _locked(args, pool):
-        done = run_embed(pool, embed)
+        done = run_embed_on(engine, pool, embed)
     print(f"embedded {len(done)} shard(s): {sum(c['samples'] for c in done.values())} samples, "
           f"{sum(c['decode_errors'] for c in done.values())} decode errors")  # fmt: skip
     return 0
@@ -171,8 +184,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from pipeline.download import prepare
 
     cfg = load_config(args.config, _overrides(args.set))
+    from pipeline.engines import get_engine
+
     with _locked(args, Pool(cfg.pool)):
-        plan = prepare(Pool(cfg.pool), cfg.download)
+        plan = prepare(Pool(cfg.pool), cfg.download, get_engine(cfg))
     print(f"{cfg.pool}: {plan['num_rows']} rows listed in {plan['num_shards']} shard(s) "
           f"({plan['duplicates_dropped']} exact duplicates dropped)")  # fmt: skip
     return 0
@@ -246,10 +261,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     parse_config({"pool": str(pool.root), "download": {"input": "-"}, "export": settings}, "curate export")
     import duckdb
 
-    from pipeline.engines.local import LocalEngine
-
     try:
-        manifest = export(pool, ExportConfig(**settings), engine=LocalEngine(args.processes), wait=args.wait)
+        manifest = export(pool, ExportConfig(**settings), engine=_engine(args.config, pool, args.processes),
+                          wait=args.wait)  # fmt: skip
     except duckdb.Error as exc:
         raise _pool_error(pool, exc, "curate export") from None
     counts = manifest["counts"]
@@ -434,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="ViT-B-32", help="clip-retrieval: the model that made the vectors (recorded)")
     p.add_argument("--no-captions", action="store_true", help="skip caption_embed (the text vectors)")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--config", help="a config whose engine (local or spark) runs the import")
     p.add_argument("--wait", action="store_true", help="wait for another writer of the pool instead of refusing")
     p.set_defaults(fn=cmd_import_embeddings)
     p = sub.add_parser("filter", help="DataComp filters + dedup, then a recipe's keep/drop_reason")
@@ -447,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="release directory")
     p.add_argument("--where", help="SQL predicate over the `samples` view")
     p.add_argument("--recipe", help="also apply a filter recipe's keep")
-    p.add_argument("--config", help="config whose filters.recipes define --recipe")
+    p.add_argument("--config", help="config whose filters.recipes define --recipe and whose engine runs the export")
     p.add_argument("--samples-per-shard", type=int, default=10_000)
     p.add_argument("--max-shard-bytes", type=int)
     p.add_argument("--shuffle-seed", type=int)

@@ -188,7 +188,11 @@ def _growth_config(tmp_path: Path, server, checkpoint, name: str, source: Path) 
         cfg,
         embed=embed_cfg(checkpoint, workers=0, batch_size=128),
         metaclip=MetaclipConfig(metadata=str(REPO / "metadata/entries.json"), t=4),
-        filters=FilterConfig(recipe="mine", recipes={"mine": ["english", "caption_words", "min_side(min=32)"]}),
+        # the pool-wide filter steps too: a grown pool re-applies them to every shard (their digests
+        # cover the pool they were computed over)
+        filters=FilterConfig(recipe="mine", recipes={"mine": ["english", "caption_words", "min_side(min=32)",
+                                                              "image_cluster", "dedup"]},
+                             image_clusters=8, dedup_eps=0.0009),
         mode=ModeConfig(n_fine=6, n_experts=2, fit_fraction=1.0),
         rebalance=RebalanceConfig(t=150),
         export=ExportConfig(out=str(tmp_path / name / "release"), where="metaclip_keep and keep and rebalance_keep",
@@ -259,6 +263,15 @@ def test_scheduled_cycle_grows_the_pool_and_versions_its_releases(tmp_path, imag
     fresh = _growth_config(tmp_path, image_server, tiny_checkpoint, "fresh", inputs)
     run(str(fresh))
     assert _release_uids(tmp_path / "fresh" / "release" / "v0001") == _release_uids(out / "v0002")
+    from pipeline.query import query
+
+    for root in (tmp_path / "grown", tmp_path / "fresh"):  # no exact duplicate is kept twice
+        shared = query(Pool(root), "select sha256, count(*) as n from samples where keep and dedup_keep "
+                                   "and sha256 is not null group by 1 having count(*) > 1")  # fmt: skip
+        assert shared.num_rows == 0, root
+    grown_keep = query(pool, "select uid, keep, dedup_keep, image_target from samples order by uid")
+    assert grown_keep.equals(query(Pool(tmp_path / "fresh"), "select uid, keep, dedup_keep, image_target "
+                                                            "from samples order by uid"))  # fmt: skip
 
     before = _finished(pool)
     run(str(config))  # run 3: nothing new

@@ -504,7 +504,8 @@ def _ingest(pool: Pool, cfg: DownloadConfig, engine: Any, files: list[Path], pla
     import shutil
     import time
 
-    from pipeline.engines.base import Table, raise_failures, read_where, written_files
+    from pipeline.core import runner
+    from pipeline.engines.base import Table, read_where, written_files
 
     if engine is None:
         from pipeline.engines.local import LocalEngine
@@ -519,7 +520,7 @@ def _ingest(pool: Pool, cfg: DownloadConfig, engine: Any, files: list[Path], pla
         shutil.rmtree(work)
     parts_dir = work / "parts"
     fn = functools.partial(prepare_file, str(parts_dir), [str(f) for f in files], cfg)
-    done = raise_failures(pool, "prepare", engine.map_shards(fn, list(range(len(files))), desc="prepare",
+    done = runner.finished(pool, "prepare", engine.map_shards(fn, list(range(len(files))), desc="prepare",
                                                              progress=False))  # fmt: skip
     errors = [done[i]["error"] for i in range(len(files)) if "error" in done[i]]
     if errors:
@@ -865,12 +866,11 @@ def run_download(
         InputError: the URL list is unusable or differs from the one the pool was prepared from.
         ShardFailures: some shards failed; the others are finished and kept.
     """
-    from pipeline.engines.base import raise_failures, requested
+    from pipeline.core import runner
+    from pipeline.engines.base import requested
 
     todo = requested(plan_shards(pool, cfg, engine)[1], shards)
     fn = functools.partial(download_shard, str(pool.root), cfg)
-    result = engine.map_download(fn, todo, desc=STAGE, staging=pool.staging_dir, weights=pool.shard_sizes(todo),
-                                 progress=progress)  # fmt: skip
+    runner.map_shards(pool, engine, fn, todo, desc=STAGE, weights=pool.shard_sizes(todo), progress=progress)
     pool.update_manifest()
-    raise_failures(pool, STAGE, result)
     return {s: pool.marker(STAGE, s)["counts"] for s in todo}

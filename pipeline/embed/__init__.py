@@ -2,11 +2,10 @@
 score and caption embeddings per shard. See :mod:`pipeline.embed.stage` and, for the shard reader
 its data-loader workers run, :mod:`pipeline.embed.data`."""
 
+from pipeline.embed.captions import MINILM, CaptionEncoder
 from pipeline.embed.stage import (
     CAPTION_STAGE,
-    MINILM,
     STAGE,
-    CaptionEncoder,
     ClipEmbedder,
     EmbedError,
     checkpoint_sha256,

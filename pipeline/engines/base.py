@@ -10,8 +10,8 @@ Stages are engine-free. A stage hands the engine
   groups, vectors regrouped by cluster), where a task finds one key's rows through the row groups'
   statistics (:func:`read_where`) -- the engines' out-of-core sorts do the regrouping, rather than
   a partitioned writer that buffers every open partition;
-- a model stage's two forms (:meth:`Engine.map_model`) and the download's (:meth:`Engine.map_download`),
-  where the best way to run them differs between one machine and a cluster.
+- a model stage's two forms (:meth:`Engine.map_model`), where the best way to run it differs
+  between one machine and a cluster.
 
 The SQL is written once, in DuckDB's dialect, restricted to what Spark SQL also parses; the Spark
 engine translates the one construct the two spell differently (``unnest`` is Spark's ``explode``).
@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from pipeline.store.parquet import Pool
 
 
 class ShardFailures(RuntimeError):
@@ -106,11 +105,6 @@ class Engine(Protocol):
         ``shard_fn(shard)`` per shard where each worker caches the model (a cluster)."""
         ...
 
-    def map_download(self, fn: Callable[[int], Any], shards: Sequence[int], *, desc: str, staging: Path,
-                     weights: Mapping[int, int] | None = None, progress: bool = True) -> ShardResults:  # fmt: skip
-        """Run the download's ``fn(shard)`` the way img2dataset distributes it on this engine."""
-        ...
-
     def query(self, sql: str, tables: Mapping[str, Table]) -> pa.Table:
         """Run ``sql`` over ``tables`` (each a view of that name); the result must be small."""
         ...
@@ -122,24 +116,6 @@ class Engine(Protocol):
         ...
 
 
-def run_shards(
-    pool: Pool,
-    engine: Engine,
-    fn: Callable[[int], Any],
-    shards: Sequence[int],
-    *,
-    desc: str,
-    weights: Mapping[int, int] | None = None,
-    progress: bool = True,
-) -> dict[int, Any]:
-    """``engine.map_shards`` for a stage of ``pool``: the results by shard, or, when some shards
-    failed, the manifest updated with the finished ones and :class:`ShardFailures` raised."""
-    if not shards:
-        return {}
-    result = engine.map_shards(fn, shards, desc=desc, weights=weights, progress=progress)
-    return raise_failures(pool, desc, result)
-
-
 def requested(todo: Sequence[int], shards: Sequence[int] | None) -> list[int]:
     """The shards of ``todo`` (a stage's unfinished shards) that a caller asked for, in the order
     it asked (``shards``; None: all of ``todo``): a Prefect task runs one batch of a stage this way."""
@@ -147,13 +123,6 @@ def requested(todo: Sequence[int], shards: Sequence[int] | None) -> list[int]:
         return list(todo)
     pending = set(todo)
     return [s for s in shards if s in pending]
-
-
-def raise_failures(pool: Pool, desc: str, result: ShardResults) -> dict[int, Any]:
-    if result.failures:
-        pool.update_manifest()
-        raise ShardFailures(desc, result.failures)
-    return result.results
 
 
 def written_files(out: Path) -> list[Path]:

@@ -122,10 +122,6 @@ class LocalEngine:
         in parallel), rather than one model per worker process."""
         return ShardResults(results=dict(batch_fn(shards)))
 
-    def map_download(self, fn: Callable[[int], Any], shards: Sequence[int], *, desc: str, staging: Path,
-                     weights: Mapping[int, int] | None = None, progress: bool = True) -> ShardResults:  # fmt: skip
-        return self.map_shards(fn, shards, desc=desc, weights=weights, progress=progress)
-
     @staticmethod
     def _record(out: ShardResults, shard: int, result: tuple[bool, Any]) -> None:
         ok, value = result

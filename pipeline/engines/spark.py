@@ -13,7 +13,11 @@ failures come back as one Arrow row per shard.
 - Models load once per executor process: Spark reuses its Python workers between tasks
   (``spark.python.worker.reuse``, on by default, and set here), and the stages cache their models
   in the module (the Aho-Corasick automaton, the open_clip model, faiss centres, the language model).
-- The download stage goes through img2dataset's own ``pyspark_distributor`` (:meth:`distribute`).
+- The download runs as any other step (one task per shard calling img2dataset's per-shard
+  ``Downloader``), not through img2dataset's ``pyspark_distributor``: that one looks for a session
+  with ``SparkSession.getActiveSession()``, which is per thread and so None in a Prefect task's
+  thread, takes the engine's own session from ``getOrCreate()`` and stops it when it ends, leaving
+  the engine with a stopped session (``"sc" is null`` at the next stage).
 - Pool-wide SQL (:meth:`SparkEngine.query`, :meth:`SparkEngine.write`) runs as Spark SQL over
   the pool's Parquet files read with the declared schema of just the columns it needs, so the
   driver receives only the small results and Spark never reads the float16 embedding columns.
@@ -42,13 +46,19 @@ def _master(cfg: SparkConfig) -> str:
     return f"local[{m.group(1)},{cfg.task_max_failures}]" if m else cfg.master
 
 
-def _shard_task(fn: Callable[[int], Any], max_failures: int) -> Callable[[Iterator[Any]], Iterator[Any]]:
-    """The ``mapInArrow`` function: ``fn`` over the shard ids of a partition, one result row each."""
+def _shard_task(fn: Callable[[int], Any], max_failures: int, cwd: str) -> Callable[[Iterator[Any]], Iterator[Any]]:
+    """The ``mapInArrow`` function: ``fn`` over the shard ids of a partition, one result row each.
+
+    It runs in the driver's working folder (``cwd``) where that exists: an executor of a standalone
+    cluster starts in its worker's work dir, where a config's relative paths (``pool: runs/demo``)
+    would name other folders."""
 
     def run(batches: Iterator[Any]) -> Iterator[Any]:
         import pyarrow as pa
         from pyspark import TaskContext
 
+        if Path(cwd).is_dir() and str(Path.cwd()) != cwd:
+            os.chdir(cwd)
         attempt = TaskContext.get().attemptNumber()
         for batch in batches:
             shards, oks, values = [], [], []
@@ -65,25 +75,6 @@ def _shard_task(fn: Callable[[int], Any], max_failures: int) -> Callable[[Iterat
             yield pa.RecordBatch.from_pydict({"shard": pa.array(shards, pa.int32()), "ok": oks, "value": values})
 
     return run
-
-
-class _Downloader:
-    """img2dataset's distributor calls ``downloader(row) -> (ok, row)``; this adapts ``fn(shard)``."""
-
-    def __init__(self, fn: Callable[[int], Any], error_dir: str):
-        self.fn, self.error_dir = fn, error_dir
-
-    def __call__(self, shard: int) -> tuple[bool, int]:
-        from pathlib import Path
-
-        path = Path(self.error_dir) / f"{shard}.error"
-        try:
-            self.fn(shard)
-            path.unlink(missing_ok=True)
-            return True, shard
-        except Exception as exc:
-            path.write_text(f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=-3)}")
-            return False, shard
 
 
 _SPARK_TYPES = {"string": "string", "large_string": "string", "int8": "tinyint", "int16": "smallint",
@@ -164,7 +155,7 @@ class SparkEngine:
             rdd = self.spark.sparkContext.parallelize([(int(s),) for s in shards], len(shards))
             frame = self.spark.createDataFrame(rdd, "shard int")
             schema = "shard int, ok boolean, value string"
-            rows = frame.mapInArrow(_shard_task(fn, self.cfg.task_max_failures), schema).collect()
+            rows = frame.mapInArrow(_shard_task(fn, self.cfg.task_max_failures, str(Path.cwd())), schema).collect()
             for row in rows:
                 if row.ok:
                     out.results[row.shard] = json.loads(row.value)
@@ -177,13 +168,6 @@ class SparkEngine:
                   shards: Sequence[int], *, desc: str, progress: bool = True) -> ShardResults:  # fmt: skip
         """A cluster: one task per shard; each executor's Python worker loads the model once."""
         return self.map_shards(shard_fn, shards, desc=desc, progress=progress)
-
-    def map_download(self, fn: Callable[[int], Any], shards: Sequence[int], *, desc: str, staging: Path,
-                     weights: Mapping[int, int] | None = None, progress: bool = True) -> ShardResults:  # fmt: skip
-        """img2dataset's own ``pyspark_distributor`` with one more round for failed shards."""
-        if not shards:
-            return ShardResults()
-        return self.distribute(fn, shards, 1, str(staging / "errors"))
 
     # SQL ------------------------------------------------------------------------------------
     def _register(self, tables: Mapping[str, Table]) -> None:
@@ -215,30 +199,6 @@ class SparkEngine:
         for extra in [*tmp.rglob("_SUCCESS"), *tmp.rglob(".*.crc")]:
             extra.unlink()
         replace_dir(tmp, out)
-
-    def distribute(self, fn: Callable[[int], Any], shards: Sequence[int], retries: int, error_dir: str) -> ShardResults:
-        """Run ``fn`` over ``shards`` with img2dataset's ``pyspark_distributor`` and its retry loop
-        (``retries`` more rounds for failed shards). The distributor only returns pass/fail, so
-        each failure's message is left in ``error_dir/{shard}.error`` and read back here."""
-        from pathlib import Path
-
-        from img2dataset.distributor import pyspark_distributor
-
-        errors = Path(error_dir)
-        errors.mkdir(parents=True, exist_ok=True)
-        for shard in shards:
-            (errors / f"{shard}.error").unlink(missing_ok=True)
-        self.spark  # noqa: B018 - the distributor picks up the active session
-        pyspark_distributor(len(shards), _Downloader(fn, str(errors)), list(shards), max(1, len(shards)), retries)
-        out = ShardResults()
-        for shard in shards:
-            path = errors / f"{shard}.error"
-            if path.exists():
-                out.failures[shard] = path.read_text()
-                path.unlink()
-            else:
-                out.results[shard] = None
-        return out
 
     def stop(self) -> None:
         if self._spark is not None:

@@ -1,13 +1,47 @@
 """Export: a training release cut from the pool (planning per source shard, one task per output
-shard); see :mod:`pipeline.export.release`."""
+shard; :mod:`pipeline.export.release`), optionally as numbered versions (:mod:`pipeline.export.versions`)."""
 
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ExportConfig
 from pipeline.export.release import (
     ExportError,
+    build_release,
+    check_out,
     dataset_card,
-    export,
     plan_release,
     plan_source_shard,
     write_release_shard,
 )
+from pipeline.export.versions import export_version
+from pipeline.store.parquet import Pool
+
+
+def export(pool: Pool, cfg: ExportConfig, progress: bool = False, engine: Any = None,
+           wait: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Write the release ``cfg`` describes (:mod:`pipeline.export.release`); returns its manifest.
+
+    Every step is bounded (:func:`plan_release`, then a task per output shard). With an ``engine``
+    (local processes or Spark) the tasks run in parallel; without one, in this process. The bytes
+    are the same either way. The pool is only read (a read-only pool exports); ``out`` is checked
+    first (:func:`check_out`) and held with a writer lock (``wait``: wait for another export).
+
+    Raises:
+        ExportError: ``out`` may not be written, the selection is invalid, or a stage it reads is
+            unfinished (without ``allow_incomplete``); LockedError: another export writes ``out``.
+    """
+    from pipeline.store.lock import writer_lock
+
+    if cfg.versioned:
+        return export_version(pool, cfg, progress, engine, wait)
+    out = Path(cfg.out)
+    check_out(pool, out, cfg.overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with writer_lock(out.parent, f"curate export {pool.root} --out {out}", wait=wait, name=f".{out.name}.lock"):
+        return build_release(pool, cfg, progress, engine)
+
 
 __all__ = ["ExportError", "dataset_card", "export", "plan_release", "plan_source_shard", "write_release_shard"]

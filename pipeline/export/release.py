@@ -57,7 +57,7 @@ from pipeline.store.parquet import (
     write_json_atomic,
     write_parquet_atomic,
 )
-from pipeline.store.webdataset import IMAGE_EXTENSIONS, _check_name, _split
+from pipeline.store.webdataset import IMAGE_EXTENSIONS, check_name, split_name
 
 EMBEDDING_COLUMNS = (S.IMAGE_EMBEDDING, S.TEXT_EMBEDDING, S.CAPTION_EMBEDDING)
 _EXPORT_KEY = 0x45585054  # "EXPT": hash key of the shuffle draws
@@ -118,19 +118,18 @@ def check_complete(pool: Pool, stages: list[str], allow: bool) -> dict[str, Any]
     return incomplete
 
 
-def _rules(pool: Pool, recipe: str | None, recipes: dict | None) -> list | None:
+def _rules(pool: Pool, recipe: str | None, recipes: dict | None, engine: Any) -> list | None:
     """The recipe's rules resolved with the pool's recorded filter parameters (its thresholds and
     fractions), so ``--recipe R`` re-decides exactly as ``curate filter`` would."""
     if not recipe:
         return None
     import dataclasses
 
-    from pipeline.engines.local import LocalEngine
     from pipeline.filters.decisions import recorded_config, resolve_rules
 
     cfg = recorded_config(pool)
     cfg = dataclasses.replace(cfg, recipe=recipe, recipes={**cfg.recipes, **(recipes or {})})
-    return resolve_rules(pool, cfg, LocalEngine(1))[0]
+    return resolve_rules(pool, cfg, engine)[0]
 
 
 def check_predicate(pool: Pool, where: str | None) -> list[str]:
@@ -167,7 +166,7 @@ def plan_source_shard(pool_root: str, plan_dir: str, where: str | None, rules: l
     if rules is not None:
         from pipeline.filters.decisions import decide_shard
 
-        base, keep, _ = decide_shard(pool, shard, rules)
+        base, keep = decide_shard(pool, shard, rules)
         table = table.filter(pa.compute.is_in(table[S.UID], value_set=base[S.UID].filter(pa.array(keep))))
     if uids_file is not None:  # exactly the samples of a DataComp uid file (memory-mapped, binary search)
         from pipeline.export.uids import in_uid_file, open_uid_file
@@ -278,9 +277,9 @@ def _member_index(pool: Pool, shard: int) -> dict[str, dict[str, tuple[int, int]
     try:
         with tarfile.open(path, mode="r:") as tar:
             for m in tar.getmembers():
-                _check_name(path, m.name)
+                check_name(path, m.name)
                 if m.isfile():  # a symlink or device member is no image: the sample has none
-                    key, ext = _split(m.name)
+                    key, ext = split_name(m.name)
                     members.setdefault(key, {})[ext] = (m.offset_data, m.size)
     except (tarfile.TarError, OSError) as exc:
         raise DamagedError(f"{path}: unreadable shard ({exc}); {redo_hint('download')}") from None
@@ -395,7 +394,7 @@ _RELEASE_FILES = {"manifest.json", "sizes.json", "README.md", "embeddings", "uid
 _TMP = re.compile(r"^\..*\.tmp-\d+-\d+$")  # atomic_path's temporary names
 
 
-def _release_manifest(folder: Path) -> dict[str, Any] | None:
+def release_manifest(folder: Path) -> dict[str, Any] | None:
     """The manifest of a release this tool made in ``folder``, else None."""
     try:
         manifest = json.loads((folder / "manifest.json").read_text())
@@ -406,7 +405,7 @@ def _release_manifest(folder: Path) -> dict[str, Any] | None:
     return manifest if ours else None
 
 
-def _foreign_files(folder: Path, manifest: dict[str, Any]) -> list[str]:
+def foreign_files(folder: Path, manifest: dict[str, Any]) -> list[str]:
     """Entries of a release folder that its manifest does not account for (the user's files)."""
     names = set(_RELEASE_FILES)
     for entry in manifest.get("shards", []):
@@ -449,11 +448,11 @@ def check_out(pool: Pool, out: Path, overwrite: bool) -> dict[str, Any] | None:
         raise ExportError(f"--out {out}: is a file; give a folder (nothing was removed)")
     if not any(out.iterdir()):
         return None
-    manifest = _release_manifest(out)
+    manifest = release_manifest(out)
     if manifest is None:
         raise ExportError(f"--out {out}: not empty and not a clipcurate release (no release manifest.json); "
                           "give an empty or new folder (nothing was removed)")  # fmt: skip
-    foreign = _foreign_files(out, manifest)
+    foreign = foreign_files(out, manifest)
     if foreign:
         raise ExportError(f"--out {out}: holds files that are not part of its release ({', '.join(foreign[:5])}); "
                           "move them away first (nothing was removed)")  # fmt: skip
@@ -481,11 +480,12 @@ def plan_release(pool: Pool, cfg: ExportConfig, engine: Any, progress: bool = Fa
         output shard's [start, end) in the ordered plan) and ``incomplete`` (stages read while
         unfinished, with ``allow_incomplete``).
     """
-    from pipeline.engines.base import Table, run_shards
+    from pipeline.core import runner
+    from pipeline.engines.base import Table
 
     out = Path(cfg.out)
     side_cols = check_predicate(pool, cfg.where)
-    rules = _rules(pool, cfg.recipe, cfg.recipes)
+    rules = _rules(pool, cfg.recipe, cfg.recipes, engine)
     sources = pool.require_complete("download")
     needed = needed_stages(pool, cfg, rules)
     incomplete = check_complete(pool, needed, cfg.allow_incomplete)
@@ -502,7 +502,7 @@ def plan_release(pool: Pool, cfg: ExportConfig, engine: Any, progress: bool = Fa
         shutil.rmtree(partial / stale, ignore_errors=True)
     fn = functools.partial(plan_source_shard, str(pool.root), str(partial / "plan"), cfg.where, rules,
                            cfg.shuffle_seed, side_cols, uids_file)  # fmt: skip
-    planned = run_shards(pool, engine, fn, sources, desc="export plan", progress=progress)
+    planned = runner.collect(engine, fn, sources, desc="export plan", progress=progress)
     selection = [planned[s]["uids_sha256"] for s in sources]
     # a uid file counts by the uids it selects; where the versions go is not the selection
     hashed = config_hash(cfg, exclude=("out", "overwrite", "uids", "versioned", "keep_versions"))
@@ -525,36 +525,12 @@ def plan_release(pool: Pool, cfg: ExportConfig, engine: Any, progress: bool = Fa
             "incomplete": incomplete}  # fmt: skip
 
 
-def export(pool: Pool, cfg: ExportConfig, progress: bool = False, engine: Any = None,
-           wait: bool = False) -> dict[str, Any]:  # fmt: skip
-    """Write the release ``cfg`` describes (module docstring); returns its manifest.
-
-    Every step is bounded (:func:`plan_release`, then a task per output shard). With an ``engine``
-    (local processes or Spark) the tasks run in parallel; without one, in this process. The bytes
-    are the same either way. The pool is only read (a read-only pool exports); ``out`` is checked
-    first (:func:`check_out`) and held with a writer lock (``wait``: wait for another export).
-
-    Raises:
-        ExportError: ``out`` may not be written, the selection is invalid, or a stage it reads is
-            unfinished (without ``allow_incomplete``); LockedError: another export writes ``out``.
-    """
-    from pipeline.store.lock import writer_lock
-
-    if cfg.versioned:
-        from pipeline.export.versions import export_version
-
-        return export_version(pool, cfg, progress, engine, wait)
-    out = Path(cfg.out)
-    check_out(pool, out, cfg.overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with writer_lock(out.parent, f"curate export {pool.root} --out {out}", wait=wait, name=f".{out.name}.lock"):
-        return _export(pool, cfg, progress, engine)
-
-
-def _export(pool: Pool, cfg: ExportConfig, progress: bool, engine: Any,
-            version: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
-    """Build the release (``version``: a new version of a versioned ``out``, :mod:`.versions`)."""
-    from pipeline.engines.base import run_shards
+def build_release(pool: Pool, cfg: ExportConfig, progress: bool, engine: Any, version: dict[str, Any] | None = None,
+                  changes: Any = None) -> dict[str, Any]:  # fmt: skip
+    """Build the release (``version``: a new version of a versioned ``out``, whose ``changes``
+    against the previous one :mod:`.versions` writes: ``changes(pool, pool_manifest, engine,
+    partial, version, manifest) -> dict``)."""
+    from pipeline.core import runner
     from pipeline.engines.local import LocalEngine
 
     engine = engine or LocalEngine(1)
@@ -580,7 +556,7 @@ def _export(pool: Pool, cfg: ExportConfig, progress: bool, engine: Any,
     write_json_atomic(partial / "plan.json", {"digest": digest})
     todo = [i for i in range(len(bounds)) if not (partial / f"{i:05d}.parquet").exists()]
     fn = functools.partial(write_release_shard, str(pool.root), str(partial), bounds, cfg.embeddings)
-    run_shards(pool, engine, fn, todo, desc="export", progress=progress)
+    runner.collect(engine, fn, todo, desc="export", progress=progress)
     entries, repaired = [], 0
     for index, (a, b) in enumerate(bounds):
         tar_path = partial / f"{index:05d}.tar"
@@ -599,11 +575,9 @@ def _export(pool: Pool, cfg: ExportConfig, progress: bool, engine: Any,
     pool_manifest = pool.build_manifest()  # not written: the pool may be read-only
     manifest = _manifest(pool_manifest, cfg, digest, entries, plan["samples"], extra)
     if version is not None:
-        from pipeline.export.versions import write_changes
-
         manifest["version"] = version["name"]
         manifest["previous_version"] = version.get("previous_name")
-        manifest["changes"] = write_changes(pool, pool_manifest, engine, partial, version, manifest)
+        manifest["changes"] = changes(pool, pool_manifest, engine, partial, version, manifest)
     write_json_atomic(partial / "manifest.json", manifest)
     with atomic_path(partial / "README.md") as tmp:
         tmp.write_text(dataset_card(pool, cfg, manifest))
@@ -611,7 +585,7 @@ def _export(pool: Pool, cfg: ExportConfig, progress: bool, engine: Any,
     (partial / ".clipcurate-partial").unlink()
     if out.exists():  # empty, or a release of ours with nothing else in it (check_out)
         trash = out.parent / f".{out.name}.old"
-        if trash.exists() and _release_manifest(trash) is None and any(trash.iterdir()):
+        if trash.exists() and release_manifest(trash) is None and any(trash.iterdir()):
             raise ExportError(f"{trash}: exists and is not a clipcurate release; move it away (nothing was removed)")
         shutil.rmtree(trash, ignore_errors=True)
         out.rename(trash)

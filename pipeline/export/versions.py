@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import ExportConfig
-from pipeline.export.release import ExportError, _export, _foreign_files, _release_manifest, check_target
+from pipeline.export.release import ExportError, build_release, check_target, foreign_files, release_manifest
 from pipeline.store import schema as S
 from pipeline.store.parquet import Pool, atomic_path
 
@@ -53,7 +53,7 @@ def list_versions(pool: Pool, out: Path) -> list[tuple[int, Path, dict[str, Any]
         return []
     if not out.is_dir():
         raise ExportError(f"--out {out}: is a file; give a folder for versioned releases (nothing was removed)")
-    if _release_manifest(out) is not None:
+    if release_manifest(out) is not None:
         raise ExportError(f"--out {out}: holds an unversioned release; give another folder for versioned "
                           "releases, or move it into v0001/ (nothing was removed)")  # fmt: skip
     found, foreign = [], []
@@ -61,8 +61,8 @@ def list_versions(pool: Pool, out: Path) -> list[tuple[int, Path, dict[str, Any]
         if entry.name.startswith(".") or (entry.name == LATEST and entry.is_symlink()):
             continue
         match = VERSION.match(entry.name)
-        manifest = _release_manifest(entry) if match and entry.is_dir() and not entry.is_symlink() else None
-        if manifest is None or _foreign_files(entry, manifest):
+        manifest = release_manifest(entry) if match and entry.is_dir() and not entry.is_symlink() else None
+        if manifest is None or foreign_files(entry, manifest):
             foreign.append(entry.name)
         else:
             found.append((int(match.group(1)), entry, manifest))  # type: ignore[union-attr]
@@ -91,7 +91,7 @@ def export_version(pool: Pool, cfg: ExportConfig, progress: bool, engine: Any, w
         one = dataclasses.replace(cfg, out=str(out / name), overwrite=False, versioned=False, keep_versions=None)
         version = {"name": name, "previous_name": last[1].name if last else None,
                    "previous": last[1] if last else None, "previous_manifest": last[2] if last else None}  # fmt: skip
-        manifest = _export(pool, one, progress, engine, version)
+        manifest = build_release(pool, one, progress, engine, version, changes=write_changes)
         if manifest.get("new_version") is False:
             return manifest
         point_latest(out, name)

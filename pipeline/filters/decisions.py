@@ -11,7 +11,6 @@ position) dropped, so "left after rule i" is the pool minus the drops of rules 0
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 from pathlib import Path
@@ -19,11 +18,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipeline.config import FilterConfig, config_hash
-from pipeline.engines.base import Engine, run_shards
-from pipeline.errors import DamagedError, UserError
+from pipeline.core import runner
+from pipeline.core.step import Flips, Read, Step
+from pipeline.engines.base import Engine
+from pipeline.errors import UserError
 from pipeline.filters.rules import Rule, decide, recipe_rules
 from pipeline.filters.threshold import order_statistic
 from pipeline.store import schema as S
@@ -51,40 +51,48 @@ def resolve_rules(pool: Pool, cfg: FilterConfig, engine: Engine) -> tuple[list[R
     return resolved, thresholds
 
 
-def decide_shard(pool: Pool, shard: int, rules: list[Rule]) -> tuple[pa.Table, np.ndarray, np.ndarray]:
-    """(uid and shard of every sample of the shard, keep, drop reason) from the stored scores."""
-    base = pool.read_shard("download", shard, columns=[S.UID, S.SHARD, S.STATUS])
-    columns: dict[str, np.ndarray] = {S.STATUS: base[S.STATUS].to_numpy(zero_copy_only=False)}
-    for stage in sorted({r.definition.stage for r in rules} - {"download"}):
-        needed = sorted({c for r in rules if r.definition.stage == stage for c in r.definition.columns})
-        path = pool.table_path(stage, shard)
-        if not path.exists():
-            raise DamagedError(f"{path}: missing; stage {stage!r} must finish shard {shard:05d} before the decisions")
-        table = pool.read_shard(stage, shard, columns=[S.UID, *needed])
-        rows = pc.index_in(base[S.UID], value_set=table[S.UID].combine_chunks())
-        for c in needed:
-            columns[c] = pc.take(table[c], rows).to_numpy(zero_copy_only=False)
-    keep, reason, _ = decide(columns, rules)
-    return base.select([S.UID, S.SHARD]), keep, reason
+class Decide(Step):
+    """``tables/decisions``: the recipe's rules, in order, over the stored scores give ``keep`` and
+    ``drop_reason``; the marker counts each rule's drops (by position) for the funnel."""
+
+    name = STAGE
+    schema = S.DECISIONS_SCHEMA
+    flips = Flips(S.KEEP, reason=S.DROP_REASON)
+
+    def __init__(self, rules: list[Rule], digest: str):
+        self.rules = rules
+        reads = [Read("download", (S.UID, S.SHARD, S.STATUS))]
+        for stage in sorted({r.definition.stage for r in rules} - {"download"}):
+            needed = sorted({c for r in rules if r.definition.stage == stage for c in r.definition.columns})
+            reads.append(Read(stage, (S.UID, *needed)))
+        super().__init__(reads=tuple(reads), digest=digest)
+
+    def __call__(self, inputs: dict[str, pa.Table]) -> pa.Table:
+        base = inputs["download"]
+        columns: dict[str, np.ndarray] = {S.STATUS: base[S.STATUS].to_numpy(zero_copy_only=False)}
+        for read in self.reads[1:]:  # each stage's rows aligned to the download table's by uid
+            table = runner.matching_rows(inputs[read.table], base[S.UID])
+            for c in read.columns[1:]:
+                columns[c] = table[c].to_numpy(zero_copy_only=False)
+        keep, reason, _ = decide(columns, self.rules)
+        return pa.table({S.UID: base[S.UID], S.KEEP: pa.array(keep), S.DROP_REASON: pa.array(reason, pa.string())})
+
+    def counts(self, out: pa.Table) -> dict[str, int]:
+        keep = out[S.KEEP].to_numpy(zero_copy_only=False)
+        reason = out[S.DROP_REASON].to_numpy(zero_copy_only=False)
+        counts = {"samples": out.num_rows, "kept": int(keep.sum())}
+        first = _first_failing(out.num_rows, keep, reason, self.rules)
+        for i in range(len(self.rules)):
+            counts[f"dropped_by_rule_{i}"] = int((first == i).sum())
+        return counts
 
 
-def decide_task(pool_root: str, rules: list[Rule], digest: str, shard: int) -> dict[str, int]:
-    """Write ``tables/decisions/{shard}`` and mark it done; the marker counts each rule's drops."""
-    pool = Pool(pool_root)
-    base, keep, reason = decide_shard(pool, shard, rules)
-    table = pa.table({S.UID: base[S.UID], S.SHARD: base[S.SHARD], S.KEEP: pa.array(keep),
-                      S.DROP_REASON: pa.array(reason, pa.string())}, schema=S.DECISIONS_SCHEMA)  # fmt: skip
-    from pipeline.flips import decision_flips
-
-    flips = decision_flips(pool.table_path(STAGE, shard), base[S.UID], keep, S.KEEP, reason=np.asarray(reason),
-                           reason_col=S.DROP_REASON)  # fmt: skip
-    pool.write_table(STAGE, shard, table)
-    counts = {"samples": table.num_rows, "kept": int(keep.sum()), **flips}
-    first = _first_failing(base.num_rows, keep, reason, rules)
-    for i in range(len(rules)):
-        counts[f"dropped_by_rule_{i}"] = int((first == i).sum())
-    pool.mark_done(STAGE, shard, digest, counts)
-    return counts
+def decide_shard(pool: Pool, shard: int, rules: list[Rule]) -> tuple[pa.Table, np.ndarray]:
+    """(uid of every sample of the shard, keep) under ``rules`` from the stored scores, without
+    writing anything (an export of another recipe of the pool)."""
+    step = Decide(rules, "")
+    out = step(runner.read_inputs(pool, step, shard))
+    return out.select([S.UID]), out[S.KEEP].to_numpy(zero_copy_only=False)
 
 
 def _first_failing(n: int, keep: np.ndarray, reason: np.ndarray, rules: list[Rule]) -> np.ndarray:
@@ -110,9 +118,8 @@ def run_decisions(pool: Pool, cfg: FilterConfig, engine: Engine, progress: bool 
     shards = pool.require_complete("download")
     rules, thresholds = resolve_rules(pool, cfg, engine)
     digest = decisions_digest(pool, cfg, rules)
-    todo = [s for s in shards if not pool.is_done(STAGE, s, digest)]
-    run_shards(pool, engine, functools.partial(decide_task, str(pool.root), rules, digest), todo, desc=STAGE,
-               weights=pool.shard_sizes(todo), progress=progress)  # fmt: skip
+    step = Decide(rules, digest)
+    runner.run_step(pool, engine, step, runner.plan(pool, step, shards), progress=progress)
     totals: dict[str, int] = {}
     for marker in pool.completed(STAGE).values():
         for key, value in marker["counts"].items():

@@ -383,8 +383,9 @@ def run_dedup(pool: Any, cfg: Any, engine: Any, progress: bool = True) -> dict[s
     shard or one cluster group."""
     import json
 
-    from pipeline.engines.base import Table, run_shards, written_files
-    from pipeline.filters.stage import DEDUP_STAGE, embed_digest, not_done, stage_digest
+    from pipeline.core import runner
+    from pipeline.engines.base import Table, written_files
+    from pipeline.filters.common import DEDUP_STAGE, embed_digest, not_done, stage_digest
     from pipeline.store import schema as S
     from pipeline.store.parquet import write_json_atomic
 
@@ -392,7 +393,9 @@ def run_dedup(pool: Any, cfg: Any, engine: Any, progress: bool = True) -> dict[s
             "kmeans_max_points_per_centroid", "kmeans_max_sample", "dedup_max_cluster_size",
             "dedup_vectors_per_task", "seed")  # fmt: skip
     shards = pool.require_complete("embed")
-    digest = stage_digest(*(getattr(cfg, k) for k in keys), embed_digest(pool))
+    # ... and the pool it is computed over: in a grown pool an old sample can duplicate a new one
+    digest = stage_digest(*(getattr(cfg, k) for k in keys), embed_digest(pool),
+                          pool.content_digest(["download", "embed"]))  # fmt: skip
     summary_path = pool.aggregates_dir / "dedup.json"
     if not not_done(pool, DEDUP_STAGE, digest) and summary_path.exists():
         return json.loads(summary_path.read_text())
@@ -401,7 +404,7 @@ def run_dedup(pool: Any, cfg: Any, engine: Any, progress: bool = True) -> dict[s
     download = {"download": pool.table("download", [S.UID, S.SHARD, S.STATUS, S.SHA256])}
     engine.write(_EXACT_SQL, download, dirs["exact"], order_by="shard")
     clock.lap("exact (SQL)")
-    counts = run_shards(pool, engine, functools.partial(count_shard, str(pool.root)), shards, desc="dedup count",
+    counts = runner.map_shards(pool, engine, functools.partial(count_shard, str(pool.root)), shards, desc="dedup count",
                         progress=False)  # fmt: skip
     population = sum(counts.values())
     clock.lap("count")
@@ -416,7 +419,7 @@ def run_dedup(pool: Any, cfg: Any, engine: Any, progress: bool = True) -> dict[s
                  dirs["drops"], order_by="shard")  # fmt: skip
     clock.lap("drops by shard (SQL)")
     todo = not_done(pool, DEDUP_STAGE, digest)
-    run_shards(pool, engine, functools.partial(write_shard, str(pool.root), digest), todo, desc=DEDUP_STAGE,
+    runner.map_shards(pool, engine, functools.partial(write_shard, str(pool.root), digest), todo, desc=DEDUP_STAGE,
                progress=progress)  # fmt: skip
     clock.lap("tables per shard")
     exact_dropped = sum(m["counts"]["exact"] for m in pool.completed(DEDUP_STAGE).values())
@@ -447,7 +450,8 @@ def _semantic(pool: Any, engine: Any, cfg: Any, dirs: dict[str, Path], shards: l
               digest: str, progress: bool, clock: _Clock) -> dict[str, int]:  # fmt: skip
     """SemDeDup's part: sample, fit, assign per shard, split big clusters, regroup, one task per
     group. Leaves ``semantic/{group}.parquet`` (the dropped samples) and returns its counts."""
-    from pipeline.engines.base import Table, run_shards, written_files
+    from pipeline.core import runner
+    from pipeline.engines.base import Table, written_files
     from pipeline.filters.image_based import fit_on_sample
     from pipeline.store.parquet import atomic_path, write_parquet_atomic
     from pipeline.vectors import clusters_for, read_sample, sample_rate, sample_size
@@ -457,7 +461,7 @@ def _semantic(pool: Any, engine: Any, cfg: Any, dirs: dict[str, Path], shards: l
     dirs["semantic"].mkdir(parents=True, exist_ok=True)
     k = clusters_for(population, cfg.dedup_clusters, cfg.samples_per_dedup_cluster)
     wanted = sample_size(k, cfg.kmeans_max_points_per_centroid, cfg.kmeans_max_sample)
-    run_shards(pool, engine, functools.partial(sample_shard, str(pool.root), str(dirs["sample"]),
+    runner.map_shards(pool, engine, functools.partial(sample_shard, str(pool.root), str(dirs["sample"]),
                                                sample_rate(wanted, population), cfg.seed),
                shards, desc="dedup sample", progress=progress)  # fmt: skip
     _, train = read_sample(dirs["sample"], shards)
@@ -472,7 +476,7 @@ def _semantic(pool: Any, engine: Any, cfg: Any, dirs: dict[str, Path], shards: l
     dim = train.shape[1]
     del train
     clock.lap("k-means fit")
-    run_shards(pool, engine, functools.partial(assign_shard, str(pool.root), str(centres_path), digest), shards,
+    runner.map_shards(pool, engine, functools.partial(assign_shard, str(pool.root), str(centres_path), digest), shards,
                desc="dedup assign", weights=pool.shard_sizes(shards), progress=progress)  # fmt: skip
     clock.lap("assign per shard")
 
@@ -487,8 +491,9 @@ def _semantic(pool: Any, engine: Any, cfg: Any, dirs: dict[str, Path], shards: l
                  "join groups g on a.cluster = g.cluster", tables, dirs["by_group"], order_by="grp")  # fmt: skip
     clock.lap("sizes and regroup by cluster (SQL)")
     tasks = int(groups["grp"][-1].as_py()) + 1 if groups.num_rows else 0
-    results = run_shards(pool, engine, functools.partial(group_task, str(pool.root), cfg, dim), list(range(tasks)),
-                         desc="dedup clusters", progress=progress).values()  # fmt: skip
+    fn = functools.partial(group_task, str(pool.root), cfg, dim)
+    results = runner.map_shards(pool, engine, fn, list(range(tasks)), desc="dedup clusters",
+                                progress=progress).values()  # fmt: skip
     clock.lap("SemDeDup per cluster group")
     return {"semantic_dropped": sum(r["dropped"] for r in results), "semantic_clusters": int(k),
             "split_clusters": sum(r["split"] for r in results), "cluster_tasks": tasks,

@@ -24,7 +24,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from pipeline.core import runner
+from pipeline.core.step import Read, Step
 from pipeline.errors import UserError
+from pipeline.store import schema as S
 
 
 def kmeans_l2(x: np.ndarray, k: int, iterations: int, seed: int, max_points_per_centroid: int) -> np.ndarray:
@@ -157,33 +160,42 @@ def _centres(path: str, digest: str) -> tuple[np.ndarray, np.ndarray]:
     return data["centroids"], data["chosen"]
 
 
-def assign_shard(pool_root: str, centres_path: str, digest: str, shard: int) -> dict[str, int]:
-    """Write ``tables/image_based/{shard}``: each image's nearest centroid by dot product (DataComp's
+class AssignImageClusters(Step):
+    """``tables/image_based``: each image's nearest centroid by dot product (DataComp's
     ``get_centroid_ids_gpu``) and whether it is a target cluster; null without an image."""
-    import pyarrow.compute as pc
 
-    from pipeline.store import schema as S
-    from pipeline.store.parquet import Pool
-    from pipeline.vectors import as_float32, shard_vectors
+    name = "image_based"
+    schema = S.IMAGE_BASED_SCHEMA
 
-    pool = Pool(pool_root)
-    centroids, chosen = _centres(centres_path, digest)
-    base = pool.read_shard("download", shard, columns=[S.UID, S.SHARD])
-    have = shard_vectors(pool, "embed", S.IMAGE_EMBEDDING, shard)
-    cluster = np.full(base.num_rows, -1, dtype=np.int64)
-    rows = pc.index_in(have[S.UID], value_set=base[S.UID].combine_chunks()).to_numpy(zero_copy_only=False)
-    if have.num_rows:
-        cluster[rows] = nearest_by_dot(as_float32(have[S.IMAGE_EMBEDDING]), centroids)
-    mask = cluster < 0
-    target = np.isin(cluster, chosen)
-    table = pa.table({S.UID: base[S.UID], S.SHARD: base[S.SHARD],
-                      S.IMAGE_CLUSTER: pa.array(cluster.astype(np.int32), pa.int32(), mask=mask),
-                      S.IMAGE_TARGET: pa.array(target, pa.bool_(), mask=mask)},
-                     schema=S.IMAGE_BASED_SCHEMA)  # fmt: skip
-    pool.write_table("image_based", shard, table)
-    counts = {"samples": table.num_rows, "target": int(target[~mask].sum())}
-    pool.mark_done("image_based", shard, digest, counts)
-    return counts
+    def __init__(self, centres_path: str, digest: str):
+        reads = (Read("download", (S.UID,)), Read("embed", (S.UID, S.IMAGE_EMBEDDING)))
+        super().__init__(reads=reads, digest=digest)
+        self.centres_path = centres_path
+
+    def setup(self) -> None:
+        _centres(self.centres_path, self.digest)
+
+    def __call__(self, inputs: dict[str, pa.Table]) -> pa.Table:
+        import pyarrow.compute as pc
+
+        from pipeline.vectors import as_float32
+
+        centroids, chosen = _centres(self.centres_path, self.digest)
+        base, have = inputs["download"], inputs["embed"]
+        have = have.filter(pc.is_valid(have[S.IMAGE_EMBEDDING]))
+        cluster = np.full(base.num_rows, -1, dtype=np.int64)
+        rows = pc.index_in(have[S.UID], value_set=base[S.UID].combine_chunks()).to_numpy(zero_copy_only=False)
+        if have.num_rows:
+            cluster[rows] = nearest_by_dot(as_float32(have[S.IMAGE_EMBEDDING]), centroids)
+        mask = cluster < 0
+        return pa.table({S.UID: base[S.UID],
+                         S.IMAGE_CLUSTER: pa.array(cluster.astype(np.int32), pa.int32(), mask=mask),
+                         S.IMAGE_TARGET: pa.array(np.isin(cluster, chosen), pa.bool_(), mask=mask)})  # fmt: skip
+
+    def counts(self, out: pa.Table) -> dict[str, int]:
+        import pyarrow.compute as pc
+
+        return {"samples": out.num_rows, "target": int(pc.sum(out[S.IMAGE_TARGET]).as_py() or 0)}
 
 
 def _targets_id(cfg, embed_cfg) -> str:
@@ -218,8 +230,7 @@ def run_image_based(pool, cfg, engine, embed_cfg=None, progress: bool = True) ->
     clusters, then assign every shard in its own task."""
     import json
 
-    from pipeline.engines.base import run_shards
-    from pipeline.filters.stage import IMAGE_STAGE, embed_digest, not_done, scores_digest, stage_digest
+    from pipeline.filters.common import IMAGE_STAGE, embed_digest, not_done, scores_digest, stage_digest
     from pipeline.store.parquet import atomic_path, write_json_atomic
     from pipeline.vectors import clusters_for, read_sample, sample_rate, sample_size
 
@@ -227,13 +238,15 @@ def run_image_based(pool, cfg, engine, embed_cfg=None, progress: bool = True) ->
     targets_id = _targets_id(cfg, embed_cfg)
     keys = ("image_clusters", "samples_per_image_cluster", "kmeans_iterations", "kmeans_max_points_per_centroid",
             "kmeans_max_sample", "seed")  # fmt: skip
-    digest = stage_digest(*(getattr(cfg, k) for k in keys), targets_id, embed_digest(pool), scores_digest())
+    # ... and the pool it is computed over: a grown or re-embedded pool is clustered and assigned again
+    digest = stage_digest(*(getattr(cfg, k) for k in keys), targets_id, embed_digest(pool), scores_digest(),
+                          pool.content_digest(["embed", "filters"]))  # fmt: skip
     summary_path = pool.aggregates_dir / "image_based.json"
     if not not_done(pool, IMAGE_STAGE, digest) and summary_path.exists():
         return json.loads(summary_path.read_text())
     pool.require_complete("filters")
-    parts = run_shards(pool, engine, functools.partial(count_shard, str(pool.root)), shards, desc="image_based count",
-                       progress=False)  # fmt: skip
+    parts = runner.map_shards(pool, engine, functools.partial(count_shard, str(pool.root)), shards,
+                              desc="image_based count", progress=False)  # fmt: skip
     counts = {key: sum(p[key] for p in parts.values()) for key in ("embedded", "captioned")}
     captioned = counts["captioned"] > 0  # DataComp trains on the caption-filtered images, if any
     population = counts["captioned"] if captioned else counts["embedded"]
@@ -245,7 +258,7 @@ def run_image_based(pool, cfg, engine, embed_cfg=None, progress: bool = True) ->
     sample_dir = out / "sample"
     fn = functools.partial(sample_shard, str(pool.root), str(sample_dir), sample_rate(wanted, population), cfg.seed,
                            captioned)  # fmt: skip
-    run_shards(pool, engine, fn, shards, desc="image_based sample", progress=progress)
+    runner.map_shards(pool, engine, fn, shards, desc="image_based sample", progress=progress)
     _, train = read_sample(sample_dir, shards)
     k = min(k, len(train))
     centroids = fit_on_sample(train, k, cfg)
@@ -256,9 +269,8 @@ def run_image_based(pool, cfg, engine, embed_cfg=None, progress: bool = True) ->
     centres_path = out / "centroids.npz"
     with atomic_path(centres_path) as tmp, tmp.open("wb") as f:
         np.savez(f, centroids=centroids, chosen=chosen)
-    fn = functools.partial(assign_shard, str(pool.root), str(centres_path), digest)
-    todo = not_done(pool, IMAGE_STAGE, digest)
-    run_shards(pool, engine, fn, todo, desc=IMAGE_STAGE, weights=pool.shard_sizes(todo), progress=progress)
+    step = AssignImageClusters(str(centres_path), digest)
+    runner.run_step(pool, engine, step, runner.plan(pool, step, shards), progress=progress)
     in_target = sum(m["counts"]["target"] for m in pool.completed(IMAGE_STAGE).values())
     summary = {"clusters": int(k), "train_samples": len(train), "train_population": population,
                "embedded_samples": counts["embedded"], "targets": targets_id, "target_embeddings": len(targets),

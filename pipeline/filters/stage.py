@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import re
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,16 +30,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import EmbedConfig, FilterConfig
-from pipeline.engines.base import run_shards
+from pipeline.core import runner
+from pipeline.core.step import Read, Step
+from pipeline.filters.common import (  # noqa: F401 - re-exported: the stage names and digests
+    DECISION_STAGE,
+    DEDUP_STAGE,
+    IMAGE_STAGE,
+    SCORES_VERSION,
+    STAGE,
+    embed_digest,
+    not_done,
+    scores_digest,
+    stage_digest,
+)
 from pipeline.filters.rules import recipe_rules
 from pipeline.store import schema as S
 from pipeline.store.parquet import Pool
-
-STAGE = "filters"
-IMAGE_STAGE = "image_based"
-DEDUP_STAGE = "dedup"
-DECISION_STAGE = "decisions"
-SCORES_VERSION = "1"  # bump when a score's definition changes: every shard is scored again
 
 _FASTTEXT_SPACE = re.compile("[ \n\r\t\v\f\x00]")
 
@@ -51,19 +55,6 @@ def fasttext_token_count(text: str) -> int:
     newline, carriage return, tab, vertical tab, form feed and NUL, and each newline is also a token
     (the end-of-sentence ``</s>``)."""
     return sum(1 for t in _FASTTEXT_SPACE.split(text) if t) + text.count("\n")
-
-
-@functools.cache
-def scores_digest() -> str:
-    """What the scores depend on: their definitions, the language model, WordNet and ImageNet-21k ids."""
-    from pipeline.filters.language import model_path
-    from pipeline.filters.wordnet import FIRST_SYNSETS, imagenet21k_offsets
-
-    h = hashlib.sha256(SCORES_VERSION.encode())
-    for path in (model_path(), FIRST_SYNSETS):
-        h.update(Path(path).read_bytes())
-    h.update(",".join(map(str, sorted(imagenet21k_offsets()))).encode())
-    return h.hexdigest()[:16]
 
 
 @functools.cache
@@ -106,32 +97,27 @@ def size_scores(width: pa.Array, height: pa.Array) -> dict[str, pa.Array]:
     }
 
 
-def shard_digest(pool: Pool, shard: int, digest: str) -> str:
-    """A shard's scores digest: scored before its download (captions only: ``min_side`` and
-    ``aspect_ratio`` null) or after it, so a shard scored early is scored again once downloaded."""
-    return digest if pool.is_done("download", shard) else f"{digest}-listed"
+class CaptionScores(Step):
+    """``tables/filters``: each sample's caption scores and original-size scores (null before the
+    shard is downloaded: curating before the download scores the listed captions, and the shard is
+    scored again once downloaded)."""
 
+    name = STAGE
+    schema = S.FILTERS_SCHEMA
+    redo_once_downloaded = True
 
-def score_shard(pool_root: str, digest: str, shard: int) -> dict[str, int]:
-    """Write ``tables/filters/{shard}`` and mark it done (from the listed captions alone when the
-    shard is not downloaded yet: curating before the download)."""
-    pool = Pool(pool_root)
-    digest = shard_digest(pool, shard, digest)
-    columns = [S.UID, S.SHARD, S.CAPTION, S.ORIGINAL_WIDTH, S.ORIGINAL_HEIGHT]
-    if digest.endswith("-listed"):
-        dl = pool.read_listed(shard, columns[:3])
-        for name in columns[3:]:
-            dl = dl.append_column(name, pa.nulls(dl.num_rows, pa.int32()))
-    else:
-        dl = pool.read_shard("download", shard, columns=columns)
-    sizes = size_scores(dl[S.ORIGINAL_WIDTH].combine_chunks(), dl[S.ORIGINAL_HEIGHT].combine_chunks())
-    columns = {S.UID: dl[S.UID], S.SHARD: dl[S.SHARD], **caption_scores(dl[S.CAPTION].to_pylist()), **sizes}
-    table = pa.table({f.name: columns[f.name] for f in S.FILTERS_SCHEMA}, schema=S.FILTERS_SCHEMA)
-    pool.write_table(STAGE, shard, table)
-    counts = {"samples": table.num_rows, "english": int(pc.sum(pc.equal(table[S.LANG], "en")).as_py() or 0),
-              "text_entity": int(pc.sum(table[S.TEXT_ENTITY]).as_py() or 0)}  # fmt: skip
-    pool.mark_done(STAGE, shard, digest, counts)
-    return counts
+    def __init__(self, digest: str):
+        columns = (S.UID, S.SHARD, S.CAPTION, S.ORIGINAL_WIDTH, S.ORIGINAL_HEIGHT)
+        super().__init__(reads=(Read("download", columns, listed_until_downloaded=True),), digest=digest)
+
+    def __call__(self, inputs: dict[str, pa.Table]) -> pa.Table:
+        dl = inputs["download"]
+        sizes = size_scores(dl[S.ORIGINAL_WIDTH].combine_chunks(), dl[S.ORIGINAL_HEIGHT].combine_chunks())
+        return pa.table({S.UID: dl[S.UID], **caption_scores(dl[S.CAPTION].to_pylist()), **sizes})
+
+    def counts(self, out: pa.Table) -> dict[str, int]:
+        return {"samples": out.num_rows, "english": int(pc.sum(pc.equal(out[S.LANG], "en")).as_py() or 0),
+                "text_entity": int(pc.sum(out[S.TEXT_ENTITY]).as_py() or 0)}  # fmt: skip
 
 
 def pending_scores(pool: Pool, listed: bool = False) -> list[int]:
@@ -140,13 +126,12 @@ def pending_scores(pool: Pool, listed: bool = False) -> list[int]:
     shards = pool.listed_shards() if listed else pool.require_complete("download")
     digest = scores_digest()
     pool.check_stage_config(STAGE, {"scores_version": SCORES_VERSION}, digest)
-    return [s for s in shards if not pool.is_done(STAGE, s, shard_digest(pool, s, digest))]
+    return runner.plan(pool, CaptionScores(digest), shards)
 
 
 def score_shards(pool: Pool, engine: Any, shards: list[int], progress: bool = True) -> None:
     """Score ``shards`` with ``engine`` (one Prefect task per batch calls this)."""
-    fn = functools.partial(score_shard, str(pool.root), scores_digest())
-    run_shards(pool, engine, fn, shards, desc=STAGE, weights=pool.shard_sizes(shards), progress=progress)
+    runner.run_step(pool, engine, CaptionScores(scores_digest()), shards, progress=progress)
 
 
 # -- pool-wide steps ---------------------------------------------------------------------------------
@@ -154,21 +139,6 @@ def score_shards(pool: Pool, engine: Any, shards: list[int], progress: bool = Tr
 # uid-hash sample), then per-shard (or per-cluster) tasks that write ``tables/<step>/{shard}``. The
 # pool-wide steps live in :mod:`pipeline.filters.image_based`, :mod:`pipeline.filters.dedup` and
 # :mod:`pipeline.filters.decisions`.
-
-
-def stage_digest(*parts: Any) -> str:
-    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:16]
-
-
-def embed_digest(pool: Pool) -> str:
-    recorded = pool.stage_config("embed")
-    return recorded["config_hash"] if recorded else "none"
-
-
-def not_done(pool: Pool, stage: str, digest: str) -> list[int]:
-    """The planned shards of ``stage`` not yet done with ``digest`` (reads each marker once)."""
-    plan = pool.read_plan() or {"num_shards": 0}
-    return [s for s in range(plan["num_shards"]) if not pool.is_done(stage, s, digest)]
 
 
 def needed_steps(cfg: FilterConfig) -> set[str]:

@@ -24,9 +24,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import MetaclipConfig, config_hash
-from pipeline.engines.base import run_shards
+from pipeline.core import runner
+from pipeline.core.step import SELECTED, Flips, Read, Step
 from pipeline.errors import UserError
-from pipeline.flips import decision_flips
 from pipeline.metaclip.balancing import balance, entry_probabilities, expected_sizes, scale_t, solve_increasing
 from pipeline.metaclip.matching import file_digest, load_entries, matcher_for
 from pipeline.store import schema as S
@@ -35,6 +35,8 @@ from pipeline.store.parquet import Pool, write_json_atomic, write_parquet_atomic
 MATCH_STAGE = "metaclip_match"
 STAGE = "metaclip"
 COUNTS_FILE = "metaclip_entry_counts.parquet"
+COUNTS_DIR = "metaclip_counts"  # aggregates/<dir>/{shard}.parquet: counted matches per entry
+KEPT_DIR = "metaclip_kept"  # ... and kept samples per entry
 
 
 def match_hash(cfg: MetaclipConfig) -> str:
@@ -43,57 +45,61 @@ def match_hash(cfg: MetaclipConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def match_shard(pool_root: str, cfg: MetaclipConfig, shard: int) -> dict[str, int]:
-    """Write ``tables/metaclip_match/{shard}`` and mark it done."""
-    pool = Pool(pool_root)
-    if pool.is_done("download", shard):
-        dl = pool.read_shard("download", shard, columns=[S.UID, S.CAPTION, S.STATUS])
-    else:  # curating before the download: the listed captions (only_downloaded is false)
-        dl = pool.read_listed(shard, [S.UID, S.CAPTION])
-        dl = dl.append_column(S.STATUS, pa.nulls(dl.num_rows, pa.string()))
-    matched = matcher_for(cfg.metadata, cfg.case_sensitive)(dl[S.CAPTION])
-    counted = pc.equal(dl[S.STATUS], S.STATUS_SUCCESS) if cfg.only_downloaded else pa.array([True] * dl.num_rows)
-    if cfg.where:  # the population counted and drawn
-        from pipeline.query import select_uids
+class Match(Step):
+    """``tables/metaclip_match``: the entries each caption contains (MetaCLIP's substring matching)
+    and whether the sample counts towards the pool (``only_downloaded``: its download succeeded;
+    ``where``: it is in the population). Before the download, the listed captions (MetaCLIP's order)."""
 
-        counted = pc.and_(counted, pc.is_in(dl[S.UID], value_set=select_uids(pool, shard, cfg.where)))
-    table = pa.table(
-        {S.UID: dl[S.UID], S.SHARD: pa.array([shard] * dl.num_rows, pa.int32()),
-         S.MATCHED_ENTRY_IDS: matched, S.COUNTED: counted},
-        schema=S.METACLIP_MATCH_SCHEMA,
-    )  # fmt: skip
-    pool.write_table(MATCH_STAGE, shard, table)
-    _write_shard_counts(pool, shard, table)
-    lengths = pc.list_value_length(matched).to_numpy(zero_copy_only=False)
-    is_counted = counted.to_numpy(zero_copy_only=False)
-    counts = {"samples": dl.num_rows, "matched": int((lengths > 0).sum()), "matches": int(lengths.sum()),
-              "counted": int(is_counted.sum()), "counted_matched": int(((lengths > 0) & is_counted).sum())}  # fmt: skip
-    pool.mark_done(MATCH_STAGE, shard, match_hash(cfg), counts)
-    return counts
+    name = MATCH_STAGE
+    schema = S.METACLIP_MATCH_SCHEMA
+
+    def __init__(self, cfg: MetaclipConfig):
+        reads = (Read("download", (S.UID, S.CAPTION, S.STATUS), listed_until_downloaded=True),)
+        super().__init__(reads=reads, digest=match_hash(cfg), where=cfg.where)
+        self.cfg = cfg
+
+    def setup(self) -> None:
+        matcher_for(self.cfg.metadata, self.cfg.case_sensitive)
+
+    def __call__(self, inputs: dict[str, pa.Table]) -> pa.Table:
+        dl = inputs["download"]
+        matched = matcher_for(self.cfg.metadata, self.cfg.case_sensitive)(dl[S.CAPTION])
+        counted = pc.equal(dl[S.STATUS], S.STATUS_SUCCESS) if self.cfg.only_downloaded else pa.array(
+            [True] * dl.num_rows)  # fmt: skip
+        if self.where:  # the population counted and drawn
+            counted = pc.and_(counted, pc.is_in(dl[S.UID], value_set=inputs[SELECTED][S.UID].combine_chunks()))
+        return pa.table({S.UID: dl[S.UID], S.MATCHED_ENTRY_IDS: matched, S.COUNTED: counted})
+
+    def counts(self, out: pa.Table) -> dict[str, int]:
+        lengths = pc.list_value_length(out[S.MATCHED_ENTRY_IDS]).to_numpy(zero_copy_only=False)
+        is_counted = out[S.COUNTED].to_numpy(zero_copy_only=False)
+        matched = lengths > 0
+        return {"samples": out.num_rows, "matched": int(matched.sum()), "matches": int(lengths.sum()),
+                "counted": int(is_counted.sum()), "counted_matched": int((matched & is_counted).sum())}  # fmt: skip
+
+    def side(self, inputs: dict[str, pa.Table], out: pa.Table) -> dict[str, pa.Table]:
+        """This shard's counted matches per entry: a grown pool adds its new shards' counts to the
+        stored ones."""
+        return {COUNTS_DIR: entry_counts(out[S.MATCHED_ENTRY_IDS].combine_chunks(), out[S.COUNTED].combine_chunks())}
 
 
 def _counts_path(pool: Pool, shard: int) -> Any:
-    return pool.aggregates_dir / "metaclip_counts" / f"{shard:05d}.parquet"
+    return pool.aggregates_dir / COUNTS_DIR / f"{shard:05d}.parquet"
 
 
-def _write_entry_counts(path: Any, matched: pa.ListArray, rows: pa.Array) -> None:
+def entry_counts(matched: pa.ListArray, rows: pa.Array) -> pa.Table:
     """Samples per entry among ``rows`` of a shard's ``matched`` lists, as ``(entry_id, n)``: the
     pool's figure is the engine's SQL sum of these small files, with no join."""
     entry_ids, n = np.unique(matched.filter(rows).flatten().to_numpy(zero_copy_only=False), return_counts=True)
-    write_parquet_atomic(path, pa.table({"entry_id": pa.array(entry_ids, pa.int32()), "n": pa.array(n, pa.int64())}))
-
-
-def _write_shard_counts(pool: Pool, shard: int, match: pa.Table) -> None:
-    """This shard's counted matches per entry: a grown pool adds its new shards' counts to the
-    stored ones."""
-    _write_entry_counts(_counts_path(pool, shard), match[S.MATCHED_ENTRY_IDS].combine_chunks(),
-                        match[S.COUNTED].combine_chunks())  # fmt: skip
+    return pa.table({"entry_id": pa.array(entry_ids, pa.int32()), "n": pa.array(n, pa.int64())})
 
 
 def shard_counts_task(pool_root: str, shard: int) -> int:
     """The per-entry counts of a shard matched before they were stored (a pool of an earlier version)."""
     pool = Pool(pool_root)
-    _write_shard_counts(pool, shard, pool.read_shard(MATCH_STAGE, shard, [S.MATCHED_ENTRY_IDS, S.COUNTED]))
+    match = pool.read_shard(MATCH_STAGE, shard, [S.MATCHED_ENTRY_IDS, S.COUNTED])
+    write_parquet_atomic(_counts_path(pool, shard), entry_counts(match[S.MATCHED_ENTRY_IDS].combine_chunks(),
+                                                                 match[S.COUNTED].combine_chunks()))  # fmt: skip
     return shard
 
 
@@ -106,24 +112,37 @@ def _load_counts(path: str, digest: str) -> np.ndarray:
     return pq.read_table(path, columns=["count"])["count"].to_numpy()
 
 
-def balance_shard(pool_root: str, cfg: MetaclipConfig, t: float, digest: str, shard: int) -> dict[str, int]:
-    """Write ``tables/metaclip/{shard}`` (keep probability and draw) and mark it done."""
-    pool = Pool(pool_root)
-    counts = _load_counts(str(pool.aggregates_dir / COUNTS_FILE), digest)
-    match = pool.read_shard(MATCH_STAGE, shard)
-    matched = match[S.MATCHED_ENTRY_IDS].combine_chunks()
-    p, keep = balance(match[S.UID], matched, counts, t, cfg.seed)
-    keep &= match[S.COUNTED].to_numpy(zero_copy_only=False)
-    table = pa.table(
-        {S.UID: match[S.UID], S.SHARD: match[S.SHARD], S.METACLIP_P: p, S.METACLIP_KEEP: keep},
-        schema=S.METACLIP_SCHEMA,
-    )
-    flips = decision_flips(pool.table_path(STAGE, shard), match[S.UID], keep, S.METACLIP_KEEP, p, S.METACLIP_P)
-    pool.write_table(STAGE, shard, table)
-    _write_entry_counts(pool.aggregates_dir / "metaclip_kept" / f"{shard:05d}.parquet", matched, pa.array(keep))
-    result = {"samples": table.num_rows, "kept": int(keep.sum()), **flips}
-    pool.mark_done(STAGE, shard, _balance_hash(cfg, t, digest), result)
-    return result
+class Balance(Step):
+    """``tables/metaclip``: each sample's keep probability and draw from the pool's entry counts and
+    t (MetaCLIP's balancing, "Demystifying CLIP Data" Sec. 3.3); only counted samples are kept."""
+
+    name = STAGE
+    schema = S.METACLIP_SCHEMA
+    flips = Flips(S.METACLIP_KEEP, p=S.METACLIP_P)
+
+    def __init__(self, pool_root: str, cfg: MetaclipConfig, t: float, counts_digest: str):
+        super().__init__(reads=(Read(MATCH_STAGE, tuple(S.METACLIP_MATCH_SCHEMA.names)),),
+                         digest=_balance_hash(cfg, t, counts_digest))  # fmt: skip
+        self.counts_path = str(Pool(pool_root).aggregates_dir / COUNTS_FILE)
+        self.counts_digest, self.t, self.seed = counts_digest, t, cfg.seed
+
+    def setup(self) -> None:
+        _load_counts(self.counts_path, self.counts_digest)
+
+    def __call__(self, inputs: dict[str, pa.Table]) -> pa.Table:
+        match = inputs[MATCH_STAGE]
+        counts = _load_counts(self.counts_path, self.counts_digest)
+        p, keep = balance(match[S.UID], match[S.MATCHED_ENTRY_IDS].combine_chunks(), counts, self.t, self.seed)
+        keep &= match[S.COUNTED].to_numpy(zero_copy_only=False)
+        return pa.table({S.UID: match[S.UID], S.METACLIP_P: p, S.METACLIP_KEEP: keep})
+
+    def counts(self, out: pa.Table) -> dict[str, int]:
+        return {"samples": out.num_rows, "kept": int(pc.sum(out[S.METACLIP_KEEP]).as_py() or 0)}
+
+    def side(self, inputs: dict[str, pa.Table], out: pa.Table) -> dict[str, pa.Table]:
+        """The shard's kept samples per entry (summed in SQL for the report)."""
+        matched = inputs[MATCH_STAGE][S.MATCHED_ENTRY_IDS].combine_chunks()
+        return {KEPT_DIR: entry_counts(matched, out[S.METACLIP_KEEP].combine_chunks())}
 
 
 def expected_task(pool_root: str, counts_path: str, digest: str, ts: list[float], shard: int) -> list[float]:
@@ -146,7 +165,7 @@ def resolve_t(pool: Pool, cfg: MetaclipConfig, engine: Any, counts: np.ndarray, 
 
         def expected(ts: list[float]) -> np.ndarray:
             fn = functools.partial(expected_task, str(pool.root), path, digest, ts)
-            parts = run_shards(pool, engine, fn, shards, desc="metaclip t", progress=False)
+            parts = runner.collect(engine, fn, shards, desc="metaclip t", progress=False)
             return np.sum([parts[s] for s in shards], axis=0)
 
         return solve_increasing(expected, cfg.target_size, max(1.0, float(counts.max(initial=1))))
@@ -174,13 +193,12 @@ def pending_matches(pool: Pool, cfg: MetaclipConfig) -> list[int]:
     load_entries(cfg.metadata)  # a bad entries file fails here, before any work
     recorded = {"metadata_sha256": file_digest(cfg.metadata), **dataclasses.asdict(cfg)}
     pool.check_stage_config(MATCH_STAGE, recorded, match_hash(cfg))
-    return [s for s in shards if not pool.is_done(MATCH_STAGE, s, match_hash(cfg))]
+    return runner.plan(pool, Match(cfg), shards)
 
 
 def match_shards(pool: Pool, cfg: MetaclipConfig, engine: Any, shards: list[int], progress: bool = True) -> None:
     """Match ``shards`` with ``engine`` (one Prefect task per batch calls this)."""
-    fn = functools.partial(match_shard, str(pool.root), cfg)
-    run_shards(pool, engine, fn, shards, desc=MATCH_STAGE, weights=pool.shard_sizes(shards), progress=progress)
+    runner.run_step(pool, engine, Match(cfg), shards, progress=progress)
 
 
 def run_metaclip(pool: Pool, cfg: MetaclipConfig, engine: Any, progress: bool = True) -> dict[str, Any]:
@@ -197,8 +215,8 @@ def run_metaclip(pool: Pool, cfg: MetaclipConfig, engine: Any, progress: bool = 
 
     # the sum of the stored per-shard counts (a grown pool: the old shards' plus the new ones')
     missing = [s for s in shards if not _counts_path(pool, s).exists()]
-    run_shards(pool, engine, functools.partial(shard_counts_task, str(pool.root)), missing, desc="metaclip counts",
-               progress=False)  # fmt: skip
+    runner.map_shards(pool, engine, functools.partial(shard_counts_task, str(pool.root)), missing,
+                      desc="metaclip counts", progress=False)  # fmt: skip
     count_schema = pa.schema([("entry_id", pa.int32()), ("n", pa.int64())])
     stored = Table.of([_counts_path(pool, s) for s in shards], count_schema)
     counts = entry_counts_sql(engine, _KEPT_SQL, {"kept": stored}, len(entries))
@@ -216,11 +234,10 @@ def run_metaclip(pool: Pool, cfg: MetaclipConfig, engine: Any, progress: bool = 
     t = resolve_t(pool, cfg, engine, counts, pool_size, reachable, digest)
     table = table.set_column(3, "p", pa.array(entry_probabilities(counts, t)))
 
-    todo = [s for s in shards if not pool.is_done(STAGE, s, _balance_hash(cfg, t, digest))]
-    fn = functools.partial(balance_shard, str(pool.root), cfg, t, digest)
-    run_shards(pool, engine, fn, todo, desc=STAGE, weights=pool.shard_sizes(todo), progress=progress)
+    step = Balance(str(pool.root), cfg, t, digest)
+    runner.run_step(pool, engine, step, runner.plan(pool, step, shards), progress=progress)
 
-    kept_files = [pool.aggregates_dir / "metaclip_kept" / f"{s:05d}.parquet" for s in shards]
+    kept_files = [pool.aggregates_dir / KEPT_DIR / f"{s:05d}.parquet" for s in shards]
     kept_schema = pa.schema([("entry_id", pa.int32()), ("n", pa.int64())])
     kept_counts = entry_counts_sql(engine, _KEPT_SQL, {"kept": Table.of(kept_files, kept_schema)}, len(entries))
     write_parquet_atomic(counts_path, table.set_column(4, "kept", pa.array(kept_counts, pa.int64())))

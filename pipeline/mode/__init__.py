@@ -12,7 +12,7 @@ from pipeline.mode.clustering import (
     size_spread,
     top_terms,
 )
-from pipeline.mode.stage import STAGE, assign_shard, expert_uids, fit_mode, plot_sizes, route, run_mode
+from pipeline.mode.stage import STAGE, AssignExperts, expert_uids, fit_mode, plot_sizes, route, run_mode
 
-__all__ = ["STAGE", "assign_shard", "balanced_assign", "expert_uids", "fit_hierarchy", "fit_mode", "gini", "nearest",
+__all__ = ["STAGE", "AssignExperts", "balanced_assign", "expert_uids", "fit_hierarchy", "fit_mode", "gini", "nearest",
            "normalize", "plot_sizes", "route", "routing_weights", "run_mode", "size_spread", "top_terms"]  # fmt: skip

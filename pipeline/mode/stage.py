@@ -19,7 +19,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import ModeConfig, config_hash
-from pipeline.engines.base import run_shards
+from pipeline.core import runner
+from pipeline.core.step import Read, Step
 from pipeline.errors import UserError
 from pipeline.mode.clustering import fit_hierarchy, nearest, normalize, routing_weights, size_spread, top_terms
 from pipeline.sampling import uid_to_uint64, uniform
@@ -90,34 +91,42 @@ def load_centers(root: str, digest: str) -> dict[str, np.ndarray]:
     return {name: np.load(Path(root) / "aggregates" / "mode" / f"{name}.npy") for name in ARRAYS}
 
 
-def assign_shard(pool_root: str, cfg: ModeConfig, digest: str, shard: int) -> dict[str, int]:
-    """Write ``tables/mode/{shard}``: nearest fine centre, its expert, the distance."""
-    pool = Pool(pool_root)
-    centers = load_centers(pool_root, digest)
-    table = pool.read_shard(SOURCE, shard, columns=[S.UID, S.SHARD, S.CAPTION_EMBEDDING])
-    x = _vectors(table)
-    x = normalize(x) if cfg.metric == "cosine" else x
-    n = table.num_rows
-    fine, dist = nearest(x, centers["fine_centers"], cfg.metric) if n else (np.zeros((0, 1), int), np.zeros((0, 1)))
-    plain = nearest(x, centers["plain_fine_centers"], cfg.metric)[0] if n else np.zeros((0, 1), int)
-    out = pa.table(
-        {S.UID: table[S.UID], S.SHARD: table[S.SHARD], S.FINE_ID: fine[:, 0].astype(np.int32),
-         S.EXPERT_ID: centers["fine_to_expert"][fine[:, 0]].astype(np.int32),
-         S.FINE_DISTANCE: dist[:, 0].astype(np.float32), S.FINE_ID_PLAIN: plain[:, 0].astype(np.int32)},
-        schema=S.MODE_SCHEMA,
-    )  # fmt: skip
-    pool.write_table(STAGE, shard, out)
-    pool.mark_done(STAGE, shard, digest, {"samples": n})
-    return {"samples": n}
+class AssignExperts(Step):
+    """``tables/mode``: each caption's nearest fine centre, its expert and distance, and its nearest
+    plain k-means centre (the fitted centres of ``aggregates/mode/``, loaded once per worker)."""
+
+    name = STAGE
+    schema = S.MODE_SCHEMA
+
+    def __init__(self, pool_root: str, cfg: ModeConfig, digest: str):
+        super().__init__(reads=(Read(SOURCE, (S.UID, S.SHARD, S.CAPTION_EMBEDDING)),), digest=digest)
+        self.pool_root, self.metric = pool_root, cfg.metric
+        self.centers: dict[str, np.ndarray] = {}
+
+    def setup(self) -> None:
+        self.centers = load_centers(self.pool_root, self.digest)
+
+    def __call__(self, inputs: dict[str, pa.Table]) -> pa.Table:
+        table = inputs[SOURCE]
+        x = _vectors(table)
+        x = normalize(x) if self.metric == "cosine" else x
+        if table.num_rows:
+            fine, dist = nearest(x, self.centers["fine_centers"], self.metric)
+            plain = nearest(x, self.centers["plain_fine_centers"], self.metric)[0]
+        else:
+            fine, dist, plain = np.zeros((0, 1), int), np.zeros((0, 1)), np.zeros((0, 1), int)
+        return pa.table({S.UID: table[S.UID], S.FINE_ID: fine[:, 0].astype(np.int32),
+                         S.EXPERT_ID: self.centers["fine_to_expert"][fine[:, 0]].astype(np.int32),
+                         S.FINE_DISTANCE: dist[:, 0].astype(np.float32),
+                         S.FINE_ID_PLAIN: plain[:, 0].astype(np.int32)})  # fmt: skip
 
 
 def run_mode(pool: Pool, cfg: ModeConfig, engine: Any, progress: bool = True) -> dict[str, Any]:
     """Fit if needed, assign every shard not assigned with these centres, write the report."""
     summary = fit_mode(pool, cfg)
     digest = summary["fit_hash"]
-    todo = [s for s in pool.require_complete(SOURCE) if not pool.is_done(STAGE, s, digest)]
-    run_shards(pool, engine, functools.partial(assign_shard, str(pool.root), cfg, digest), todo, desc=STAGE,
-               progress=progress)  # fmt: skip
+    step = AssignExperts(str(pool.root), cfg, digest)
+    runner.run_step(pool, engine, step, runner.plan(pool, step, pool.require_complete(SOURCE)), progress=progress)
     summary = {**summary, **write_report(pool, cfg, engine)}
     write_json_atomic(pool.aggregates_dir / "mode.json", summary)
     pool.update_manifest()

@@ -166,7 +166,8 @@ def run_rebalance(pool: Pool, cfg: RebalanceConfig, engine: Any, progress: bool 
     """Rebalance the samples in play: each shard lists its population (per-shard tasks), the group
     sizes are SQL over those lists, the probabilities come from the sizes (one row per group), and
     each shard draws in its own task."""
-    from pipeline.engines.base import Table, run_shards
+    from pipeline.core import runner
+    from pipeline.engines.base import Table
     from pipeline.metaclip.balancing import solve_increasing
 
     shards = pool.require_complete("download")
@@ -177,7 +178,7 @@ def run_rebalance(pool: Pool, cfg: RebalanceConfig, engine: Any, progress: bool 
     if listed and cfg.method != "cap":
         raise UserError("rebalance.method: a list column (MetaCLIP entries) supports only `cap`")
     pool.require_complete(stage)
-    run_shards(pool, engine, functools.partial(population_task, str(pool.root), cfg, stage), shards,
+    runner.map_shards(pool, engine, functools.partial(population_task, str(pool.root), cfg, stage), shards,
                desc="rebalance population", progress=False)  # fmt: skip
     values, counts = _sizes(pool, engine, shards, listed)
     groups_path = _dir(pool) / "groups.parquet"
@@ -191,7 +192,7 @@ def run_rebalance(pool: Pool, cfg: RebalanceConfig, engine: Any, progress: bool 
         if cfg.target_size:
             def expected(ts: list[float]) -> np.ndarray:
                 fn = functools.partial(_expected_task, str(pool.root), str(groups_path), digest, ts)
-                parts = run_shards(pool, engine, fn, shards, desc="rebalance t", progress=False)
+                parts = runner.map_shards(pool, engine, fn, shards, desc="rebalance t", progress=False)
                 return np.sum([parts[s] for s in shards], axis=0)
 
             param = solve_increasing(expected, cfg.target_size, max(1.0, float(dense.max(initial=1))))
@@ -204,7 +205,7 @@ def run_rebalance(pool: Pool, cfg: RebalanceConfig, engine: Any, progress: bool 
         write_parquet_atomic(groups_path, pa.table({"g": values, "n": counts, "p": p}))
     todo = [s for s in shards if not pool.is_done(STAGE, s, digest)]
     fn = functools.partial(shard_task, str(pool.root), cfg, listed, param, str(groups_path), digest)
-    run_shards(pool, engine, fn, todo, desc=STAGE, weights=pool.shard_sizes(todo), progress=progress)
+    runner.map_shards(pool, engine, fn, todo, desc=STAGE, weights=pool.shard_sizes(todo), progress=progress)
     kept_files = [_dir(pool) / "kept" / f"{s:05d}.parquet" for s in shards]
     kept_schema = pa.schema([("g", pa.int64()), ("n", pa.int64())])
     kept_rows = engine.query("select g, sum(n) as n from kept group by g", {"kept": Table.of(kept_files, kept_schema)})

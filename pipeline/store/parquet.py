@@ -272,6 +272,18 @@ class Pool:
         """Every (file, problem) of ``stage``'s finished shards, by the quick check of :meth:`file_problems`."""
         return [problem for marker in self.completed(stage).values() for problem in self.file_problems(stage, marker)]
 
+    def content_digest(self, stages: list[str]) -> str:
+        """What a pool-wide result computed over ``stages`` depends on: every finished shard's marker
+        digest and the sha256 of each file it completes (one read per marker, no file hashed). A
+        grown pool, or a shard redone with other content, gives another digest."""
+        h = hashlib.sha256()
+        for stage in stages:
+            for shard, marker in sorted(self.completed(stage).items()):
+                h.update(f"{stage}|{shard}|{marker.get('config_hash')}".encode())
+                for rel, want in sorted((marker.get("files") or {}).items()):
+                    h.update(f"|{rel}|{want['sha256']}".encode())
+        return h.hexdigest()[:16]
+
     def require_intact(self, stages: list[str]) -> None:
         """Refuse to read ``stages`` while a file one of their markers completes is missing or damaged
         (a stat per file; the sha256 only of a file whose mtime moved).

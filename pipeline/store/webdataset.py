@@ -38,14 +38,14 @@ class UnsafeShardError(UserError, ValueError):
     """A shard holds a member name that could escape its directory; names the shard and member."""
 
 
-def _split(name: str) -> tuple[str, str]:
+def split_name(name: str) -> tuple[str, str]:
     """WebDataset's rule: key = path up to the first dot of the basename, extension = the rest."""
     directory, base = posixpath.split(name)
     stem, _, ext = base.partition(".")
     return (posixpath.join(directory, stem) if directory else stem), ext.lower()
 
 
-def _check_name(tar_path: Path, name: str) -> None:
+def check_name(tar_path: Path, name: str) -> None:
     parts = name.replace("\\", "/").split("/")
     if name.startswith(("/", "\\")) or posixpath.isabs(name) or ".." in parts or (parts and ":" in parts[0]):
         raise UnsafeShardError(f"{tar_path}: member {name!r} has an absolute or parent-relative path")
@@ -75,10 +75,10 @@ def iter_shard(path: str | Path) -> Iterator[dict[str, Any]]:
     current: dict[str, Any] | None = None
     with tarfile.open(path, mode="r|*") as tar:
         for member in tar:
-            _check_name(path, member.name)
+            check_name(path, member.name)
             if not member.isfile():
                 continue
-            key, ext = _split(member.name)
+            key, ext = split_name(member.name)
             if current is None or current["__key__"] != key:
                 if current is not None:
                     yield current

@@ -1,0 +1,182 @@
+"""The one caller of steps: plan once, hand the due shards to the engine, and per shard read, call,
+conform, write, count flips and mark.
+
+Per shard (in whichever worker the engine runs it):
+
+1. read each declared input's columns (:func:`read_inputs`): a stage's table, the listed rows, and
+   the uids a ``where`` selects;
+2. call the step (a pure function of those tables) and conform its result to the step's schema,
+   the ``shard`` column set to the shard's id;
+3. count the decisions that flipped against the table being replaced (:class:`~pipeline.core.step.Flips`);
+4. write the table and the step's per-shard aggregates atomically, then the completion marker,
+   last: a killed shard has no marker and is redone whole.
+
+Planning (:func:`plan`) reads each candidate shard's marker once, on the driver; tasks never read
+another shard's marker. A failed shard is reported with the others' results kept
+(:class:`~pipeline.engines.base.ShardFailures`), and the manifest is rebuilt from the markers.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.core.step import LISTED, SELECTED, Read, Step
+from pipeline.store import schema as S
+from pipeline.store.parquet import Pool, shard_name, write_parquet_atomic
+
+if TYPE_CHECKING:
+    from pipeline.engines.base import Engine, ShardResults
+
+_READY: dict[str, Step] = {}  # set-up steps of this worker process, by Step.key()
+
+
+def shard_digest(pool: Pool, step: Step, shard: int) -> str:
+    """The digest a shard's marker must carry: a step whose output changes once the shard is
+    downloaded says which it saw."""
+    if step.redo_once_downloaded and not pool.is_done("download", shard):
+        return f"{step.digest}-listed"
+    return step.digest
+
+
+def plan(pool: Pool, step: Step, candidates: Sequence[int]) -> list[int]:
+    """The shards of ``candidates`` not finished with the step's digest (or whose files are damaged):
+    one marker read per shard, on the driver."""
+    return [s for s in candidates if not pool.is_done(step.name, s, shard_digest(pool, step, s))]
+
+
+def _read(pool: Pool, read: Read, shard: int, downloaded: bool) -> pa.Table:
+    columns = list(read.columns)
+    if read.table == LISTED or (read.listed_until_downloaded and not downloaded):
+        listed = pool.read_listed(shard)
+        declared = pool.declared_schema("download")
+        return pa.table({c: listed[c] if c in listed.column_names else pa.nulls(listed.num_rows, declared.field(c).type)
+                         for c in columns})  # fmt: skip
+    return pool.read_shard(read.table, shard, columns=columns)
+
+
+def read_inputs(pool: Pool, step: Step, shard: int) -> dict[str, pa.Table]:
+    """Every declared input of ``step`` for ``shard``, by table name (:data:`SELECTED`: the uids its
+    ``where`` selects)."""
+    downloaded = any(r.listed_until_downloaded for r in step.reads) and pool.is_done("download", shard)
+    inputs = {r.table: _read(pool, r, shard, downloaded) for r in step.reads}
+    if step.where:
+        from pipeline.query import select_uids
+
+        inputs[SELECTED] = pa.table({S.UID: select_uids(pool, shard, step.where)})
+    return inputs
+
+
+def ready(step: Step) -> Step:
+    """This process's set-up instance of ``step`` (``setup()`` runs once per worker)."""
+    key = step.key()
+    if key not in _READY:
+        step.setup()
+        _READY[key] = step
+    return _READY[key]
+
+
+def conform(step: Step, shard: int, table: pa.Table) -> pa.Table:
+    """``table`` with the step's declared columns and types, ``shard`` set to the shard's id."""
+    schema = step.schema
+    if S.SHARD in schema.names:
+        column = pa.array([shard] * table.num_rows, pa.int32())
+        table = table.set_column(table.column_names.index(S.SHARD), S.SHARD, column) if (
+            S.SHARD in table.column_names) else table.append_column(S.SHARD, column)  # fmt: skip
+    return S.conform(table, schema)
+
+
+def flip_counts(pool: Pool, step: Step, shard: int, out: pa.Table) -> dict[str, int]:
+    """Decisions of ``out`` that differ from the table it replaces (nothing for a first write)."""
+    if step.flips is None:
+        return {}
+    from pipeline.flips import decision_flips
+
+    f = step.flips
+
+    def values(c: str | None) -> Any:
+        return None if c is None else out[c].to_numpy(zero_copy_only=False)
+
+    return decision_flips(pool.table_path(step.name, shard), out[S.UID], values(f.keep), f.keep, values(f.p), f.p,
+                          values(f.reason), f.reason)  # fmt: skip
+
+
+def run_shard(pool_root: str, step: Step, shard: int) -> dict[str, int]:
+    """Read, call, conform, write, count flips and mark one shard (the engine's per-shard task)."""
+    pool = Pool(pool_root)
+    step = ready(step)
+    digest = shard_digest(pool, step, shard)
+    inputs = read_inputs(pool, step, shard)
+    out = conform(step, shard, step(inputs))
+    flips = flip_counts(pool, step, shard, out)
+    pool.write_table(step.name, shard, out)
+    for folder, table in step.side(inputs, out).items():
+        write_parquet_atomic(pool.aggregates_dir / folder / f"{shard_name(shard)}.parquet", table)
+    counts = {**step.counts(out), **flips}
+    pool.mark_done(step.name, shard, digest, counts)
+    return counts
+
+
+def run_step(pool: Pool, engine: Engine, step: Step, shards: Sequence[int], *, progress: bool = True,
+             desc: str | None = None) -> dict[int, dict[str, int]]:  # fmt: skip
+    """Run ``step`` over ``shards`` (already planned: :func:`plan`) with ``engine``.
+
+    Returns:
+        The markers' counts by shard.
+
+    Raises:
+        ShardFailures: some shards failed; the others are finished and kept, the manifest rebuilt.
+    """
+    fn = functools.partial(run_shard, str(pool.root), step)
+    return map_shards(pool, engine, fn, list(shards), desc=desc or step.name, weights=pool.shard_sizes(list(shards)),
+                      progress=progress)  # fmt: skip
+
+
+def collect(engine: Engine, fn: Any, shards: list[int], *, desc: str, weights: dict[int, int] | None = None,
+            progress: bool = True) -> dict[int, Any]:  # fmt: skip
+    """``engine.map_shards``: the results by shard, or :class:`~pipeline.engines.base.ShardFailures`
+    naming every failed shard (the others finished). Writes nothing: readers (export) use it too."""
+    from pipeline.engines.base import ShardFailures
+
+    if not shards:
+        return {}
+    result = engine.map_shards(fn, shards, desc=desc, weights=weights, progress=progress)
+    if result.failures:
+        raise ShardFailures(desc, result.failures)
+    return result.results
+
+
+def finished(pool: Pool, desc: str, result: ShardResults) -> dict[int, Any]:
+    """The results of a map over shards that wrote into ``pool``; when some shards failed, the
+    manifest is rebuilt from the finished ones' markers and the failures are raised."""
+    from pipeline.engines.base import ShardFailures
+
+    if result.failures:
+        pool.update_manifest()
+        raise ShardFailures(desc, result.failures)
+    return result.results
+
+
+def map_shards(pool: Pool, engine: Engine, fn: Any, shards: list[int], *, desc: str,
+               weights: dict[int, int] | None = None, progress: bool = True) -> dict[int, Any]:  # fmt: skip
+    """:func:`collect` for a step that writes into ``pool``: when some shards failed, the manifest is
+    rebuilt from the finished ones' markers before the failures are raised."""
+    from pipeline.engines.base import ShardFailures
+
+    try:
+        return collect(engine, fn, shards, desc=desc, weights=weights, progress=progress)
+    except ShardFailures:
+        pool.update_manifest()
+        raise
+
+
+def matching_rows(table: pa.Table, uids: pa.Array | pa.ChunkedArray) -> pa.Table:
+    """The rows of ``table`` in the order of ``uids``, null rows where a uid is absent (a step aligns
+    one input's rows to another's)."""
+    if isinstance(uids, pa.ChunkedArray):
+        uids = uids.combine_chunks()
+    return table.take(pc.index_in(uids, value_set=table[S.UID].combine_chunks()))

@@ -1,0 +1,96 @@
+"""A stage as a declared step: what it reads, what it writes, what its output depends on, and a pure
+function from Arrow tables to an Arrow table.
+
+A step never opens the pool. It declares
+
+- ``reads``: the tables (and their columns) one shard's call needs (:class:`Read`);
+- ``name`` and ``schema``: the table it writes (every schema lives in :mod:`pipeline.store.schema`);
+- ``digest``: what its output depends on besides the rows it reads (its config, a pool-wide result's
+  digest); a shard finished with another digest is redone;
+- ``flips``: the decision columns whose changes on a re-decided shard are counted;
+- ``setup()``: a model, automaton or table of centres loaded once per worker process;
+- ``__call__(inputs)``: the shard's table from ``{read name: table}``, with no I/O;
+- ``counts(out)`` and ``side(inputs, out)``: the marker's counts and small per-shard aggregates.
+
+:mod:`pipeline.core.runner` is the only caller: it plans, reads the declared columns, calls the step,
+conforms the result to ``schema``, writes it atomically, counts flips and writes the marker.
+Anchors: datatrove's ``PipelineStep`` (the executor owns markers and skipping) and NeMo Curator's
+``ProcessingStage`` with declared ``inputs()/outputs()`` and ``setup()/process()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+LISTED = "listed"  # the prepared URL list (``input/urls*.parquet``): every row, before any download
+SELECTED = "selected"  # the uids a step's ``where`` predicate selects in the shard (one ``uid`` column)
+
+
+@dataclass(frozen=True)
+class Read:
+    """One declared input of a step: ``columns`` of a stage's table (or of :data:`LISTED`).
+
+    ``listed_until_downloaded``: a ``download`` read that, for a shard not downloaded yet, takes the
+    listed rows instead, with the columns only a download knows as nulls (curating before the
+    download: MetaCLIP's order)."""
+
+    table: str
+    columns: tuple[str, ...]
+    listed_until_downloaded: bool = False
+
+
+@dataclass(frozen=True)
+class Flips:
+    """The decision columns of a step's table whose changes the runner counts on a re-decided shard
+    (:func:`pipeline.flips.decision_flips`)."""
+
+    keep: str
+    p: str | None = None
+    reason: str | None = None
+
+
+class Step:
+    """Base of every per-shard step (module docstring). Subclasses set the class attributes and
+    implement ``__call__``; instances carry the resolved config and are pickled to the workers."""
+
+    name: ClassVar[str]
+    schema: ClassVar[pa.Schema]
+    flips: ClassVar[Flips | None] = None
+    # the output differs once the shard is downloaded (sizes known): its digest says which it saw
+    redo_once_downloaded: ClassVar[bool] = False
+
+    def __init__(self, *, reads: tuple[Read, ...], digest: str, where: str | None = None):
+        self.reads = reads
+        self.digest = digest
+        self.where = where  # a predicate over the pool's samples; its uids arrive as inputs[SELECTED]
+
+    def setup(self) -> None:
+        """Load what the step holds (once per worker process: the runner keeps the set-up step)."""
+
+    def __call__(self, inputs: dict[str, pa.Table]) -> pa.Table:
+        raise NotImplementedError
+
+    def counts(self, out: pa.Table) -> dict[str, int]:
+        """The completion marker's counts for the shard's table ``out``."""
+        return {"samples": out.num_rows}
+
+    def side(self, inputs: dict[str, pa.Table], out: pa.Table) -> dict[str, pa.Table]:
+        """Small per-shard aggregates, by folder under ``aggregates/`` (summed in SQL afterwards)."""
+        return {}
+
+    def key(self) -> str:
+        """Identifies a set-up step within a worker process."""
+        return f"{self.name}|{self.digest}|{id(type(self))}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, digest={self.digest!r})"
+
+
+def read_names(step: Step) -> list[str]:
+    """The tables a step reads, in declaration order."""
+    return [r.table for r in step.reads]
+

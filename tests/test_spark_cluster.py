@@ -1,0 +1,167 @@
+"""``engine: spark`` through the entry point users run (``curate run``: Prefect task threads), on
+``local[2]`` and on a standalone cluster (a master and two workers started with pyspark's own
+``spark-class``, separate processes with their own work dirs): the same tables and release as the
+local engine's run of the same config."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+pytest.importorskip("pyspark")
+pytestmark = [pytest.mark.spark, pytest.mark.slow]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spark_env() -> dict[str, str]:
+    import pyspark
+
+    return {**os.environ, "SPARK_HOME": str(Path(pyspark.__file__).parent), "SPARK_LOCAL_IP": "127.0.0.1",
+            "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}  # fmt: skip
+
+
+def _alive_workers(ui_port: int) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{ui_port}/json/", timeout=5) as r:
+            return sum(w["state"] == "ALIVE" for w in json.load(r)["workers"])
+    except OSError:
+        return 0
+
+
+class Cluster:
+    """A standalone master and ``n`` one-core workers on loopback; :meth:`stop` ends exactly the
+    processes it started."""
+
+    def __init__(self, root: Path, n: int = 2):
+        env = _spark_env()
+        launcher = str(Path(env["SPARK_HOME"]) / "bin" / "spark-class")
+        self.port, self.ui = _free_port(), _free_port()
+        self.url = f"spark://127.0.0.1:{self.port}"
+        root.mkdir(parents=True, exist_ok=True)
+        self.work_dirs = [root / f"work{i}" for i in range(n)]
+        master = ["org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(self.port),
+                  "--webui-port", str(self.ui)]  # fmt: skip
+        self.master = self._start(root / "master.log", env, [launcher, *master])
+        self.workers = []
+        for i, work in enumerate(self.work_dirs):
+            worker = ["org.apache.spark.deploy.worker.Worker", self.url, "--cores", "1", "--memory", "1g",
+                      "--work-dir", str(work), "--webui-port", str(_free_port())]  # fmt: skip
+            self.workers.append(self._start(root / f"worker{i}.log", env, [launcher, *worker]))
+        deadline = time.monotonic() + 120
+        while _alive_workers(self.ui) < n:
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the cluster did not start; see {root}/*.log")
+            time.sleep(1)
+
+    @staticmethod
+    def _start(log: Path, env: dict[str, str], cmd: list[str]) -> subprocess.Popen:
+        with log.open("wb") as out:
+            return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stop(self) -> None:
+        for proc in [*self.workers, self.master]:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in [*self.workers, self.master]:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    started = Cluster(tmp_path_factory.mktemp("spark-cluster"))
+    yield started
+    started.stop()
+
+
+def _config(tmp_path: Path, server, checkpoint, name: str, engine: dict | None) -> Path:
+    from tests.test_flow import _full_config
+
+    path = _full_config(tmp_path, server, checkpoint, name)
+    data = yaml.safe_load(path.read_text())
+    data.pop("report", None)
+    if engine is not None:
+        data.update(engine)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _curate_run(config: Path, tmp_path: Path) -> None:
+    env = {**_spark_env(), "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    env.pop("PREFECT_API_URL", None)  # Prefect's ephemeral mode, as a user's first run
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(config)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def _tables(pool: Path) -> dict[str, str]:
+    """Each stage table's rows, sorted by uid, as a digest (read with pyarrow, not the project's code)."""
+    out = {}
+    for folder in sorted((pool / "tables").iterdir()):
+        table = pa.concat_tables(pq.read_table(f) for f in sorted(folder.glob("*.parquet")))
+        table = table.sort_by("uid")
+        out[folder.name] = hashlib.sha256(repr([table[c].to_pylist() for c in sorted(table.column_names)]).encode(
+            )).hexdigest()  # fmt: skip
+    return out
+
+
+def _release(out: Path) -> dict[str, str]:
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(out.iterdir())
+            if f.suffix in (".tar", ".npy")}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory, image_server, tiny_checkpoint):
+    tmp = tmp_path_factory.mktemp("local-run")
+    _curate_run(_config(tmp, image_server, tiny_checkpoint, "local", None), tmp)
+    return tmp / "local"
+
+
+def _same_as_local(local: Path, pool: Path) -> None:
+    assert _tables(pool) == _tables(local)
+    want = _release(local / "release")
+    assert want and any(name.endswith(".tar") for name in want)
+    assert _release(pool / "release") == want
+
+
+def test_curate_run_on_spark_local_mode_equals_the_local_engine(local_run, tmp_path, image_server, tiny_checkpoint):
+    """The Prefect flow on ``local[2]``: the download no longer stops the engine's session."""
+    engine = {"engine": "spark", "spark": {"master": "local[2]"}}
+    config = _config(tmp_path, image_server, tiny_checkpoint, "spark", engine)
+    _curate_run(config, tmp_path)
+    _same_as_local(local_run, tmp_path / "spark")
+
+
+def test_curate_run_on_a_standalone_cluster_equals_the_local_engine(local_run, cluster, tmp_path, image_server,
+                                                                     tiny_checkpoint):  # fmt: skip
+    """A master and two worker processes: tasks run in the workers' own processes and folders."""
+    engine = {"engine": "spark", "spark": {"master": cluster.url}}
+    config = _config(tmp_path, image_server, tiny_checkpoint, "cluster", engine)
+    _curate_run(config, tmp_path)
+    _same_as_local(local_run, tmp_path / "cluster")
+    # every worker launched an executor for the application (its own process, in its own work dir)
+    for work in cluster.work_dirs:
+        assert list(work.glob("app-*/*/stderr")), work
