@@ -18,8 +18,13 @@ memory is its own:
 
 One JSON line per step and size: ``step``, ``size``, ``seconds``, ``samples_per_s``,
 ``peak_rss_gib`` (the step's main process), ``worker_peak_rss_gib`` (its largest other process:
-engine workers, Spark's Python workers) and, for Spark, ``jvm_peak_rss_gib``. Peaks are the kernel's
-``ru_maxrss`` for the main process and a 1 s poll of every descendant's RSS for the others.
+engine workers, Spark's Python workers) and, for Spark, ``jvm_peak_rss_gib``. Every peak is the
+kernel's ``VmHWM`` of that process (``/proc/<pid>/status``): the main process reads its own at the
+end, the others are read by a 1 s poll of every descendant. (``ru_maxrss`` is not used: it survives
+fork+exec, so a step started by a large process reported that process's size.)
+
+``--set KEY=VALUE`` overrides a key of the pool config below (``duckdb.memory_limit=256MB``,
+``filters.kmeans_max_sample=20000``), so flatness can be checked at small sizes where the bounds bind.
 """
 
 from __future__ import annotations
@@ -29,7 +34,6 @@ import hashlib
 import io
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -52,8 +56,35 @@ CLEARS = {"metaclip": ("metaclip_match", "metaclip"), "filter_scores": ("filters
           "export_plan": ()}  # fmt: skip
 
 
-def config(root: Path, engine: str) -> dict:
+def config(root: Path, engine: str, overrides: list[str] = ()) -> dict:
     """The pipeline config of the benchmark: memory set here, never by the pool's size."""
+    import yaml
+
+    cfg = _base_config(root, engine)
+    for pair in overrides:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {pair!r}: expected KEY=VALUE, e.g. duckdb.memory_limit=256MB")
+        *parents, leaf = key.split(".")
+        node = cfg
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = yaml.safe_load(value)
+    return cfg
+
+
+def peak_gib(pid: int | str = "self") -> float:
+    """A process's peak resident set (``VmHWM``), in GiB; 0 once it has gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 0.0
+
+
+def _base_config(root: Path, engine: str) -> dict:
     return {
         "pool": str(root), "engine": engine, "download": {"input": "-", "processes": 2},
         # the engines' memory is set here, low enough to bind at every size measured
@@ -169,13 +200,13 @@ def build_pool(root: Path, rows: int, seed: int = 0) -> None:
 # -- one step, in its own process ----------------------------------------------------------------------
 
 
-def run_step(step: str, root: Path, engine_name: str) -> None:
+def run_step(step: str, root: Path, engine_name: str, overrides: list[str]) -> None:
     """Run one step on the pool (in this process, which the parent measures)."""
     from pipeline.config import parse_config
     from pipeline.engines import get_engine
     from pipeline.store.parquet import Pool
 
-    cfg = parse_config(config(root, engine_name), "bench")
+    cfg = parse_config(config(root, engine_name, overrides), "bench")
     pool, engine = Pool(root), get_engine(cfg)
     if step == "metaclip":
         from pipeline.metaclip.stage import run_metaclip
@@ -233,9 +264,9 @@ class _Poll:
                 for child in self.proc.children(recursive=True):
                     try:
                         kind = "jvm" if "java" in child.name() else "worker"
-                        self.peaks[kind] = max(self.peaks[kind], child.memory_info().rss)
                     except psutil.Error:
                         continue
+                    self.peaks[kind] = max(self.peaks[kind], peak_gib(child.pid))
             except psutil.Error:
                 return
             self.done.wait(1.0)
@@ -249,9 +280,9 @@ class _Poll:
         self.thread.join()
 
 
-def measure(step: str, root: Path, size: int, engine: str) -> dict:
+def measure(step: str, root: Path, size: int, engine: str, overrides: list[str]) -> dict:
     cmd = [sys.executable, __file__, "--run-step", step, "--pool", str(root), "--engine", engine,
-           "--rss-out", str(root.parent / f"{step}.rss")]  # fmt: skip
+           "--rss-out", str(root.parent / f"{step}.rss"), *(f"--set={pair}" for pair in overrides)]  # fmt: skip
     t = time.perf_counter()
     proc = subprocess.Popen(cmd)
     with _Poll(proc.pid) as poll:
@@ -262,9 +293,9 @@ def measure(step: str, root: Path, size: int, engine: str) -> dict:
     main_gib = float((root.parent / f"{step}.rss").read_text())
     line = {"step": step, "size": size, "engine": engine, "seconds": round(seconds, 1),
             "samples_per_s": round(size / seconds), "peak_rss_gib": round(main_gib, 3),
-            "worker_peak_rss_gib": round(poll.peaks["worker"] / 2**30, 3)}  # fmt: skip
+            "worker_peak_rss_gib": round(poll.peaks["worker"], 3), "overrides": overrides}  # fmt: skip
     if engine == "spark":
-        line["jvm_peak_rss_gib"] = round(poll.peaks["jvm"] / 2**30, 3)
+        line["jvm_peak_rss_gib"] = round(poll.peaks["jvm"], 3)
     return line
 
 
@@ -279,10 +310,12 @@ def main() -> None:
     ap.add_argument("--run-step", choices=STEPS, help=argparse.SUPPRESS)
     ap.add_argument("--pool", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--rss-out", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a key of the benchmark's pool config (repeatable)")
     args = ap.parse_args()
-    if args.run_step:  # the child: one step, then its own peak RSS (the kernel's, exact)
-        run_step(args.run_step, args.pool, args.engine)
-        args.rss_out.write_text(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20))
+    if args.run_step:  # the child: one step, then its own peak RSS (the kernel's VmHWM, exact)
+        run_step(args.run_step, args.pool, args.engine, args.set)
+        args.rss_out.write_text(str(peak_gib()))
         return
     for size in args.sizes:
         root = args.work / f"{size}" / "pool"
@@ -297,7 +330,7 @@ def main() -> None:
                 shutil.rmtree(root / "tables" / stage, ignore_errors=True)
                 (root / "aggregates" / f"{stage}.json").unlink(missing_ok=True)  # MoDE reuses a recorded fit
         for step in args.steps:
-            emit(measure(step, root, size, args.engine), args.json)
+            emit(measure(step, root, size, args.engine, args.set), args.json)
 
 
 def emit(line: dict, path: Path | None) -> None:
