@@ -118,7 +118,7 @@ def main() -> int:
 
         cfg = _config(args.work / "text_first", url_list, WHERE)
         pool, out = Pool(cfg.pool), {}
-        _phase("prepare_s", lambda: prepare(pool, cfg.download), out)
+        _phase("prepare_s", lambda: prepare(pool, cfg.download, engine), out)
         _phase("text_stages_s", lambda: _text_stages(pool, cfg, engine, listed=True), out)
         _phase("download_s", lambda: run_download(pool, cfg.download, engine, progress=False), out)
         out.update(_fetched(pool))

@@ -58,9 +58,9 @@ def ingest_task(cfg: PipelineConfig, engine: Engine) -> dict[str, Any]:
 
 
 @task(name="plan-download", cache_policy=NO_CACHE)
-def plan_download(cfg: PipelineConfig) -> list[int]:
+def plan_download(cfg: PipelineConfig, engine: Engine) -> list[int]:
     """Validate the URL list into the pool; return the shards still to download."""
-    _, todo = plan_shards(Pool(cfg.pool), cfg.download)
+    _, todo = plan_shards(Pool(cfg.pool), cfg.download, engine)
     return todo
 
 
@@ -71,7 +71,7 @@ def download_batch(cfg: PipelineConfig, engine: Engine, shards: list[int]) -> di
 
 
 @task(name="plan-embed", cache_policy=NO_CACHE)
-def plan_embed(cfg: PipelineConfig) -> list[int]:
+def plan_embed(cfg: PipelineConfig, engine: Engine) -> list[int]:
     """Shards still to embed with this model and checkpoint (hashes the weights file, loads no model)."""
     from pipeline.embed import pending_shards
 
@@ -87,7 +87,7 @@ def embed_batch(cfg: PipelineConfig, engine: Engine, shards: list[int]) -> dict[
 
 
 @task(name="plan-metaclip", cache_policy=NO_CACHE)
-def plan_metaclip(cfg: PipelineConfig) -> list[int]:
+def plan_metaclip(cfg: PipelineConfig, engine: Engine) -> list[int]:
     return pending_matches(Pool(cfg.pool), cfg.metaclip)
 
 
@@ -104,7 +104,7 @@ def metaclip_balance(cfg: PipelineConfig, engine: Engine) -> dict[str, Any]:
 
 
 @task(name="plan-filters", cache_policy=NO_CACHE)
-def plan_filters(cfg: PipelineConfig, listed: bool = False) -> list[int]:
+def plan_filters(cfg: PipelineConfig, engine: Engine, listed: bool = False) -> list[int]:
     from pipeline.filters.stage import pending_scores
 
     return pending_scores(Pool(cfg.pool), listed=listed)
@@ -248,7 +248,7 @@ def run_stage(stage: FlowStage, cfg: PipelineConfig, engine: Engine, pool: Pool)
     """One entry: its batches, then (when they all finished) its pool-wide part; the failures."""
     errors = []
     if stage.batch is not None:
-        shards = stage.plan(cfg, listed=True) if stage.listed else stage.plan(cfg)
+        shards = stage.plan(cfg, engine, listed=True) if stage.listed else stage.plan(cfg, engine)
         errors = _submit_batches(stage.batch, cfg, engine, shards)
     if not errors and stage.finish is not None:
         stage.finish.with_options(retries=cfg.flow.task_retries)(cfg, engine)

@@ -417,9 +417,8 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="curate", description="Curate CLIP training sets.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_stage_commands(sub: Any) -> None:
+    """The commands that run stages: the flow, and each stage alone."""
     for name, fn, text in (("run", cmd_run, "run the curate flow"),
                            ("prepare", cmd_prepare, "validate the URL list into the pool (before any download)"),
                            ("download", cmd_download, "run the download stage alone"),
@@ -457,6 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--wait", action="store_true", help="wait for another writer of the pool instead of refusing")
     p.set_defaults(fn=cmd_filter)
+
+
+def _add_export_command(sub: Any) -> None:
     p = sub.add_parser("export", help="write a training release (WebDataset + Parquet) of selected samples")
     p.add_argument("pool")
     p.add_argument("--out", required=True, help="release directory")
@@ -477,6 +479,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write --out/vNNNN (a new version when the selection changed), CHANGES.md, --out/latest")
     p.add_argument("--keep-versions", type=int, help="with --versioned: keep the newest N versions")
     p.set_defaults(fn=cmd_export)
+
+
+def _add_other_commands(sub: Any) -> None:
+    """The scheduler, the demo and the commands that only read a pool."""
     p = sub.add_parser("serve", help="run the curate flow on a cron schedule (needs a Prefect server)")
     p.add_argument("config")
     p.add_argument("--cron", required=True, help='e.g. "0 3 * * *" (every day at 03:00 UTC)')
@@ -515,6 +521,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pool")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_stats)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="curate", description="Curate CLIP training sets.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_stage_commands(sub)
+    _add_export_command(sub)
+    _add_other_commands(sub)
     return parser
 
 

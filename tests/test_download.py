@@ -102,7 +102,7 @@ def test_duplicate_rows_keep_the_first(tmp_path: Path):
     path = tmp_path / "u.parquet"
     pq.write_table(pa.concat_tables([rows, rows.slice(2, 3)]), path)
     cfg = make_config(tmp_path / "pool", path)
-    plan = prepare(Pool(cfg.pool), cfg.download)
+    plan = prepare(Pool(cfg.pool), cfg.download, LocalEngine(2))
     assert (plan["source_rows"], plan["duplicates_dropped"], plan["num_rows"]) == (13, 3, 10)
     prepared = pq.read_table(Pool(cfg.pool).input_path)
     assert prepared["row"].to_pylist() == list(range(10))
@@ -139,7 +139,7 @@ def test_a_bad_file_among_several_is_named_and_nothing_is_kept(tmp_path: Path):
     pq.write_table(rows.rename_columns(["link", "caption"]), tmp_path / "b.parquet")
     cfg = make_config(tmp_path / "pool", tmp_path)
     with pytest.raises(InputError, match=r"b\.parquet: missing column\(s\) 'url'"):
-        prepare(Pool(cfg.pool), cfg.download)
+        prepare(Pool(cfg.pool), cfg.download, LocalEngine(2))
     assert not (tmp_path / "pool" / "input").exists()
 
 
@@ -329,7 +329,7 @@ def test_a_pool_prepared_by_an_earlier_version_resumes_and_records_its_input_fil
     pq.write_table(point_at(laion_rows(150, offset=300), image_server), url_list)
     cfg = make_config(tmp_path / "pool", url_list, samples_per_shard=100)
     pool = Pool(cfg.pool)
-    prepare(pool, cfg.download)
+    prepare(pool, cfg.download, LocalEngine(2))
     old = {k: v for k, v in pool.read_plan().items() if k != "ingests"}
     pool.plan_path.write_text(json.dumps(old))
     listed = pool.input_path.read_bytes()

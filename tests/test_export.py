@@ -12,6 +12,7 @@ import pytest
 import webdataset as wds
 
 from pipeline.config import ExportConfig
+from pipeline.engines.local import LocalEngine
 from pipeline.export import ExportError, export
 from tests.conftest import STAGES_AFTER_MODE, copy_pool
 
@@ -37,7 +38,8 @@ def test_export_equals_the_duckdb_predicate(pool, tmp_path):
     from pipeline.query import query
 
     where = "expert_id = 1 and clip_score > -0.05"
-    manifest = export(pool, ExportConfig(out=str(tmp_path / "rel"), where=where, samples_per_shard=25))
+    manifest = export(pool, ExportConfig(out=str(tmp_path / "rel"), where=where, samples_per_shard=25),
+        engine=LocalEngine(1))
     expected = query(pool, f"select uid from samples where status = 'success' and ({where}) order by shard, key")
     uids, urls = _release_uids(tmp_path / "rel")
     assert uids == expected["uid"].to_pylist() and len(uids) > 25  # sample for sample, in pool order
@@ -65,7 +67,8 @@ def test_open_clip_training_loader_reads_the_release(pool, tmp_path, tiny_checkp
     import open_clip
     from open_clip_train.data import get_dataset_size, get_wds_dataset
 
-    manifest = export(pool, ExportConfig(out=str(tmp_path / "rel"), where="keep", samples_per_shard=40))
+    manifest = export(pool, ExportConfig(out=str(tmp_path / "rel"), where="keep", samples_per_shard=40),
+        engine=LocalEngine(1))
     last = manifest["counts"]["shards"] - 1
     train_data = str(tmp_path / "rel" / f"{{00000..{last:05d}}}.tar")
     assert get_dataset_size(train_data) == (manifest["counts"]["samples"], manifest["counts"]["shards"])
@@ -77,9 +80,11 @@ def test_open_clip_training_loader_reads_the_release(pool, tmp_path, tiny_checkp
 
 
 def test_shuffle_is_seeded_and_bytes_are_reproducible(pool, tmp_path):
-    a = export(pool, ExportConfig(out=str(tmp_path / "a"), shuffle_seed=7, samples_per_shard=50, embeddings=True))
-    b = export(pool, ExportConfig(out=str(tmp_path / "b"), shuffle_seed=7, samples_per_shard=50, embeddings=True))
-    export(pool, ExportConfig(out=str(tmp_path / "c"), shuffle_seed=8, samples_per_shard=50))
+    a = export(pool, ExportConfig(out=str(tmp_path / "a"), shuffle_seed=7, samples_per_shard=50, embeddings=True),
+        engine=LocalEngine(1))
+    b = export(pool, ExportConfig(out=str(tmp_path / "b"), shuffle_seed=7, samples_per_shard=50, embeddings=True),
+        engine=LocalEngine(1))
+    export(pool, ExportConfig(out=str(tmp_path / "c"), shuffle_seed=8, samples_per_shard=50), engine=LocalEngine(1))
     assert [e["sha256"] for e in a["shards"]] == [e["sha256"] for e in b["shards"]]
     ua, _ = _release_uids(tmp_path / "a")
     uc, _ = _release_uids(tmp_path / "c")
@@ -95,7 +100,8 @@ def test_shuffle_is_seeded_and_bytes_are_reproducible(pool, tmp_path):
 
 
 def test_byte_limit_and_resume(pool, tmp_path):
-    full = export(pool, ExportConfig(out=str(tmp_path / "ref"), samples_per_shard=1000, max_shard_bytes=400_000))
+    full = export(pool, ExportConfig(out=str(tmp_path / "ref"), samples_per_shard=1000, max_shard_bytes=400_000),
+        engine=LocalEngine(1))
     assert len(full["shards"]) > 1 and all(e["bytes"] <= 400_000 for e in full["shards"])
     # an interrupted export left its first shard in the partial folder: the re-run keeps it
     partial = tmp_path / ".rel.partial"
@@ -108,7 +114,8 @@ def test_byte_limit_and_resume(pool, tmp_path):
     (partial / ".clipcurate-partial").touch()  # the export's own mark on the folder it builds in
     (partial / ".00001.tar.tmp-4242-1234").write_bytes(b"half a tar")  # a SIGKILLed writer's temp file
     kept_mtime = (partial / "00000.tar").stat().st_mtime_ns
-    again = export(pool, ExportConfig(out=str(tmp_path / "rel"), samples_per_shard=1000, max_shard_bytes=400_000))
+    again = export(pool, ExportConfig(out=str(tmp_path / "rel"), samples_per_shard=1000, max_shard_bytes=400_000),
+        engine=LocalEngine(1))
     assert (tmp_path / "rel" / "00000.tar").stat().st_mtime_ns == kept_mtime
     assert [e["sha256"] for e in again["shards"]] == [e["sha256"] for e in full["shards"]]
     assert not partial.exists()
@@ -117,7 +124,7 @@ def test_byte_limit_and_resume(pool, tmp_path):
 
 def test_bad_predicate_names_itself(pool, tmp_path):
     with pytest.raises(ExportError, match="no_such_column"):
-        export(pool, ExportConfig(out=str(tmp_path / "x"), where="no_such_column > 1"))
+        export(pool, ExportConfig(out=str(tmp_path / "x"), where="no_such_column > 1"), engine=LocalEngine(1))
     assert not (tmp_path / "x").exists()
 
 
@@ -135,7 +142,7 @@ def test_parallel_export_writes_the_same_bytes(pool, tmp_path):
     from pipeline.engines.local import LocalEngine
 
     cfg = {"samples_per_shard": 30, "shuffle_seed": 5, "embeddings": True}
-    alone = export(pool, ExportConfig(out=str(tmp_path / "a"), **cfg))
+    alone = export(pool, ExportConfig(out=str(tmp_path / "a"), **cfg), engine=LocalEngine(1))
     parallel = export(pool, ExportConfig(out=str(tmp_path / "b"), **cfg), engine=LocalEngine(2))
     assert len(alone["shards"]) > 3
     assert [e["sha256"] for e in alone["shards"]] == [e["sha256"] for e in parallel["shards"]]
@@ -156,7 +163,7 @@ def test_export_recipe_decides_with_the_pools_recorded_parameters(clustered, tmp
     pool = copy_pool(clustered[0], tmp_path / "pool", STAGES_AFTER_MODE)
     cfg = FilterConfig(recipe="mine", recipes={"mine": ["english", "clip_score"]}, clip_score_fraction=0.55)
     summary = run_filters(pool, cfg, LocalEngine(1), progress=False)
-    export(pool, ExportConfig(out=str(tmp_path / "rel"), recipe="mine"))
+    export(pool, ExportConfig(out=str(tmp_path / "rel"), recipe="mine"), engine=LocalEngine(1))
     kept = query(pool, "select uid from samples where keep and status = 'success' and key is not null "
                        "order by shard, key")["uid"].to_pylist()  # fmt: skip
     uids, _ = _release_uids(tmp_path / "rel")
@@ -174,7 +181,8 @@ def test_release_uids_are_datacomps_uid_file_and_select_the_same_release(pool, t
     from pipeline.cli import main
 
     settings = {"samples_per_shard": 40, "shuffle_seed": 5}
-    first = export(pool, ExportConfig(out=str(tmp_path / "a"), where="keep and clip_score > -0.05", **settings))
+    first = export(pool, ExportConfig(out=str(tmp_path / "a"), where="keep and clip_score > -0.05", **settings),
+        engine=LocalEngine(1))
     pairs = np.load(tmp_path / "a" / "uids.npy")
     assert pairs.dtype == np.dtype("u8,u8") and len(pairs) == first["counts"]["samples"] > 40
     sidecar_uids = pq.read_table(sorted((tmp_path / "a").glob("*.parquet")), columns=["uid"])["uid"].to_pylist()
@@ -209,10 +217,10 @@ def test_versioned_releases_keep_old_versions_prune_by_retention_and_refuse_fore
     from pipeline.query import query
 
     out = tmp_path / "versions"
-    first = export(pool, ExportConfig(out=str(out), where="clip_score > -0.05", versioned=True))
+    first = export(pool, ExportConfig(out=str(out), where="clip_score > -0.05", versioned=True), engine=LocalEngine(1))
     assert first["new_version"] and first["version"] == "v0001" and (out / "latest").readlink().name == "v0001"
     v1 = {p.name: p.read_bytes() for p in (out / "v0001").iterdir()}
-    again = export(pool, ExportConfig(out=str(out), where="clip_score > -0.05", versioned=True))
+    again = export(pool, ExportConfig(out=str(out), where="clip_score > -0.05", versioned=True), engine=LocalEngine(1))
     assert not again["new_version"] and again["version"] == "v0001" and not (out / "v0002").exists()
 
     where = "clip_score > -0.05 and keep and expert_id = 1"  # a narrower selection: a new version
@@ -231,9 +239,10 @@ def test_versioned_releases_keep_old_versions_prune_by_retention_and_refuse_fore
 
     (out / "notes.txt").write_text("mine")
     with pytest.raises(ExportError, match=r"notes\.txt"):
-        export(pool, ExportConfig(out=str(out), where="true", versioned=True, keep_versions=1))
+        export(pool, ExportConfig(out=str(out), where="true", versioned=True, keep_versions=1), engine=LocalEngine(1))
     (out / "notes.txt").unlink()
-    third = export(pool, ExportConfig(out=str(out), where="true", versioned=True, keep_versions=1))
+    third = export(pool, ExportConfig(out=str(out), where="true", versioned=True, keep_versions=1),
+        engine=LocalEngine(1))
     assert third["version"] == "v0003" and sorted(p.name for p in out.iterdir() if p.name[0] != ".") == [
         "latest", "v0003"]  # fmt: skip
     assert (out / "latest").readlink().name == "v0003"

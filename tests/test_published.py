@@ -244,7 +244,7 @@ def test_recipes_and_export_run_on_imported_vectors(datacomp, imported, tmp_path
     assert mode["caption_model"] == "ViT-L-14 text (published)"
     assert query(pool, "select count(*) as n from mode")["n"][0].as_py() == len(scores)
     manifest = export(pool, ExportConfig(out=str(tmp_path / "a"), where="keep", samples_per_shard=16, shuffle_seed=3,
-                                         embeddings=True))  # fmt: skip
+                                         embeddings=True), engine=LocalEngine(1))  # fmt: skip
     assert manifest["counts"]["samples"] == len(kept)
     pairs = np.load(tmp_path / "a" / "uids.npy")
     release = pq.read_table(sorted((tmp_path / "a").glob("*.parquet")), columns=["uid"])["uid"].to_pylist()

@@ -9,6 +9,7 @@ import subprocess
 
 import pytest
 
+from pipeline.engines.local import LocalEngine
 from tests.conftest import REPO, STAGES_AFTER_MODE, copy_pool
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -34,7 +35,7 @@ def reported(clustered, tmp_path_factory):
     )
     run_filters(pool, FilterConfig(recipe="basic"), LocalEngine(2), progress=False)
     run_rebalance(pool, RebalanceConfig(t=10), LocalEngine(1))
-    export(pool, ExportConfig(out=str(work / "release"), where="keep"))
+    export(pool, ExportConfig(out=str(work / "release"), where="keep"), engine=LocalEngine(1))
     return pool, write_report(pool, thumbnails=6, release=work / "release")
 
 
@@ -83,5 +84,6 @@ def test_funnel_is_monotone_and_ends_at_the_release_of_every_keep(reported, tmp_
     assert [s for s, _ in steps][-3:] == ["MetaCLIP balanced", "filter recipe", "rebalanced"]
     counts = [n for _, n in steps]
     assert all(a >= b for a, b in itertools.pairwise(counts)) and counts[-1] > 0, steps
-    manifest = export(pool, ExportConfig(out=str(tmp_path / "r"), where="metaclip_keep and keep and rebalance_keep"))
+    manifest = export(pool, ExportConfig(out=str(tmp_path / "r"), where="metaclip_keep and keep and rebalance_keep"),
+        engine=LocalEngine(1))
     assert manifest["counts"]["samples"] == counts[-1]

@@ -138,3 +138,24 @@ def _example_steps() -> list:
     rules = recipe_rules("basic", {}, decoded=True)
     return [CaptionScores("d"), Decide(rules, "d"), Match(metaclip), Balance("/p", metaclip, 1.0, "d"),
             AssignExperts("/p", ModeConfig(), "d"), AssignImageClusters("/p/c.npz", "d")]  # fmt: skip
+
+
+def test_no_function_of_the_library_is_over_60_lines():
+    long = []
+    for path in _modules().values():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})")
+    assert long == []
+
+
+def test_nothing_in_the_library_constructs_an_engine_but_get_engine():
+    """The engine is chosen once, from the config (``pipeline.engines.get_engine``)."""
+    found = []
+    for module, path in _modules().items():
+        if module.startswith("pipeline.engines"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") in ("LocalEngine", "SparkEngine"):
+                found.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert found == []

@@ -252,6 +252,6 @@ def test_export_on_spark_writes_the_same_release(curated, spark, tmp_path):
     n = query.connect(local).execute(f"select count(*) from samples where {where}").fetchone()[0]
     assert n >= 4
     cfg = {"where": where, "samples_per_shard": n // 2 + 1, "shuffle_seed": 1}
-    a = export(local, ExportConfig(out=str(tmp_path / "a"), **cfg))
+    a = export(local, ExportConfig(out=str(tmp_path / "a"), **cfg), engine=LocalEngine(1))
     b = export(local, ExportConfig(out=str(tmp_path / "b"), **cfg), engine=spark)
     assert len(a["shards"]) > 1 and [e["sha256"] for e in a["shards"]] == [e["sha256"] for e in b["shards"]]

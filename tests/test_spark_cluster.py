@@ -5,6 +5,7 @@ local engine's run of the same config."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -79,15 +80,24 @@ class Cluster:
             return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
     def stop(self) -> None:
+        """SIGTERM to each process group this cluster started (a worker's executors are in its
+        group), then SIGKILL to any still there: nothing else on the machine is touched."""
+        import signal
+
         for proc in [*self.workers, self.master]:
-            if proc.poll() is None:
-                proc.terminate()
+            self._signal(proc, signal.SIGTERM)
         for proc in [*self.workers, self.master]:
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                self._signal(proc, signal.SIGKILL)
                 proc.wait()
+            self._signal(proc, signal.SIGKILL)  # what the group's leader left behind
+
+    @staticmethod
+    def _signal(proc: subprocess.Popen, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +175,44 @@ def test_curate_run_on_a_standalone_cluster_equals_the_local_engine(local_run, c
     # every worker launched an executor for the application (its own process, in its own work dir)
     for work in cluster.work_dirs:
         assert list(work.glob("app-*/*/stderr")), work
+
+
+def _count(folder: Path, pattern: str) -> int:
+    return len(list(folder.glob(pattern))) if folder.is_dir() else 0
+
+
+def test_a_worker_killed_in_embed_and_another_in_dedup_still_gives_the_same_release(
+        local_run, tmp_path, image_server, tiny_checkpoint):  # fmt: skip
+    """SIGKILL one worker (its process group: the worker JVM, its executor and Python workers) once
+    some embed shards are done, and another once dedup has started; Spark re-runs the lost tasks on
+    the worker left, and the release is the local engine's, byte for byte."""
+    import signal
+
+    cluster = Cluster(tmp_path / "cluster", n=3)
+    try:
+        engine = {"engine": "spark", "spark": {"master": cluster.url, "task_max_failures": 4}}
+        config = _config(tmp_path, image_server, tiny_checkpoint, "killed", engine)
+        pool = tmp_path / "killed"
+        env = {**_spark_env(), "PREFECT_HOME": str(tmp_path / "prefect-home")}
+        env.pop("PREFECT_API_URL", None)
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(config)], env=env, cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        moments = [lambda: 0 < _count(pool / "completions" / "embed", "0*.json") < 5,
+                   lambda: _count(pool / "aggregates" / "dedup" / "sample", "*.parquet") > 0
+                   and _count(pool / "completions" / "dedup", "0*.json") < 5]  # fmt: skip
+        killed = []
+        deadline = time.monotonic() + 900
+        while proc.poll() is None and time.monotonic() < deadline:
+            if len(killed) < len(moments) and moments[len(killed)]():
+                victim = cluster.workers[len(killed)]
+                os.killpg(victim.pid, signal.SIGKILL)
+                victim.wait()
+                killed.append(time.monotonic())
+            time.sleep(0.02)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err[-4000:]
+        assert len(killed) == 2, "a stage finished before a worker could be killed in it"
+        assert cluster.workers[2].poll() is None  # the one left did the rest
+        _same_as_local(local_run, pool)
+    finally:
+        cluster.stop()

@@ -51,7 +51,7 @@ def pools(tmp_path_factory, image_server):
     pool = Pool(first.pool)
     from pipeline.download import prepare
 
-    prepare(pool, first.download)
+    prepare(pool, first.download, LocalEngine(2))
     _text_stages(pool, first, engine)
     before = stats(pool)
     run_download(pool, first.download, engine, progress=False)

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from pipeline.core.step import LISTED, SELECTED, Read, Step
+from pipeline.core.step import BY_SHARD, LISTED, SELECTED, SHARD_FILE, Read, Step
 from pipeline.store import schema as S
 from pipeline.store.parquet import Pool, shard_name, write_parquet_atomic
 
@@ -51,6 +53,13 @@ def plan(pool: Pool, step: Step, candidates: Sequence[int]) -> list[int]:
 
 def _read(pool: Pool, read: Read, shard: int, downloaded: bool) -> pa.Table:
     columns = list(read.columns)
+    if read.kind == SHARD_FILE:
+        return pq.read_table(pool.aggregates_dir / read.table / f"{shard_name(shard)}.parquet", columns=columns)
+    if read.kind == BY_SHARD:
+        from pipeline.engines.base import read_where
+
+        part = read_where(pool.aggregates_dir / read.table, S.SHARD, shard, columns)
+        return part if part is not None else pa.table({})  # the step has not run: no rows
     if read.table == LISTED or (read.listed_until_downloaded and not downloaded):
         listed = pool.read_listed(shard)
         declared = pool.declared_schema("download")
@@ -63,7 +72,7 @@ def read_inputs(pool: Pool, step: Step, shard: int) -> dict[str, pa.Table]:
     """Every declared input of ``step`` for ``shard``, by table name (:data:`SELECTED`: the uids its
     ``where`` selects)."""
     downloaded = any(r.listed_until_downloaded for r in step.reads) and pool.is_done("download", shard)
-    inputs = {r.table: _read(pool, r, shard, downloaded) for r in step.reads}
+    inputs = {r.key: _read(pool, r, shard, downloaded) for r in step.reads}
     if step.where:
         from pipeline.query import select_uids
 
@@ -113,12 +122,21 @@ def run_shard(pool_root: str, step: Step, shard: int) -> dict[str, int]:
     inputs = read_inputs(pool, step, shard)
     out = conform(step, shard, step(inputs))
     flips = flip_counts(pool, step, shard, out)
-    pool.write_table(step.name, shard, out)
     for folder, table in step.side(inputs, out).items():
         write_parquet_atomic(pool.aggregates_dir / folder / f"{shard_name(shard)}.parquet", table)
     counts = {**step.counts(out), **flips}
-    pool.mark_done(step.name, shard, digest, counts)
+    commit(pool, step.name, shard, out, digest, counts)
     return counts
+
+
+def commit(pool: Pool, name: str, shard: int, table: pa.Table, digest: str, counts: dict[str, Any],
+           files: Sequence[Path] = ()) -> None:  # fmt: skip
+    """Write ``table`` as the shard's table of stage ``name`` (atomically, checked against its
+    schema), then the completion marker, last, recording the table and ``files`` (already in place:
+    the download's tar, sidecar and stats). The one place a table or a marker is written: the
+    download and embed stages, which are not steps yet, finish their shards here too."""
+    path = pool.write_table(name, shard, table)
+    pool.mark_done(name, shard, digest, counts, files=[path, *files])
 
 
 def run_step(pool: Pool, engine: Engine, step: Step, shards: Sequence[int], *, progress: bool = True,

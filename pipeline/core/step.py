@@ -30,17 +30,30 @@ LISTED = "listed"  # the prepared URL list (``input/urls*.parquet``): every row,
 SELECTED = "selected"  # the uids a step's ``where`` predicate selects in the shard (one ``uid`` column)
 
 
+TABLE = "table"  # a stage's table: tables/<table>/{shard}.parquet
+SHARD_FILE = "shard_file"  # a pool-wide step's per-shard file: aggregates/<table>/{shard}.parquet
+BY_SHARD = "by_shard"  # a pool-wide step's engine output sorted by shard: aggregates/<table>/*.parquet
+
+
 @dataclass(frozen=True)
 class Read:
-    """One declared input of a step: ``columns`` of a stage's table (or of :data:`LISTED`).
+    """One declared input of a step: ``columns`` of a stage's table (or of :data:`LISTED`), or of a
+    pool-wide step's result under ``aggregates/`` (``kind``: :data:`SHARD_FILE` or :data:`BY_SHARD`,
+    the shard's rows of an engine output sorted by ``shard``; absent: an empty table).
 
     ``listed_until_downloaded``: a ``download`` read that, for a shard not downloaded yet, takes the
     listed rows instead, with the columns only a download knows as nulls (curating before the
-    download: MetaCLIP's order)."""
+    download: MetaCLIP's order). ``name``: the key of this input in ``inputs`` (default ``table``)."""
 
     table: str
     columns: tuple[str, ...]
     listed_until_downloaded: bool = False
+    kind: str = TABLE
+    name: str | None = None
+
+    @property
+    def key(self) -> str:
+        return self.name or self.table
 
 
 @dataclass(frozen=True)
@@ -91,6 +104,6 @@ class Step:
 
 
 def read_names(step: Step) -> list[str]:
-    """The tables a step reads, in declaration order."""
-    return [r.table for r in step.reads]
+    """The inputs a step reads, in declaration order."""
+    return [r.key for r in step.reads]
 

@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import DownloadConfig, config_dict, config_hash
+from pipeline.core import runner
 from pipeline.errors import UserError
 from pipeline.store import schema as S
 from pipeline.store.parquet import Pool, file_sha256, recorded_change, shard_name, write_json_atomic
@@ -459,7 +460,7 @@ def _where_in(files: list[Path], key: int) -> str:
     return f"{files[file_id]} row {row + 1}"
 
 
-def prepare(pool: Pool, cfg: DownloadConfig, engine: Any = None) -> dict[str, Any]:
+def prepare(pool: Pool, cfg: DownloadConfig, engine: Any) -> dict[str, Any]:
     """Validate the URL list's files not yet in the pool and append them; return the plan.
 
     The first run ingests every file of ``download.input`` (a file, a folder of Parquet files or a
@@ -504,13 +505,8 @@ def _ingest(pool: Pool, cfg: DownloadConfig, engine: Any, files: list[Path], pla
     import shutil
     import time
 
-    from pipeline.core import runner
     from pipeline.engines.base import Table, read_where, written_files
 
-    if engine is None:
-        from pipeline.engines.local import LocalEngine
-
-        engine = LocalEngine(min(2, len(files)))
     made_root = not pool.root.exists()
     ingests = list((plan or {}).get("ingests") or [])
     first_shard = plan["num_shards"] if plan else 0
@@ -537,23 +533,8 @@ def _ingest(pool: Pool, cfg: DownloadConfig, engine: Any, files: list[Path], pla
         listed = pool.listed_paths(plan)
         tables["listed"] = Table.of(listed, pq.read_schema(listed[0]), [S.UID, S.SHARD])
         rows += " UNION ALL SELECT uid, CAST(shard AS BIGINT) - 2147483648 AS k FROM listed"
-    if cfg.uid_col:
-        repeat = engine.query(f"SELECT uid, min(k) AS lo, max(k) AS hi FROM ({rows}) r GROUP BY uid "
-                              "HAVING count(*) > 1 ORDER BY hi LIMIT 1", tables)  # fmt: skip
-        if repeat.num_rows:
-            _discard(work, first=plan is None, made_root=made_root)
-            lo = repeat["lo"][0].as_py()
-            first = (f"shard {lo + 2**31:05d} of the pool (ingested before)" if lo < 0 else _where_in(files, lo))
-            raise InputError(f"uid {repeat['uid'][0].as_py()} is given twice: {first} and "
-                             f"{_where_in(files, repeat['hi'][0].as_py())}; "
-                             f"uids in download.uid_col ({cfg.uid_col!r}) must be unique")  # fmt: skip
-        dropped_dir = None
-    else:  # every occurrence of a uid but its first: written sorted by file, read back per file
-        dropped_dir = work / "dropped"
-        sql = (f"SELECT p.file_id, p.file_row FROM (SELECT uid, file_id, file_row, {key} AS k FROM parts) p "
-               f"JOIN (SELECT uid, min(k) AS first FROM ({rows}) r GROUP BY uid HAVING count(*) > 1) d "
-               "ON p.uid = d.uid WHERE p.k <> d.first")  # fmt: skip
-        engine.write(sql, tables, dropped_dir, order_by="file_id")
+    dropped_dir = _repeats(engine, cfg, tables, key, rows, files, work, discard=functools.partial(
+        _discard, work, first=plan is None, made_root=made_root))  # fmt: skip
     extras = [f for f in part_schema if f.name not in (S.UID, S.URL, S.CAPTION, "file_row", "file_id")]
     schema = pa.schema(list(S.INPUT_SCHEMA) + extras)
     if plan is not None:  # every ingest has the first one's columns and types
@@ -566,21 +547,50 @@ def _ingest(pool: Pool, cfg: DownloadConfig, engine: Any, files: list[Path], pla
               "duplicates_dropped": int(counts.sum()) - n,
               "ingested_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "files": [_file_record(f, int(c)) for f, c in zip(files, counts, strict=True)]}  # fmt: skip
-    ingests.append(ingest)
-    plan = {
+    plan = _plan_of(source, cfg, [*ingests, ingest])
+    write_json_atomic(pool.plan_path, plan)  # last: the plan marks the input prepared
+    shutil.rmtree(work)
+    return plan
+
+
+def _plan_of(source: Path, cfg: DownloadConfig, ingests: list[dict[str, Any]]) -> dict[str, Any]:
+    """``input/plan.json``: the totals over every ingest, the settings that shard the input, the ingests."""
+    return {
         "source": str(source.resolve()) if source.exists() else str(source),
         "source_files": sum(len(i["files"] or []) for i in ingests),
         "source_sha256": _ingested_digest(source, ingests),
         "source_rows": sum(i["source_rows"] for i in ingests),
         "duplicates_dropped": sum(i["duplicates_dropped"] for i in ingests),
         "num_rows": sum(i["num_rows"] for i in ingests),
-        "num_shards": first_shard + ingest["num_shards"],
+        "num_shards": ingests[-1]["first_shard"] + ingests[-1]["num_shards"],
         **_plan_settings(cfg),
         "ingests": ingests,
     }
-    write_json_atomic(pool.plan_path, plan)  # last: the plan marks the input prepared
-    shutil.rmtree(work)
-    return plan
+
+
+def _repeats(engine: Any, cfg: DownloadConfig, tables: dict[str, Any], key: str, rows: str, files: list[Path],
+             work: Path, discard: Any) -> Path | None:  # fmt: skip
+    """Repeated uids among the new rows (and against the rows ingested before): with
+    ``download.uid_col`` a repeat is refused, naming both places (``discard`` first removes the
+    scratch); else every occurrence but the first is written, sorted by file, to a folder returned
+    (read back per file)."""
+    if cfg.uid_col:
+        repeat = engine.query(f"SELECT uid, min(k) AS lo, max(k) AS hi FROM ({rows}) r GROUP BY uid "
+                              "HAVING count(*) > 1 ORDER BY hi LIMIT 1", tables)  # fmt: skip
+        if repeat.num_rows:
+            discard()
+            lo = repeat["lo"][0].as_py()
+            first = (f"shard {lo + 2**31:05d} of the pool (ingested before)" if lo < 0 else _where_in(files, lo))
+            raise InputError(f"uid {repeat['uid'][0].as_py()} is given twice: {first} and "
+                             f"{_where_in(files, repeat['hi'][0].as_py())}; "
+                             f"uids in download.uid_col ({cfg.uid_col!r}) must be unique")  # fmt: skip
+        return None
+    dropped_dir = work / "dropped"
+    sql = (f"SELECT p.file_id, p.file_row FROM (SELECT uid, file_id, file_row, {key} AS k FROM parts) p "
+           f"JOIN (SELECT uid, min(k) AS first FROM ({rows}) r GROUP BY uid HAVING count(*) > 1) d "
+           "ON p.uid = d.uid WHERE p.k <> d.first")  # fmt: skip
+    engine.write(sql, tables, dropped_dir, order_by="file_id")
+    return dropped_dir
 
 
 def _discard(work: Path, first: bool = True, made_root: bool = False) -> None:
@@ -790,16 +800,15 @@ def download_shard(pool_root: str, cfg: DownloadConfig, shard: int) -> dict[str,
                             shard)  # fmt: skip
     if table.num_rows != rows.num_rows:
         raise RuntimeError(f"shard {name}: {rows.num_rows} rows in, {table.num_rows} rows out")
-    pool.write_table(STAGE, shard, table)
     (pool.root / "shards").mkdir(parents=True, exist_ok=True)
-    for suffix in (".tar", ".parquet", "_stats.json"):
-        os.replace(staging / f"{name}{suffix}", pool.root / "shards" / f"{name}{suffix}")
+    shard_files = [pool.root / "shards" / f"{name}{suffix}" for suffix in (".tar", ".parquet", "_stats.json")]
+    for path in shard_files:
+        os.replace(staging / path.name, path)
     counts = {k: int(v) for k, v in zip(*_value_counts(table[S.STATUS]), strict=True)}
     counts["samples"] = table.num_rows
     if cfg.bbox_col:
         counts["blurred"] = int(pc.sum(table[S.BLURRED]).as_py() or 0)
-    shard_files = [pool.root / "shards" / f"{name}{suffix}" for suffix in (".tar", ".parquet", "_stats.json")]
-    pool.mark_done(STAGE, shard, stage_hash(cfg), counts, files=[pool.table_path(STAGE, shard), *shard_files])
+    runner.commit(pool, STAGE, shard, table, stage_hash(cfg), counts, files=shard_files)
     return counts
 
 
@@ -843,7 +852,7 @@ def check_where(pool: Pool, where: str) -> list[str]:
     return stages
 
 
-def plan_shards(pool: Pool, cfg: DownloadConfig, engine: Any = None) -> tuple[dict[str, Any], list[int]]:
+def plan_shards(pool: Pool, cfg: DownloadConfig, engine: Any) -> tuple[dict[str, Any], list[int]]:
     """Prepare the pool's input and return its plan and the shards not yet downloaded (with a
     ``where``: once the stages it reads are finished)."""
     plan = prepare(pool, cfg, engine)
@@ -866,7 +875,6 @@ def run_download(
         InputError: the URL list is unusable or differs from the one the pool was prepared from.
         ShardFailures: some shards failed; the others are finished and kept.
     """
-    from pipeline.core import runner
     from pipeline.engines.base import requested
 
     todo = requested(plan_shards(pool, cfg, engine)[1], shards)

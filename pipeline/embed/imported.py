@@ -42,6 +42,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import EmbedConfig, EmbedSourceConfig
+from pipeline.core import runner
 from pipeline.errors import UserError
 from pipeline.store import schema as S
 from pipeline.store.parquet import Pool, write_parquet_atomic
@@ -258,7 +259,6 @@ def import_shard(pool_root: str, cfg: EmbedConfig, joined: str | None, digest: s
          S.CHECKPOINT_SHA256: pa.array([f"imported:{digest}"] * n, pa.string())},
         schema=S.embed_schema(img.shape[1]),
     )  # fmt: skip
-    pool.write_table(STAGE, shard, table)
     if cfg.caption_model is not None:  # the published text vectors, or MiniLM over the captions
         from pipeline.embed.captions import CaptionEncoder
 
@@ -272,11 +272,10 @@ def import_shard(pool_root: str, cfg: EmbedConfig, joined: str | None, digest: s
              S.CAPTION_MODEL: pa.array([name] * n, pa.string())},
             schema=S.caption_embed_schema(vectors.shape[1]),
         )  # fmt: skip
-        pool.write_table(CAPTION_STAGE, shard, cap)
-        pool.mark_done(CAPTION_STAGE, shard, digest, {"samples": n})
+        runner.commit(pool, CAPTION_STAGE, shard, cap, digest, {"samples": n})
     counts = {"samples": n, "embedded": int(found.sum()), "decode_errors": int(n - found.sum()),
               "imported": int(found.sum()), "missing": int(n - found.sum())}  # fmt: skip
-    pool.mark_done(STAGE, shard, digest, counts)
+    runner.commit(pool, STAGE, shard, table, digest, counts)
     return counts
 
 
@@ -355,7 +354,6 @@ def run_import(pool: Pool, cfg: EmbedConfig, engine: Any, shards: list[int] | No
     Raises:
         EmbeddingImportError: the layout is incomplete, or a file's dimension or row count differs.
     """
-    from pipeline.core import runner
     from pipeline.engines.base import Table, requested
 
     source = cfg.source

@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import EmbedConfig, config_hash
+from pipeline.core import runner
 from pipeline.embed.captions import CaptionEncoder, offline
 from pipeline.engines.base import requested
 from pipeline.errors import UserError
@@ -228,7 +229,6 @@ class _ShardBuffer:
 def _write_shard(pool: Pool, shard: int, buffer: _ShardBuffer, embedder: ClipEmbedder,
                  captions_enc: CaptionEncoder | None, digest: str) -> dict[str, int]:  # fmt: skip
     table, captions, text = buffer.table(shard, embedder)
-    pool.write_table(STAGE, shard, table)
     if captions_enc is not None:
         vectors = captions_enc.encode(captions, text)
         dim = vectors.shape[1]
@@ -237,11 +237,10 @@ def _write_shard(pool: Pool, shard: int, buffer: _ShardBuffer, embedder: ClipEmb
              S.CAPTION_MODEL: pa.array([captions_enc.name] * table.num_rows, pa.string())},
             schema=S.caption_embed_schema(dim),
         )  # fmt: skip
-        pool.write_table(CAPTION_STAGE, shard, cap)
-        pool.mark_done(CAPTION_STAGE, shard, digest, {"samples": table.num_rows})
+        runner.commit(pool, CAPTION_STAGE, shard, cap, digest, {"samples": table.num_rows})
     errors = table.num_rows - int(pa.compute.count(table[S.DECODE_ERROR], mode="only_null").as_py())
     counts = {"samples": table.num_rows, "embedded": table.num_rows - errors, "decode_errors": errors}
-    pool.mark_done(STAGE, shard, digest, counts)
+    runner.commit(pool, STAGE, shard, table, digest, counts)  # last: pending_shards checks both markers
     return counts
 
 
@@ -285,11 +284,8 @@ def run_embed(pool: Pool, cfg: EmbedConfig, shards: list[int] | None = None, pro
     Returns:
         Counts by shard for the shards this call finished.
     """
-    if cfg.source is not None:  # published vectors: nothing to compute
-        from pipeline.embed.imported import run_import
-        from pipeline.engines.local import LocalEngine
-
-        return run_import(pool, cfg, LocalEngine(1), shards, progress)
+    if cfg.source is not None:  # published vectors: nothing to compute, and the import needs an engine
+        raise EmbedError("embed.source: imported embeddings run through run_embed_on(engine, ...) (`curate embed`)")
     import torch
 
     from pipeline.progress import Progress

@@ -20,13 +20,12 @@ from pipeline.export.versions import export_version
 from pipeline.store.parquet import Pool
 
 
-def export(pool: Pool, cfg: ExportConfig, progress: bool = False, engine: Any = None,
+def export(pool: Pool, cfg: ExportConfig, progress: bool = False, *, engine: Any,
            wait: bool = False) -> dict[str, Any]:  # fmt: skip
     """Write the release ``cfg`` describes (:mod:`pipeline.export.release`); returns its manifest.
 
-    Every step is bounded (:func:`plan_release`, then a task per output shard). With an ``engine``
-    (local processes or Spark) the tasks run in parallel; without one, in this process. The bytes
-    are the same either way. The pool is only read (a read-only pool exports); ``out`` is checked
+    Every step is bounded (:func:`plan_release`, then a task per output shard), run by ``engine``
+    (the config's: local processes or Spark); the bytes are the same on either. The pool is only read (a read-only pool exports); ``out`` is checked
     first (:func:`check_out`) and held with a writer lock (``wait``: wait for another export).
 
     Raises:

@@ -531,9 +531,7 @@ def build_release(pool: Pool, cfg: ExportConfig, progress: bool, engine: Any, ve
     against the previous one :mod:`.versions` writes: ``changes(pool, pool_manifest, engine,
     partial, version, manifest) -> dict``)."""
     from pipeline.core import runner
-    from pipeline.engines.local import LocalEngine
 
-    engine = engine or LocalEngine(1)
     out = Path(cfg.out)
     existing = check_out(pool, out, cfg.overwrite) if version is None else None  # again, under the lock
     plan = plan_release(pool, cfg, engine, progress)
@@ -557,13 +555,7 @@ def build_release(pool: Pool, cfg: ExportConfig, progress: bool, engine: Any, ve
     todo = [i for i in range(len(bounds)) if not (partial / f"{i:05d}.parquet").exists()]
     fn = functools.partial(write_release_shard, str(pool.root), str(partial), bounds, cfg.embeddings)
     runner.collect(engine, fn, todo, desc="export", progress=progress)
-    entries, repaired = [], 0
-    for index, (a, b) in enumerate(bounds):
-        tar_path = partial / f"{index:05d}.tar"
-        entries.append({"name": tar_path.name, "samples": b - a, "bytes": tar_path.stat().st_size,
-                        "sha256": file_sha256(tar_path)})  # fmt: skip
-        meta = pq.read_schema(partial / f"{index:05d}.parquet").metadata or {}
-        repaired += int(meta.get(b"captions_repaired", b"0"))
+    entries, repaired = _shard_entries(partial, bounds)
     for stale in ("plan", "ordered"):
         shutil.rmtree(partial / stale, ignore_errors=True)
     # open_clip_train's get_dataset_size reads sizes.json: --train-num-samples becomes optional
@@ -583,17 +575,36 @@ def build_release(pool: Pool, cfg: ExportConfig, progress: bool, engine: Any, ve
         tmp.write_text(dataset_card(pool, cfg, manifest))
     (partial / "plan.json").unlink()
     (partial / ".clipcurate-partial").unlink()
-    if out.exists():  # empty, or a release of ours with nothing else in it (check_out)
-        trash = out.parent / f".{out.name}.old"
-        if trash.exists() and release_manifest(trash) is None and any(trash.iterdir()):
-            raise ExportError(f"{trash}: exists and is not a clipcurate release; move it away (nothing was removed)")
-        shutil.rmtree(trash, ignore_errors=True)
-        out.rename(trash)
-        partial.rename(out)
-        shutil.rmtree(trash)
-    else:
-        partial.rename(out)
+    _place(partial, out)
     return manifest
+
+
+def _shard_entries(partial: Path, bounds: list[tuple[int, int]]) -> tuple[list[dict[str, Any]], int]:
+    """The manifest's entry of each written output shard (name, samples, bytes, sha256) and the
+    captions repaired over all of them."""
+    entries, repaired = [], 0
+    for index, (a, b) in enumerate(bounds):
+        tar_path = partial / f"{index:05d}.tar"
+        entries.append({"name": tar_path.name, "samples": b - a, "bytes": tar_path.stat().st_size,
+                        "sha256": file_sha256(tar_path)})  # fmt: skip
+        meta = pq.read_schema(partial / f"{index:05d}.parquet").metadata or {}
+        repaired += int(meta.get(b"captions_repaired", b"0"))
+    return entries, repaired
+
+
+def _place(partial: Path, out: Path) -> None:
+    """Rename the finished release into place, replacing what ``out`` holds (empty, or a release of
+    ours with nothing else in it: :func:`check_out`)."""
+    if not out.exists():
+        partial.rename(out)
+        return
+    trash = out.parent / f".{out.name}.old"
+    if trash.exists() and release_manifest(trash) is None and any(trash.iterdir()):
+        raise ExportError(f"{trash}: exists and is not a clipcurate release; move it away (nothing was removed)")
+    shutil.rmtree(trash, ignore_errors=True)
+    out.rename(trash)
+    partial.rename(out)
+    shutil.rmtree(trash)
 
 
 def write_release_uids(partial: Path, engine: Any, n: int) -> None:

@@ -44,7 +44,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from pipeline.core.step import BY_SHARD, Read, Step
 from pipeline.filters.image_based import kmeans_l2
+from pipeline.store import schema as S
 
 
 def exact_groups(uids: np.ndarray, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -327,34 +329,36 @@ def group_task(pool_root: str, cfg: Any, dim: int, group: int) -> dict[str, int]
     return {"dropped": out.num_rows, "split": split, "largest": largest}
 
 
-def write_shard(pool_root: str, digest: str, shard: int) -> dict[str, int]:
-    """``tables/dedup/{shard}`` from the shard's exact and semantic drops."""
-    import pyarrow.compute as pc
+class DedupTable(Step):
+    """``tables/dedup``: each sample's duplicate group (the uid it duplicates, kept), the kind of
+    duplicate (``exact``: the same image sha256; ``semantic``: SemDeDup) and ``dedup_keep``, from the
+    pool-wide drop list sorted by shard (``aggregates/dedup/drops``)."""
 
-    from pipeline.engines.base import read_where
-    from pipeline.store import schema as S
-    from pipeline.store.parquet import Pool
+    name = "dedup"
+    schema = S.DEDUP_SCHEMA
 
-    pool = Pool(pool_root)
-    dirs = _dirs(pool)
-    base = pool.read_shard("download", shard, columns=[S.UID, S.SHARD])
-    group = pa.nulls(base.num_rows, pa.string())
-    kind = pa.nulls(base.num_rows, pa.string())
-    part = read_where(dirs["drops"], "shard", shard)
-    if part is not None and part.num_rows:
-        rows = pc.index_in(base[S.UID], value_set=part["uid"].combine_chunks())
-        group = pc.take(part["dup_of"], rows)
-        kind = pc.take(part["kind"], rows)
-    counts = {"samples": base.num_rows}
-    for label in ("exact", "semantic"):
-        counts[label] = int(pc.sum(pc.equal(kind, label)).as_py() or 0)
-    keep = pc.is_null(kind)
-    table = pa.table({S.UID: base[S.UID], S.SHARD: base[S.SHARD], S.DUP_GROUP: group, S.DUP_KIND: kind,
-                      S.DEDUP_KEEP: keep}, schema=S.DEDUP_SCHEMA)  # fmt: skip
-    pool.write_table("dedup", shard, table)
-    counts["dropped"] = int(pc.sum(pc.invert(keep)).as_py() or 0)
-    pool.mark_done("dedup", shard, digest, counts)
-    return counts
+    def __init__(self, digest: str):
+        drops = Read("dedup/drops", ("uid", "dup_of", "kind"), kind=BY_SHARD, name="drops")
+        super().__init__(reads=(Read("download", (S.UID,)), drops), digest=digest)
+
+    def __call__(self, inputs: dict[str, pa.Table]) -> pa.Table:
+        import pyarrow.compute as pc
+
+        base, part = inputs["download"], inputs["drops"]
+        group = kind = pa.nulls(base.num_rows, pa.string())
+        if part.num_rows:
+            rows = pc.index_in(base[S.UID], value_set=part["uid"].combine_chunks())
+            group, kind = pc.take(part["dup_of"], rows), pc.take(part["kind"], rows)
+        return pa.table({S.UID: base[S.UID], S.DUP_GROUP: group, S.DUP_KIND: kind, S.DEDUP_KEEP: pc.is_null(kind)})
+
+    def counts(self, out: pa.Table) -> dict[str, int]:
+        import pyarrow.compute as pc
+
+        counts = {"samples": out.num_rows}
+        for label in ("exact", "semantic"):
+            counts[label] = int(pc.sum(pc.equal(out[S.DUP_KIND], label)).as_py() or 0)
+        counts["dropped"] = int(pc.sum(pc.invert(out[S.DEDUP_KEEP])).as_py() or 0)
+        return counts
 
 
 def _groups(clusters: list[int], sizes: list[int], per_task: int, max_cluster: int) -> pa.Table:
@@ -418,9 +422,8 @@ def run_dedup(pool: Any, cfg: Any, engine: Any, progress: bool = True) -> dict[s
                   "semantic": Table.of(written_files(dirs["semantic"]), _DROPS_SCHEMA)},
                  dirs["drops"], order_by="shard")  # fmt: skip
     clock.lap("drops by shard (SQL)")
-    todo = not_done(pool, DEDUP_STAGE, digest)
-    runner.map_shards(pool, engine, functools.partial(write_shard, str(pool.root), digest), todo, desc=DEDUP_STAGE,
-               progress=progress)  # fmt: skip
+    step = DedupTable(digest)
+    runner.run_step(pool, engine, step, runner.plan(pool, step, shards), progress=progress)
     clock.lap("tables per shard")
     exact_dropped = sum(m["counts"]["exact"] for m in pool.completed(DEDUP_STAGE).values())
     summary = {"exact_dropped": exact_dropped, **semantic, "semantic_samples": int(population),

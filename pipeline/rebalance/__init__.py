@@ -3,11 +3,11 @@ See :mod:`pipeline.rebalance.stage`."""
 
 from pipeline.rebalance.stage import (
     STAGE,
+    Draw,
     group_probabilities,
     rebalance,
     run_rebalance,
-    shard_task,
     solve_param,
 )
 
-__all__ = ["STAGE", "group_probabilities", "rebalance", "run_rebalance", "shard_task", "solve_param"]
+__all__ = ["STAGE", "Draw", "group_probabilities", "rebalance", "run_rebalance", "solve_param"]

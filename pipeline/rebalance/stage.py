@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import RebalanceConfig, config_hash
+from pipeline.core.step import SHARD_FILE, Flips, Read, Step
 from pipeline.errors import UserError
 from pipeline.sampling import uid_to_uint64, uniform
 from pipeline.store import schema as S
@@ -110,38 +111,45 @@ def population_task(pool_root: str, cfg: RebalanceConfig, stage: str, shard: int
     return table.num_rows
 
 
-def shard_task(pool_root: str, cfg: RebalanceConfig, listed: bool, param: float, groups_path: str, digest: str,
-               shard: int) -> dict[str, int]:  # fmt: skip
-    """Write ``tables/rebalance/{shard}`` (the shard's samples in play, by uid) and the shard's kept
-    samples per group (``aggregates/rebalance/kept/{shard}``, summed in SQL for the report)."""
-    from pipeline.metaclip.balancing import balance
+class Draw(Step):
+    """``tables/rebalance``: each sample in play (its shard's population file) drawn with its group's
+    keep probability; a list column (MetaCLIP entries) by MetaCLIP's any-entry rule."""
 
-    pool = Pool(pool_root)
-    table = pq.read_table(_dir(pool) / "input" / f"{shard:05d}.parquet")
-    if listed:
-        matched = table["g"].combine_chunks().cast(pa.list_(pa.int32()))
-        p, keep = balance(table[S.UID], matched, _groups(groups_path, digest)["n"], param, cfg.seed)
-        kept_values = matched.filter(pa.array(keep)).flatten().to_numpy(zero_copy_only=False)
-    else:
-        groups = _groups(groups_path, digest)
-        g = table["g"].to_numpy()
-        p = groups["p"][np.searchsorted(groups["g"], g)]
-        keep = rebalance(table[S.UID], g, p, cfg.seed)
-        kept_values = g[keep]
-    out = pa.table({S.UID: table[S.UID], S.SHARD: pa.array(np.full(table.num_rows, shard), pa.int32()),
-                    S.REBALANCE_P: pa.array(p, pa.float64()), S.REBALANCE_KEEP: pa.array(keep)},
-                   schema=S.REBALANCE_SCHEMA)  # fmt: skip
-    from pipeline.flips import decision_flips
+    name = STAGE
+    schema = S.REBALANCE_SCHEMA
+    flips = Flips(S.REBALANCE_KEEP, p=S.REBALANCE_P)
 
-    flips = decision_flips(pool.table_path(STAGE, shard), table[S.UID], np.asarray(keep), S.REBALANCE_KEEP,
-                           np.asarray(p, np.float64), S.REBALANCE_P)  # fmt: skip
-    pool.write_table(STAGE, shard, out)
-    values, counts = np.unique(kept_values, return_counts=True)
-    write_parquet_atomic(_dir(pool) / "kept" / f"{shard:05d}.parquet",
-                         pa.table({"g": pa.array(values, pa.int64()), "n": pa.array(counts, pa.int64())}))  # fmt: skip
-    result = {"samples": out.num_rows, "kept": int(keep.sum()), "expected": float(p.sum()), **flips}
-    pool.mark_done(STAGE, shard, digest, result)
-    return result
+    def __init__(self, cfg: RebalanceConfig, listed: bool, param: float, groups_path: str, digest: str):
+        super().__init__(reads=(Read(f"{STAGE}/input", (S.UID, "g"), kind=SHARD_FILE, name="input"),), digest=digest)
+        self.seed, self.listed, self.param, self.groups_path = cfg.seed, listed, param, groups_path
+
+    def setup(self) -> None:
+        _groups(self.groups_path, self.digest)
+
+    def __call__(self, inputs: dict[str, pa.Table]) -> pa.Table:
+        from pipeline.metaclip.balancing import balance
+
+        table, groups = inputs["input"], _groups(self.groups_path, self.digest)
+        if self.listed:
+            matched = table["g"].combine_chunks().cast(pa.list_(pa.int32()))
+            p, keep = balance(table[S.UID], matched, groups["n"], self.param, self.seed)
+        else:
+            g = table["g"].to_numpy()
+            p = groups["p"][np.searchsorted(groups["g"], g)]
+            keep = rebalance(table[S.UID], g, p, self.seed)
+        return pa.table({S.UID: table[S.UID], S.REBALANCE_P: pa.array(p, pa.float64()), S.REBALANCE_KEEP: keep})
+
+    def counts(self, out: pa.Table) -> dict[str, int]:
+        return {"samples": out.num_rows, "kept": int(pc.sum(out[S.REBALANCE_KEEP]).as_py() or 0),
+                "expected": float(out[S.REBALANCE_P].to_numpy().sum())}  # fmt: skip
+
+    def side(self, inputs: dict[str, pa.Table], out: pa.Table) -> dict[str, pa.Table]:
+        """The shard's kept samples per group (``aggregates/rebalance/kept/``, summed in SQL)."""
+        keep = out[S.REBALANCE_KEEP].combine_chunks()
+        g = inputs["input"]["g"].combine_chunks()
+        kept = g.cast(pa.list_(pa.int32())).filter(keep).flatten() if self.listed else g.filter(keep)
+        values, counts = np.unique(kept.to_numpy(zero_copy_only=False), return_counts=True)
+        return {f"{STAGE}/kept": pa.table({"g": pa.array(values, pa.int64()), "n": pa.array(counts, pa.int64())})}
 
 
 def _expected_task(pool_root: str, groups_path: str, digest: str, ts: list[float], shard: int) -> list[float]:
@@ -203,9 +211,8 @@ def run_rebalance(pool: Pool, cfg: RebalanceConfig, engine: Any, progress: bool 
         blob = f"{config_hash(cfg)}|{param!r}|{hashlib.sha256(counts.tobytes() + values.tobytes()).hexdigest()}"
         digest = hashlib.sha256(blob.encode()).hexdigest()[:16]
         write_parquet_atomic(groups_path, pa.table({"g": values, "n": counts, "p": p}))
-    todo = [s for s in shards if not pool.is_done(STAGE, s, digest)]
-    fn = functools.partial(shard_task, str(pool.root), cfg, listed, param, str(groups_path), digest)
-    runner.map_shards(pool, engine, fn, todo, desc=STAGE, weights=pool.shard_sizes(todo), progress=progress)
+    step = Draw(cfg, listed, param, str(groups_path), digest)
+    runner.run_step(pool, engine, step, runner.plan(pool, step, shards), progress=progress)
     kept_files = [_dir(pool) / "kept" / f"{s:05d}.parquet" for s in shards]
     kept_schema = pa.schema([("g", pa.int64()), ("n", pa.int64())])
     kept_rows = engine.query("select g, sum(n) as n from kept group by g", {"kept": Table.of(kept_files, kept_schema)})
