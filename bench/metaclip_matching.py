@@ -4,7 +4,7 @@ published matchers (without I/O), side by side on the same captions and the full
     .venv/bin/python bench/metaclip_matching.py [--captions 20000] [--loop-captions 300] [--repeats 3]
                                                 [--per-shard 10000]
 
-- ``stage``: ``pipeline.metaclip.stage.match_shard`` over a pool of ``download`` tables (shards of
+- ``stage``: ``pipeline.metaclip.stage.Match`` run by ``pipeline.core.runner.run_shard`` over a pool of ``download`` tables (shards of
   ``--per-shard`` captions): read the shard's Parquet, match, write ``tables/metaclip_match``, the
   shard's entry counts and the marker, one process (so the figure is per core).
 - ``aho-corasick``: a transcription of MetaCLIP's ``substr_matching.py`` (pyahocorasick, one
@@ -91,7 +91,8 @@ def stage_side(texts: list[str], work: Path, per_shard: int = 10_000) -> tuple[f
 
     from pipeline.config import MetaclipConfig
     from pipeline.metaclip.matching import matcher_for
-    from pipeline.metaclip.stage import match_shard
+    from pipeline.core.runner import run_shard
+    from pipeline.metaclip.stage import Match
     from pipeline.store import schema as S
     from pipeline.store.parquet import Pool, write_json_atomic
 
@@ -108,9 +109,10 @@ def stage_side(texts: list[str], work: Path, per_shard: int = 10_000) -> tuple[f
         pool.mark_done("download", s, "bench", {"samples": len(part)})  # downloaded: the stage reads its table
     cfg = MetaclipConfig(metadata=str(ENTRIES))
     matcher_for(cfg.metadata)  # the automaton is built once per process, as in the stage: not timed
+    step = Match(cfg)
     t = time.perf_counter()
     for s in range(shards):
-        match_shard(str(pool.root), cfg, s)
+        run_shard(str(pool.root), step, s)
     seconds = time.perf_counter() - t
     matched = pool.read_table("metaclip_match", ["matched_entry_ids"])["matched_entry_ids"].to_pylist()
     return seconds, matched

@@ -115,16 +115,6 @@ def _samples_sql(con: duckdb.DuckDBPyConnection, base: str, stages: list[str]) -
     return f"SELECT {', '.join(select)} FROM {base} {' '.join(joins)}"
 
 
-def select_uids(pool: Pool, shard: int, where: str) -> pa.Array:
-    """The uids of one shard's samples for which ``where`` (SQL over ``samples``) holds: how a
-    per-shard task applies a population predicate without reading the rest of the pool."""
-    con = connect(pool, shards=[shard], confined=True)
-    try:
-        return con.sql(f"select {UID} from samples where ({where})").fetch_arrow_table()[UID].combine_chunks()
-    finally:
-        con.close()
-
-
 def query(pool: Pool, sql: str) -> pa.Table:
     """Run ``sql`` against the pool's views and return an Arrow table."""
     return connect(pool).sql(sql).fetch_arrow_table()

@@ -42,7 +42,7 @@ def check_expression(text: str, where: str) -> str:
         raise SqlError(f"{where}: not a SQL expression: {str(exc).splitlines()[0]}") from None
     if len(statements) != 1:
         raise SqlError(f"{where}: must be one SQL expression, not statements ({text!r})")
-    tree = _parse_tree(sql)
+    tree = parse_tree(sql)
     node = tree["statements"][0]["node"] if not tree.get("error") else {}
     one = (
         node.get("type") == "SELECT_NODE"
@@ -59,7 +59,7 @@ def check_expression(text: str, where: str) -> str:
     return text
 
 
-def _parse_tree(sql: str) -> dict[str, Any]:
+def parse_tree(sql: str) -> dict[str, Any]:
     """DuckDB's own parse tree of ``sql`` (``json_serialize_sql``)."""
     import duckdb
 
@@ -80,7 +80,7 @@ def column_refs(text: str) -> set[str]:
             for value in node:
                 walk(value)
 
-    walk(_parse_tree(f"SELECT ({text})"))
+    walk(parse_tree(f"SELECT ({text})"))
     return found
 
 

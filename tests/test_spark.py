@@ -189,12 +189,13 @@ def test_models_load_once_per_executor_process(curated, load_log):
 
 
 def test_a_failed_task_is_retried_by_spark(clustered, spark, tmp_path):
-    from pipeline.metaclip.stage import match_shard
+    from pipeline.core.runner import run_shard
+    from pipeline.metaclip.stage import Match
 
     pools = [Pool(shutil.copytree(clustered[0].root, tmp_path / n)) for n in ("a", "b")]
     cfg = MetaclipConfig(metadata=str(REPO / "metadata/entries.json"))
     flag = tmp_path / "failed-once"
-    inner = functools.partial(match_shard, str(pools[1].root), cfg)
+    inner = functools.partial(run_shard, str(pools[1].root), Match(cfg))
 
     def flaky(shard: int, inner=inner, flag=str(flag)) -> dict:
         if shard == 2 and not Path(flag).exists():
@@ -204,7 +205,7 @@ def test_a_failed_task_is_retried_by_spark(clustered, spark, tmp_path):
 
     result = spark.map_shards(flaky, [0, 1, 2, 3], desc="flaky", progress=False)
     assert flag.exists() and not result.failures and sorted(result.results) == [0, 1, 2, 3]
-    LocalEngine(1).map_shards(functools.partial(match_shard, str(pools[0].root), cfg), [0, 1, 2, 3], desc="x",
+    LocalEngine(1).map_shards(functools.partial(run_shard, str(pools[0].root), Match(cfg)), [0, 1, 2, 3], desc="x",
                               progress=False)  # fmt: skip
     same_table(*pools, "metaclip_match")
 

@@ -73,10 +73,10 @@ def read_inputs(pool: Pool, step: Step, shard: int) -> dict[str, pa.Table]:
     ``where`` selects)."""
     downloaded = any(r.listed_until_downloaded for r in step.reads) and pool.is_done("download", shard)
     inputs = {r.key: _read(pool, r, shard, downloaded) for r in step.reads}
-    if step.where:
-        from pipeline.query import select_uids
+    if step.where is not None:
+        from pipeline.core.where import select
 
-        inputs[SELECTED] = pa.table({S.UID: select_uids(pool, shard, step.where)})
+        inputs[SELECTED] = pa.table({S.UID: select(pool, step.where, shard)})
     return inputs
 
 

@@ -23,10 +23,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
+from pipeline.store.schema import LISTED  # noqa: F401 - the prepared URL list, read like a table
+
 if TYPE_CHECKING:
     import pyarrow as pa
 
-LISTED = "listed"  # the prepared URL list (``input/urls*.parquet``): every row, before any download
+    from pipeline.core.where import Where
+
 SELECTED = "selected"  # the uids a step's ``where`` predicate selects in the shard (one ``uid`` column)
 
 
@@ -76,10 +79,10 @@ class Step:
     # the output differs once the shard is downloaded (sizes known): its digest says which it saw
     redo_once_downloaded: ClassVar[bool] = False
 
-    def __init__(self, *, reads: tuple[Read, ...], digest: str, where: str | None = None):
+    def __init__(self, *, reads: tuple[Read, ...], digest: str, where: Where | None = None):
         self.reads = reads
         self.digest = digest
-        self.where = where  # a predicate over the pool's samples; its uids arrive as inputs[SELECTED]
+        self.where = where  # a bound predicate over the pool's samples; its uids arrive as inputs[SELECTED]
 
     def setup(self) -> None:
         """Load what the step holds (once per worker process: the runner keeps the set-up step)."""

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import DownloadConfig, config_dict, config_hash
 from pipeline.core import runner
+from pipeline.core.where import Where, bind, select
 from pipeline.errors import UserError
 from pipeline.store import schema as S
 from pipeline.store.parquet import Pool, file_sha256, recorded_change, shard_name, write_json_atomic
@@ -759,16 +760,7 @@ def _download_table(pool: Pool, cfg: DownloadConfig, fetched: pa.Table, refused:
     return both.sort_by(S.ROW)
 
 
-def selected(pool: Pool, shard: int, where: str | None) -> pa.Array | None:
-    """The uids of ``shard`` that ``download.where`` selects (None: every row)."""
-    if where is None:
-        return None
-    from pipeline.query import select_uids
-
-    return select_uids(pool, shard, where)
-
-
-def download_shard(pool_root: str, cfg: DownloadConfig, shard: int) -> dict[str, int]:
+def download_shard(pool_root: str, cfg: DownloadConfig, shard: int, where: Where | None = None) -> dict[str, int]:
     """Download one shard into the pool and mark it done. Safe to re-run after a kill.
 
     Returns:
@@ -782,7 +774,7 @@ def download_shard(pool_root: str, cfg: DownloadConfig, shard: int) -> dict[str,
     if pool.marker_path(STAGE, shard).exists() or pool.table_path(STAGE, shard).exists():
         pool.forget_shard(shard, keep=(STAGE,))
     rows = pool.read_listed(shard)
-    chosen = selected(pool, shard, cfg.where)
+    chosen = None if where is None else select(pool, where, shard)  # download.where, bound by run_download
     wanted = pa.array([True] * rows.num_rows) if chosen is None else pc.is_in(rows[S.UID], value_set=chosen)
     fetchable = pc.fill_null(pc.match_substring_regex(rows[S.URL], r"^https?://", ignore_case=True), False)
     staging = pool.staging_dir / STAGE
@@ -878,7 +870,8 @@ def run_download(
     from pipeline.engines.base import requested
 
     todo = requested(plan_shards(pool, cfg, engine)[1], shards)
-    fn = functools.partial(download_shard, str(pool.root), cfg)
+    where = bind(pool, cfg.where, "download.where", skip=(STAGE,)) if todo and cfg.where is not None else None
+    fn = functools.partial(download_shard, str(pool.root), cfg, where=where)
     runner.map_shards(pool, engine, fn, todo, desc=STAGE, weights=pool.shard_sizes(todo), progress=progress)
     pool.update_manifest()
     return {s: pool.marker(STAGE, s)["counts"] for s in todo}

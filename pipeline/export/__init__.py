@@ -25,8 +25,9 @@ def export(pool: Pool, cfg: ExportConfig, progress: bool = False, *, engine: Any
     """Write the release ``cfg`` describes (:mod:`pipeline.export.release`); returns its manifest.
 
     Every step is bounded (:func:`plan_release`, then a task per output shard), run by ``engine``
-    (the config's: local processes or Spark); the bytes are the same on either. The pool is only read (a read-only pool exports); ``out`` is checked
-    first (:func:`check_out`) and held with a writer lock (``wait``: wait for another export).
+    (the config's: local processes or Spark); the bytes are the same on either. The pool is only
+    read (a read-only pool exports); ``out`` is checked first (:func:`check_out`) and held with a
+    writer lock (``wait``: wait for another export).
 
     Raises:
         ExportError: ``out`` may not be written, the selection is invalid, or a stage it reads is

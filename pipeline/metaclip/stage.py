@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from pipeline.config import MetaclipConfig, config_hash
 from pipeline.core import runner
 from pipeline.core.step import SELECTED, Flips, Read, Step
+from pipeline.core.where import Where, bind
 from pipeline.errors import UserError
 from pipeline.metaclip.balancing import balance, entry_probabilities, expected_sizes, scale_t, solve_increasing
 from pipeline.metaclip.matching import file_digest, load_entries, matcher_for
@@ -53,9 +54,9 @@ class Match(Step):
     name = MATCH_STAGE
     schema = S.METACLIP_MATCH_SCHEMA
 
-    def __init__(self, cfg: MetaclipConfig):
+    def __init__(self, cfg: MetaclipConfig, where: Where | None = None):
         reads = (Read("download", (S.UID, S.CAPTION, S.STATUS), listed_until_downloaded=True),)
-        super().__init__(reads=reads, digest=match_hash(cfg), where=cfg.where)
+        super().__init__(reads=reads, digest=match_hash(cfg), where=where)
         self.cfg = cfg
 
     def setup(self) -> None:
@@ -66,7 +67,7 @@ class Match(Step):
         matched = matcher_for(self.cfg.metadata, self.cfg.case_sensitive)(dl[S.CAPTION])
         counted = pc.equal(dl[S.STATUS], S.STATUS_SUCCESS) if self.cfg.only_downloaded else pa.array(
             [True] * dl.num_rows)  # fmt: skip
-        if self.where:  # the population counted and drawn
+        if self.where is not None:  # the population counted and drawn
             counted = pc.and_(counted, pc.is_in(dl[S.UID], value_set=inputs[SELECTED][S.UID].combine_chunks()))
         return pa.table({S.UID: dl[S.UID], S.MATCHED_ENTRY_IDS: matched, S.COUNTED: counted})
 
@@ -193,12 +194,17 @@ def pending_matches(pool: Pool, cfg: MetaclipConfig) -> list[int]:
     load_entries(cfg.metadata)  # a bad entries file fails here, before any work
     recorded = {"metadata_sha256": file_digest(cfg.metadata), **dataclasses.asdict(cfg)}
     pool.check_stage_config(MATCH_STAGE, recorded, match_hash(cfg))
-    return runner.plan(pool, Match(cfg), shards)
+    return runner.plan(pool, Match(cfg, _bound(pool, cfg)), shards)
 
 
 def match_shards(pool: Pool, cfg: MetaclipConfig, engine: Any, shards: list[int], progress: bool = True) -> None:
     """Match ``shards`` with ``engine`` (one Prefect task per batch calls this)."""
-    runner.run_step(pool, engine, Match(cfg), shards, progress=progress)
+    runner.run_step(pool, engine, Match(cfg, _bound(pool, cfg)), shards, progress=progress)
+
+
+def _bound(pool: Pool, cfg: MetaclipConfig) -> Where | None:
+    """``metaclip.where`` bound against the pool's columns (refused, naming the key, before any task)."""
+    return None if cfg.where is None else bind(pool, cfg.where, "metaclip.where", skip=(MATCH_STAGE, STAGE))
 
 
 def run_metaclip(pool: Pool, cfg: MetaclipConfig, engine: Any, progress: bool = True) -> dict[str, Any]:

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import RebalanceConfig, config_hash
 from pipeline.core.step import SHARD_FILE, Flips, Read, Step
+from pipeline.core.where import Where, bind, select
 from pipeline.errors import UserError
 from pipeline.sampling import uid_to_uint64, uniform
 from pipeline.store import schema as S
@@ -96,17 +97,15 @@ def _dir(pool: Pool) -> Any:
     return pool.aggregates_dir / STAGE
 
 
-def population_task(pool_root: str, cfg: RebalanceConfig, stage: str, shard: int) -> int:
+def population_task(pool_root: str, cfg: RebalanceConfig, stage: str, where: Where | None, shard: int) -> int:
     """This shard's samples in play (a group, and ``where`` when given) with their group value, to
     ``aggregates/rebalance/input/{shard}.parquet``: what the group sizes are counted over (a SQL
     aggregation of these narrow files, with no pool-sized join) and what the draws read."""
     pool = Pool(pool_root)
     table = pool.read_shard(stage, shard, columns=[S.UID, cfg.group_by])
     table = table.filter(pc.is_valid(table[cfg.group_by])).sort_by(S.UID)
-    if cfg.where:  # only the samples in play are counted and drawn
-        from pipeline.query import select_uids
-
-        table = table.filter(pc.is_in(table[S.UID], value_set=select_uids(pool, shard, cfg.where)))
+    if where is not None:  # only the samples in play are counted and drawn
+        table = table.filter(pc.is_in(table[S.UID], value_set=select(pool, where, shard)))
     write_parquet_atomic(_dir(pool) / "input" / f"{shard:05d}.parquet", table.rename_columns([S.UID, "g"]))
     return table.num_rows
 
@@ -186,8 +185,9 @@ def run_rebalance(pool: Pool, cfg: RebalanceConfig, engine: Any, progress: bool 
     if listed and cfg.method != "cap":
         raise UserError("rebalance.method: a list column (MetaCLIP entries) supports only `cap`")
     pool.require_complete(stage)
-    runner.map_shards(pool, engine, functools.partial(population_task, str(pool.root), cfg, stage), shards,
-               desc="rebalance population", progress=False)  # fmt: skip
+    where = None if cfg.where is None else bind(pool, cfg.where, "rebalance.where", skip=(STAGE,))
+    runner.map_shards(pool, engine, functools.partial(population_task, str(pool.root), cfg, stage, where), shards,
+                      desc="rebalance population", progress=False)  # fmt: skip
     values, counts = _sizes(pool, engine, shards, listed)
     groups_path = _dir(pool) / "groups.parquet"
     if listed:  # MetaCLIP's any-entry rule: dense per-entry counts, t solved on the expected size

@@ -22,6 +22,7 @@ STATUS = "status"
 ERROR = "error_message"
 WIDTH = "width"
 HEIGHT = "height"
+LISTED = "listed"  # the prepared URL list (input/urls*.parquet): every row, before any download
 ORIGINAL_WIDTH = "original_width"
 ORIGINAL_HEIGHT = "original_height"
 SHA256 = "sha256"
