@@ -90,8 +90,8 @@ def stage_side(texts: list[str], work: Path, per_shard: int = 10_000) -> tuple[f
     import pyarrow as pa
 
     from pipeline.config import MetaclipConfig
-    from pipeline.metaclip.matching import matcher_for
     from pipeline.core.runner import run_shard
+    from pipeline.metaclip.matching import matcher_for
     from pipeline.metaclip.stage import Match
     from pipeline.store import schema as S
     from pipeline.store.parquet import Pool, write_json_atomic
