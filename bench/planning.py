@@ -109,7 +109,8 @@ def main() -> None:
             print(f"# built {shards} shards x {len(STAGES)} stages in {time.perf_counter() - t:.0f} s", file=sys.stderr)
         os.sync()
         t = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, "--plan", str(root)], capture_output=True, text=True, check=True)
+        cmd = [sys.executable, __file__, "--plan", str(root)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
         result = json.loads(proc.stdout)
         line = {"shards": shards, "seconds": round(time.perf_counter() - t, 1),
                 "plan_seconds": round(sum(v["seconds"] for v in result.values() if isinstance(v, dict)), 2),
