@@ -5,8 +5,9 @@ published matchers (without I/O), side by side on the same captions and the full
                                                 [--per-shard 10000]
 
 - ``stage``: ``pipeline.metaclip.stage.Match`` run by ``pipeline.core.runner.run_shard`` over a
-  pool of ``download`` tables (shards of ``--per-shard`` captions): read the shard's Parquet, match, write ``tables/metaclip_match``, the
-  shard's entry counts and the marker, one process (so the figure is per core).
+  pool of ``download`` tables (shards of ``--per-shard`` captions): read the shard's Parquet,
+  match, write ``tables/metaclip_match``, the shard's entry counts and the marker, one process (so
+  the figure is per core).
 - ``aho-corasick``: a transcription of MetaCLIP's ``substr_matching.py`` (pyahocorasick, one
   automaton, per caption: spacing, ``automaton.iter``, a set of ids), captions already in memory.
 - ``loop``: a transcription of MetaCLIP's pure-Python version (every padded entry tested with ``in``
