@@ -844,12 +844,15 @@ def check_where(pool: Pool, where: str) -> list[str]:
     return stages
 
 
-def plan_shards(pool: Pool, cfg: DownloadConfig, engine: Any) -> tuple[dict[str, Any], list[int]]:
+def plan_shards(pool: Pool, cfg: DownloadConfig, engine: Any,
+                shards: list[int] | None = None) -> tuple[dict[str, Any], list[int]]:  # fmt: skip
     """Prepare the pool's input and return its plan and the shards not yet downloaded (with a
-    ``where``: once the stages it reads are finished)."""
-    plan = prepare(pool, cfg, engine)
+    ``where``: once the stages it reads are finished). ``shards``: a batch already planned (the
+    input was prepared): only its markers are read."""
+    plan = prepare(pool, cfg, engine) if shards is None else pool.read_plan()
     pool.check_stage_config(STAGE, config_dict(cfg, _RUNTIME_FIELDS), stage_hash(cfg))
-    todo = [s for s in range(plan["num_shards"]) if not pool.is_done(STAGE, s)]
+    candidates = range(plan["num_shards"]) if shards is None else shards
+    todo = [s for s in candidates if not pool.is_done(STAGE, s)]
     if todo and cfg.where is not None:
         check_where(pool, cfg.where)
     return plan, todo
@@ -858,7 +861,8 @@ def plan_shards(pool: Pool, cfg: DownloadConfig, engine: Any) -> tuple[dict[str,
 def run_download(
     pool: Pool, cfg: DownloadConfig, engine: Any, shards: list[int] | None = None, progress: bool = True
 ) -> dict[int, dict[str, int]]:
-    """Download ``shards`` (default: every unfinished shard) with ``engine``.
+    """Download ``shards`` (default: prepare the input, then every unfinished shard; given: a batch
+    of an input already prepared, of which only the unfinished shards run) with ``engine``.
 
     Returns:
         Counts by shard for the shards this call finished.
@@ -867,9 +871,7 @@ def run_download(
         InputError: the URL list is unusable or differs from the one the pool was prepared from.
         ShardFailures: some shards failed; the others are finished and kept.
     """
-    from pipeline.engines.base import requested
-
-    todo = requested(plan_shards(pool, cfg, engine)[1], shards)
+    todo = plan_shards(pool, cfg, engine, shards)[1]
     where = bind(pool, cfg.where, "download.where", skip=(STAGE,)) if todo and cfg.where is not None else None
     fn = functools.partial(download_shard, str(pool.root), cfg, where=where)
     runner.map_shards(pool, engine, fn, todo, desc=STAGE, weights=pool.shard_sizes(todo), progress=progress)

@@ -215,9 +215,10 @@ def import_hash(cfg: EmbedConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def pending_imports(pool: Pool, cfg: EmbedConfig) -> list[int]:
-    """Shards whose ``embed`` (and ``caption_embed``) tables are not yet imported from this source."""
-    shards = pool.require_complete("download")
+def pending_imports(pool: Pool, cfg: EmbedConfig, shards: list[int] | None = None) -> list[int]:
+    """Shards (of every one, or of ``shards``) whose ``embed`` (and ``caption_embed``) tables are not
+    yet imported from this source."""
+    shards = pool.require_complete("download") if shards is None else list(shards)
     digest = import_hash(cfg)
     pool.check_stage_config(STAGE, recorded_config(cfg), digest)
     need_captions = cfg.caption_model is not None
@@ -354,7 +355,7 @@ def run_import(pool: Pool, cfg: EmbedConfig, engine: Any, shards: list[int] | No
     Raises:
         EmbeddingImportError: the layout is incomplete, or a file's dimension or row count differs.
     """
-    from pipeline.engines.base import Table, requested
+    from pipeline.engines.base import Table
 
     source = cfg.source
     assert source is not None
@@ -362,7 +363,7 @@ def run_import(pool: Pool, cfg: EmbedConfig, engine: Any, shards: list[int] | No
         files = [str(p) for p in check_datacomp(Path(source.path), source.key)]
     else:
         check_clip_retrieval(Path(source.path))
-    todo = requested(pending_imports(pool, cfg), shards)
+    todo = pending_imports(pool, cfg, shards)
     if not todo:
         return {}
     digest = import_hash(cfg)

@@ -29,7 +29,6 @@ import pyarrow as pa
 from pipeline.config import EmbedConfig, config_hash
 from pipeline.core import runner
 from pipeline.embed.captions import CaptionEncoder, offline
-from pipeline.engines.base import requested
 from pipeline.errors import UserError
 from pipeline.store import schema as S
 from pipeline.store.parquet import Pool, file_sha256
@@ -254,8 +253,9 @@ def _embed_batch(embedder: ClipEmbedder, batch: dict[str, Any], dim: int) -> tup
     return image, text
 
 
-def pending_shards(pool: Pool, cfg: EmbedConfig) -> list[int]:
-    """Shards not yet embedded with this model and checkpoint (the download must be complete).
+def pending_shards(pool: Pool, cfg: EmbedConfig, shards: list[int] | None = None) -> list[int]:
+    """Shards not yet embedded with this model and checkpoint: of every shard (the download must
+    be complete), or only of ``shards`` (a batch already planned: its markers alone are read).
 
     Needs only the checkpoint's sha256, not a loaded model, so planning stays cheap. With
     ``embed.source``: the shards not yet imported (:mod:`pipeline.embed.imported`).
@@ -263,8 +263,8 @@ def pending_shards(pool: Pool, cfg: EmbedConfig) -> list[int]:
     if cfg.source is not None:
         from pipeline.embed.imported import pending_imports
 
-        return pending_imports(pool, cfg)
-    shards = pool.require_complete("download")
+        return pending_imports(pool, cfg, shards)
+    shards = pool.require_complete("download") if shards is None else list(shards)
     weights = checkpoint_sha256(check_checkpoint(cfg.model, cfg.checkpoint))
     digest = stage_hash(cfg, weights)
     recorded = {"model": cfg.model, "checkpoint_sha256": weights, "checkpoint": str(Path(cfg.checkpoint).resolve()),
@@ -291,7 +291,7 @@ def run_embed(pool: Pool, cfg: EmbedConfig, shards: list[int] | None = None, pro
     from pipeline.progress import Progress
 
     embedder = (embedder or ClipEmbedder(cfg)).setup()
-    todo = requested(pending_shards(pool, embedder.cfg), shards)
+    todo = pending_shards(pool, embedder.cfg, shards)
     if not todo:
         return {}
     digest, dim = stage_hash(embedder.cfg, embedder.checkpoint_sha256), embedder.dim
@@ -355,7 +355,7 @@ def run_embed_on(engine: Any, pool: Pool, cfg: EmbedConfig, shards: list[int] | 
         from pipeline.embed.imported import run_import
 
         return run_import(pool, cfg, engine, shards, progress)
-    todo = requested(pending_shards(pool, cfg), shards)
+    todo = pending_shards(pool, cfg, shards)
     if not todo:
         return {}
     result = engine.map_model(functools.partial(_embed_batch_of, str(pool.root), cfg, progress),

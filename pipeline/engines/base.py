@@ -116,15 +116,6 @@ class Engine(Protocol):
         ...
 
 
-def requested(todo: Sequence[int], shards: Sequence[int] | None) -> list[int]:
-    """The shards of ``todo`` (a stage's unfinished shards) that a caller asked for, in the order
-    it asked (``shards``; None: all of ``todo``): a Prefect task runs one batch of a stage this way."""
-    if shards is None:
-        return list(todo)
-    pending = set(todo)
-    return [s for s in shards if s in pending]
-
-
 def written_files(out: Path) -> list[Path]:
     """The Parquet files :meth:`Engine.write` left in ``out``, in order."""
     return sorted(Path(out).glob("*.parquet")) if Path(out).is_dir() else []
