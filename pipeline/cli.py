@@ -303,7 +303,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from pipeline.report import write_report
 
     page = write_report(_existing_pool(args.pool), release=Path(args.release) if args.release else None,
-                        out=Path(args.out) if args.out else None)  # fmt: skip
+                        out=Path(args.out) if args.out else None, overwrite=args.overwrite)  # fmt: skip
     print(f"report: {page}")
     return 0
 
@@ -492,6 +492,7 @@ def _add_other_commands(sub: Any) -> None:
     p.add_argument("pool")
     p.add_argument("--release", help="a release exported from this pool, for the funnel")
     p.add_argument("--out", help="write the report here instead of <pool>/report (a read-only pool)")
+    p.add_argument("--overwrite", action="store_true", help="replace a report of ours already in --out")
     p.set_defaults(fn=cmd_report)
     p = sub.add_parser("verify", help="check every completion marker against its files (sha256, schema)")
     p.add_argument("pool")

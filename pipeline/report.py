@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.store import schema as S
-from pipeline.store.parquet import Pool, atomic_path
+from pipeline.store.parquet import Pool, atomic_path, walk_files
 
 KEEP_COLUMNS = (S.METACLIP_KEEP, S.KEEP, S.REBALANCE_KEEP)
 
@@ -204,12 +204,17 @@ def _why(row: dict[str, Any]) -> str:
     return ""
 
 
-def write_report(pool: Pool, thumbnails: int = 12, release: Path | None = None, out: Path | None = None) -> Path:
+def write_report(pool: Pool, thumbnails: int = 12, release: Path | None = None, out: Path | None = None,
+                 overwrite: bool = False) -> Path:  # fmt: skip
     """Write ``index.html`` and its PNGs into ``out`` (default ``<pool>/report``; another folder
-    reports on a read-only pool); returns the page's path. The page says which stages are incomplete."""
+    reports on a read-only pool: a new or empty one, or a report of ours with ``overwrite``:
+    :func:`check_report_out`); returns the page's path. The page says which stages are incomplete."""
     from pipeline.query import completeness, connect
 
+    own = out is None  # <pool>/report is the pool's own folder
     out = Path(out) if out is not None else pool.root / "report"
+    if not own:
+        check_report_out(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     con = connect(pool)
     incomplete = {s: e for s, e in completeness(pool).items() if not e["complete"]}
@@ -260,4 +265,41 @@ def write_report(pool: Pool, thumbnails: int = 12, release: Path | None = None, 
     page = out / "index.html"
     with atomic_path(page) as tmp:
         tmp.write_text("\n".join(parts), encoding="utf-8")
+    if not own:  # what a later `--overwrite` may replace: these files, unchanged
+        from pipeline.store.parquet import file_sha256, write_json_atomic
+
+        files = {rel: file_sha256(out / rel) for rel in walk_files(out) if rel != REPORT_MARK}
+        write_json_atomic(out / REPORT_MARK, {"format": "clipcurate-report/1", "files": files})
     return page
+
+
+REPORT_MARK = ".clipcurate-report.json"
+
+
+
+def check_report_out(out: Path, overwrite: bool) -> None:
+    """Refuse a report folder holding anything of the user's: it must be new or empty, or a report
+    this tool wrote (its mark lists every file, unchanged since) and ``overwrite`` given.
+
+    Raises:
+        UserError: names the folder and the files at stake; nothing was written.
+    """
+    from pipeline.errors import UserError
+    from pipeline.store.parquet import file_sha256
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file; give a folder (nothing was written)")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    try:
+        mark = json.loads((out / REPORT_MARK).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"--out {out}: not empty and not a clipcurate report; give a new or empty folder "
+                        "(nothing was written)") from None  # fmt: skip
+    foreign = [rel for rel in walk_files(out) if rel != REPORT_MARK
+               and ((out / rel).is_symlink() or mark.get(rel) != file_sha256(out / rel))]  # fmt: skip
+    if foreign:
+        raise UserError(f"--out {out}: holds files that are not this tool's report ({', '.join(foreign[:5])}); "
+                        "move them away first (nothing was written)")  # fmt: skip
+    if not overwrite:
+        raise UserError(f"--out {out}: holds a clipcurate report; pass --overwrite to replace it (nothing was written)")

@@ -559,3 +559,109 @@ def test_verify_finds_each_planted_fault_and_passes_an_intact_pool(pool, capsys)
         assert f"DAMAGED {path}" in out, out
     assert "4 damaged file(s)" in out
 
+
+# Trust, second pass (issue 21): nothing of a user's is ever deleted or overwritten. A release's
+# manifest lists every file it wrote; replacing or pruning it removes exactly those, and anything
+# else anywhere inside is refused by name before anything is touched. The report's folder follows
+# the same rule; `latest` always ends at the newest version; a symlinked --out is resolved once.
+
+KEEP = ("--where", "keep", "--samples-per-shard", "50")
+
+
+def _export(capsys, pool, out, *extra) -> tuple[int, str, str]:
+    return cli(capsys, "export", pool.root, "--out", out, *KEEP, "--embeddings", *extra)
+
+
+def test_the_manifest_lists_every_file_of_the_release(pool, tmp_path, capsys):
+    out = tmp_path / "rel"
+    assert _export(capsys, pool, out)[0] == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    listed = {f["path"]: f for f in manifest["files"]}
+    on_disk = {k for k in snapshot(out) if k != "manifest.json"}
+    assert set(listed) == on_disk and any(k.startswith("embeddings/") for k in on_disk)
+    for rel, sha in snapshot(out).items():
+        if rel != "manifest.json":
+            assert listed[rel]["sha256"] == sha and listed[rel]["size"] == (out / rel).stat().st_size
+
+
+def test_a_users_file_deep_inside_a_release_is_never_deleted(pool, tmp_path, capsys):
+    out = tmp_path / "rel"
+    assert _export(capsys, pool, out)[0] == 0
+    (out / "embeddings" / "my_notes.txt").write_text("mine")
+    (out / "CHANGES.md").write_text("my changelog")  # this release never wrote one
+    before = snapshot(out)
+    code, _, err = _export(capsys, pool, out, "--overwrite", "--shuffle-seed", "1")
+    line = one_line(err)
+    assert code == 2 and "embeddings/my_notes.txt" in line and "CHANGES.md" in line
+    assert snapshot(out) == before  # refused before anything was touched
+    (out / "embeddings" / "my_notes.txt").unlink()
+    (out / "CHANGES.md").unlink()
+    assert _export(capsys, pool, out, "--overwrite", "--shuffle-seed", "1")[0] == 0
+    assert json.loads((out / "manifest.json").read_text())["export_config"]["shuffle_seed"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".rel.lock", "cwd", "pool", "rel"]  # no .rel.old left
+
+
+def test_pruning_a_version_with_a_users_file_in_it_is_refused(pool, tmp_path, capsys):
+    out = tmp_path / "versions"
+    assert _export(capsys, pool, out, "--versioned")[0] == 0
+    (out / "v0001" / "embeddings" / "keep_me.txt").write_text("mine")
+    code, _, err = _export(capsys, pool, out, "--versioned", "--keep-versions", "1", "--shuffle-seed", "2")
+    assert code == 2 and "v0001" in one_line(err)
+    assert (out / "v0001" / "embeddings" / "keep_me.txt").read_text() == "mine"
+    (out / "v0001" / "embeddings" / "keep_me.txt").unlink()
+    assert _export(capsys, pool, out, "--versioned", "--keep-versions", "1", "--shuffle-seed", "2")[0] == 0
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["latest", "v0002"]
+
+
+def test_latest_is_repaired_after_a_kill_between_placing_a_version_and_moving_the_link(pool, tmp_path, capsys):
+    out = tmp_path / "versions"
+    assert _export(capsys, pool, out, "--versioned")[0] == 0
+    assert _export(capsys, pool, out, "--versioned", "--shuffle-seed", "5")[0] == 0
+    os.replace(out / "latest", out / "latest.kept")  # the state a kill leaves: v0002 placed, the link
+    (out / "latest").symlink_to("v0001")  # not moved yet
+    (out / "latest.kept").unlink()
+    code, printed, _ = _export(capsys, pool, out, "--versioned", "--shuffle-seed", "5")  # the re-run: a no-op
+    assert code == 0 and "no new version" in printed
+    assert (out / "latest").readlink().name == "v0002"
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["latest", "v0001", "v0002"]
+
+
+def test_a_symlinked_out_is_resolved_once_and_the_link_is_kept(pool, tmp_path, capsys):
+    target = tmp_path / "real"
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    assert _export(capsys, pool, link)[0] == 0
+    assert _export(capsys, pool, link, "--overwrite", "--shuffle-seed", "3")[0] == 0
+    assert link.is_symlink() and link.readlink() == target
+    assert json.loads((target / "manifest.json").read_text())["export_config"]["shuffle_seed"] == 3
+    assert not (tmp_path / ".link.old").exists() and not (tmp_path / ".link.partial").exists()
+
+
+def test_out_naming_a_version_or_latest_is_refused(pool, tmp_path, capsys):
+    out = tmp_path / "versions"
+    assert _export(capsys, pool, out, "--versioned")[0] == 0
+    before = snapshot(out)
+    for target in (out / "latest", out / "v0001"):
+        code, _, err = _export(capsys, pool, target, "--overwrite")
+        assert code == 2 and "is a version of the versioned release" in one_line(err)
+    assert snapshot(out) == before and (out / "latest").readlink().name == "v0001"
+
+
+def test_report_out_never_overwrites_a_users_folder(pool, tmp_path, capsys):
+    user = tmp_path / "site"
+    user.mkdir()
+    (user / "index.html").write_text("my homepage")
+    code, _, err = cli(capsys, "report", pool.root, "--out", user)
+    assert code == 2 and "not a clipcurate report" in one_line(err)
+    assert (user / "index.html").read_text() == "my homepage" and len(list(user.iterdir())) == 1
+    report = tmp_path / "report"
+    assert cli(capsys, "report", pool.root, "--out", report)[0] == 0
+    assert (report / "index.html").exists()
+    code, _, err = cli(capsys, "report", pool.root, "--out", report)
+    assert code == 2 and "--overwrite" in one_line(err)
+    (report / "funnel.png").write_bytes(b"edited by hand")
+    code, _, err = cli(capsys, "report", pool.root, "--out", report, "--overwrite")
+    assert code == 2 and "funnel.png" in one_line(err)
+    assert (report / "funnel.png").read_bytes() == b"edited by hand"
+    (report / "funnel.png").unlink()
+    assert cli(capsys, "report", pool.root, "--out", report, "--overwrite")[0] == 0

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 from pipeline.errors import UserError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from pipeline.config import PipelineConfig
     from pipeline.engines.base import Engine
 
@@ -18,7 +20,7 @@ def get_engine(cfg: PipelineConfig, workers: int | None = None) -> Engine:
 
         from pipeline.engines.local import LocalEngine
 
-        spill = cfg.duckdb.temp_directory or str(Path(cfg.pool) / "_staging" / "duckdb")
+        spill = cfg.duckdb.temp_directory or _pool_spill(Path(cfg.pool))
         return LocalEngine(workers=workers or cfg.download.processes, memory_limit=cfg.duckdb.memory_limit,
                            temp_directory=spill, threads=cfg.duckdb.threads)  # fmt: skip
     if cfg.engine == "spark":
@@ -26,3 +28,13 @@ def get_engine(cfg: PipelineConfig, workers: int | None = None) -> Engine:
 
         return SparkEngine(cfg.spark)
     raise UserError(f"engine: unknown engine {cfg.engine!r}; use local or spark")
+
+
+def _pool_spill(root: Path) -> str | None:
+    """DuckDB's spill folder: inside the pool (its disk, not /tmp), or, for a pool this process may
+    not write (a reader of a read-only pool), None: the engine's private folder under the temp dir."""
+    import os
+
+    staging = root / "_staging"
+    writable = os.access(staging if staging.exists() else root if root.exists() else root.parent, os.W_OK)
+    return str(staging / "duckdb") if writable else None

@@ -3,6 +3,7 @@ shard; :mod:`pipeline.export.release`), optionally as numbered versions (:mod:`p
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from pipeline.export.release import (
     plan_source_shard,
     write_release_shard,
 )
-from pipeline.export.versions import export_version
+from pipeline.export.versions import LATEST, VERSION, export_version
 from pipeline.store.parquet import Pool
 
 
@@ -35,6 +36,7 @@ def export(pool: Pool, cfg: ExportConfig, progress: bool = False, *, engine: Any
     """
     from pipeline.store.lock import writer_lock
 
+    cfg = dataclasses.replace(cfg, out=str(resolve_out(Path(cfg.out))))
     if cfg.versioned:
         return export_version(pool, cfg, progress, engine, wait)
     out = Path(cfg.out)
@@ -42,6 +44,21 @@ def export(pool: Pool, cfg: ExportConfig, progress: bool = False, *, engine: Any
     out.parent.mkdir(parents=True, exist_ok=True)
     with writer_lock(out.parent, f"curate export {pool.root} --out {out}", wait=wait, name=f".{out.name}.lock"):
         return build_release(pool, cfg, progress, engine)
+
+
+def resolve_out(out: Path) -> Path:
+    """``--out`` with a symbolic link resolved once (its target is checked and written; the link
+    itself is never renamed or replaced).
+
+    Raises:
+        ExportError: ``out`` is a version of a versioned release, or its ``latest`` link: names it.
+    """
+    target = out.resolve() if out.is_symlink() else out
+    in_versions = (target.parent / LATEST).is_symlink() and VERSION.match(target.name)
+    if (out.name == LATEST and out.is_symlink()) or in_versions:
+        raise ExportError(f"--out {out}: is a version of the versioned release {target.parent}; export into "
+                          f"{target.parent} with --versioned instead (nothing was written)")  # fmt: skip
+    return target
 
 
 __all__ = ["ExportError", "dataset_card", "export", "plan_release", "plan_source_shard", "write_release_shard"]

@@ -33,6 +33,7 @@ import functools
 import hashlib
 import io
 import json
+import os
 import re
 import shutil
 import tarfile
@@ -54,6 +55,7 @@ from pipeline.store.parquet import (
     file_sha256,
     package_versions,
     redo_hint,
+    walk_files,
     write_json_atomic,
     write_parquet_atomic,
 )
@@ -390,7 +392,6 @@ def _utf8_caption(data: bytes) -> tuple[bytes, int]:
 
 
 RELEASE_FORMAT = "clipcurate-release/1"  # the manifest key that marks a folder as a release of ours
-_RELEASE_FILES = {"manifest.json", "sizes.json", "README.md", "embeddings", "uids.npy", "CHANGES.md"}
 _TMP = re.compile(r"^\..*\.tmp-\d+-\d+$")  # atomic_path's temporary names
 
 
@@ -405,12 +406,51 @@ def release_manifest(folder: Path) -> dict[str, Any] | None:
     return manifest if ours else None
 
 
-def foreign_files(folder: Path, manifest: dict[str, Any]) -> list[str]:
-    """Entries of a release folder that its manifest does not account for (the user's files)."""
-    names = set(_RELEASE_FILES)
+def release_files(manifest: dict[str, Any]) -> set[str]:
+    """The paths (relative, ``/``-separated) of every file the release of ``manifest`` wrote: its
+    ``files`` list, or, for a release of an earlier version without one, what that version wrote
+    (its shards' tars and sidecars, their embeddings when exported, the fixed files, CHANGES.md of a
+    version)."""
+    if manifest.get("files") is not None:
+        return {f["path"] for f in manifest["files"]} | {"manifest.json"}
+    names = {"manifest.json", "sizes.json", "README.md", "uids.npy"}
+    if manifest.get("version"):
+        names.add("CHANGES.md")
+    embeddings = (manifest.get("export_config") or {}).get("embeddings")
     for entry in manifest.get("shards", []):
-        names |= {entry["name"], entry["name"].removesuffix(".tar") + ".parquet"}
-    return sorted(p.name for p in folder.iterdir() if p.name not in names and not _TMP.match(p.name))
+        sidecar = entry["name"].removesuffix(".tar") + ".parquet"
+        names |= {entry["name"], sidecar} | ({f"embeddings/{sidecar}"} if embeddings else set())
+    return names
+
+
+def foreign_files(folder: Path, manifest: dict[str, Any]) -> list[str]:
+    """Files anywhere in a release folder that its manifest does not list (the user's files), by
+    relative path; temporary files of a killed export of ours are not foreign."""
+    ours = release_files(manifest)
+    return [rel for rel in walk_files(folder) if rel not in ours and not _TMP.match(rel.rsplit("/", 1)[-1])]
+
+
+def file_records(folder: Path) -> list[dict[str, Any]]:
+    """``{path, size, sha256}`` of every file in a finished release folder but its manifest: the
+    manifest's ``files``, which are all that replacing or pruning the release ever removes."""
+    return [{"path": rel, "size": (folder / rel).stat().st_size, "sha256": file_sha256(folder / rel)}
+            for rel in walk_files(folder) if rel != "manifest.json"]  # fmt: skip
+
+
+def remove_release(folder: Path, manifest: dict[str, Any]) -> None:
+    """Remove exactly the files of ``manifest``'s release from ``folder``, then the folders left empty.
+
+    Raises:
+        ExportError: something not of the release is there (named); nothing was removed.
+    """
+    foreign = foreign_files(folder, manifest)
+    if foreign:
+        raise ExportError(f"{folder}: holds files that are not part of its release ({', '.join(foreign[:5])}); "
+                          "move them away first (nothing was removed)")  # fmt: skip
+    for rel in walk_files(folder):  # ours and temporary files of ours
+        (folder / rel).unlink()
+    for top, _, _ in sorted(os.walk(folder), key=lambda t: -len(t[0])):  # deepest first
+        Path(top).rmdir()
 
 
 def check_target(pool: Pool, out: Path) -> None:
@@ -570,11 +610,13 @@ def build_release(pool: Pool, cfg: ExportConfig, progress: bool, engine: Any, ve
         manifest["version"] = version["name"]
         manifest["previous_version"] = version.get("previous_name")
         manifest["changes"] = changes(pool, pool_manifest, engine, partial, version, manifest)
-    write_json_atomic(partial / "manifest.json", manifest)
     with atomic_path(partial / "README.md") as tmp:
         tmp.write_text(dataset_card(pool, cfg, manifest))
     (partial / "plan.json").unlink()
-    (partial / ".clipcurate-partial").unlink()
+    marker = partial / ".clipcurate-partial"
+    marker.unlink()
+    manifest["files"] = file_records(partial)  # what a replacement or a prune may remove, and only that
+    write_json_atomic(partial / "manifest.json", manifest)
     _place(partial, out)
     return manifest
 
@@ -599,12 +641,15 @@ def _place(partial: Path, out: Path) -> None:
         partial.rename(out)
         return
     trash = out.parent / f".{out.name}.old"
-    if trash.exists() and release_manifest(trash) is None and any(trash.iterdir()):
-        raise ExportError(f"{trash}: exists and is not a clipcurate release; move it away (nothing was removed)")
-    shutil.rmtree(trash, ignore_errors=True)
+    if trash.exists():  # a replacement killed before it removed the old release
+        old = release_manifest(trash)
+        if old is None and any(trash.iterdir()):
+            raise ExportError(f"{trash}: exists and is not a clipcurate release; move it away (nothing was removed)")
+        remove_release(trash, old) if old is not None else trash.rmdir()
+    replaced = release_manifest(out)
     out.rename(trash)
     partial.rename(out)
-    shutil.rmtree(trash)
+    remove_release(trash, replaced)
 
 
 def write_release_uids(partial: Path, engine: Any, n: int) -> None:

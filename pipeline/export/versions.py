@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import ExportConfig
-from pipeline.export.release import ExportError, build_release, check_target, foreign_files, release_manifest
+from pipeline.export.release import (
+    ExportError,
+    build_release,
+    check_target,
+    foreign_files,
+    release_manifest,
+    remove_release,
+)
 from pipeline.store import schema as S
 from pipeline.store.parquet import Pool, atomic_path
 
@@ -92,12 +98,13 @@ def export_version(pool: Pool, cfg: ExportConfig, progress: bool, engine: Any, w
         version = {"name": name, "previous_name": last[1].name if last else None,
                    "previous": last[1] if last else None, "previous_manifest": last[2] if last else None}  # fmt: skip
         manifest = build_release(pool, one, progress, engine, version, changes=write_changes)
+        newest = name if manifest.get("new_version") is not False else last[1].name  # type: ignore[index]
+        point_latest(out, newest)  # also after a no-op run: a kill before the link moved is repaired here
         if manifest.get("new_version") is False:
             return manifest
-        point_latest(out, name)
         if cfg.keep_versions is not None:
-            for _, folder, _ in list_versions(pool, out)[: -cfg.keep_versions]:
-                shutil.rmtree(folder)  # a release of ours holding nothing else (list_versions)
+            for _, folder, old in list_versions(pool, out)[: -cfg.keep_versions]:
+                remove_release(folder, old)  # exactly the files its manifest lists
         return {**manifest, "new_version": True}
 
 

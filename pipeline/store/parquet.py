@@ -76,6 +76,17 @@ def write_parquet_atomic(path: Path, table: pa.Table, **options: Any) -> None:
         pq.write_table(table, tmp, compression="zstd", **options)
 
 
+def walk_files(folder: Path) -> list[str]:
+    """Every file and symbolic link under ``folder`` (links are not followed), as sorted relative
+    ``/`` paths: what a folder of ours holds, to compare with what we recorded writing there."""
+    found = []
+    for top, dirs, files in os.walk(folder, followlinks=False):
+        here = Path(top)
+        found += [(here / f).relative_to(folder).as_posix() for f in files]
+        found += [(here / d).relative_to(folder).as_posix() for d in dirs if (here / d).is_symlink()]
+    return sorted(found)
+
+
 def file_sha256(path: str | Path) -> str:
     """sha256 of a file's bytes, read in 1 MiB blocks (URL lists, checkpoints, release shards)."""
     digest = hashlib.sha256()
