@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import DamagedError
-from pipeline.store.parquet import Pool, read_parquet, redo_hint
+from pipeline.store.parquet import DAMAGED_MARKER, Pool, read_parquet, redo_hint
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,12 @@ def verify(pool: Pool, deep: bool = False) -> Iterator[Damage | int]:
     """Yield a :class:`Damage` per damaged file, then the number of files checked (last)."""
     checked = 0
     for stage in pool.stages():
-        for shard, marker in sorted(pool.completed(stage).items()):
+        damaged: list[tuple[int, Path]] = []
+        markers = pool.completed(stage, damaged)
+        for shard, path in damaged:
+            checked += 1
+            yield Damage(stage, shard, path, DAMAGED_MARKER)
+        for shard, marker in sorted(markers.items()):
             problems = pool.file_problems(stage, marker, full=True)
             for path, problem in problems:
                 yield Damage(stage, shard, path, problem)

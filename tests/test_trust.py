@@ -665,3 +665,26 @@ def test_report_out_never_overwrites_a_users_folder(pool, tmp_path, capsys):
     assert (report / "funnel.png").read_bytes() == b"edited by hand"
     (report / "funnel.png").unlink()
     assert cli(capsys, "report", pool.root, "--out", report, "--overwrite")[0] == 0
+
+
+# Trust, second pass: a damaged completion marker is damage, never a traceback -----------------------
+
+
+def test_a_damaged_marker_is_named_by_every_reader_and_redone_by_its_stage(pool, tmp_path, capsys):
+    from pipeline.filters.stage import run_filters
+
+    garbage, truncated = pool.marker_path("decisions", 1), pool.marker_path("filters", 2)
+    garbage.write_bytes(os.urandom(200))
+    truncated.write_text(truncated.read_text()[:40])
+    code, out, _ = cli(capsys, "verify", pool.root)
+    assert code == 1 and f"DAMAGED {garbage}" in out and f"DAMAGED {truncated}" in out
+    before = snapshot(pool.root)
+    for args in (["stats", pool.root], ["query", pool.root, "select count(*) from samples"],
+                 ["export", pool.root, "--out", tmp_path / "rel", "--where", "keep"]):  # fmt: skip
+        code, _, err = cli(capsys, *args)
+        line = one_line(err)
+        assert code == 2 and ("damaged completion marker" in line and (str(garbage) in line or str(truncated) in line))
+    assert snapshot(pool.root) == before and not (tmp_path / "rel").exists()
+    run_filters(pool, FilterConfig(recipe="basic"), LocalEngine(1), progress=False)  # the stages that own them
+    assert cli(capsys, "verify", pool.root)[0] == 0
+    assert json.loads(garbage.read_text())["shard"] == 1 and json.loads(truncated.read_text())["shard"] == 2

@@ -145,6 +145,20 @@ def redo_hint(stage: str) -> str:
     return f"re-run stage {stage!r} (`{REDO_COMMANDS.get(stage, 'curate run CONFIG')}` or `curate run CONFIG`)"
 
 
+DAMAGED_MARKER = "damaged completion marker (not the JSON this tool writes)"
+
+
+def read_marker(path: Path) -> dict[str, Any] | None:
+    """A completion marker as written by :meth:`Pool.mark_done`, or None when it is missing or
+    damaged (random bytes, truncated JSON, another shape)."""
+    try:
+        marker = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    ok = isinstance(marker, dict) and isinstance(marker.get("counts"), dict) and isinstance(marker.get("shard"), int)
+    return marker if ok and isinstance(marker.get("files", {}), dict) else None
+
+
 def read_schema(path: Path, stage: str) -> pa.Schema:
     """A Parquet file's schema; an unreadable footer is a :class:`DamagedError` naming the file."""
     try:
@@ -225,16 +239,34 @@ class Pool:
             return []
         return sorted(int(e.name[:-5]) for e in os.scandir(base) if e.name.endswith(".json") and e.name[:1].isdigit())
 
-    def completed(self, stage: str) -> dict[int, dict[str, Any]]:
-        """Completion markers of ``stage`` by shard id (each parsed: call once per step)."""
+    def completed(self, stage: str, damaged: list[tuple[int, Path]] | None = None) -> dict[int, dict[str, Any]]:
+        """Completion markers of ``stage`` by shard id (each parsed: call once per step).
+
+        Raises:
+            DamagedError: a marker is not the JSON this tool writes (names it), unless ``damaged`` is
+                given: then each such (shard, path) is appended to it and left out.
+        """
         done = {}
         for path in sorted((self.root / "completions" / stage).glob("[0-9]*.json")):
-            done[int(path.stem)] = json.loads(path.read_text())
+            marker = read_marker(path)
+            if marker is not None:
+                done[int(path.stem)] = marker
+            elif damaged is not None:
+                damaged.append((int(path.stem), path))
+            else:
+                raise DamagedError(f"{path}: {DAMAGED_MARKER}; {redo_hint(stage)}")
         return done
 
     def marker(self, stage: str, shard: int) -> dict[str, Any]:
-        """One shard's completion marker."""
-        return json.loads(self.marker_path(stage, shard).read_text())
+        """One shard's completion marker.
+
+        Raises:
+            DamagedError: it is missing or not the JSON this tool writes (names it)."""
+        path = self.marker_path(stage, shard)
+        marker = read_marker(path)
+        if marker is None:
+            raise DamagedError(f"{path}: {DAMAGED_MARKER if path.exists() else 'missing'}; {redo_hint(stage)}")
+        return marker
 
     def is_done(self, stage: str, shard: int, config_hash: str | None = None) -> bool:
         """Whether ``stage`` finished ``shard`` (with ``config_hash``, when given) and the files its
@@ -243,7 +275,10 @@ class Pool:
         path = self.marker_path(stage, shard)
         if not path.exists():
             return False
-        marker = json.loads(path.read_text())
+        marker = read_marker(path)
+        if marker is None:  # damaged: the stage that owns it redoes the shard
+            log.warning("%s: %s; shard %05d of stage %r will be redone", path, DAMAGED_MARKER, shard, stage)
+            return False
         if config_hash is not None and marker.get("config_hash") != config_hash:
             return False
         problems = self.file_problems(stage, marker)
