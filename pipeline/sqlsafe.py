@@ -99,8 +99,29 @@ def check_query(sql: str, where: str) -> str:
 
 
 def confine(con: duckdb.DuckDBPyConnection, root: str | Path) -> duckdb.DuckDBPyConnection:
-    """Limit ``con`` to reading ``root`` (the pool): call after its views are made. Irreversible."""
-    folder = str(Path(root).resolve()).rstrip("/") + "/"
-    con.execute("SET allowed_directories = [" + "'" + folder.replace("'", "''") + "']")
+    """Limit ``con`` to reading ``root`` (the pool) and spilling into its own scratch folder: call
+    after its views are made. Irreversible.
+
+    DuckDB adds its ``temp_directory`` to the allowed folders (by default ``.tmp`` in the working
+    folder, outside the pool), so it is set first: inside the pool's ``_staging/`` where this
+    process may write there, else a private folder of this process under the temp dir (a read-only
+    pool). ``allowed_directories`` then holds the pool and that folder, nothing else."""
+    import os
+    import tempfile
+
+    pool = Path(root).resolve()
+    staging = pool / "_staging"
+    if os.access(staging if staging.exists() else pool, os.W_OK):
+        spill = staging / "duckdb-query"
+        spill.mkdir(parents=True, exist_ok=True)
+    else:
+        spill = Path(tempfile.mkdtemp(prefix="clipcurate-query-"))
+    con.execute("SET temp_directory = " + _literal(str(spill)))
+    folders = ", ".join(_literal(str(f).rstrip("/") + "/") for f in (pool, spill))
+    con.execute(f"SET allowed_directories = [{folders}]")
     con.execute("SET enable_external_access = false")
     return con
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"

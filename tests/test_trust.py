@@ -688,3 +688,19 @@ def test_a_damaged_marker_is_named_by_every_reader_and_redone_by_its_stage(pool,
     run_filters(pool, FilterConfig(recipe="basic"), LocalEngine(1), progress=False)  # the stages that own them
     assert cli(capsys, "verify", pool.root)[0] == 0
     assert json.loads(garbage.read_text())["shard"] == 1 and json.loads(truncated.read_text())["shard"] == 2
+
+
+def test_the_query_connection_can_read_and_spill_only_inside_the_pool(pool, tmp_path, capsys):
+    from pipeline.query import connect
+
+    (tmp_path / "cwd" / ".tmp").mkdir()
+    (tmp_path / "cwd" / ".tmp" / "secret.txt").write_text("outside the pool")
+    con = connect(pool, confined=True)
+    settings = dict(con.execute("select name, value from duckdb_settings() where name in "
+                                "('temp_directory', 'allowed_directories', 'enable_external_access')").fetchall())
+    spill = Path(settings["temp_directory"])
+    assert spill.resolve().is_relative_to(pool.root.resolve()) and settings["enable_external_access"] == "false"
+    allowed = [Path(p.strip(" '")) for p in settings["allowed_directories"].strip("[]").split(",")]
+    assert sorted(allowed) == sorted([pool.root.resolve(), spill.resolve()])
+    code, _, err = cli(capsys, "query", pool.root, "select content from read_text('.tmp/secret.txt')")
+    assert code == 2 and "secret.txt" in one_line(err)
