@@ -28,7 +28,7 @@ from pipeline.embed import run_embed_on
 from pipeline.engines.local import LocalEngine
 from pipeline.query import query
 from pipeline.store.parquet import Pool
-from tests.conftest import laion_rows, point_at
+from tests.conftest import copy_pool, laion_rows, point_at
 
 BOX = [0.3, 0.3, 0.6, 0.6]
 
@@ -275,6 +275,59 @@ def test_import_refuses_a_mismatched_file(datacomp, downloaded, tmp_path):
     np.savez(npz, **arrays)
     with pytest.raises(EmbeddingImportError, match="DataComp's l14 vectors are 768-d"):
         run_embed_on(LocalEngine(1), pool, _import_cfg(folder), progress=False)
+
+
+def test_an_npz_of_objects_or_garbage_is_refused_before_any_memory_map(datacomp, downloaded, tmp_path):
+    """An object array read through ``np.memmap`` would be read as pointers (the worker segfaulted):
+    the dtype is checked from the header first; a file that is no zip is named, not a traceback."""
+    import shutil
+
+    from pipeline.embed.imported import EmbeddingImportError, _npz_member
+
+    folder = tmp_path / "metadata"
+    shutil.copytree(datacomp[0], folder)
+    npz = sorted(folder.glob("*.npz"))[1]
+    arrays = dict(np.load(npz))
+    pool, _ = downloaded
+    for save in (np.savez, np.savez_compressed):  # memory-mapped, and read whole
+        objects = np.empty((60, 768), dtype=object)
+        objects[:] = 1.0
+        save(npz, **{**arrays, "l14_img": objects})
+        with pytest.raises(EmbeddingImportError, match=rf"{npz.name}: 'l14_img' is object"):
+            _npz_member(npz, "l14_img")
+        with pytest.raises(EmbeddingImportError, match=rf"{npz.name}: 'l14_img' is object"):
+            run_embed_on(LocalEngine(1), pool, _import_cfg(folder), progress=False)
+    npz.write_bytes(b"not a zip at all" * 100)
+    with pytest.raises(EmbeddingImportError, match=rf"{npz.name}: not a readable \.npz"):
+        run_embed_on(LocalEngine(1), pool, _import_cfg(folder), progress=False)
+
+
+def test_nan_and_inf_vectors_get_a_decode_error_and_never_ship(datacomp, downloaded, tmp_path):
+    import shutil
+
+    from pipeline.config import ExportConfig
+    from pipeline.export import export
+
+    folder = tmp_path / "metadata"
+    shutil.copytree(datacomp[0], folder)
+    npz = sorted(folder.glob("*.npz"))[0]
+    arrays = dict(np.load(npz))
+    arrays["l14_img"][3, 5] = np.nan
+    arrays["l14_txt"][7, 0] = np.inf
+    np.savez(npz, **arrays)
+    bad = {datacomp[1][3], datacomp[1][7]}
+    pool = copy_pool(downloaded[0], tmp_path / "pool", ("embed", "caption_embed"))  # not imported yet
+    done = run_embed_on(LocalEngine(1), pool, _import_cfg(folder), progress=False)
+    assert sum(c["non_finite"] for c in done.values()) == 2
+    rows = query(pool, "select uid, decode_error, clip_score from embed where decode_error is not null")
+    assert set(rows["uid"].to_pylist()) == bad and rows["clip_score"].null_count == 2
+    assert all(e == "published embedding is not finite (NaN or Inf)" for e in rows["decode_error"].to_pylist())
+    manifest = export(pool, ExportConfig(out=str(tmp_path / "rel"), where="true", embeddings=True),
+                      engine=LocalEngine(1))  # fmt: skip
+    shipped = set(pq.read_table(sorted((tmp_path / "rel").glob("[0-9]*.parquet")), columns=["uid"])["uid"].to_pylist())
+    assert manifest["counts"]["samples"] == len(shipped) > 0 and not shipped & bad
+    vectors = pq.read_table(sorted((tmp_path / "rel" / "embeddings").glob("*.parquet")))
+    assert np.isfinite(np.asarray(vectors["image_embedding"].to_pylist(), np.float32)).all()
 
 
 # --- clip-retrieval / LAION ---------------------------------------------------------------------------

@@ -50,6 +50,7 @@ from pipeline.store.parquet import Pool, write_parquet_atomic
 STAGE = "embed"
 CAPTION_STAGE = "caption_embed"
 MISSING = "no published embedding"
+NON_FINITE = "published embedding is not finite (NaN or Inf)"
 # DataComp's keys: (the model that made them, its published score column, its dimension)
 DATACOMP = {"l14": ("ViT-L-14", "clip_l14_similarity_score", 768),
             "b32": ("ViT-B-32", "clip_b32_similarity_score", 512)}  # fmt: skip
@@ -66,26 +67,45 @@ class EmbeddingImportError(UserError, ValueError):
 def _npz_member(path: Path, name: str) -> np.ndarray:
     """``name`` of an ``.npz`` as an array: memory-mapped when stored uncompressed (``np.savez``), so a
     task reads only the rows it gathers; read whole when compressed (``np.savez_compressed``)."""
-    with zipfile.ZipFile(path) as zf:
-        try:
-            info = zf.getinfo(f"{name}.npy")
-        except KeyError:
-            held = ", ".join(sorted(zf.namelist()))
-            raise EmbeddingImportError(f"{path}: no {name!r} array (it holds {held})") from None
-        if info.compress_type != zipfile.ZIP_STORED:
-            with zf.open(info) as f:
-                return np.lib.format.read_array(f)
-    with path.open("rb") as f:
-        f.seek(info.header_offset)
-        local = f.read(30)
-        data_start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(
-            local[28:30], "little")  # fmt: skip
-        f.seek(data_start)
-        version = np.lib.format.read_magic(f)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read_header(f)
-        offset = f.tell()
+    try:
+        with zipfile.ZipFile(path) as zf:
+            try:
+                info = zf.getinfo(f"{name}.npy")
+            except KeyError:
+                held = ", ".join(sorted(zf.namelist()))
+                raise EmbeddingImportError(f"{path}: no {name!r} array (it holds {held})") from None
+            if info.compress_type != zipfile.ZIP_STORED:
+                with zf.open(info) as f:
+                    _check_dtype(path, name, *_header(f))
+                with zf.open(info) as f:
+                    return np.lib.format.read_array(f, allow_pickle=False)
+        with path.open("rb") as f:
+            f.seek(info.header_offset)
+            local = f.read(30)
+            data_start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(
+                local[28:30], "little")  # fmt: skip
+            f.seek(data_start)
+            shape, fortran, dtype = _header(f)
+            offset = f.tell()
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise EmbeddingImportError(f"{path}: not a readable .npz ({type(exc).__name__}: {exc})") from None
+    _check_dtype(path, name, shape, fortran, dtype)
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+
+
+def _header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """An ``.npy`` member's (shape, fortran order, dtype), read from its header alone."""
+    version = np.lib.format.read_magic(f)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read_header(f)
+
+
+def _check_dtype(path: Path, name: str, shape: tuple[int, ...], fortran: bool, dtype: np.dtype) -> None:
+    """Refuse, before any memory map, a member that is not a 2-d array of plain numbers: an object
+    array read through ``np.memmap`` would be read as pointers."""
+    if dtype.kind not in "fiu" or dtype.hasobject or dtype.fields is not None or len(shape) != 2:
+        raise EmbeddingImportError(f"{path}: {name!r} is {dtype} of shape {shape}; a vector array must be a 2-d "
+                                   "array of floats (or integers)")  # fmt: skip
 
 
 def datacomp_files(folder: Path) -> list[Path]:
@@ -248,6 +268,10 @@ def import_shard(pool_root: str, cfg: EmbedConfig, joined: str | None, digest: s
         img, txt, score, found = _gather_datacomp(Path(source.path), source.key, joined, dl, shard)
     else:
         img, txt, score, found = _gather_clip_retrieval(Path(source.path), dl)
+    finite = np.isfinite(img).all(axis=1) & np.isfinite(txt).all(axis=1)  # a NaN or Inf row never ships
+    errors = [None if f and ok else (MISSING if not f else NON_FINITE) for f, ok in zip(found, finite, strict=True)]
+    found = found & finite
+    img, txt = np.where(found[:, None], img, 0), np.where(found[:, None], txt, 0)
     img, txt = _normalise(img), _normalise(txt)
     cosine = (img * txt).sum(axis=1).astype(np.float32)
     score = np.where(np.isnan(score), cosine, score).astype(np.float32)
@@ -255,7 +279,7 @@ def import_shard(pool_root: str, cfg: EmbedConfig, joined: str | None, digest: s
     table = pa.table(
         {S.UID: dl[S.UID], S.SHARD: pa.array(np.full(n, shard, np.int32)), S.IMAGE_EMBEDDING: _fsl(img, found),
          S.TEXT_EMBEDDING: _fsl(txt, found), S.CLIP_SCORE: pa.array(score, pa.float32(), mask=~found),
-         S.DECODE_ERROR: pa.array([None if f else MISSING for f in found], pa.string()),
+         S.DECODE_ERROR: pa.array(errors, pa.string()),
          S.MODEL: pa.array([model] * n, pa.string()),
          S.CHECKPOINT_SHA256: pa.array([f"imported:{digest}"] * n, pa.string())},
         schema=S.embed_schema(img.shape[1]),
@@ -275,7 +299,7 @@ def import_shard(pool_root: str, cfg: EmbedConfig, joined: str | None, digest: s
         )  # fmt: skip
         runner.commit(pool, CAPTION_STAGE, shard, cap, digest, {"samples": n})
     counts = {"samples": n, "embedded": int(found.sum()), "decode_errors": int(n - found.sum()),
-              "imported": int(found.sum()), "missing": int(n - found.sum())}  # fmt: skip
+              "imported": int(found.sum()), "missing": errors.count(MISSING), "non_finite": errors.count(NON_FINITE)}
     runner.commit(pool, STAGE, shard, table, digest, counts)
     return counts
 
