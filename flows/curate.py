@@ -271,7 +271,7 @@ def curate(config_path: str, overrides: dict[str, Any] | None = None) -> dict[st
         if cfg.flow.skip_unchanged and not ingested["new_files"] and _unchanged(pool, state):
             create_markdown_artifact(markdown=_cycle_markdown(ingested, None, pool, skipped=True), key="curate-cycle",
                                      description=f"Curation cycle of {pool.root}")  # fmt: skip
-            return pool.build_manifest()
+            return {**pool.build_manifest(), "cycle": "unchanged"}
         for stage in stages_for(cfg):
             errors = run_stage(stage, cfg, engine, pool)
             if errors:
@@ -293,7 +293,7 @@ def curate(config_path: str, overrides: dict[str, Any] | None = None) -> dict[st
         from pipeline.store.parquet import write_json_atomic
 
         write_json_atomic(_cycle_path(pool), {"state": state, "release": (release or {}).get("version")})
-        return pool.update_manifest()
+        return {**pool.update_manifest(), "release": release}
 
 
 def _cycle_path(pool: Pool) -> Any:

@@ -79,9 +79,27 @@ def _engine(config: str | None, pool: Pool, workers: int | None = None) -> Any:
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.curate import run
 
-    run(args.config, _overrides(args.set))
+    result = run(args.config, _overrides(args.set))
     cfg = load_config(args.config, _overrides(args.set))
-    return _print_stats(Pool(cfg.pool))
+    code = _print_stats(Pool(cfg.pool))
+    if cfg.export is not None:
+        print(_release_line(result, Path(cfg.export.out)))
+    return code
+
+
+def _release_line(result: dict[str, Any], out: Path) -> str:
+    """What the run released: the folder, its version (new, or the latest unchanged) and samples."""
+    from pipeline.export.versions import latest_version
+
+    if result.get("cycle") == "unchanged":
+        return f"release: nothing new (no new input, the same config): {latest_version(out) or out} is current"
+    release = result.get("release") or {}
+    if not release:
+        return f"release: none made ({out})"
+    version = release.get("version")
+    folder = out / version if version else out
+    state = "" if version is None else (" (new version)" if release.get("new_version") else " (unchanged)")
+    return f"release: {folder}{state}, {release['counts']['samples']} samples in {release['counts']['shards']} shards"
 
 
 def cmd_download(args: argparse.Namespace) -> int:

@@ -477,6 +477,8 @@ class ExportConfig:
         _require(self.keep_versions is None or self.versioned, "keep_versions", "needs versioned: true")
         _sql(self.where, "where")
         _require(self.samples_per_shard > 0, "samples_per_shard", "must be > 0")
+        _require(self.shuffle_seed is None or 0 <= self.shuffle_seed < 2**63, "shuffle_seed",
+                 "must be an integer from 0 to 2**63 - 1, or null (pool order)")
         _require(self.max_shard_bytes is None or self.max_shard_bytes > 0, "max_shard_bytes", "must be > 0 or null")
 
 

@@ -175,7 +175,7 @@ def stats(pool: Pool) -> dict[str, Any]:
             "shards_done": len(done),
             "shards_planned": plan["num_shards"] if plan else None,
             "complete": complete[stage]["complete"] and not damaged,
-            "counts": total_counts(done),
+            "counts": _named_rules(pool, stage, total_counts(done)),
             "damaged": damaged[:20],
             "damaged_count": len(damaged),
         }
@@ -193,6 +193,24 @@ def stats(pool: Pool) -> dict[str, Any]:
             entry["status"] = by_status
         out["stages"][stage] = entry
     return out
+
+
+def _named_rules(pool: Pool, stage: str, counts: dict[str, int]) -> dict[str, int]:
+    """The decision counts with each ``dropped_by_rule_<i>`` named by its rule (``dropped_by:
+    english``), from the recipe recorded in ``aggregates/decisions.json``."""
+    import json
+
+    path = pool.aggregates_dir / "decisions.json"
+    if stage != "decisions" or not path.exists():
+        return counts
+    rules = json.loads(path.read_text()).get("rules") or []
+    named = {}
+    for key, value in counts.items():
+        index = key.removeprefix("dropped_by_rule_")
+        if index != key and index.isdigit() and int(index) < len(rules):
+            key = f"dropped_by: {rules[int(index)]}"
+        named[key] = named.get(key, 0) + value
+    return named
 
 
 def format_stats(report: dict[str, Any], max_errors: int = 8) -> str:

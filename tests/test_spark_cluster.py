@@ -125,6 +125,8 @@ def _curate_run(config: Path, tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(config)], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
+    out = yaml.safe_load(config.read_text())["export"]["out"]
+    assert f"release: {out}, " in proc.stdout and " samples in " in proc.stdout  # the release it made, named
 
 
 def _tables(pool: Path) -> dict[str, str]:

@@ -704,3 +704,16 @@ def test_the_query_connection_can_read_and_spill_only_inside_the_pool(pool, tmp_
     assert sorted(allowed) == sorted([pool.root.resolve(), spill.resolve()])
     code, _, err = cli(capsys, "query", pool.root, "select content from read_text('.tmp/secret.txt')")
     assert code == 2 and "secret.txt" in one_line(err)
+
+
+def test_stats_names_each_rules_drops_and_numbers_are_checked(pool, tmp_path, capsys):
+    from pipeline.query import query
+
+    code, out, _ = cli(capsys, "stats", pool.root)
+    assert code == 0 and "dropped_by_rule_" not in out
+    rules = json.loads((pool.aggregates_dir / "decisions.json").read_text())["rules"]
+    english = query(pool, "select count(*) from samples where drop_reason = 'english'").column(0)[0].as_py()
+    assert "english" in rules and english > 0 and f"dropped_by: english: {english}" in out
+    out = tmp_path / "rel"
+    code, _, err = cli(capsys, "export", pool.root, "--out", out, "--where", "keep", "--shuffle-seed", "-1")
+    assert code == 2 and "shuffle_seed" in one_line(err) and not out.exists()
