@@ -113,6 +113,10 @@ def _config(tmp_path: Path, server, checkpoint, name: str, engine: dict | None) 
     path = _full_config(tmp_path, server, checkpoint, name)
     data = yaml.safe_load(path.read_text())
     data.pop("report", None)
+    # one torch thread on every engine: a BLAS reduction over another thread count rounds a few
+    # vectors' last float16 bit differently (a Spark executor of 1 core runs 1 thread, the local
+    # engine every core); the release is the same bytes either way (README, "On a Spark cluster")
+    data["embed"]["threads"] = 1
     if engine is not None:
         data.update(engine)
     path.write_text(yaml.safe_dump(data))
