@@ -61,7 +61,10 @@ def test_the_stage_it_selects_for_is_not_read(matched):
 def test_a_typo_in_rebalance_where_fails_before_any_task(matched, tmp_path):
     from pipeline.rebalance import run_rebalance
 
+    import shutil
+
     pool = copy_pool(matched, tmp_path / "pool")
+    shutil.rmtree(pool.aggregates_dir / "rebalance", ignore_errors=True)  # another test may have rebalanced it
     cfg = parse_config({"pool": "p", "download": {"input": "u"},
                         "rebalance": {"t": 5, "where": "metaclip_kep"}}).rebalance  # fmt: skip
     with pytest.raises(SqlError, match=r"^rebalance\.where: .*metaclip_kep"):
