@@ -59,9 +59,9 @@ def test_the_stage_it_selects_for_is_not_read(matched):
 
 
 def test_a_typo_in_rebalance_where_fails_before_any_task(matched, tmp_path):
-    from pipeline.rebalance import run_rebalance
-
     import shutil
+
+    from pipeline.rebalance import run_rebalance
 
     pool = copy_pool(matched, tmp_path / "pool")
     shutil.rmtree(pool.aggregates_dir / "rebalance", ignore_errors=True)  # another test may have rebalanced it
