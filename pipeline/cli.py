@@ -270,7 +270,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.config:
         cfg = load_config(args.config)
         recipes = dict(cfg.filters.recipes) if cfg.filters else {}
-    settings = {"out": args.out, "where": args.where, "recipe": args.recipe, "recipes": recipes,
+    settings = {"out": args.out, "where": _export_where(args, pool), "recipe": args.recipe, "recipes": recipes,
                 "samples_per_shard": args.samples_per_shard, "max_shard_bytes": args.max_shard_bytes,
                 "shuffle_seed": args.shuffle_seed, "embeddings": args.embeddings,
                 "allow_incomplete": args.allow_incomplete, "overwrite": args.overwrite, "uids": args.uids,
@@ -305,6 +305,26 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"train with: --train-data '{out / manifest['train_data']}' "
               f"--train-num-samples {counts['samples']} --dataset-type webdataset")  # fmt: skip
     return 0
+
+
+# the keep column of each stage that decides, in the order a config's default `export.where` joins them
+_POOL_KEEPS = (("metaclip", "metaclip_keep"), ("decisions", "keep"), ("rebalance", "rebalance_keep"))
+
+
+def _export_where(args: argparse.Namespace, pool: Pool) -> str | None:
+    """``--where``; ``--all``: every downloaded sample; neither (nor ``--recipe`` or ``--uids``): the
+    pool's curation, the keep columns of the stages it has run, said in one line on stderr."""
+    if args.all and (args.where or args.recipe or args.uids):
+        raise ConfigError("curate export: --all exports every sample; give it without --where, --recipe or --uids")
+    if args.where is not None or args.recipe or args.uids:
+        return args.where
+    if args.all:
+        return "true"
+    stages = set(pool.stages())
+    where = " and ".join(col for stage, col in _POOL_KEEPS if stage in stages) or "true"
+    print(f"curate export: selecting the pool's curation: --where \"{where}\" (--all: every downloaded sample)",
+          file=sys.stderr)  # fmt: skip
+    return where
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -480,7 +500,9 @@ def _add_export_command(sub: Any) -> None:
     p = sub.add_parser("export", help="write a training release (WebDataset + Parquet) of selected samples")
     p.add_argument("pool")
     p.add_argument("--out", required=True, help="release directory")
-    p.add_argument("--where", help="SQL predicate over the `samples` view")
+    p.add_argument("--where", help="SQL predicate over the `samples` view (default: the pool's curation, the keep "
+                                   "columns of the stages it has run)")
+    p.add_argument("--all", action="store_true", help="export every downloaded sample, whatever the curation")
     p.add_argument("--recipe", help="also apply a filter recipe's keep")
     p.add_argument("--config", help="config whose filters.recipes define --recipe and whose engine runs the export")
     p.add_argument("--samples-per-shard", type=int, default=10_000)

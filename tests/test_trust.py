@@ -717,3 +717,24 @@ def test_stats_names_each_rules_drops_and_numbers_are_checked(pool, tmp_path, ca
     out = tmp_path / "rel"
     code, _, err = cli(capsys, "export", pool.root, "--out", out, "--where", "keep", "--shuffle-seed", "-1")
     assert code == 2 and "shuffle_seed" in one_line(err) and not out.exists()
+
+
+def test_export_defaults_to_the_pools_curation_and_a_versioned_release_keeps_to_its_pool(pool, tmp_path, capsys):
+    from pipeline.query import query
+
+    out = tmp_path / "rel"
+    code, _, err = cli(capsys, "export", pool.root, "--out", out)
+    assert code == 0 and 'selecting the pool\'s curation: --where "metaclip_keep and keep"' in err
+    curated = query(pool, "select count(*) from samples where status = 'success' and metaclip_keep and keep")
+    assert json.loads((out / "manifest.json").read_text())["counts"]["samples"] == curated.column(0)[0].as_py()
+    code, _, _ = cli(capsys, "export", pool.root, "--out", tmp_path / "all", "--all")
+    everything = query(pool, "select count(*) from samples where status = 'success'").column(0)[0].as_py()
+    assert code == 0 and json.loads((tmp_path / "all" / "manifest.json").read_text())["counts"]["samples"] == everything
+    versions = tmp_path / "versions"
+    assert _export(capsys, pool, versions, "--versioned")[0] == 0
+    other = copy_pool(pool, tmp_path / "other")
+    before = snapshot(versions)
+    code, _, err = _export(capsys, other, versions, "--versioned", "--shuffle-seed", "9")
+    line = one_line(err)
+    assert code == 2 and str(pool.root.resolve()) in line and str(other.root) in line
+    assert snapshot(versions) == before

@@ -93,6 +93,10 @@ def export_version(pool: Pool, cfg: ExportConfig, progress: bool, engine: Any, w
     with writer_lock(out, f"curate export {pool.root} --out {out}", wait=wait, name=LOCK):
         found = list_versions(pool, out)  # again, under the lock
         last = found[-1] if found else None
+        source = last[2].get("source_pool") if last else None
+        if source is not None and source != str(pool.root.resolve()):
+            raise ExportError(f"--out {out}: its versions are releases of the pool {source}, not of {pool.root}; "
+                              "give each pool its own versioned folder (nothing was written)")  # fmt: skip
         name = f"v{(last[0] + 1 if last else 1):04d}"
         one = dataclasses.replace(cfg, out=str(out / name), overwrite=False, versioned=False, keep_versions=None)
         version = {"name": name, "previous_name": last[1].name if last else None,
