@@ -738,3 +738,17 @@ def test_export_defaults_to_the_pools_curation_and_a_versioned_release_keeps_to_
     line = one_line(err)
     assert code == 2 and str(pool.root.resolve()) in line and str(other.root) in line
     assert snapshot(versions) == before
+
+
+def test_a_shard_downloaded_again_without_its_embed_is_decode_checked_by_export(pool, tmp_path, capsys):
+    """The state after a re-download: the pool is embedded, but this shard's embed marker is gone;
+    with --allow-incomplete its samples are decoded by export itself, so no bomb or empty image ships."""
+    kinds = plant_broken_samples(pool, 0, _four_keys(pool, "true"))
+    assert pool.done_shards("embed") and not pool.marker_path("embed", 0).exists()
+    out = tmp_path / "rel"
+    code, _, err = cli(capsys, "export", pool.root, "--out", out, "--all", "--allow-incomplete")
+    assert code == 0, err
+    samples = release_samples(out)
+    assert not {(0, k) for k, v in kinds.items() if v != "latin1"} & set(samples)
+    assert (0, next(k for k, v in kinds.items() if v == "latin1")) in samples
+    assert all(len(s.get("jpg", s.get("png", b""))) > 0 for s in samples.values())

@@ -159,7 +159,9 @@ def plan_source_shard(pool_root: str, plan_dir: str, where: str | None, rules: l
     from pipeline.query import connect
 
     pool = Pool(pool_root)
-    decoded = _decoded(pool)
+    # this shard's decode check: the embed stage's, or, where its embed is missing (never embedded,
+    # or downloaded again since: --allow-incomplete), export's own below
+    decoded = pool.is_done("embed", shard)
     con = connect(pool, shards=[shard], confined=True)
     quoted = ", ".join(f'"{c}"' for c in side_cols)
     sql = f"select {quoted} from samples where {_predicate(where, decoded)} order by {S.KEY}"
