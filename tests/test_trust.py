@@ -752,3 +752,22 @@ def test_a_shard_downloaded_again_without_its_embed_is_decode_checked_by_export(
     assert not {(0, k) for k, v in kinds.items() if v != "latin1"} & set(samples)
     assert (0, next(k for k, v in kinds.items() if v == "latin1")) in samples
     assert all(len(s.get("jpg", s.get("png", b""))) > 0 for s in samples.values())
+
+
+def test_bit_rot_that_keeps_the_mtime_is_caught_on_the_path_to_a_release(pool, tmp_path, capsys):
+    """A flipped byte in a decisions table and a flipped region inside a tar, with each file's mtime
+    put back: export hashes every file against its marker and refuses, naming the file."""
+    for path in (pool.table_path("decisions", 1), pool.shard_tar(2)):
+        st = path.stat()
+        data = bytearray(path.read_bytes())
+        for i in range(len(data) // 2, len(data) // 2 + 16):
+            data[i] ^= 0xFF
+        path.write_bytes(bytes(data))
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # the mtime it had: the quick check passes
+        before = snapshot(pool.root)
+        code, _, err = cli(capsys, "export", pool.root, "--out", tmp_path / "rel", "--where", "keep")
+        assert code == 2 and str(path) in one_line(err) and "sha256" in err
+        assert snapshot(pool.root) == before and not (tmp_path / "rel").exists()
+        path.write_bytes(bytes(b ^ 0xFF if len(data) // 2 <= i < len(data) // 2 + 16 else b
+                               for i, b in enumerate(data)))  # fmt: skip
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))

@@ -314,9 +314,11 @@ class Pool:
                 problems.append((path, "its bytes differ from the sha256 its marker recorded (damaged)"))
         return problems
 
-    def damaged_files(self, stage: str) -> list[tuple[Path, str]]:
-        """Every (file, problem) of ``stage``'s finished shards, by the quick check of :meth:`file_problems`."""
-        return [problem for marker in self.completed(stage).values() for problem in self.file_problems(stage, marker)]
+    def damaged_files(self, stage: str, full: bool = False) -> list[tuple[Path, str]]:
+        """Every (file, problem) of ``stage``'s finished shards, by the quick check of
+        :meth:`file_problems` (``full``: every file hashed)."""
+        return [problem for marker in self.completed(stage).values()
+                for problem in self.file_problems(stage, marker, full)]  # fmt: skip
 
     def content_digest(self, stages: list[str]) -> str:
         """What a pool-wide result computed over ``stages`` depends on: every finished shard's marker
@@ -330,14 +332,15 @@ class Pool:
                     h.update(f"|{rel}|{want['sha256']}".encode())
         return h.hexdigest()[:16]
 
-    def require_intact(self, stages: list[str]) -> None:
+    def require_intact(self, stages: list[str], full: bool = False) -> None:
         """Refuse to read ``stages`` while a file one of their markers completes is missing or damaged
-        (a stat per file; the sha256 only of a file whose mtime moved).
+        (a stat per file; the sha256 only of a file whose mtime moved; ``full``: of every file, the
+        path to a release, since bit rot keeps the mtime).
 
         Raises:
             DamagedError: names the first damaged file, how many more, and the stage to re-run.
         """
-        problems = [(stage, path, why) for stage in stages for path, why in self.damaged_files(stage)]
+        problems = [(stage, path, why) for stage in stages for path, why in self.damaged_files(stage, full)]
         if problems:
             stage, path, why = problems[0]
             more = f" ({len(problems) - 1} more damaged files: `curate verify {self.root}` lists them)" if len(
