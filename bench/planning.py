@@ -86,8 +86,9 @@ def plan_all(root: Path) -> dict:
         t = time.perf_counter()
         due = runner.plan(pool, step, pool.require_complete("download"))
         out[step.name] = {"seconds": round(time.perf_counter() - t, 2), "due": len(due)}
-    status = Path("/proc/self/status").read_text().splitlines()
-    out["peak_rss_gib"] = next(int(x.split()[1]) for x in status if x.startswith("VmHWM")) / 2**20
+    from bench.peaks import peak_gib
+
+    out["peak_rss_gib"] = peak_gib()
     return out
 
 

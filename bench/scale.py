@@ -46,6 +46,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.peaks import peak_gib  # noqa: E402 - after the path is set
+
 DIM = 512
 PER_SHARD = 10_000
 RECIPE = ["english", "caption_words", "caption_chars", "min_side", "aspect_ratio", "text_entity",
@@ -71,17 +73,6 @@ def config(root: Path, engine: str, overrides: list[str] = ()) -> dict:
             node = node.setdefault(name, {})
         node[leaf] = yaml.safe_load(value)
     return cfg
-
-
-def peak_gib(pid: int | str = "self") -> float:
-    """A process's peak resident set (``VmHWM``), in GiB; 0 once it has gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return 0.0
 
 
 def _base_config(root: Path, engine: str) -> dict:

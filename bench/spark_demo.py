@@ -28,15 +28,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-
-def _peak_gib(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return 0.0
+from bench.peaks import peak_gib  # noqa: E402 - after the path is set
 
 
 class Peaks:
@@ -60,7 +52,7 @@ class Peaks:
                         kind = "jvm" if "java" in p.name() else ("driver" if p.pid == self.roots[0] else "python")
                     except psutil.Error:
                         continue
-                    self.peaks[kind] = max(self.peaks.get(kind, 0.0), _peak_gib(p.pid))
+                    self.peaks[kind] = max(self.peaks.get(kind, 0.0), peak_gib(p.pid))
             self.done.wait(1.0)
 
     def __enter__(self) -> Peaks:

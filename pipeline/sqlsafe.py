@@ -66,14 +66,14 @@ def parse_tree(sql: str) -> dict[str, Any]:
     return json.loads(duckdb.execute("SELECT json_serialize_sql(?)", [sql]).fetchone()[0])
 
 
-def column_refs(text: str) -> set[str]:
-    """The column names an expression (checked by :func:`check_expression`) reads."""
-    found: set[str] = set()
+def expression_nodes(text: str, kind: str) -> list[dict[str, Any]]:
+    """The nodes of class ``kind`` (``COLUMN_REF``, ``SUBQUERY``, ...) in an expression's parse tree."""
+    found: list[dict[str, Any]] = []
 
     def walk(node: Any) -> None:
         if isinstance(node, dict):
-            if node.get("class") == "COLUMN_REF":
-                found.add(node["column_names"][-1])
+            if node.get("class") == kind:
+                found.append(node)
             for value in node.values():
                 walk(value)
         elif isinstance(node, list):
@@ -82,6 +82,11 @@ def column_refs(text: str) -> set[str]:
 
     walk(parse_tree(f"SELECT ({text})"))
     return found
+
+
+def column_refs(text: str) -> set[str]:
+    """The column names an expression (checked by :func:`check_expression`) reads."""
+    return {node["column_names"][-1] for node in expression_nodes(text, "COLUMN_REF")}
 
 
 def check_query(sql: str, where: str) -> str:

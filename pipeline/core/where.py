@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from pipeline.sqlsafe import SqlError, check_expression, column_refs
+from pipeline.sqlsafe import SqlError, check_expression, column_refs, expression_nodes
 from pipeline.store import schema as S
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ def bind(pool: Pool, text: str, key: str, skip: tuple[str, ...] = ()) -> Where:
         SqlError: not one expression, a subquery, or a column no table of the pool has; names ``key``.
     """
     check_expression(text, key)
-    if _has_subquery(text):
+    if expression_nodes(text, "SUBQUERY"):
         raise SqlError(f"{key}: {text!r}: a subquery is not allowed; name the columns of `samples` directly")
     refs = column_refs(text)
     owners = _owners(pool, refs, skip)
@@ -68,25 +68,6 @@ def bind(pool: Pool, text: str, key: str, skip: tuple[str, ...] = ()) -> Where:
     tables.setdefault(S.LISTED, [S.UID])
     order = [S.LISTED, *sorted(t for t in tables if t != S.LISTED)]
     return Where(text, tuple((t, tuple(dict.fromkeys(tables[t]))) for t in order))
-
-
-def _has_subquery(text: str) -> bool:
-    from pipeline.sqlsafe import parse_tree
-
-    found = []
-
-    def walk(node: object) -> None:
-        if isinstance(node, dict):
-            if node.get("class") == "SUBQUERY":
-                found.append(node)
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(parse_tree(f"SELECT ({text})"))
-    return bool(found)
 
 
 def _shard_rows(pool: Pool, table: str, columns: tuple[str, ...], shard: int) -> pa.Table:
