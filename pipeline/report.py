@@ -216,7 +216,14 @@ def write_report(pool: Pool, thumbnails: int = 12, release: Path | None = None, 
     if not own:
         check_report_out(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    con = connect(pool)
+    page = _write_page(pool, connect(pool), completeness, out, release, thumbnails)
+    if not own:
+        mark_report(out)
+    return page
+
+
+def _write_page(pool: Pool, con: Any, completeness: Any, out: Path, release: Path | None, thumbnails: int) -> Path:
+    """The page and its images into ``out``."""
     incomplete = {s: e for s, e in completeness(pool).items() if not e["complete"]}
     columns = {r[0] for r in con.execute("describe samples").fetchall()}
     steps = funnel(pool, con, columns)
@@ -265,12 +272,15 @@ def write_report(pool: Pool, thumbnails: int = 12, release: Path | None = None, 
     page = out / "index.html"
     with atomic_path(page) as tmp:
         tmp.write_text("\n".join(parts), encoding="utf-8")
-    if not own:  # what a later `--overwrite` may replace: these files, unchanged
-        from pipeline.store.parquet import file_sha256, write_json_atomic
-
-        files = {rel: file_sha256(out / rel) for rel in walk_files(out) if rel != REPORT_MARK}
-        write_json_atomic(out / REPORT_MARK, {"format": "clipcurate-report/1", "files": files})
     return page
+
+
+def mark_report(out: Path) -> None:
+    """Record what a later ``--overwrite`` may replace: the report's files, as they are now."""
+    from pipeline.store.parquet import file_sha256, write_json_atomic
+
+    files = {rel: file_sha256(out / rel) for rel in walk_files(out) if rel != REPORT_MARK}
+    write_json_atomic(out / REPORT_MARK, {"format": "clipcurate-report/1", "files": files})
 
 
 REPORT_MARK = ".clipcurate-report.json"

@@ -161,13 +161,17 @@ def test_export_recipe_decides_with_the_pools_recorded_parameters(clustered, tmp
     from pipeline.query import query
 
     pool = copy_pool(clustered[0], tmp_path / "pool", STAGES_AFTER_MODE)
-    cfg = FilterConfig(recipe="mine", recipes={"mine": ["english", "clip_score"]}, clip_score_fraction=0.55)
+    recipes = {"mine": ["english", "clip_score"], "same_rules": ["clip_score", "english"]}
+    cfg = FilterConfig(recipe="mine", recipes=recipes, clip_score_fraction=0.55)
     summary = run_filters(pool, cfg, LocalEngine(1), progress=False)
-    export(pool, ExportConfig(out=str(tmp_path / "rel"), recipe="mine"), engine=LocalEngine(1))
     kept = query(pool, "select uid from samples where keep and status = 'success' and key is not null "
                        "order by shard, key")["uid"].to_pylist()  # fmt: skip
-    uids, _ = _release_uids(tmp_path / "rel")
-    assert uids == kept and 0 < len(kept) == summary["kept"]
+    # the decided recipe reads the stored decisions; another one is re-decided with the pool's
+    # recorded parameters (the same rules in another order: the same samples)
+    for recipe, how in (("mine", "stored"), ("same_rules", "re-decided")):
+        manifest = export(pool, ExportConfig(out=str(tmp_path / recipe), recipe=recipe), engine=LocalEngine(1))
+        uids, _ = _release_uids(tmp_path / recipe)
+        assert manifest["recipe_decisions"] == how and uids == kept and 0 < len(kept) == summary["kept"]
     # the same recipe with the default fraction (0.3) would keep fewer: the recorded one was used
     fewer = run_filters(pool, FilterConfig(recipe="mine", recipes=cfg.recipes), LocalEngine(1), progress=False)
     assert fewer["kept"] < len(kept)

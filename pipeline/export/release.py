@@ -120,18 +120,23 @@ def check_complete(pool: Pool, stages: list[str], allow: bool) -> dict[str, Any]
     return incomplete
 
 
-def _rules(pool: Pool, recipe: str | None, recipes: dict | None, engine: Any) -> list | None:
-    """The recipe's rules resolved with the pool's recorded filter parameters (its thresholds and
-    fractions), so ``--recipe R`` re-decides exactly as ``curate filter`` would."""
-    if not recipe:
-        return None
+def _recipe_selection(pool: Pool, cfg: ExportConfig, engine: Any) -> tuple[str | None, list | None, str | None]:
+    """``(where, rules, how)`` for ``--recipe R``: the pool's decided recipe reads its stored
+    decisions (``keep`` joins the predicate: ``how`` is ``stored``); another recipe is re-decided
+    with the pool's recorded filter parameters (its thresholds and fractions), exactly as
+    ``curate filter`` would (``re-decided``)."""
+    if not cfg.recipe:
+        return cfg.where, None, None
     import dataclasses
 
     from pipeline.filters.decisions import recorded_config, resolve_rules
 
-    cfg = recorded_config(pool)
-    cfg = dataclasses.replace(cfg, recipe=recipe, recipes={**cfg.recipes, **(recipes or {})})
-    return resolve_rules(pool, cfg, engine)[0]
+    decided = recorded_config(pool)
+    given = (cfg.recipes or {}).get(cfg.recipe)
+    if cfg.recipe == decided.recipe and given in (None, decided.recipes.get(cfg.recipe)):
+        return (f"({cfg.where}) and {S.KEEP}" if cfg.where else S.KEEP), None, "stored"
+    recipe_cfg = dataclasses.replace(decided, recipe=cfg.recipe, recipes={**decided.recipes, **(cfg.recipes or {})})
+    return cfg.where, resolve_rules(pool, recipe_cfg, engine)[0], "re-decided"
 
 
 def check_predicate(pool: Pool, where: str | None) -> list[str]:
@@ -526,8 +531,8 @@ def plan_release(pool: Pool, cfg: ExportConfig, engine: Any, progress: bool = Fa
     from pipeline.engines.base import Table
 
     out = Path(cfg.out)
-    side_cols = check_predicate(pool, cfg.where)
-    rules = _rules(pool, cfg.recipe, cfg.recipes, engine)
+    where, rules, how = _recipe_selection(pool, cfg, engine)
+    side_cols = check_predicate(pool, where)
     sources = pool.require_complete("download")
     needed = needed_stages(pool, cfg, rules)
     incomplete = check_complete(pool, needed, cfg.allow_incomplete)
@@ -544,7 +549,7 @@ def plan_release(pool: Pool, cfg: ExportConfig, engine: Any, progress: bool = Fa
     _clean_partial(partial)
     for stale in ("plan", "ordered"):
         shutil.rmtree(partial / stale, ignore_errors=True)
-    fn = functools.partial(plan_source_shard, str(pool.root), str(partial / "plan"), cfg.where, rules,
+    fn = functools.partial(plan_source_shard, str(pool.root), str(partial / "plan"), where, rules,
                            cfg.shuffle_seed, side_cols, uids_file)  # fmt: skip
     planned = runner.collect(engine, fn, sources, desc="export plan", progress=progress)
     selection = [planned[s]["uids_sha256"] for s in sources]
@@ -565,7 +570,7 @@ def plan_release(pool: Pool, cfg: ExportConfig, engine: Any, progress: bool = Fa
     bounds = _plan_shards(sizes, cfg.samples_per_shard, cfg.max_shard_bytes)
     return {"partial": partial, "digest": digest, "samples": sum(planned[s]["samples"] for s in sources),
             "without_image": sum(planned[s]["without_image"] for s in sources), "bounds": bounds,
-            "uids_total": uids_total,
+            "uids_total": uids_total, "recipe_decisions": how,
             "incomplete": incomplete}  # fmt: skip
 
 
@@ -607,7 +612,7 @@ def build_release(pool: Pool, cfg: ExportConfig, progress: bool, engine: Any, ve
     write_release_uids(partial, engine, plan["samples"])
     unmatched = None if plan["uids_total"] is None else plan["uids_total"] - plan["samples"]
     extra = {"without_image": plan["without_image"], "captions_repaired": repaired, "incomplete": plan["incomplete"],
-             "uids_unmatched": unmatched}  # fmt: skip
+             "uids_unmatched": unmatched, "recipe_decisions": plan["recipe_decisions"]}  # fmt: skip
     pool_manifest = pool.build_manifest()  # not written: the pool may be read-only
     manifest = _manifest(pool_manifest, cfg, digest, entries, plan["samples"], extra)
     if version is not None:
@@ -691,6 +696,7 @@ def _manifest(pool_manifest: dict[str, Any], cfg: ExportConfig, digest: str, ent
         "pool_stage_results": pool_manifest["stage_results"],
         "allow_incomplete": cfg.allow_incomplete,
         "incomplete_stages": extra["incomplete"],
+        "recipe_decisions": extra["recipe_decisions"],  # --recipe: the pool's stored decisions, or re-decided
         "counts": {
             "samples": n,
             "shards": len(entries),
