@@ -172,3 +172,26 @@ def test_report_shows_expert_sizes_with_and_without_balanced_coarse(clustered):
     assert report["fine_clusters_per_expert"] == [cfg.n_fine // cfg.n_experts] * cfg.n_experts
     assert report["expert_size_ratio"] == round(max(report["expert_sizes"]) / min(report["expert_sizes"]), 3)
     assert "plain coarse k-means" in (pool.report_dir("mode") / "clusters.md").read_text()
+
+
+def test_two_pools_with_equal_digests_each_assign_with_their_own_centres(clustered, tmp_path):
+    """Set-up steps are kept per worker process by their settings, the pool's path among them: a
+    second pool whose fit has the same digest (a copy, its centres then changed) is assigned with its
+    own centres, not the first pool's."""
+    import shutil
+
+    from pipeline.mode import run_mode
+    from pipeline.store.parquet import Pool
+
+    pool, cfg, _ = clustered
+    copies = [Pool(shutil.copytree(pool.root, tmp_path / name)) for name in ("a", "b")]
+    fine = copies[1].aggregates_dir / "mode" / "fine_centers.npy"
+    np.save(fine, np.load(fine)[::-1].copy())  # the same centres in reverse order: other ids
+    for copy in copies:
+        for sub in ("completions", "tables"):
+            shutil.rmtree(copy.root / sub / "mode")
+        run_mode(copy, cfg, LocalEngine(1), progress=False)  # one process: the step is set up once per key
+    a, b = (c.read_table("mode", ["uid", "fine_id"]).sort_by("uid") for c in copies)
+    n_fine = len(np.load(fine))
+    assert a["uid"].equals(b["uid"])
+    assert b["fine_id"].to_pylist() == [n_fine - 1 - i for i in a["fine_id"].to_pylist()]
