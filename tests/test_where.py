@@ -70,3 +70,30 @@ def test_a_typo_in_rebalance_where_fails_before_any_task(matched, tmp_path):
     with pytest.raises(SqlError, match=r"^rebalance\.where: .*metaclip_kep"):
         run_rebalance(Pool(pool.root), cfg, LocalEngine(2), progress=False)
     assert not (pool.aggregates_dir / "rebalance" / "input").exists()  # no population task ran
+
+
+@pytest.mark.parametrize("listed", ["without_shard_column", "none"])
+def test_a_pool_without_listed_rows_selects_over_its_download_table(matched, tmp_path, listed):
+    """A pool whose prepared list has no ``shard`` column (an earlier version's), or no list at all
+    (a benchmark's synthetic pool): the rows come from the download table, as in ``samples``."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    pool = copy_pool(matched, tmp_path / "pool")
+    for path in pool.listed_paths():
+        if listed == "none":
+            path.unlink()
+        else:
+            pq.write_table(pq.read_table(path).drop_columns(["shard"]), path)
+    if listed == "none":
+        plan = json.loads(pool.plan_path.read_text())
+        pool.plan_path.write_text(json.dumps({k: v for k, v in plan.items() if k != "ingests"}))
+        assert pool.listed_paths() == []
+    text = "metaclip_keep and lang = 'en'"
+    where = bind(pool, text, "rebalance.where")
+    assert where.tables[0][0] == "download"
+    con = connect(pool)
+    for shard in pool.done_shards("download"):
+        rows = con.execute(f"select uid from samples where shard = {shard} and ({text})").fetchall()
+        assert sorted(select(pool, where, shard).to_pylist()) == sorted(r[0] for r in rows)

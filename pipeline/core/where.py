@@ -32,10 +32,21 @@ class Where:
     tables: tuple[tuple[str, tuple[str, ...]], ...]
 
 
-def _owners(pool: Pool, refs: set[str], skip: tuple[str, ...]) -> dict[str, str]:
+def _base(pool: Pool) -> tuple[str, list[str]]:
+    """The table every row comes from, as in the ``samples`` view, and its columns: the listed rows,
+    or, for a pool whose list has no ``shard`` column (an earlier version's, a benchmark's), the
+    download table."""
     import pyarrow.parquet as pq
 
-    owners = {c: S.LISTED for c in refs if c in pq.read_schema(pool.listed_paths()[0]).names}
+    paths = [p for p in pool.listed_paths() if p.exists()]
+    names = pq.read_schema(paths[0]).names if paths else []
+    if names and all(f.name in names for f in S.INPUT_SCHEMA):
+        return S.LISTED, names
+    return "download", pool.declared_schema("download").names
+
+
+def _owners(pool: Pool, refs: set[str], skip: tuple[str, ...], base: str, names: list[str]) -> dict[str, str]:
+    owners = {c: base for c in refs if c in names}
     for stage in pool.stages():
         if stage in skip or not pool.table_dir(stage).is_dir():
             continue
@@ -57,7 +68,8 @@ def bind(pool: Pool, text: str, key: str, skip: tuple[str, ...] = ()) -> Where:
     if expression_nodes(text, "SUBQUERY"):
         raise SqlError(f"{key}: {text!r}: a subquery is not allowed; name the columns of `samples` directly")
     refs = column_refs(text)
-    owners = _owners(pool, refs, skip)
+    base, names = _base(pool)
+    owners = _owners(pool, refs, skip, base, names)
     missing = sorted(refs - set(owners))
     if missing:
         raise SqlError(f"{key}: {text!r} reads {', '.join(missing)}, which no table of {pool.root} has (yet): "
@@ -65,8 +77,8 @@ def bind(pool: Pool, text: str, key: str, skip: tuple[str, ...] = ()) -> Where:
     tables = {}
     for column, owner in sorted(owners.items()):
         tables.setdefault(owner, [S.UID]).append(column)
-    tables.setdefault(S.LISTED, [S.UID])
-    order = [S.LISTED, *sorted(t for t in tables if t != S.LISTED)]
+    tables.setdefault(base, [S.UID])
+    order = [base, *sorted(t for t in tables if t != base)]
     return Where(text, tuple((t, tuple(dict.fromkeys(tables[t]))) for t in order))
 
 
@@ -80,7 +92,7 @@ def _shard_rows(pool: Pool, table: str, columns: tuple[str, ...], shard: int) ->
 
 
 def select(pool: Pool, where: Where, shard: int) -> pa.Array:
-    """The uids of ``shard``'s listed rows for which ``where`` holds."""
+    """The uids of ``shard``'s rows (listed, or downloaded: :func:`_base`) for which ``where`` holds."""
     import duckdb
 
     con = duckdb.connect()
