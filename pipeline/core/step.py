@@ -107,9 +107,3 @@ class Step:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, digest={self.digest!r})"
-
-
-def read_names(step: Step) -> list[str]:
-    """The inputs a step reads, in declaration order."""
-    return [r.key for r in step.reads]
-
