@@ -11,6 +11,8 @@ generators", 2014), vectorised with numpy; its top 53 bits give a uniform float 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pyarrow as pa
 
@@ -68,3 +70,23 @@ def uid_below(share: float) -> str | None:
     if share >= 1:
         return None
     return f"uid < '{int(max(share, 0.0) * 0x100000000):08x}'"
+
+
+def solve_increasing(expected: Callable[[list[float]], np.ndarray], target: float, hi: float,
+                     points: int = 32, passes: int = 8, rel: float = 1e-4) -> float:
+    """The x in ``[0, hi]`` whose increasing ``expected(x)`` is ``target`` (within ``rel``, 0.01% by
+    default), by grid refinement: each pass evaluates ``points`` values at once, so a pool-sized sum
+    costs one pass over the pool per ``points`` candidates rather than one per bisection step. The
+    one solver of a keep probability for a target size: MetaCLIP's t, rebalancing's t or s.
+    """
+    lo = 0.0
+    for _ in range(passes):
+        grid = np.linspace(lo, hi, points + 2)[1:-1]
+        values = np.asarray(expected(grid.tolist()))
+        close = np.abs(values - target) <= rel * target
+        if close.any():
+            return float(grid[np.argmax(close)])
+        below = values < target
+        lo = float(grid[below][-1]) if below.any() else lo
+        hi = float(grid[~below][0]) if (~below).any() else hi
+    return hi

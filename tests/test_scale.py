@@ -174,8 +174,8 @@ def _synthetic_pool(root: Path, shards: int = 3, per_shard: int = 300, dim: int 
 
 def _in_memory_semdedup(pool: Pool, k: int, eps: float, cfg: FilterConfig) -> dict[str, bool]:
     """Today's in-memory SemDeDup over the whole pool: every vector in download order."""
+    from pipeline.core.vectors import as_float32, shard_vectors
     from pipeline.filters.dedup import exact_groups, semdedup
-    from pipeline.vectors import as_float32, shard_vectors
 
     d = pool.read_table("download", ["uid", "sha256"])
     uids_all = np.array(d["uid"].to_pylist())
@@ -219,10 +219,11 @@ def test_a_sample_equal_to_the_pool_gives_the_in_memory_image_clusters(tmp_path)
     """With ``kmeans_max_sample`` at least the pool, the image-based filter's fit sees every
     embedding in download order: the centroids and decisions are those of k-means on the whole
     pool, as before the pool-scale rework. A smaller sample changes the centres."""
+    import faiss
     import pyarrow.parquet as pq
 
-    from pipeline.filters.image_based import kmeans_l2, nearest_by_dot, run_image_based
-    from pipeline.vectors import as_float32, shard_vectors
+    from pipeline.core.vectors import as_float32, shard_vectors
+    from pipeline.filters.image_based import run_image_based
 
     pool = _synthetic_pool(tmp_path / "pool")
     for shard in range(3):  # every caption passes DataComp's caption rule
@@ -241,13 +242,18 @@ def test_a_sample_equal_to_the_pool_gives_the_in_memory_image_clusters(tmp_path)
     cfg = FilterConfig(recipe="image_based", image_clusters=8, image_targets=str(tmp_path / "targets.npy"),
                        kmeans_max_sample=900)  # fmt: skip
     run_image_based(pool, cfg, LocalEngine(2), progress=False)
-    centroids = kmeans_l2(x, 8, cfg.kmeans_iterations, cfg.seed, cfg.kmeans_max_points_per_centroid)
+    # faiss itself, as DataComp calls it, on the whole pool in download order
+    km = faiss.Kmeans(x.shape[1], 8, niter=cfg.kmeans_iterations, seed=cfg.seed,
+                      max_points_per_centroid=cfg.kmeans_max_points_per_centroid, verbose=False)  # fmt: skip
+    km.train(x)
+    centroids = km.centroids
     saved = np.load(pool.aggregates_dir / "image_based" / "centroids.npz")["centroids"]
     assert np.array_equal(saved, centroids)
-    chosen = set(nearest_by_dot(x[[5, 400, 800]], centroids).tolist())
+    chosen = set(np.argmax(x[[5, 400, 800]] @ centroids.T, axis=1).tolist())
     table = pool.read_table("image_based").sort_by("uid")
     uids = pa.concat_tables([shard_vectors(pool, "embed", S.IMAGE_EMBEDDING, s) for s in range(3)])["uid"]
-    expected = dict(zip(uids.to_pylist(), (c in chosen for c in nearest_by_dot(x, centroids).tolist()), strict=True))
+    nearest = np.argmax(x @ centroids.T, axis=1)
+    expected = dict(zip(uids.to_pylist(), (c in chosen for c in nearest.tolist()), strict=True))
     assert dict(zip(table["uid"].to_pylist(), table["image_target"].to_pylist(), strict=True)) == expected
     # a sample of a third of the pool: another fit (documented in docs/benchmarks.md)
     small = FilterConfig(**{**cfg.__dict__, "kmeans_max_sample": 300})

@@ -54,7 +54,6 @@ NON_FINITE = "published embedding is not finite (NaN or Inf)"
 # DataComp's keys: (the model that made them, its published score column, its dimension)
 DATACOMP = {"l14": ("ViT-L-14", "clip_l14_similarity_score", 768),
             "b32": ("ViT-B-32", "clip_b32_similarity_score", 512)}  # fmt: skip
-_INDEX = pa.schema([("uid", pa.string()), ("file_id", pa.int32()), ("row", pa.int64()), ("score", pa.float32())])
 
 
 class EmbeddingImportError(UserError, ValueError):
@@ -158,7 +157,7 @@ def index_file(out_dir: str, files: list[str], key: str, file_id: int) -> dict[s
         parts.append(pa.table({"uid": batch.column("uid").cast(pa.string()),
                                "file_id": pa.array(np.full(n, file_id, np.int32)),
                                "row": pa.array(np.arange(start, start + n, dtype=np.int64)), "score": score},
-                              schema=_INDEX))  # fmt: skip
+                              schema=S.IMPORT_INDEX_SCHEMA))  # fmt: skip
         start += n
     write_parquet_atomic(Path(out_dir) / f"{file_id:05d}.parquet", pa.concat_tables(parts))
     return {"rows": start}
@@ -368,8 +367,8 @@ def _check_urls(folder: Path, dl: pa.Table, rows: np.ndarray, ok: np.ndarray) ->
         published = pq.ParquetFile(metas[part]).read(columns=["url"]).column("url")[local].as_py()
         if published != urls[i]:
             raise EmbeddingImportError(
-                f"{metas[part]}: row {local + 1} has url {published!r} but the pool's row {rows[i]} has "
-                f"{urls[i]!r}; prepare the pool from {folder / 'metadata'} so rows align")
+                f"{metas[part]} row {local + 1} has url {published!r}, but row {rows[i] + 1} of the pool's URL "
+                f"list has {urls[i]!r}; prepare the pool from {folder / 'metadata'} so rows align")
 
 
 def run_import(pool: Pool, cfg: EmbedConfig, engine: Any, shards: list[int] | None = None,
@@ -398,7 +397,7 @@ def run_import(pool: Pool, cfg: EmbedConfig, engine: Any, shards: list[int] | No
         missing = [i for i in range(len(files)) if not (index_dir / f"{i:05d}.parquet").exists()]
         fn = functools.partial(index_file, str(index_dir), files, source.key)
         runner.finished(pool, "embed import index", engine.map_shards(fn, missing, desc="embed index", progress=False))
-        index = Table.of([index_dir / f"{i:05d}.parquet" for i in range(len(files))], _INDEX)
+        index = Table.of([index_dir / f"{i:05d}.parquet" for i in range(len(files))], S.IMPORT_INDEX_SCHEMA)
         download = pool.table("download", [S.UID, S.SHARD, S.STATUS])
         joined_dir = work / "joined"
         sql = ("select d.shard, i.uid, i.file_id, i.row, i.score from download d join idx i on d.uid = i.uid "

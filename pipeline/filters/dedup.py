@@ -20,7 +20,7 @@ At pool scale (:func:`run_dedup`) the work is split into bounded steps, as NeMo 
 dedup and datatrove's MinHash dedup split theirs:
 
 1. exact groups: SQL (group by sha256, join back) written by the engine, sorted by shard;
-2. k-means fitted on a uid-hash sample of the images left (:mod:`pipeline.vectors`);
+2. k-means fitted on a uid-hash sample of the images left (:mod:`pipeline.core.vectors`);
 3. per shard: each image's cluster and distance, written with its vector;
 4. cluster sizes (SQL), packed into groups; the engine regroups the vectors by group (a sorted SQL
    write), and one task per group applies SemDeDup to each of its clusters, loading only that group;
@@ -45,7 +45,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.core.step import BY_SHARD, Read, Step
-from pipeline.filters.image_based import kmeans_l2
+from pipeline.core.vectors import kmeans, nearest
 from pipeline.store import schema as S
 
 
@@ -103,8 +103,8 @@ def semdedup(x: np.ndarray, uids: np.ndarray, k: int, eps: float, iterations: in
     if n < 2:
         return keep, dup_of, np.zeros(n, dtype=np.int64)
     k = max(1, min(k, n))
-    centroids = kmeans_l2(x, k, iterations, seed, max_points_per_centroid)
-    cluster = _nearest_l2(x, centroids)
+    centroids = kmeans(x, k, iterations=iterations, seed=seed, max_points_per_centroid=max_points_per_centroid)
+    cluster = nearest(x, centroids, "euclidean")[0][:, 0]
     cos_dist = centre_distance(x, centroids, cluster)
     # members of each cluster, farthest from the centroid first, ties by uid
     order = np.lexsort((uids, -cos_dist, cluster))
@@ -156,9 +156,9 @@ def _left_vectors(pool_root: str, shard: int) -> pa.Table:
     """This shard's images left after exact dedup, in download order."""
     import pyarrow.compute as pc
 
+    from pipeline.core.vectors import shard_vectors
     from pipeline.store import schema as S
     from pipeline.store.parquet import Pool
-    from pipeline.vectors import shard_vectors
 
     table = shard_vectors(Pool(pool_root), "embed", S.IMAGE_EMBEDDING, shard)
     return table.filter(pc.invert(pc.is_in(table[S.UID], value_set=_exact_dropped(pool_root, shard))))
@@ -177,8 +177,8 @@ def count_shard(pool_root: str, shard: int) -> int:
 
 
 def sample_shard(pool_root: str, out_dir: str, rate: float, seed: int, shard: int) -> int:
+    from pipeline.core.vectors import drawn, write_sample
     from pipeline.store import schema as S
-    from pipeline.vectors import drawn, write_sample
 
     table = _left_vectors(pool_root, shard)
     table = table.filter(pa.array(drawn(table[S.UID], _SAMPLE_KEY, seed, rate)))
@@ -195,19 +195,19 @@ def _load_npz(path: str, digest: str) -> dict[str, np.ndarray]:
 def assign_shard(pool_root: str, centres_path: str, digest: str, shard: int) -> int:
     """Each image's cluster, its SemDeDup distance and its stored vector (as bytes, so any engine
     can regroup it), to ``assign/{shard}.parquet``."""
+    from pipeline.core.vectors import as_float32
     from pipeline.store import schema as S
     from pipeline.store.parquet import Pool, shard_name, write_parquet_atomic
-    from pipeline.vectors import as_float32
 
     centroids = _load_npz(centres_path, digest)["centroids"]
     table = _left_vectors(pool_root, shard)
     x = as_float32(table[S.IMAGE_EMBEDDING])
-    cluster = _nearest_l2(x, centroids) if len(x) else np.zeros(0, dtype=np.int64)
+    cluster = nearest(x, centroids, "euclidean")[0][:, 0] if len(x) else np.zeros(0, dtype=np.int64)
     vectors = _encode(table[S.IMAGE_EMBEDDING])
     out = pa.table({"shard": pa.array(np.full(len(x), shard), pa.int32()), "uid": table[S.UID],
                     "cluster": pa.array(cluster, pa.int32()),
                     "cos_dist": pa.array(centre_distance(x, centroids, cluster), pa.float64()),
-                    "vector": vectors})  # fmt: skip
+                    "vector": vectors}, schema=S.DEDUP_ASSIGN_SCHEMA)  # fmt: skip
     write_parquet_atomic(_dirs(Pool(pool_root))["assign"] / f"{shard_name(shard)}.parquet", out)
     return len(x)
 
@@ -225,7 +225,7 @@ def _encode(column: pa.ChunkedArray) -> pa.Array:
 
 def _decode(column: pa.Array | pa.ChunkedArray, dim: int) -> np.ndarray:
     """Stored float16 vector bytes -> normalised float32 rows (as the in-memory path computes them)."""
-    from pipeline.vectors import unit_rows
+    from pipeline.core.vectors import unit_rows
 
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
@@ -236,14 +236,6 @@ def _decode(column: pa.Array | pa.ChunkedArray, dim: int) -> np.ndarray:
     offsets = np.frombuffer(column.buffers()[1], dtype=np.int32)[column.offset : column.offset + len(column) + 1]
     data = np.frombuffer(column.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
     return unit_rows(data.view(np.float16).reshape(len(column), dim).astype(np.float32))
-
-
-def _nearest_l2(x: np.ndarray, centres: np.ndarray) -> np.ndarray:
-    import faiss
-
-    index = faiss.IndexFlatL2(centres.shape[1])
-    index.add(np.ascontiguousarray(centres, dtype=np.float32))
-    return index.search(np.ascontiguousarray(x), 1)[1][:, 0]
 
 
 def _dedup_unit(table: pa.Table, eps: float, dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -263,22 +255,22 @@ def _split(by_group: Path, group: int, n: int, cfg: Any, dim: int, tmp: Path) ->
     streams the cluster again and writes each row to its sub-cluster's file."""
     import pyarrow.parquet as pq
 
+    from pipeline.core.vectors import drawn
     from pipeline.engines.base import batches_where
-    from pipeline.vectors import drawn
 
     rate = cfg.dedup_max_cluster_size / n
     parts = [b.filter(pa.array(drawn(b.column("uid"), _SPLIT_KEY, cfg.seed, rate)))
              for b in batches_where(by_group, "grp", group, ["uid", "vector"])]  # fmt: skip
     sample = pa.Table.from_batches(parts).sort_by("uid")  # a fixed order: k-means depends on it
     k = max(2, min(sample.num_rows, math.ceil(4 * n / cfg.dedup_max_cluster_size)))
-    centres = kmeans_l2(_decode(sample["vector"], dim), k, cfg.kmeans_iterations, cfg.seed,
-                        cfg.kmeans_max_points_per_centroid)  # fmt: skip
+    centres = kmeans(_decode(sample["vector"], dim), k, iterations=cfg.kmeans_iterations, seed=cfg.seed,
+                     max_points_per_centroid=cfg.kmeans_max_points_per_centroid)  # fmt: skip
     del sample, parts
     paths = [tmp / f"sub-{i:05d}.parquet" for i in range(k)]
     writers: dict[int, Any] = {}
     try:
         for batch in batches_where(by_group, "grp", group, ["shard", "uid", "cos_dist", "vector"]):
-            sub = _nearest_l2(_decode(batch.column("vector"), dim), centres)
+            sub = nearest(_decode(batch.column("vector"), dim), centres, "euclidean")[0][:, 0]
             for i in np.unique(sub):
                 if i not in writers:
                     writers[i] = pq.ParquetWriter(paths[i], batch.schema)
@@ -321,7 +313,7 @@ def group_task(pool_root: str, cfg: Any, dim: int, group: int) -> dict[str, int]
             rows = pa.compute.index_in(uids, value_set=piece["uid"].combine_chunks())
             parts.append(pa.table({"shard": piece["shard"].take(rows), "uid": uids,
                                    "dup_of": pa.array(dup_of.tolist(), pa.string())}))  # fmt: skip
-    out = pa.concat_tables(parts).sort_by("uid") if parts else _DROPS_SCHEMA.empty_table()
+    out = pa.concat_tables(parts).sort_by("uid") if parts else S.DUP_DROPS_SCHEMA.empty_table()
     write_parquet_atomic(dirs["semantic"] / f"{shard_name(group)}.parquet", out)
     # a worker runs hundreds of these tasks (Spark reuses its Python workers): hand the group's
     # buffers back to the system rather than letting Arrow's allocator keep its high-water mark
@@ -376,9 +368,6 @@ def _groups(clusters: list[int], sizes: list[int], per_task: int, max_cluster: i
                      "grp": pa.array(grp, pa.int32())})  # fmt: skip
 
 
-_ASSIGN_SCHEMA = pa.schema([("shard", pa.int32()), ("uid", pa.string()), ("cluster", pa.int32()),
-                            ("cos_dist", pa.float64()), ("vector", pa.binary())])  # fmt: skip
-_DROPS_SCHEMA = pa.schema([("shard", pa.int32()), ("uid", pa.string()), ("dup_of", pa.string())])
 
 
 def run_dedup(pool: Any, cfg: Any, engine: Any, progress: bool = True) -> dict[str, Any]:
@@ -418,8 +407,8 @@ def run_dedup(pool: Any, cfg: Any, engine: Any, progress: bool = True) -> dict[s
     engine.write("select x.shard, x.uid, coalesce(s.dup_of, x.dup_of) as dup_of, 'exact' as kind "
                  "from exact x left join semantic s on x.dup_of = s.uid "
                  "union all select shard, uid, dup_of, 'semantic' as kind from semantic",
-                 {"exact": Table.of(written_files(dirs["exact"]), _DROPS_SCHEMA),
-                  "semantic": Table.of(written_files(dirs["semantic"]), _DROPS_SCHEMA)},
+                 {"exact": Table.of(written_files(dirs["exact"]), S.DUP_DROPS_SCHEMA),
+                  "semantic": Table.of(written_files(dirs["semantic"]), S.DUP_DROPS_SCHEMA)},
                  dirs["drops"], order_by="shard")  # fmt: skip
     clock.lap("drops by shard (SQL)")
     step = DedupTable(digest)
@@ -454,20 +443,18 @@ def _semantic(pool: Any, engine: Any, cfg: Any, dirs: dict[str, Path], shards: l
     """SemDeDup's part: sample, fit, assign per shard, split big clusters, regroup, one task per
     group. Leaves ``semantic/{group}.parquet`` (the dropped samples) and returns its counts."""
     from pipeline.core import runner
+    from pipeline.core.vectors import clusters_for, fit_sample, kmeans_on_sample, sample_rate, sample_size
     from pipeline.engines.base import Table, written_files
-    from pipeline.filters.image_based import fit_on_sample
     from pipeline.store.parquet import atomic_path, write_parquet_atomic
-    from pipeline.vectors import clusters_for, read_sample, sample_rate, sample_size
 
     for old in written_files(dirs["semantic"]):  # a re-run starts from no drops
         old.unlink()
     dirs["semantic"].mkdir(parents=True, exist_ok=True)
     k = clusters_for(population, cfg.dedup_clusters, cfg.samples_per_dedup_cluster)
     wanted = sample_size(k, cfg.kmeans_max_points_per_centroid, cfg.kmeans_max_sample)
-    runner.map_shards(pool, engine, functools.partial(sample_shard, str(pool.root), str(dirs["sample"]),
-                                               sample_rate(wanted, population), cfg.seed),
-               shards, desc="dedup sample", progress=progress)  # fmt: skip
-    _, train = read_sample(dirs["sample"], shards)
+    task = functools.partial(sample_shard, str(pool.root), str(dirs["sample"]), sample_rate(wanted, population),
+                             cfg.seed)  # fmt: skip
+    _, train = fit_sample(pool, engine, task, shards, dirs["sample"], desc="dedup sample", progress=progress)
     clock.lap("sample")
     if len(train) < 2:
         return {"semantic_dropped": 0, "semantic_clusters": 0, "split_clusters": 0, "cluster_tasks": 0,
@@ -475,7 +462,7 @@ def _semantic(pool: Any, engine: Any, cfg: Any, dirs: dict[str, Path], shards: l
     k = max(1, min(k, len(train)))
     centres_path = dirs["base"] / "centroids.npz"
     with atomic_path(centres_path) as tmp, tmp.open("wb") as f:
-        np.savez(f, centroids=fit_on_sample(train, k, cfg))
+        np.savez(f, centroids=kmeans_on_sample(train, k, cfg))
     dim = train.shape[1]
     del train
     clock.lap("k-means fit")
@@ -483,9 +470,10 @@ def _semantic(pool: Any, engine: Any, cfg: Any, dirs: dict[str, Path], shards: l
                desc="dedup assign", weights=pool.shard_sizes(shards), progress=progress)  # fmt: skip
     clock.lap("assign per shard")
 
-    assign = {"assign": Table.of(written_files(dirs["assign"]), _ASSIGN_SCHEMA)}
+    files = written_files(dirs["assign"])
+    assign = {"assign": Table.of(files, S.DEDUP_ASSIGN_SCHEMA)}
     sizes = engine.query("select cluster, count(*) as n from assign group by cluster order by cluster",
-                         {"assign": Table.of(written_files(dirs["assign"]), _ASSIGN_SCHEMA, ["cluster"])})  # fmt: skip
+                         {"assign": Table.of(files, S.DEDUP_ASSIGN_SCHEMA, ["cluster"])})  # fmt: skip
     groups = _groups(sizes["cluster"].to_pylist(), sizes["n"].to_pylist(), cfg.dedup_vectors_per_task,
                      cfg.dedup_max_cluster_size)  # fmt: skip
     write_parquet_atomic(dirs["base"] / "groups.parquet", groups)

@@ -26,30 +26,15 @@ import pyarrow as pa
 
 from pipeline.core import runner
 from pipeline.core.step import Read, Step
+from pipeline.core.vectors import nearest
 from pipeline.errors import UserError
 from pipeline.store import schema as S
 
 
-def kmeans_l2(x: np.ndarray, k: int, iterations: int, seed: int, max_points_per_centroid: int) -> np.ndarray:
-    """faiss k-means centroids (L2, as DataComp and SemDeDup train them)."""
-    import faiss
-
-    km = faiss.Kmeans(x.shape[1], k, niter=iterations, seed=seed, max_points_per_centroid=max_points_per_centroid,
-                      verbose=False)  # fmt: skip
-    km.train(np.ascontiguousarray(x, dtype=np.float32))
-    return km.centroids.copy()
-
-
-def nearest_by_dot(x: np.ndarray, centroids: np.ndarray, batch: int = 65536) -> np.ndarray:
-    """Index of the centroid with the largest dot product (DataComp's ``get_centroid_ids_gpu``)."""
-    import faiss
-
-    index = faiss.IndexFlatIP(centroids.shape[1])
-    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
-    out = np.empty(len(x), dtype=np.int64)
-    for i in range(0, len(x), batch):
-        out[i : i + batch] = index.search(np.ascontiguousarray(x[i : i + batch], dtype=np.float32), 1)[1][:, 0]
-    return out
+def nearest_by_dot(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Index of the centroid with the largest dot product (DataComp's ``get_centroid_ids_gpu``),
+    65,536 rows at a time."""
+    return nearest(x, centroids, "dot", batch=65536)[0][:, 0]
 
 
 def target_clusters(targets: np.ndarray, centroids: np.ndarray) -> np.ndarray:
@@ -104,19 +89,12 @@ def _caption_ok(scores: dict[str, np.ndarray]) -> np.ndarray:
     return decide(scores, [Rule(n, dict(RULES[n].defaults)) for n in ("english", "caption_tokens", "caption_chars")])[0]
 
 
-def fit_on_sample(train: np.ndarray, k: int, cfg) -> np.ndarray:
-    """k-means centroids of an already bounded uid-hash sample: faiss trains on all of it rather than
-    copying a subsample of its own (its cap is raised to the sample's size)."""
-    return kmeans_l2(train, k, cfg.kmeans_iterations, cfg.seed,
-                     max(cfg.kmeans_max_points_per_centroid, -(-len(train) // k)))  # fmt: skip
-
-
 def sample_shard(pool_root: str, out_dir: str, rate: float, seed: int, captioned: bool, shard: int) -> int:
     """This shard's part of the k-means sample: embedded images (whose caption passes DataComp's
     caption filter when ``captioned``) drawn at ``rate`` by uid hash, in download order."""
+    from pipeline.core.vectors import drawn, shard_vectors, write_sample
     from pipeline.store import schema as S
     from pipeline.store.parquet import Pool
-    from pipeline.vectors import drawn, shard_vectors, write_sample
 
     pool = Pool(pool_root)
     table = shard_vectors(pool, "embed", S.IMAGE_EMBEDDING, shard)
@@ -178,7 +156,7 @@ class AssignImageClusters(Step):
     def __call__(self, inputs: dict[str, pa.Table]) -> pa.Table:
         import pyarrow.compute as pc
 
-        from pipeline.vectors import as_float32
+        from pipeline.core.vectors import as_float32
 
         centroids, chosen = _centres(self.centres_path, self.digest)
         base, have = inputs["download"], inputs["embed"]
@@ -226,13 +204,13 @@ def _targets(cfg, embed_cfg) -> np.ndarray:
 
 def run_image_based(pool, cfg, engine, embed_cfg=None, progress: bool = True) -> dict:
     """DataComp's image-based filter at any pool size: count the caption-filtered embedded images
-    (per shard), fit k-means on a uid-hash sample of them (:mod:`pipeline.vectors`), pick the target
+    (per shard), fit k-means on a uid-hash sample of them (:mod:`pipeline.core.vectors`), pick the target
     clusters, then assign every shard in its own task."""
     import json
 
+    from pipeline.core.vectors import clusters_for, fit_sample, kmeans_on_sample, sample_rate, sample_size
     from pipeline.filters.common import IMAGE_STAGE, embed_digest, not_done, scores_digest, stage_digest
     from pipeline.store.parquet import atomic_path, write_json_atomic
-    from pipeline.vectors import clusters_for, read_sample, sample_rate, sample_size
 
     shards = pool.require_complete("embed")
     targets_id = _targets_id(cfg, embed_cfg)
@@ -258,10 +236,9 @@ def run_image_based(pool, cfg, engine, embed_cfg=None, progress: bool = True) ->
     sample_dir = out / "sample"
     fn = functools.partial(sample_shard, str(pool.root), str(sample_dir), sample_rate(wanted, population), cfg.seed,
                            captioned)  # fmt: skip
-    runner.map_shards(pool, engine, fn, shards, desc="image_based sample", progress=progress)
-    _, train = read_sample(sample_dir, shards)
+    _, train = fit_sample(pool, engine, fn, shards, sample_dir, desc="image_based sample", progress=progress)
     k = min(k, len(train))
-    centroids = fit_on_sample(train, k, cfg)
+    centroids = kmeans_on_sample(train, k, cfg)
     targets = _targets(cfg, embed_cfg)
     if targets.shape[1] != centroids.shape[1]:
         raise UserError(f"image targets have dimension {targets.shape[1]}, the pool's embeddings {centroids.shape[1]}")

@@ -13,13 +13,11 @@ random stream, so the kept set does not depend on how the pool is partitioned.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import pyarrow as pa
 
 from pipeline.errors import UserError
-from pipeline.sampling import uid_to_uint64, uniform
+from pipeline.sampling import solve_increasing, uid_to_uint64, uniform
 
 METACLIP_T = 20_000
 METACLIP_POOL = 400_000_000  # the pool size t = 20,000 was chosen for
@@ -58,7 +56,8 @@ def t_for_size(matched: pa.ListArray, counts: np.ndarray, target: float) -> floa
     """The t whose expected number of kept samples is ``target`` (within 0.01%).
 
     The expected size is the sum of the samples' keep probabilities, ``sum(1 - prod(1 - p_e))``,
-    which grows with t, so t is found by bisection over ``[0, max(count)]``.
+    which grows with t, so t is found by :func:`pipeline.sampling.solve_increasing` over
+    ``[0, max(count)]``.
 
     Raises:
         ValueError: ``target`` is more than the samples that match any entry (the most t can keep).
@@ -67,14 +66,11 @@ def t_for_size(matched: pa.ListArray, counts: np.ndarray, target: float) -> floa
     reachable = float(np.count_nonzero(pa.compute.list_value_length(matched).to_numpy(zero_copy_only=False)))
     if target > reachable:
         raise UserError(f"target size {target:g} exceeds the {reachable:g} samples that match an entry")
-    lo, hi = 0.0, max(1.0, float(counts.max(initial=1.0)))
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        expected = sample_probabilities(matched, entry_probabilities(counts, mid)).sum()
-        if abs(expected - target) <= 1e-4 * target:
-            return mid
-        lo, hi = (mid, hi) if expected < target else (lo, mid)
-    return hi
+
+    def expected(ts: list[float]) -> list[float]:
+        return expected_sizes(matched, counts, ts)
+
+    return solve_increasing(expected, target, max(1.0, float(counts.max(initial=1.0))))
 
 
 def balance(
@@ -106,20 +102,3 @@ def expected_sizes(matched: pa.ListArray, counts: np.ndarray, ts: list[float]) -
     return [float(sample_probabilities(matched, entry_probabilities(counts, t)).sum()) for t in ts]
 
 
-def solve_increasing(expected: Callable[[list[float]], np.ndarray], target: float, hi: float,
-                     points: int = 32, passes: int = 8) -> float:
-    """The x in ``[0, hi]`` whose increasing ``expected(x)`` is ``target`` (within 0.01%), by grid
-    refinement: each pass evaluates ``points`` values at once, so a pool-sized sum costs one pass over
-    the pool per ``points`` candidates rather than one per bisection step (:func:`t_for_size`).
-    """
-    lo = 0.0
-    for _ in range(passes):
-        grid = np.linspace(lo, hi, points + 2)[1:-1]
-        values = np.asarray(expected(grid.tolist()))
-        close = np.abs(values - target) <= 1e-4 * target
-        if close.any():
-            return float(grid[np.argmax(close)])
-        below = values < target
-        lo = float(grid[below][-1]) if below.any() else lo
-        hi = float(grid[~below][0]) if (~below).any() else hi
-    return hi

@@ -28,8 +28,9 @@ from pipeline.core import runner
 from pipeline.core.step import SELECTED, Flips, Read, Step
 from pipeline.core.where import Where, bind
 from pipeline.errors import UserError
-from pipeline.metaclip.balancing import balance, entry_probabilities, expected_sizes, scale_t, solve_increasing
+from pipeline.metaclip.balancing import balance, entry_probabilities, expected_sizes, scale_t
 from pipeline.metaclip.matching import file_digest, load_entries, matcher_for
+from pipeline.sampling import solve_increasing
 from pipeline.store import schema as S
 from pipeline.store.parquet import Pool, write_json_atomic, write_parquet_atomic
 
@@ -92,7 +93,8 @@ def entry_counts(matched: pa.ListArray, rows: pa.Array) -> pa.Table:
     """Samples per entry among ``rows`` of a shard's ``matched`` lists, as ``(entry_id, n)``: the
     pool's figure is the engine's SQL sum of these small files, with no join."""
     entry_ids, n = np.unique(matched.filter(rows).flatten().to_numpy(zero_copy_only=False), return_counts=True)
-    return pa.table({"entry_id": pa.array(entry_ids, pa.int32()), "n": pa.array(n, pa.int64())})
+    return pa.table({"entry_id": pa.array(entry_ids, pa.int32()), "n": pa.array(n, pa.int64())},
+                    schema=S.ENTRY_N_SCHEMA)  # fmt: skip
 
 
 def shard_counts_task(pool_root: str, shard: int) -> int:
@@ -223,8 +225,7 @@ def run_metaclip(pool: Pool, cfg: MetaclipConfig, engine: Any, progress: bool = 
     missing = [s for s in shards if not _counts_path(pool, s).exists()]
     runner.map_shards(pool, engine, functools.partial(shard_counts_task, str(pool.root)), missing,
                       desc="metaclip counts", progress=False)  # fmt: skip
-    count_schema = pa.schema([("entry_id", pa.int32()), ("n", pa.int64())])
-    stored = Table.of([_counts_path(pool, s) for s in shards], count_schema)
+    stored = Table.of([_counts_path(pool, s) for s in shards], S.ENTRY_N_SCHEMA)
     counts = entry_counts_sql(engine, _KEPT_SQL, {"kept": stored}, len(entries))
     markers = pool.completed(MATCH_STAGE)
     pool_size = sum(m["counts"]["counted"] for m in markers.values())
@@ -244,8 +245,7 @@ def run_metaclip(pool: Pool, cfg: MetaclipConfig, engine: Any, progress: bool = 
     runner.run_step(pool, engine, step, runner.plan(pool, step, shards), progress=progress)
 
     kept_files = [pool.aggregates_dir / KEPT_DIR / f"{s:05d}.parquet" for s in shards]
-    kept_schema = pa.schema([("entry_id", pa.int32()), ("n", pa.int64())])
-    kept_counts = entry_counts_sql(engine, _KEPT_SQL, {"kept": Table.of(kept_files, kept_schema)}, len(entries))
+    kept_counts = entry_counts_sql(engine, _KEPT_SQL, {"kept": Table.of(kept_files, S.ENTRY_N_SCHEMA)}, len(entries))
     write_parquet_atomic(counts_path, table.set_column(4, "kept", pa.array(kept_counts, pa.int64())))
     summary = {
         "t": t, "seed": cfg.seed, "metadata": cfg.metadata, "metadata_sha256": file_digest(cfg.metadata),

@@ -26,41 +26,16 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from pipeline.config import ModeConfig
+from pipeline.core.vectors import kmeans, nearest
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def _index(centers: np.ndarray, metric: str) -> Any:
-    import faiss
-
-    index = faiss.IndexFlatIP(centers.shape[1]) if metric == "cosine" else faiss.IndexFlatL2(centers.shape[1])
-    index.add(np.ascontiguousarray(centers, dtype=np.float32))
-    return index
-
-
-def nearest(x: np.ndarray, centers: np.ndarray, metric: str, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` nearest centres of each row: ids and distances (cosine: 1 - cos; euclidean: L2)."""
-    scores, ids = _index(centers, metric).search(np.ascontiguousarray(x, dtype=np.float32), k)
-    dist = 1.0 - scores if metric == "cosine" else np.sqrt(np.maximum(scores, 0))
-    return ids, dist.astype(np.float32)
-
-
-def kmeans(x: np.ndarray, k: int, metric: str, iterations: int, seed: int) -> np.ndarray:
-    """Plain k-means centres (faiss; spherical, i.e. normalised centres, for cosine)."""
-    import faiss
-
-    km = faiss.Kmeans(x.shape[1], k, niter=iterations, seed=seed, spherical=metric == "cosine",
-                      max_points_per_centroid=1 << 20, verbose=False)  # fmt: skip
-    km.train(np.ascontiguousarray(x, dtype=np.float32))
-    return km.centroids.copy()
 
 
 def balanced_assign(x: np.ndarray, centers: np.ndarray, metric: str, candidates: int = 32) -> np.ndarray:
@@ -93,7 +68,7 @@ def balanced_assign(x: np.ndarray, centers: np.ndarray, metric: str, candidates:
 
 def balanced_kmeans(x: np.ndarray, k: int, metric: str, iterations: int, seed: int) -> np.ndarray:
     """Balanced k-means centres (see the module docstring), from plain k-means centres."""
-    centers = kmeans(x, k, metric, iterations, seed)
+    centers = kmeans(x, k, iterations=iterations, seed=seed, spherical=metric == "cosine")
     for _ in range(iterations):
         labels = balanced_assign(x, centers, metric)
         sums = np.zeros_like(centers)
@@ -121,11 +96,12 @@ def fit_hierarchy(x: np.ndarray, cfg: ModeConfig) -> Hierarchy:
     if cfg.metric == "cosine":
         x = normalize(x)
     k = min(cfg.n_fine, len(x))
-    plain = kmeans(x, k, cfg.metric, cfg.iterations, cfg.seed)
+    plain = kmeans(x, k, iterations=cfg.iterations, seed=cfg.seed, spherical=cfg.metric == "cosine")
     fine = balanced_kmeans(x, k, cfg.metric, cfg.iterations, cfg.seed) if cfg.balanced else plain
     # MoDE's prep_hrchy.py clusters the fine centres into experts with balanced k-means
     # (cluster_coarse(balanced=1)): every expert gets about n_fine / n_experts fine clusters
-    plain_coarse = kmeans(fine, cfg.n_experts, cfg.metric, cfg.iterations, cfg.seed)
+    spherical = cfg.metric == "cosine"
+    plain_coarse = kmeans(fine, cfg.n_experts, iterations=cfg.iterations, seed=cfg.seed, spherical=spherical)
     plain_to_expert = nearest(fine, plain_coarse, cfg.metric)[0][:, 0]
     if cfg.balanced_coarse:
         coarse = balanced_kmeans(fine, cfg.n_experts, cfg.metric, cfg.iterations, cfg.seed)

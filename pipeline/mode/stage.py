@@ -47,8 +47,29 @@ def fit_hash(pool: Pool, cfg: ModeConfig) -> str:
     return hashlib.sha256(f"{config_hash(cfg)}|{source}{size}".encode()).hexdigest()[:16]
 
 
-def fit_mode(pool: Pool, cfg: ModeConfig) -> dict[str, Any]:
-    """Fit (or reuse) the centres on a uid-hash sample of the pool's caption embeddings."""
+def sample_shard(pool_root: str, out_dir: str, share: float, seed: int, shard: int) -> int:
+    """This shard's part of the fit sample: caption embeddings drawn at ``share`` by uid hash."""
+    from pipeline.core.vectors import drawn, write_sample
+
+    table = Pool(pool_root).read_shard(SOURCE, shard, columns=[S.UID, S.CAPTION_EMBEDDING])
+    chosen = table.filter(pa.array(drawn(table[S.UID], _FIT_KEY, seed, share)))
+    vectors = chosen[S.CAPTION_EMBEDDING].combine_chunks()
+    return write_sample(Path(out_dir), shard, chosen[S.UID].combine_chunks(), vectors)
+
+
+def _caption_model(pool: Pool, shards: list[int]) -> str | None:
+    for shard in shards:
+        models = pool.read_shard(SOURCE, shard, columns=[S.CAPTION_MODEL])[S.CAPTION_MODEL]
+        if len(models):
+            return models[0].as_py()
+    return None
+
+
+def fit_mode(pool: Pool, cfg: ModeConfig, engine: Any, progress: bool = True) -> dict[str, Any]:
+    """Fit (or reuse) the centres on a uid-hash sample of the pool's caption embeddings, drawn per
+    shard by the engine (:func:`pipeline.core.vectors.fit_sample`)."""
+    from pipeline.core.vectors import fit_sample
+
     shards = pool.require_complete(SOURCE)
     digest = fit_hash(pool, cfg)
     summary_path = pool.aggregates_dir / "mode.json"
@@ -58,16 +79,12 @@ def fit_mode(pool: Pool, cfg: ModeConfig) -> dict[str, Any]:
     if total == 0:
         raise UserError(f"{pool.root}: no caption embeddings to cluster")
     share = min(1.0, max(cfg.fit_fraction, cfg.min_fit_samples / total), cfg.max_fit_samples / total)
-    parts, uids, first = [], [], None
-    for shard in shards:
-        table = pool.read_shard(SOURCE, shard)
-        first = first or (table[S.CAPTION_MODEL][0].as_py() if table.num_rows else None)
-        chosen = table.filter(pa.array(uniform(uid_to_uint64(table[S.UID]), np.uint64(_FIT_KEY), cfg.seed) < share))
-        parts.append(_vectors(chosen))
-        uids.append(chosen[S.UID].to_numpy(zero_copy_only=False).astype("U32"))
+    sample_dir = pool.aggregates_dir / "mode" / "sample"
+    task = functools.partial(sample_shard, str(pool.root), str(sample_dir), share, cfg.seed)
     # in uid order across the whole sample: k-means depends on the order of its input, and neither
     # img2dataset's threads (a shard's order) nor the sharding (a pool grown file by file) may change it
-    x = np.concatenate(parts)[np.argsort(np.concatenate(uids), kind="stable")]
+    _, x = fit_sample(pool, engine, task, shards, sample_dir, desc="mode sample", by_uid=True, normalise=False,
+                      progress=progress)  # fmt: skip
     hierarchy = fit_hierarchy(x, cfg)
     out = pool.aggregates_dir / "mode"
     arrays = (hierarchy.fine, hierarchy.coarse, hierarchy.fine_to_expert, hierarchy.plain_fine,
@@ -77,8 +94,8 @@ def fit_mode(pool: Pool, cfg: ModeConfig) -> dict[str, Any]:
             np.save(f, array)
     embed = pool.stage_config("embed")["config"]
     summary = {"fit_hash": digest, "config": dataclasses.asdict(cfg), "fit_samples": len(x), "pool_samples": total,
-               "n_fine": len(hierarchy.fine), "caption_model": first, "embed_model": embed.get("model"),
-               "embed_checkpoint": embed.get("checkpoint")}  # fmt: skip
+               "n_fine": len(hierarchy.fine), "caption_model": _caption_model(pool, shards),
+               "embed_model": embed.get("model"), "embed_checkpoint": embed.get("checkpoint")}  # fmt: skip
     write_json_atomic(summary_path, summary)
     return summary
 
@@ -123,7 +140,7 @@ class AssignExperts(Step):
 
 def run_mode(pool: Pool, cfg: ModeConfig, engine: Any, progress: bool = True) -> dict[str, Any]:
     """Fit if needed, assign every shard not assigned with these centres, write the report."""
-    summary = fit_mode(pool, cfg)
+    summary = fit_mode(pool, cfg, engine, progress)
     digest = summary["fit_hash"]
     step = AssignExperts(str(pool.root), cfg, digest)
     runner.run_step(pool, engine, step, runner.plan(pool, step, pool.require_complete(SOURCE)), progress=progress)

@@ -31,7 +31,7 @@ from pipeline.config import RebalanceConfig, config_hash
 from pipeline.core.step import SHARD_FILE, Flips, Read, Step
 from pipeline.core.where import Where, bind, select
 from pipeline.errors import UserError
-from pipeline.sampling import uid_to_uint64, uniform
+from pipeline.sampling import solve_increasing, uid_to_uint64, uniform
 from pipeline.store import schema as S
 from pipeline.store.parquet import Pool, write_json_atomic, write_parquet_atomic
 
@@ -47,18 +47,15 @@ def group_probabilities(counts: np.ndarray, method: str, param: float, alpha: fl
 
 
 def solve_param(counts: np.ndarray, method: str, alpha: float, target: float) -> float:
-    """t or s whose expected subset size ``sum(p_g * count_g)`` is ``target``."""
+    """t or s whose expected subset size ``sum(p_g * count_g)`` is ``target`` (to 1e-9 relative)."""
     counts = np.asarray(counts, dtype=np.float64)
     if target >= counts.sum():
         raise UserError(f"target size {target:g} is not below the {counts.sum():g} samples to rebalance")
-    lo, hi = 0.0, float(counts.max())
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        size = (group_probabilities(counts, method, mid, alpha) * counts).sum()
-        lo, hi = (mid, hi) if size < target else (lo, mid)
-        if hi - lo <= 1e-9 * max(hi, 1.0):
-            break
-    return hi
+
+    def expected(params: list[float]) -> list[float]:
+        return [float((group_probabilities(counts, method, x, alpha) * counts).sum()) for x in params]
+
+    return solve_increasing(expected, target, float(counts.max()), passes=12, rel=1e-9)
 
 
 def group_keys(values: np.ndarray) -> np.ndarray:
@@ -148,7 +145,8 @@ class Draw(Step):
         g = inputs["input"]["g"].combine_chunks()
         kept = g.cast(pa.list_(pa.int32())).filter(keep).flatten() if self.listed else g.filter(keep)
         values, counts = np.unique(kept.to_numpy(zero_copy_only=False), return_counts=True)
-        return {f"{STAGE}/kept": pa.table({"g": pa.array(values, pa.int64()), "n": pa.array(counts, pa.int64())})}
+        return {f"{STAGE}/kept": pa.table({"g": pa.array(values, pa.int64()), "n": pa.array(counts, pa.int64())},
+                                             schema=S.GROUP_N_SCHEMA)}
 
 
 def _expected_task(pool_root: str, groups_path: str, digest: str, ts: list[float], shard: int) -> list[float]:
@@ -175,7 +173,6 @@ def run_rebalance(pool: Pool, cfg: RebalanceConfig, engine: Any, progress: bool 
     each shard draws in its own task."""
     from pipeline.core import runner
     from pipeline.engines.base import Table
-    from pipeline.metaclip.balancing import solve_increasing
 
     shards = pool.require_complete("download")
     stage, dtype = _locate(pool, cfg.group_by)
@@ -214,8 +211,8 @@ def run_rebalance(pool: Pool, cfg: RebalanceConfig, engine: Any, progress: bool 
     step = Draw(cfg, listed, param, str(groups_path), digest)
     runner.run_step(pool, engine, step, runner.plan(pool, step, shards), progress=progress)
     kept_files = [_dir(pool) / "kept" / f"{s:05d}.parquet" for s in shards]
-    kept_schema = pa.schema([("g", pa.int64()), ("n", pa.int64())])
-    kept_rows = engine.query("select g, sum(n) as n from kept group by g", {"kept": Table.of(kept_files, kept_schema)})
+    kept_rows = engine.query("select g, sum(n) as n from kept group by g",
+                             {"kept": Table.of(kept_files, S.GROUP_N_SCHEMA)})  # fmt: skip
     kept = np.zeros(len(values), dtype=np.int64)
     kept[np.searchsorted(values, kept_rows["g"].to_numpy())] = kept_rows["n"].to_numpy()
     markers = pool.completed(STAGE)

@@ -111,6 +111,21 @@ ENTRY_COUNTS_SCHEMA = pa.schema(
     ]
 )
 
+# Small per-shard aggregates that a pool-wide step sums with SQL (files under aggregates/).
+# metaclip/{counts,kept}/{shard}.parquet: matched or kept samples per metadata entry.
+ENTRY_N_SCHEMA = pa.schema([("entry_id", pa.int32()), ("n", pa.int64())])
+# rebalance/kept/{shard}.parquet: kept samples per group.
+GROUP_N_SCHEMA = pa.schema([("g", pa.int64()), ("n", pa.int64())])
+# dedup/assign/{shard}.parquet: each embedded sample's nearest centre, its cosine distance and its
+# vector's bytes (the regroup sort writes them cluster by cluster for SemDeDup).
+DEDUP_ASSIGN_SCHEMA = pa.schema([("shard", pa.int32()), ("uid", pa.string()), ("cluster", pa.int32()),
+                                 ("cos_dist", pa.float64()), ("vector", pa.binary())])  # fmt: skip
+# dedup/{exact,semantic}/*.parquet: a dropped duplicate and the sample it duplicates.
+DUP_DROPS_SCHEMA = pa.schema([("shard", pa.int32()), ("uid", pa.string()), ("dup_of", pa.string())])
+# embed_import/index/{file}.parquet: where each uid's vectors sit in an imported embedding file.
+IMPORT_INDEX_SCHEMA = pa.schema([("uid", pa.string()), ("file_id", pa.int32()), ("row", pa.int64()),
+                                 ("score", pa.float32())])  # fmt: skip
+
 IMAGE_EMBEDDING = "image_embedding"
 TEXT_EMBEDDING = "text_embedding"
 CLIP_SCORE = "clip_score"

@@ -11,7 +11,9 @@ subsamples to at most 256 points per centre), MoDE's fit on about 5% of the pool
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -77,9 +79,10 @@ def write_sample(out_dir: Path, shard: int, uids: pa.Array, vectors: pa.Array) -
     return len(uids)
 
 
-def read_sample(out_dir: Path, shards: list[int]) -> tuple[pa.Array, np.ndarray]:
-    """The sample's uids and normalised float32 vectors, in shard order, read into one array sized
-    from the files' footers: the sample is held once, however many shards it came from."""
+def read_sample(out_dir: Path, shards: list[int], normalise: bool = True) -> tuple[pa.Array, np.ndarray]:
+    """The sample's uids and float32 vectors (L2-normalised when ``normalise``), in shard order, read
+    into one array sized from the files' footers: the sample is held once, however many shards it
+    came from."""
     paths = [Path(out_dir) / f"{shard_name(shard)}.parquet" for shard in shards]
     sizes = [pq.ParquetFile(p).metadata.num_rows for p in paths]
     total = sum(sizes)
@@ -92,7 +95,7 @@ def read_sample(out_dir: Path, shards: list[int]) -> tuple[pa.Array, np.ndarray]
         if n:
             table = pq.read_table(path)
             uids.append(table[S.UID].combine_chunks())
-            x[at : at + n] = as_float32(table[VECTOR])
+            x[at : at + n] = as_float32(table[VECTOR], normalise)
             at += n
     return pa.concat_arrays(uids), x
 
@@ -100,3 +103,77 @@ def read_sample(out_dir: Path, shards: list[int]) -> tuple[pa.Array, np.ndarray]
 def clusters_for(rows: int, k: int | None, per_cluster: int) -> int:
     """k as configured, or the pool's rows over ``per_cluster`` (at least 1)."""
     return k or max(1, round(rows / per_cluster))
+
+
+# -- the one k-means, the one nearest-centre search and the one sample fit ---------------------------
+
+def kmeans(x: np.ndarray, k: int, *, iterations: int, seed: int, max_points_per_centroid: int = 1 << 20,
+           spherical: bool = False) -> np.ndarray:  # fmt: skip
+    """faiss k-means centres (L2 as DataComp and SemDeDup train them; ``spherical`` keeps the centres
+    normalised, for cosine, as MoDE's). faiss subsamples to ``k * max_points_per_centroid`` points."""
+    import faiss
+
+    km = faiss.Kmeans(x.shape[1], k, niter=iterations, seed=seed, spherical=spherical,
+                      max_points_per_centroid=max_points_per_centroid, verbose=False)  # fmt: skip
+    km.train(np.ascontiguousarray(x, dtype=np.float32))
+    return km.centroids.copy()
+
+
+def kmeans_on_sample(train: np.ndarray, k: int, cfg: Any) -> np.ndarray:
+    """k-means centres of an already bounded uid-hash sample (the image filter's and SemDeDup's, with
+    their ``kmeans_*`` settings): faiss trains on all of it rather than copying a subsample of its
+    own (its cap is raised to the sample's size)."""
+    return kmeans(train, k, iterations=cfg.kmeans_iterations, seed=cfg.seed,
+                  max_points_per_centroid=max(cfg.kmeans_max_points_per_centroid, -(-len(train) // k)))  # fmt: skip
+
+
+def nearest(x: np.ndarray, centres: np.ndarray, metric: str, k: int = 1,
+            batch: int | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """The ``k`` nearest centres of each row (an exact faiss flat search), ``batch`` rows at a time.
+
+    Args:
+        metric: ``dot`` (largest dot product, DataComp's ``get_centroid_ids_gpu``), ``cosine`` (the
+            same search over normalised rows; distance ``1 - cos``) or ``euclidean`` (L2).
+
+    Returns:
+        ``(ids, scores)``, each ``(rows, k)``: the dot product for ``dot``, ``1 - cos`` for
+        ``cosine``, the L2 distance for ``euclidean``.
+    """
+    import faiss
+
+    if metric not in ("dot", "cosine", "euclidean"):
+        raise ValueError(f"unknown metric {metric!r}")
+    dim = centres.shape[1]
+    index = faiss.IndexFlatL2(dim) if metric == "euclidean" else faiss.IndexFlatIP(dim)
+    index.add(np.ascontiguousarray(centres, dtype=np.float32))
+    step = batch or max(len(x), 1)
+    ids, scores = np.empty((len(x), k), dtype=np.int64), np.empty((len(x), k), dtype=np.float32)
+    for i in range(0, len(x), step):
+        rows = np.ascontiguousarray(x[i : i + step], dtype=np.float32)
+        scores[i : i + step], ids[i : i + step] = index.search(rows, k)
+    if metric == "cosine":
+        scores = 1.0 - scores
+    elif metric == "euclidean":
+        scores = np.sqrt(np.maximum(scores, 0))
+    return ids, scores.astype(np.float32)
+
+
+def fit_sample(pool: Pool, engine: Any, task: Callable[[int], int], shards: list[int], out_dir: Path, *,
+               desc: str, by_uid: bool = False, normalise: bool = True,
+               progress: bool = True) -> tuple[pa.Array, np.ndarray]:  # fmt: skip
+    """The one sample fit's draw: ``task(shard)`` writes each shard's part of a uid-hash sample
+    (:func:`write_sample`) as an engine task; the parts are read back in shard order (or in uid
+    order, ``by_uid``: then neither a shard's row order nor the sharding changes what a k-means is
+    fitted on) into one array the size of the sample, never of the pool.
+
+    Returns:
+        The sample's uids and float32 vectors (L2-normalised when ``normalise``).
+    """
+    from pipeline.core import runner
+
+    runner.map_shards(pool, engine, task, shards, desc=desc, progress=progress)
+    uids, x = read_sample(out_dir, shards, normalise=normalise)
+    if by_uid and len(uids):
+        order = np.argsort(uids.to_numpy(zero_copy_only=False).astype("U32"), kind="stable")
+        uids, x = uids.take(pa.array(order)), x[order]
+    return uids, x
