@@ -37,10 +37,10 @@ if TYPE_CHECKING:
 _READY: dict[str, Step] = {}  # set-up steps of this worker process, by Step.key()
 
 
-def shard_digest(pool: Pool, step: Step, shard: int) -> str:
+def shard_digest(pool: Pool, step: Step, shard: int, downloaded: bool | None = None) -> str:
     """The digest a shard's marker must carry: a step whose output changes once the shard is
-    downloaded says which it saw."""
-    if step.redo_once_downloaded and not pool.is_done("download", shard):
+    downloaded says which it saw (``downloaded``: already known, else its marker is checked)."""
+    if step.redo_once_downloaded and not (pool.is_done("download", shard) if downloaded is None else downloaded):
         return f"{step.digest}-listed"
     return step.digest
 
@@ -68,10 +68,11 @@ def _read(pool: Pool, read: Read, shard: int, downloaded: bool) -> pa.Table:
     return pool.read_shard(read.table, shard, columns=columns)
 
 
-def read_inputs(pool: Pool, step: Step, shard: int) -> dict[str, pa.Table]:
+def read_inputs(pool: Pool, step: Step, shard: int, downloaded: bool | None = None) -> dict[str, pa.Table]:
     """Every declared input of ``step`` for ``shard``, by table name (:data:`SELECTED`: the uids its
-    ``where`` selects)."""
-    downloaded = any(r.listed_until_downloaded for r in step.reads) and pool.is_done("download", shard)
+    ``where`` selects); ``downloaded``: whether the shard is downloaded, if already known."""
+    if downloaded is None:
+        downloaded = any(r.listed_until_downloaded for r in step.reads) and pool.is_done("download", shard)
     inputs = {r.key: _read(pool, r, shard, downloaded) for r in step.reads}
     if step.where is not None:
         from pipeline.core.where import select
@@ -118,15 +119,46 @@ def run_shard(pool_root: str, step: Step, shard: int) -> dict[str, int]:
     """Read, call, conform, write, count flips and mark one shard (the engine's per-shard task)."""
     pool = Pool(pool_root)
     step = ready(step)
-    digest = shard_digest(pool, step, shard)
-    inputs = read_inputs(pool, step, shard)
-    out = conform(step, shard, step(inputs))
+    needs = step.redo_once_downloaded or any(r.listed_until_downloaded for r in step.reads)
+    downloaded = pool.is_done("download", shard) if needs else False  # one marker read, its own
+    digest = shard_digest(pool, step, shard, downloaded)
+    if step.forgets_downstream and (pool.marker_path(step.name, shard).exists()
+                                    or pool.table_path(step.name, shard).exists()):  # fmt: skip
+        pool.forget_shard(shard, keep=(step.name,))
+    inputs = read_inputs(pool, step, shard, downloaded)
+    files: list[Path] = []
+    if step.files:
+        scratch = _scratch(pool, step.name, shard)
+        out = conform(step, shard, step.produce(inputs, shard, scratch))
+        files = _place(pool, scratch, shard, step.files)
+    else:
+        out = conform(step, shard, step(inputs))
     flips = flip_counts(pool, step, shard, out)
     for folder, table in step.side(inputs, out).items():
         write_parquet_atomic(pool.aggregates_dir / folder / f"{shard_name(shard)}.parquet", table)
     counts = {**step.counts(out), **flips}
-    commit(pool, step.name, shard, out, digest, counts)
+    commit(pool, step.name, shard, out, digest, counts, files=files)
     return counts
+
+
+def _scratch(pool: Pool, name: str, shard: int) -> Path:
+    """``_staging/<step>/``, with nothing of this shard's left in it from a killed attempt."""
+    scratch = pool.staging_dir / name
+    scratch.mkdir(parents=True, exist_ok=True)
+    for stale in scratch.glob(f"{shard_name(shard)}*"):
+        stale.unlink()
+    return scratch
+
+
+def _place(pool: Pool, scratch: Path, shard: int, suffixes: Sequence[str]) -> list[Path]:
+    """Move the files a step made into ``shards/`` (each rename atomic; the marker comes after)."""
+    import os
+
+    (pool.root / "shards").mkdir(parents=True, exist_ok=True)
+    placed = [pool.root / "shards" / f"{shard_name(shard)}{suffix}" for suffix in suffixes]
+    for path in placed:
+        os.replace(scratch / path.name, path)
+    return placed
 
 
 def commit(pool: Pool, name: str, shard: int, table: pa.Table, digest: str, counts: dict[str, Any],
@@ -134,7 +166,7 @@ def commit(pool: Pool, name: str, shard: int, table: pa.Table, digest: str, coun
     """Write ``table`` as the shard's table of stage ``name`` (atomically, checked against its
     schema), then the completion marker, last, recording the table and ``files`` (already in place:
     the download's tar, sidecar and stats). The one place a table or a marker is written: the
-    download and embed stages, which are not steps yet, finish their shards here too."""
+    embed stage's streaming form finishes its shards here too."""
     path = pool.write_table(name, shard, table)
     pool.mark_done(name, shard, digest, counts, files=[path, *files])
 

@@ -10,7 +10,10 @@ A step never opens the pool. It declares
 - ``flips``: the decision columns whose changes on a re-decided shard are counted;
 - ``setup()``: a model, automaton or table of centres loaded once per worker process;
 - ``__call__(inputs)``: the shard's table from ``{read name: table}``, with no I/O;
-- ``counts(out)`` and ``side(inputs, out)``: the marker's counts and small per-shard aggregates.
+- ``counts(out)`` and ``side(inputs, out)``: the marker's counts and small per-shard aggregates;
+- ``files`` and ``produce(inputs, shard, scratch)``: a step that makes files beside its table (the
+  download's tar, sidecar and stats, written by img2dataset) writes them into an empty scratch
+  folder the runner gives it; the runner moves them into place and records them in the marker.
 
 :mod:`pipeline.core.runner` is the only caller: it plans, reads the declared columns, calls the step,
 conforms the result to ``schema``, writes it atomically, counts flips and writes the marker.
@@ -21,6 +24,7 @@ Anchors: datatrove's ``PipelineStep`` (the executor owns markers and skipping) a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from pipeline.store.schema import LISTED  # noqa: F401 - the prepared URL list, read like a table
@@ -78,6 +82,10 @@ class Step:
     flips: ClassVar[Flips | None] = None
     # the output differs once the shard is downloaded (sizes known): its digest says which it saw
     redo_once_downloaded: ClassVar[bool] = False
+    # the files it makes beside its table: shards/{shard:05d}<suffix>, for each suffix
+    files: ClassVar[tuple[str, ...]] = ()
+    # a shard done again drops what later stages made of the old one (its tar holds other images)
+    forgets_downstream: ClassVar[bool] = False
 
     def __init__(self, *, reads: tuple[Read, ...], digest: str, where: Where | None = None):
         self.reads = reads
@@ -89,6 +97,10 @@ class Step:
 
     def __call__(self, inputs: dict[str, pa.Table]) -> pa.Table:
         raise NotImplementedError
+
+    def produce(self, inputs: dict[str, pa.Table], shard: int, scratch: Path) -> pa.Table:
+        """A step with ``files`` writes ``scratch/{shard:05d}<suffix>`` for each, and returns its table."""
+        return self(inputs)
 
     def counts(self, out: pa.Table) -> dict[str, int]:
         """The completion marker's counts for the shard's table ``out``."""

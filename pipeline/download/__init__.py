@@ -3,9 +3,9 @@ img2dataset's own downloader (per shard). See :mod:`pipeline.download.stage`."""
 
 from pipeline.download.stage import (
     STAGE,
+    Download,
     InputError,
     check_where,
-    download_shard,
     plan_shards,
     prepare,
     read_url_list,
@@ -13,5 +13,5 @@ from pipeline.download.stage import (
     stage_hash,
 )
 
-__all__ = ["STAGE", "InputError", "check_where", "download_shard", "plan_shards", "prepare", "read_url_list",
+__all__ = ["STAGE", "Download", "InputError", "check_where", "plan_shards", "prepare", "read_url_list",
            "run_download", "stage_hash"]  # fmt: skip

@@ -30,7 +30,8 @@ import pyarrow.parquet as pq
 
 from pipeline.config import DownloadConfig, config_dict, config_hash
 from pipeline.core import runner
-from pipeline.core.where import Where, bind, select
+from pipeline.core.step import LISTED, SELECTED, Read, Step
+from pipeline.core.where import Where, bind
 from pipeline.errors import UserError
 from pipeline.store import schema as S
 from pipeline.store.parquet import Pool, file_sha256, recorded_change, shard_name, write_json_atomic
@@ -739,11 +740,10 @@ def _write_feather(path: Path, table: pa.Table) -> None:
         writer.write_table(table)
 
 
-def _download_table(pool: Pool, cfg: DownloadConfig, fetched: pa.Table, refused: pa.Table, skipped: pa.Table,
-                    shard: int) -> pa.Table:  # fmt: skip
+def _download_table(schema: pa.Schema, cfg: DownloadConfig, fetched: pa.Table, refused: pa.Table,
+                    skipped: pa.Table, shard: int) -> pa.Table:  # fmt: skip
     """img2dataset's sidecar rows plus the refused and unselected URLs, in input order, as the pool's
     download schema (with a ``bbox_col``: ``blurred``, a fetched image with at least one box)."""
-    schema = pool.declared_schema(STAGE)
     parts = [fetched]
     for rows, status, reason in ((refused, S.STATUS_INVALID_URL, "unsupported URL: only http:// and https:// URLs "
                                   "are fetched"), (skipped, S.STATUS_NOT_SELECTED, None)):  # fmt: skip
@@ -760,48 +760,49 @@ def _download_table(pool: Pool, cfg: DownloadConfig, fetched: pa.Table, refused:
     return both.sort_by(S.ROW)
 
 
-def download_shard(pool_root: str, cfg: DownloadConfig, shard: int, where: Where | None = None) -> dict[str, int]:
-    """Download one shard into the pool and mark it done. Safe to re-run after a kill.
+class Download(Step):
+    """``tables/download`` and ``shards/{shard}.tar`` (+ sidecar, stats): img2dataset's per-shard
+    ``Downloader`` over the shard's listed rows that ``download.where`` selects and that are
+    http(s) URLs; the others are recorded as ``invalid_url`` or ``not_selected``."""
 
-    Returns:
-        Sample counts by status, plus ``samples``.
-    """
-    pool = Pool(pool_root)
-    name = shard_name(shard)
-    # a shard downloaded again (its files were damaged) may hold other images: what later stages
-    # made of the old one is no longer theirs to keep, so their markers for it go first (a first
-    # download keeps what the text stages made of its captions before it: ``download.where``)
-    if pool.marker_path(STAGE, shard).exists() or pool.table_path(STAGE, shard).exists():
-        pool.forget_shard(shard, keep=(STAGE,))
-    rows = pool.read_listed(shard)
-    chosen = None if where is None else select(pool, where, shard)  # download.where, bound by run_download
-    wanted = pa.array([True] * rows.num_rows) if chosen is None else pc.is_in(rows[S.UID], value_set=chosen)
-    fetchable = pc.fill_null(pc.match_substring_regex(rows[S.URL], r"^https?://", ignore_case=True), False)
-    staging = pool.staging_dir / STAGE
-    staging.mkdir(parents=True, exist_ok=True)
-    for stale in staging.glob(f"{name}*"):
-        stale.unlink()
-    feather = staging / f"{name}.feather"
-    extras = [c for c in rows.column_names if c not in S.INPUT_SCHEMA.names]
-    to_fetch = rows.filter(pc.and_(wanted, fetchable)).select([S.URL, S.CAPTION, S.UID, S.ROW, *extras])
-    _write_feather(feather, to_fetch)
-    _downloader(cfg, staging, to_fetch.column_names).download_shard((shard, str(feather)))
+    name = STAGE
+    schema = S.DOWNLOAD_SCHEMA  # plus the input's extra columns: the instance carries the pool's
+    files = (".tar", ".parquet", "_stats.json")
+    forgets_downstream = True
 
-    table = _download_table(pool, cfg, pq.read_table(staging / f"{name}.parquet"),
-                            rows.filter(pc.and_(wanted, pc.invert(fetchable))), rows.filter(pc.invert(wanted)),
-                            shard)  # fmt: skip
-    if table.num_rows != rows.num_rows:
-        raise RuntimeError(f"shard {name}: {rows.num_rows} rows in, {table.num_rows} rows out")
-    (pool.root / "shards").mkdir(parents=True, exist_ok=True)
-    shard_files = [pool.root / "shards" / f"{name}{suffix}" for suffix in (".tar", ".parquet", "_stats.json")]
-    for path in shard_files:
-        os.replace(staging / path.name, path)
-    counts = {k: int(v) for k, v in zip(*_value_counts(table[S.STATUS]), strict=True)}
-    counts["samples"] = table.num_rows
-    if cfg.bbox_col:
-        counts["blurred"] = int(pc.sum(table[S.BLURRED]).as_py() or 0)
-    runner.commit(pool, STAGE, shard, table, stage_hash(cfg), counts, files=shard_files)
-    return counts
+    def __init__(self, pool: Pool, cfg: DownloadConfig, where: Where | None):
+        declared = pool.declared_schema(STAGE)
+        listed = tuple(pq.read_schema(pool.listed_paths()[0]).names)
+        super().__init__(reads=(Read(LISTED, listed),), digest=stage_hash(cfg), where=where)
+        self.cfg, self.schema, self.selection = cfg, declared, cfg.where
+        self.root = str(pool.root)  # part of the set-up key: a worker never takes one pool's step for another's
+
+    def produce(self, inputs: dict[str, pa.Table], shard: int, scratch: Path) -> pa.Table:
+        name = shard_name(shard)
+        rows = inputs[LISTED]
+        chosen = inputs.get(SELECTED)
+        wanted = (pa.array([True] * rows.num_rows) if chosen is None
+                  else pc.is_in(rows[S.UID], value_set=chosen[S.UID].combine_chunks()))  # fmt: skip
+        fetchable = pc.fill_null(pc.match_substring_regex(rows[S.URL], r"^https?://", ignore_case=True), False)
+        feather = scratch / f"{name}.feather"
+        extras = [c for c in rows.column_names if c not in S.INPUT_SCHEMA.names]
+        to_fetch = rows.filter(pc.and_(wanted, fetchable)).select([S.URL, S.CAPTION, S.UID, S.ROW, *extras])
+        _write_feather(feather, to_fetch)
+        _downloader(self.cfg, scratch, to_fetch.column_names).download_shard((shard, str(feather)))
+        table = _download_table(self.schema, self.cfg, pq.read_table(scratch / f"{name}.parquet"),
+                                rows.filter(pc.and_(wanted, pc.invert(fetchable))), rows.filter(pc.invert(wanted)),
+                                shard)  # fmt: skip
+        if table.num_rows != rows.num_rows:
+            raise RuntimeError(f"shard {name}: {rows.num_rows} rows in, {table.num_rows} rows out")
+        return table
+
+    def counts(self, out: pa.Table) -> dict[str, int]:
+        """Samples by status, ``samples`` and, with a ``bbox_col``, ``blurred``."""
+        counts = {k: int(v) for k, v in zip(*_value_counts(out[S.STATUS]), strict=True)}
+        counts["samples"] = out.num_rows
+        if self.cfg.bbox_col:
+            counts["blurred"] = int(pc.sum(out[S.BLURRED]).as_py() or 0)
+        return counts
 
 
 def _value_counts(column: pa.ChunkedArray) -> tuple[list[str], list[int]]:
@@ -872,8 +873,8 @@ def run_download(
         ShardFailures: some shards failed; the others are finished and kept.
     """
     todo = plan_shards(pool, cfg, engine, shards)[1]
-    where = bind(pool, cfg.where, "download.where", skip=(STAGE,)) if todo and cfg.where is not None else None
-    fn = functools.partial(download_shard, str(pool.root), cfg, where=where)
-    runner.map_shards(pool, engine, fn, todo, desc=STAGE, weights=pool.shard_sizes(todo), progress=progress)
+    if todo:
+        where = bind(pool, cfg.where, "download.where", skip=(STAGE,)) if cfg.where is not None else None
+        runner.run_step(pool, engine, Download(pool, cfg, where), todo, progress=progress)
     pool.update_manifest()
     return {s: pool.marker(STAGE, s)["counts"] for s in todo}
