@@ -30,9 +30,15 @@ def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def stage_layout(pool: Pool) -> dict[str, int]:
+    """Each stage with a table and its first finished shard: all a per-shard view needs of the
+    pool's listing, read once on the driver and handed to the tasks (:func:`connect`)."""
+    return {s: pool.done_shards(s)[0] for s in pool.stages() if pool.table_dir(s).exists()}
+
+
 def connect(pool: Pool, con: duckdb.DuckDBPyConnection | None = None, shards: list[int] | None = None,
-            confined: bool = False,
-            skip: Mapping[str, set[int]] | None = None) -> duckdb.DuckDBPyConnection:  # fmt: skip
+            confined: bool = False, skip: Mapping[str, set[int]] | None = None,
+            layout: Mapping[str, int] | None = None) -> duckdb.DuckDBPyConnection:  # fmt: skip
     """Register the pool's views on ``con`` (a new in-memory connection by default), over every
     finished shard or only ``shards`` (a per-shard task's view of its own rows).
 
@@ -41,7 +47,9 @@ def connect(pool: Pool, con: duckdb.DuckDBPyConnection | None = None, shards: li
     file name) any later file that lacks a column or has another type, so a damaged table is an
     error, never a column of NULLs. ``confined`` then limits the connection to reading the pool
     (:func:`pipeline.sqlsafe.confine`: user SQL runs on it). ``skip`` leaves out these shards of each
-    stage (``curate stats`` passes the damaged ones it reports) instead of refusing.
+    stage (``curate stats`` passes the damaged ones it reports) instead of refusing. ``layout``
+    (:func:`stage_layout`, with ``shards``): a task's view lists no marker folder, it checks only
+    its own shards' markers.
 
     Raises:
         DamagedError: a finished shard's table is missing or has another schema (names the file).
@@ -49,10 +57,13 @@ def connect(pool: Pool, con: duckdb.DuckDBPyConnection | None = None, shards: li
     import duckdb
 
     con = con or duckdb.connect()
-    stages = [s for s in pool.stages() if pool.table_dir(s).exists()]
+    stages = list(layout) if layout is not None else [s for s in pool.stages() if pool.table_dir(s).exists()]
     wanted = None if shards is None else set(shards)
     for stage in stages:
-        done = [s for s in pool.done_shards(stage) if wanted is None or s in wanted]
+        if layout is not None and wanted is not None:
+            done = [s for s in sorted(wanted) if pool.marker_path(stage, s).exists()] or [layout[stage]]
+        else:
+            done = [s for s in pool.done_shards(stage) if wanted is None or s in wanted]
         if not done:
             done = pool.done_shards(stage)[:1]  # keeps the view's columns; filtered out below
         if skip and skip.get(stage):

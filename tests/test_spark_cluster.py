@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -123,8 +124,8 @@ def _config(tmp_path: Path, server, checkpoint, name: str, engine: dict | None) 
     return path
 
 
-def _curate_run(config: Path, tmp_path: Path) -> None:
-    env = {**_spark_env(), "PREFECT_HOME": str(tmp_path / "prefect-home")}
+def _curate_run(config: Path, tmp_path: Path, extra_env: dict[str, str] | None = None) -> None:
+    env = {**_spark_env(), "PREFECT_HOME": str(tmp_path / "prefect-home"), **(extra_env or {})}
     env.pop("PREFECT_API_URL", None)  # Prefect's ephemeral mode, as a user's first run
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(config)], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=900)  # fmt: skip
@@ -163,12 +164,79 @@ def _same_as_local(local: Path, pool: Path) -> None:
     assert _release(pool / "release") == want
 
 
+# Installed in every Python process of the run by a ``sitecustomize`` on PYTHONPATH: inside a Spark
+# task (a TaskContext exists) it logs each completion marker or marker folder the task touches, with
+# the task's stage and partition, to the file CLIPCURATE_AUDIT_LOG names (forwarded to executors
+# like every CLIPCURATE_ setting). The driver, which plans, has no TaskContext and logs nothing.
+_AUDIT = r'''
+import os, re, sys
+
+_LOG = os.environ.get("CLIPCURATE_AUDIT_LOG")
+_MARKER = re.compile(r"/completions/([a-z_]+)/(\d{5})\.json$")
+_busy = []
+
+def _hook(event, args):
+    if _busy or not _LOG or event not in ("open", "os.listdir", "os.scandir", "glob.glob"):
+        return
+    path = os.fspath(args[0]) if args and isinstance(args[0], (str, bytes, os.PathLike)) else ""
+    path = path.decode() if isinstance(path, bytes) else path
+    if "/completions" not in path or "pyspark" not in sys.modules:
+        return
+    if event == "open":  # a marker being written (its temporary name) is not a read
+        mode, flags = (args[1] or ""), (args[2] if len(args) > 2 and isinstance(args[2], int) else 0)
+        if any(c in str(mode) for c in "wax+") or flags & (os.O_WRONLY | os.O_RDWR):
+            return
+    _busy.append(1)
+    try:
+        from pyspark import TaskContext
+        task = TaskContext.get()
+        if task is not None:
+            m = _MARKER.search(path)
+            kind = f"marker {m.group(1)} {int(m.group(2))}" if m and event == "open" else f"{event} {path}"
+            with open(_LOG, "a") as out:
+                out.write(f"{task.stageId()} {task.partitionId()} {kind}\n")
+    finally:
+        _busy.pop()
+
+sys.addaudithook(_hook)
+'''
+
+
+def _audited_env(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    hooks = tmp_path / "audit-hook"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(_AUDIT)
+    log = tmp_path / "marker-reads.log"
+    path = os.pathsep.join([str(hooks), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return {"PYTHONPATH": path, "CLIPCURATE_AUDIT_LOG": str(log)}, log
+
+
+def _marker_reads_by_task(log: Path) -> dict[tuple[int, int], list[str]]:
+    tasks: dict[tuple[int, int], list[str]] = {}
+    for line in log.read_text().splitlines():
+        stage, partition, what = line.split(" ", 2)
+        tasks.setdefault((int(stage), int(partition)), []).append(what)
+    return tasks
+
+
 def test_curate_run_on_spark_local_mode_equals_the_local_engine(local_run, tmp_path, image_server, tiny_checkpoint):
-    """The Prefect flow on ``local[2]``: the download no longer stops the engine's session."""
+    """The Prefect flow on ``local[2]``: the download no longer stops the engine's session. Every
+    task's reads of completion markers are counted: a task reads only its own shard's markers (of
+    the stages it reads), and none lists a marker folder; planning is the driver's, once."""
     engine = {"engine": "spark", "spark": {"master": "local[2]"}}
     config = _config(tmp_path, image_server, tiny_checkpoint, "spark", engine)
-    _curate_run(config, tmp_path)
+    env, log = _audited_env(tmp_path)
+    _curate_run(config, tmp_path, env)
     _same_as_local(local_run, tmp_path / "spark")
+    tasks = _marker_reads_by_task(log)
+    marker_tasks = {key: reads for key, reads in tasks.items() if any(r.startswith("marker ") for r in reads)}
+    assert len(marker_tasks) >= 15, tasks  # the shard tasks of the steps that read markers were seen (5 shards)
+    for key, reads in tasks.items():
+        assert all(r.startswith("marker ") for r in reads), (key, reads)  # no folder listed
+        shards = {int(r.split()[2]) for r in reads}
+        assert len(shards) == 1, (key, reads)  # one shard's markers only
+        assert max(Counter(reads).values()) == 1, (key, reads)  # each marker read once
+        assert len(reads) <= 4, (key, reads)  # a few stages' markers, not the pool's
 
 
 def test_curate_run_on_a_standalone_cluster_equals_the_local_engine(local_run, cluster, tmp_path, image_server,

@@ -29,7 +29,7 @@ import pyarrow as pa
 from pipeline.config import EmbedConfig, config_hash
 from pipeline.core import runner
 from pipeline.embed.captions import CaptionEncoder, offline
-from pipeline.errors import UserError
+from pipeline.errors import DamagedError, UserError
 from pipeline.store import schema as S
 from pipeline.store.parquet import Pool, file_sha256
 
@@ -286,14 +286,22 @@ def run_embed(pool: Pool, cfg: EmbedConfig, shards: list[int] | None = None, pro
     """
     if cfg.source is not None:  # published vectors: nothing to compute, and the import needs an engine
         raise EmbedError("embed.source: imported embeddings run through run_embed_on(engine, ...) (`curate embed`)")
-    import torch
-
-    from pipeline.progress import Progress
-
     embedder = (embedder or ClipEmbedder(cfg)).setup()
     todo = pending_shards(pool, embedder.cfg, shards)
     if not todo:
         return {}
+    done = embed_planned(pool, cfg, todo, embedder, progress)
+    pool.update_manifest()
+    return done
+
+
+def embed_planned(pool: Pool, cfg: EmbedConfig, todo: list[int], embedder: ClipEmbedder,
+                  progress: bool = True) -> dict[int, dict[str, int]]:  # fmt: skip
+    """Embed ``todo`` (already planned), streaming every shard through ``embedder`` (set up)."""
+    import torch
+
+    from pipeline.progress import Progress
+
     digest, dim = stage_hash(embedder.cfg, embedder.checkpoint_sha256), embedder.dim
     captions_enc = CaptionEncoder(cfg.caption_model, embedder.device) if cfg.caption_model else None
     from pipeline.embed.data import ShardImages  # imports torch: only when the stage runs
@@ -308,6 +316,8 @@ def run_embed(pool: Pool, cfg: EmbedConfig, shards: list[int] | None = None, pro
     done: dict[int, dict[str, int]] = {}
     with Progress(total=sum(sizes.values()), desc=STAGE, enabled=progress) as bar:
         for batch in loader:
+            if "fatal" in batch:  # from a loader worker: re-raised here, as its message alone
+                raise DamagedError(batch["fatal"])
             shard = batch["shard"]
             buffer = buffers.setdefault(shard, _ShardBuffer(dim))
             buffer.add(batch, *_embed_batch(embedder, batch, dim))
@@ -315,7 +325,6 @@ def run_embed(pool: Pool, cfg: EmbedConfig, shards: list[int] | None = None, pro
             buffer.lasts += batch["last"]
             if buffer.lasts == max(1, cfg.workers):
                 done[shard] = _write_shard(pool, shard, buffers.pop(shard), embedder, captions_enc, digest)
-    pool.update_manifest()
     return done
 
 
@@ -332,15 +341,16 @@ _EMBEDDERS: dict[str, ClipEmbedder] = {}
 
 
 def embed_shard(pool_root: str, cfg: EmbedConfig, shard: int) -> dict[str, int]:
-    """Embed one shard with this process's model (loaded once per process: a Spark executor's
-    Python worker embeds many shards with one load). Decoding runs inline (``workers=0``)."""
+    """Embed one shard (planned on the driver) with this process's model (loaded once per process: a
+    Spark executor's Python worker embeds many shards with one load). Decoding runs inline
+    (``workers=0``). The task reads no other shard's marker and leaves the manifest to the driver."""
     import dataclasses
 
     key = config_hash(cfg)
     if key not in _EMBEDDERS:
         _EMBEDDERS[key] = ClipEmbedder(dataclasses.replace(cfg, workers=0)).setup()
-    done = run_embed(Pool(pool_root), _EMBEDDERS[key].cfg, [shard], progress=False, embedder=_EMBEDDERS[key])
-    return done.get(shard, {})
+    embedder = _EMBEDDERS[key]
+    return embed_planned(Pool(pool_root), embedder.cfg, [shard], embedder, progress=False).get(shard, {})
 
 
 def run_embed_on(engine: Any, pool: Pool, cfg: EmbedConfig, shards: list[int] | None = None,
@@ -367,4 +377,5 @@ def run_embed_on(engine: Any, pool: Pool, cfg: EmbedConfig, shards: list[int] | 
 
 
 def _embed_batch_of(pool_root: str, cfg: EmbedConfig, progress: bool, shards: list[int]) -> dict[int, dict[str, int]]:
-    return run_embed(Pool(pool_root), cfg, list(shards), progress)
+    """The planned shards streamed through one model (the engine's one-machine form)."""
+    return embed_planned(Pool(pool_root), cfg, list(shards), ClipEmbedder(cfg).setup(), progress)

@@ -157,7 +157,8 @@ def check_predicate(pool: Pool, where: str | None) -> list[str]:
 
 
 def plan_source_shard(pool_root: str, plan_dir: str, where: str | None, rules: list | None, seed: int | None,
-                      side_cols: list[str], uids_file: str | None, shard: int) -> dict[str, Any]:  # fmt: skip
+                      side_cols: list[str], uids_file: str | None, layout: dict[str, int],
+                      shard: int) -> dict[str, Any]:  # fmt: skip
     """The export plan of one source shard: its selected samples in key order, with where each one's
     members lie in the source tar, its size in an output tar, its shuffle draw and its sidecar
     columns. Written to ``plan/{shard}.parquet``; the driver never holds a per-sample plan."""
@@ -167,7 +168,7 @@ def plan_source_shard(pool_root: str, plan_dir: str, where: str | None, rules: l
     # this shard's decode check: the embed stage's, or, where its embed is missing (never embedded,
     # or downloaded again since: --allow-incomplete), export's own below
     decoded = pool.is_done("embed", shard)
-    con = connect(pool, shards=[shard], confined=True)
+    con = connect(pool, shards=[shard], confined=True, layout=layout)
     quoted = ", ".join(f'"{c}"' for c in side_cols)
     sql = f"select {quoted} from samples where {_predicate(where, decoded)} order by {S.KEY}"
     table = con.sql(sql).fetch_arrow_table()
@@ -549,8 +550,10 @@ def plan_release(pool: Pool, cfg: ExportConfig, engine: Any, progress: bool = Fa
     _clean_partial(partial)
     for stale in ("plan", "ordered"):
         shutil.rmtree(partial / stale, ignore_errors=True)
+    from pipeline.query import stage_layout
+
     fn = functools.partial(plan_source_shard, str(pool.root), str(partial / "plan"), where, rules,
-                           cfg.shuffle_seed, side_cols, uids_file)  # fmt: skip
+                           cfg.shuffle_seed, side_cols, uids_file, stage_layout(pool))  # fmt: skip
     planned = runner.collect(engine, fn, sources, desc="export plan", progress=progress)
     selection = [planned[s]["uids_sha256"] for s in sources]
     # a uid file counts by the uids it selects; where the versions go is not the selection
@@ -748,9 +751,11 @@ def dataset_card(pool: Pool, cfg: ExportConfig, manifest: dict[str, Any]) -> str
                   "| rule | left |", "|---|---:|"]  # fmt: skip
         lines += [f"| `{f['rule']}` | {f['left']} |" for f in decisions["funnel"]]
     last = counts["shards"] - 1
-    lines += ["", "## Training with open_clip", "", "```bash",
-              "python -m open_clip_train.main --dataset-type webdataset "
-              f"--train-data 'release/{{00000..{last:05d}}}.tar' --train-num-samples {counts['samples']} ...",
+    lines += ["", "## Training with open_clip", "",
+              "From the folder this card is in (in a versioned release, its `vNNNN/`), with webdataset "
+              "below 0.2.96 (0.2.96 added an end-of-shard marker that `open_clip_train` 3.3 cannot read):", "",
+              "```bash", "python -m open_clip_train.main --dataset-type webdataset "
+              f"--train-data '{{00000..{last:05d}}}.tar' --train-num-samples {counts['samples']} ...",
               "```", "",
               "Every shard's sha256 is in `manifest.json`."]  # fmt: skip
     return "\n".join(lines) + "\n"
