@@ -289,11 +289,21 @@ def curate(config_path: str, overrides: dict[str, Any] | None = None) -> dict[st
         create_markdown_artifact(markdown=_cycle_markdown(ingested, release, pool), key="curate-cycle",
                                  description=f"Curation cycle of {pool.root}")  # fmt: skip
         if errors:
-            raise errors[0]
+            raise _one_error(errors)
         from pipeline.store.parquet import write_json_atomic
 
         write_json_atomic(_cycle_path(pool), {"state": state, "release": (release or {}).get("version")})
         return {**pool.update_manifest(), "release": release}
+
+
+def _one_error(errors: list[Exception]) -> Exception:
+    """What the run raises: every batch's failed shards of the stage in one report (a user's mistake
+    is then one line however many batches it stopped), else the first error."""
+    from pipeline.engines.base import ShardFailures
+
+    if all(isinstance(e, ShardFailures) for e in errors):
+        return ShardFailures.merged(errors)
+    return errors[0]
 
 
 def _cycle_path(pool: Pool) -> Any:

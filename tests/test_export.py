@@ -4,6 +4,8 @@ determinism, byte and sample sharding, resume."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -58,7 +60,9 @@ def test_export_equals_the_duckdb_predicate(pool, tmp_path):
     first = next(iter(wds.WebDataset(urls[:1], shardshuffle=False)))
     assert first["__key__"] == sidecar["key"][0].as_py() and first["txt"].decode() == sidecar["caption"][0].as_py()
     assert "image_embedding" not in sidecar.column_names and "expert_id" in sidecar.column_names
-    assert "Training with open_clip" in (tmp_path / "rel" / "README.md").read_text()
+    card = (tmp_path / "rel" / "README.md").read_text()
+    assert "Training with open_clip" in card
+    assert re.search(r"--train-data '\{00000\.\.\d{5}\}\.tar'", card)  # from the card's folder, also inside vNNNN/
 
 
 def test_open_clip_training_loader_reads_the_release(pool, tmp_path, tiny_checkpoint):
@@ -77,6 +81,38 @@ def test_open_clip_training_loader_reads_the_release(pool, tmp_path, tiny_checkp
     data = get_wds_dataset(args, preprocess, is_train=False, tokenizer=open_clip.get_tokenizer("clipcurate-tiny"))
     seen = sum(images.shape[0] for images, texts in data.dataloader)
     assert seen == manifest["counts"]["samples"]
+
+
+def test_open_clip_trains_on_the_release(pool, tmp_path):
+    """``open_clip_train.main``, as a user runs it, for one epoch on CPU over the release (the tiny
+    model, ``--workers 0``): every loss it logs is finite and it sees every sample of sizes.json
+    (the batch size divides the release, so its loader drops no partial batch)."""
+    import math
+    import re
+    import subprocess
+    import sys
+
+    export(pool, ExportConfig(out=str(tmp_path / "rel"), where="keep", samples_per_shard=40), engine=LocalEngine(1))
+    sizes = json.loads((tmp_path / "rel" / "sizes.json").read_text())
+    total = sum(sizes.values())
+    batch = max(b for b in range(1, 17) if total % b == 0)
+    assert batch > 1, total  # a contrastive loss over batches of one is always 0
+    train_data = str(tmp_path / "rel" / f"{{00000..{len(sizes) - 1:05d}}}.tar")
+    configs = Path(__file__).resolve().parents[1] / "pipeline" / "model_configs"
+    args = ["--train-data", train_data, "--dataset-type", "webdataset", "--train-num-samples", str(total),
+            "--model", "clipcurate-tiny", "--batch-size", str(batch), "--workers", "0", "--epochs", "1",
+            "--device", "cpu", "--logs", str(tmp_path / "logs"), "--name", "run", "--log-every-n-steps", "1",
+            "--save-frequency", "0", "--lr", "1e-4"]  # fmt: skip
+    code = (f"import open_clip; open_clip.add_model_config({str(configs)!r}); "
+            f"from open_clip_train.main import main; main({args!r})")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    seen = [int(m) for m in re.findall(r"Train Epoch: 0 \[\s*(\d+)/", log)]
+    losses = [float(x) for x in re.findall(r" Loss: (\S+) \(", log)]
+    assert seen and max(seen) == total, (seen, total)
+    assert len(losses) == total // batch and all(math.isfinite(x) for x in losses), losses
 
 
 def test_shuffle_is_seeded_and_bytes_are_reproducible(pool, tmp_path):

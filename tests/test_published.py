@@ -377,6 +377,30 @@ def test_clip_retrieval_import_joins_on_row_order(clip_retrieval, tmp_path):
     assert pool.stage_config("embed")["config"]["model"] == "clipcurate-tiny"
 
 
+def test_a_pool_whose_rows_are_not_clip_retrievals_is_named_with_rows_counted_from_1(clip_retrieval, tmp_path):
+    """The pool prepared from a list whose first part is in another order: the import names the
+    metadata file and both rows, each counted from 1 like every row this tool names."""
+    import shutil
+
+    from pipeline.engines.base import ShardFailures
+
+    folder, urls, _, _ = clip_retrieval
+    listed = tmp_path / "list"
+    shutil.copytree(folder / "metadata", listed)
+    part = pq.read_table(listed / "metadata_0.parquet")
+    pq.write_table(part.take(pa.array(range(part.num_rows - 1, -1, -1))), listed / "metadata_0.parquet")
+    cfg = parse_config({"pool": str(tmp_path / "pool"), "download": {
+        "input": str(listed), "samples_per_shard": 20, "timeout": 2.0, "threads": 8},
+        "embed": {"model": "clipcurate-tiny", "source": {"path": str(folder), "format": "clip-retrieval"}}}, "test")
+    pool = Pool(cfg.pool)
+    run_download(pool, cfg.download, LocalEngine(2), progress=False)
+    with pytest.raises(ShardFailures) as info:
+        run_embed_on(LocalEngine(2), pool, cfg.embed, progress=False)
+    want = (f"{folder / 'metadata' / 'metadata_0.parquet'} row 1 has url {urls[0]!r}, but row 1 of the pool's URL "
+            f"list has {urls[29]!r}")  # fmt: skip
+    assert want in str(info.value) and "Traceback" not in str(info.value), str(info.value)
+
+
 def test_clip_retrieval_parts_that_disagree_are_named(clip_retrieval, tmp_path):
     import shutil
 

@@ -771,3 +771,66 @@ def test_bit_rot_that_keeps_the_mtime_is_caught_on_the_path_to_a_release(pool, t
         path.write_bytes(bytes(b ^ 0xFF if len(data) // 2 <= i < len(data) // 2 + 16 else b
                                for i, b in enumerate(data)))  # fmt: skip
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _repeat_first_sample(tar: Path) -> str:
+    """Append copies of the first sample's members at the end of ``tar`` (a careless ``tar -r``)."""
+    with tarfile.open(tar) as t:
+        members = [(m, t.extractfile(m).read()) for m in t if m.isfile()]
+    first = members[0][0].name.split(".")[0]
+    with tarfile.open(tar, "a", format=tarfile.USTAR_FORMAT) as out:
+        for member, data in members:
+            if member.name.split(".")[0] == first:
+                out.addfile(member, io.BytesIO(data))
+    return first
+
+
+def test_a_tar_that_repeats_a_sample_is_one_line_naming_it(pool, tmp_path, capsys, tiny_checkpoint, image_server):
+    """Before: the repeated sample was embedded twice (two rows of one uid), exit 0. Now the shard is
+    refused by the safe reader, from the loader's worker process, as one line naming tar and member."""
+    import dataclasses
+
+    from tests.conftest import write_config
+
+    first = _repeat_first_sample(pool.shard_tar(1))
+    for stage in ("embed", "caption_embed"):
+        pool.marker_path(stage, 1).unlink(missing_ok=True)
+    cfg = dataclasses.replace(make_config_for(pool, image_server, tmp_path),
+                              embed=embed_cfg(tiny_checkpoint, workers=2))  # fmt: skip
+    before = snapshot(pool.root)
+    code, _, err = cli(capsys, "embed", write_config(tmp_path / "c.yaml", cfg))
+    line = one_line(err)
+    assert code == 2 and str(pool.shard_tar(1)) in line and f"repeats sample '{first}'" in line, err
+    after = {k: v for k, v in snapshot(pool.root).items() if k != ".clipcurate.lock"}  # the writer's lock file
+    assert after == before  # nothing of the shard was written
+
+
+def make_config_for(pool, server, tmp_path):
+    rows = point_at(laion_rows(300), server)
+    url_list = tmp_path / "urls.parquet"
+    pq.write_table(rows, url_list)
+    from tests.conftest import make_config
+
+    return make_config(pool.root, url_list)
+
+
+def _fails(shard: int) -> int:
+    from pipeline.errors import UserError
+
+    if shard == 3:
+        raise KeyError("a bug in a task")
+    raise UserError(f"/data/list.parquet: row {1 + shard % 2}: the same mistake, once per shard")
+
+
+def test_a_users_mistake_in_many_shard_tasks_is_one_line_per_cause_and_a_bug_keeps_its_traceback():
+    from pipeline.core import runner
+    from pipeline.engines.base import ShardFailures
+
+    with pytest.raises(ShardFailures) as info:
+        runner.collect(LocalEngine(1), _fails, [0, 1, 2, 3, 4, 5, 6], desc="stage", progress=False)
+    lines = str(info.value).splitlines()
+    assert lines[0].startswith("stage: 7 shard(s) failed")
+    cause = "  /data/list.parquet: row {}: the same mistake, once per shard ({})"
+    assert lines[1] == cause.format(1, "4 shards: 00000, 00002, 00004, 00006")
+    assert lines[2] == cause.format(2, "2 shards: 00001, 00005")
+    assert lines[3].startswith("  shard 00003: KeyError: 'a bug in a task'") and "Traceback" in str(info.value)

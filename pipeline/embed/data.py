@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from pipeline.errors import DamagedError
+from pipeline.errors import UserError
 from pipeline.store import schema as S
 from pipeline.store.parquet import Pool
 from pipeline.store.webdataset import decode_image, error_text, image_of, iter_shard
@@ -71,5 +71,9 @@ class ShardImages(torch.utils.data.IterableDataset):
                         yield self._collate(shard, items, last=False)
                         items = []
             except (tarfile.TarError, OSError) as exc:
-                raise DamagedError(f"{pool.shard_tar(shard)}: unreadable shard: {exc}") from exc
+                yield {"shard": shard, "fatal": f"{pool.shard_tar(shard)}: unreadable shard: {exc}"}
+                return
+            except UserError as exc:  # a bad shard (a repeated sample): the main process raises its one line
+                yield {"shard": shard, "fatal": str(exc)}
+                return
             yield self._collate(shard, items, last=True)

@@ -33,17 +33,51 @@ if TYPE_CHECKING:
 
 
 
+USER_ERROR = "user error: "  # how a shard task's failure says it was the user's input, not a bug
+
+
+def describe_failure(exc: BaseException) -> str:
+    """A failed shard task's report: a user's mistake (:class:`~pipeline.errors.UserError`) as its
+    message alone, a bug with the end of its traceback."""
+    import traceback
+
+    from pipeline.errors import UserError
+
+    if isinstance(exc, UserError):
+        return f"{USER_ERROR}{exc}"
+    return f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=-3)}"
+
+
+def _shard_list(shards: list[int], show: int = 5) -> str:
+    named = ", ".join(f"{s:05d}" for s in shards[:show])
+    return f"shard {named}" if len(shards) == 1 else f"{len(shards)} shards: {named}" + (
+        " ..." if len(shards) > show else "")  # fmt: skip
+
+
 class ShardFailures(RuntimeError):
-    """Some shards failed; the others finished and are kept."""
+    """Some shards failed; the others finished and are kept. A user's mistake is one line per
+    distinct message, with the shards it stopped; a bug keeps each shard's traceback."""
 
     def __init__(self, stage: str, failures: Mapping[int, str]):
         self.stage = stage
         self.failures = dict(failures)
-        lines = "\n".join(f"  shard {s:05d}: {msg}" for s, msg in sorted(self.failures.items()))
+        causes: dict[str, list[int]] = {}
+        bugs = []
+        for shard, msg in sorted(self.failures.items()):
+            if msg.startswith(USER_ERROR):
+                causes.setdefault(msg[len(USER_ERROR):].strip(), []).append(shard)
+            else:
+                bugs.append(f"  shard {shard:05d}: {msg}")
+        lines = [f"  {msg} ({_shard_list(shards)})" for msg, shards in causes.items()] + bugs
         super().__init__(
             f"{stage}: {len(self.failures)} shard(s) failed; finished shards are kept and a re-run "
-            f"redoes only these:\n{lines}"
+            f"redoes only these:\n" + "\n".join(lines)
         )
+
+    @classmethod
+    def merged(cls, errors: Sequence[ShardFailures]) -> ShardFailures:
+        """One report of several batches' failures of a stage."""
+        return cls(errors[0].stage, {s: m for e in errors for s, m in e.failures.items()})
 
 
 @dataclass

@@ -12,14 +12,13 @@ import multiprocessing
 import os
 import shutil
 import tempfile
-import traceback
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-from pipeline.engines.base import ShardResults, Table
+from pipeline.engines.base import ShardResults, Table, describe_failure
 from pipeline.errors import UserError
 from pipeline.progress import Progress
 
@@ -28,7 +27,7 @@ def _call(fn: Callable[[int], Any], shard: int) -> tuple[bool, Any]:
     try:
         return True, fn(shard)
     except Exception as exc:  # a failed shard is reported, the others go on
-        return False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=-3)}"
+        return False, describe_failure(exc)
 
 
 def _one_thread_each() -> None:

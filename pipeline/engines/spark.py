@@ -29,13 +29,12 @@ import json
 import os
 import re
 import sys
-import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import SparkConfig
-from pipeline.engines.base import ShardResults, Table
+from pipeline.engines.base import ShardResults, Table, describe_failure
 from pipeline.progress import Progress
 
 _LOCAL = re.compile(r"^local\[(\*|\d+)\]$")
@@ -68,7 +67,7 @@ def _shard_task(fn: Callable[[int], Any], max_failures: int, cwd: str) -> Callab
                 except Exception as exc:
                     if attempt + 1 < max_failures:
                         raise  # Spark retries the task
-                    value, ok = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=-3)}", False
+                    value, ok = describe_failure(exc), False
                 shards.append(shard)
                 oks.append(ok)
                 values.append(value)

@@ -73,6 +73,7 @@ def iter_shard(path: str | Path) -> Iterator[dict[str, Any]]:
     allow-listed extension, ``__error__`` (None or a message) and ``__skipped__`` (member names)."""
     path = Path(path)
     current: dict[str, Any] | None = None
+    seen: set[str] = set()  # a shard's keys (bounded by the shard): each sample's members come once, together
     with tarfile.open(path, mode="r|*") as tar:
         for member in tar:
             check_name(path, member.name)
@@ -82,7 +83,13 @@ def iter_shard(path: str | Path) -> Iterator[dict[str, Any]]:
             if current is None or current["__key__"] != key:
                 if current is not None:
                     yield current
+                if key in seen:
+                    raise UnsafeShardError(f"{path}: member {member.name!r} repeats sample {key!r}, which an "
+                                           "earlier member already ended; a shard holds each sample once")  # fmt: skip
+                seen.add(key)
                 current = {"__key__": key, "__shard__": str(path), "__error__": None, "__skipped__": []}
+            elif ext in current or member.name in current["__skipped__"]:
+                raise UnsafeShardError(f"{path}: member {member.name!r} appears twice in sample {key!r}")
             if ext not in ALLOWED_EXTENSIONS:
                 current["__skipped__"].append(member.name)
                 continue
