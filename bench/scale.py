@@ -38,7 +38,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 from pathlib import Path
 
@@ -46,7 +45,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.peaks import peak_gib  # noqa: E402 - after the path is set
+from bench.peaks import Peaks, peak_gib  # noqa: E402 - after the path is set
 
 DIM = 512
 PER_SHARD = 10_000
@@ -237,38 +236,9 @@ def run_step(step: str, root: Path, engine_name: str, overrides: list[str]) -> N
         stop()
 
 
-class _Poll:
-    """Peak RSS of every descendant of a process, by kind (JVM or other), polled every second (a
-    poll costs CPU that the measured step would otherwise have: 0.2 s took a third of a core)."""
-
-    def __init__(self, pid: int):
-        import psutil
-
-        self.proc, self.peaks, self.done = psutil.Process(pid), {"worker": 0, "jvm": 0}, threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        import psutil
-
-        while not self.done.is_set():
-            try:
-                for child in self.proc.children(recursive=True):
-                    try:
-                        kind = "jvm" if "java" in child.name() else "worker"
-                    except psutil.Error:
-                        continue
-                    self.peaks[kind] = max(self.peaks[kind], peak_gib(child.pid))
-            except psutil.Error:
-                return
-            self.done.wait(1.0)
-
-    def __enter__(self) -> _Poll:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.done.set()
-        self.thread.join()
+def _step_kind(process: object, is_step: bool) -> str | None:
+    """The step's own process is left out (it reads its own peak); the others are workers or JVMs."""
+    return None if is_step else ("jvm" if "java" in process.name() else "worker")
 
 
 def measure(step: str, root: Path, size: int, engine: str, overrides: list[str]) -> dict:
@@ -276,7 +246,7 @@ def measure(step: str, root: Path, size: int, engine: str, overrides: list[str])
            "--rss-out", str(root.parent / f"{step}.rss"), *(f"--set={pair}" for pair in overrides)]  # fmt: skip
     t = time.perf_counter()
     proc = subprocess.Popen(cmd)
-    with _Poll(proc.pid) as poll:
+    with Peaks([proc.pid], _step_kind) as poll:
         rc = proc.wait()
     seconds = time.perf_counter() - t
     if rc:
@@ -284,9 +254,9 @@ def measure(step: str, root: Path, size: int, engine: str, overrides: list[str])
     main_gib = float((root.parent / f"{step}.rss").read_text())
     line = {"step": step, "size": size, "engine": engine, "seconds": round(seconds, 1),
             "samples_per_s": round(size / seconds), "peak_rss_gib": round(main_gib, 3),
-            "worker_peak_rss_gib": round(poll.peaks["worker"], 3), "overrides": overrides}  # fmt: skip
+            "worker_peak_rss_gib": round(poll.peaks.get("worker", 0.0), 3), "overrides": overrides}  # fmt: skip
     if engine == "spark":
-        line["jvm_peak_rss_gib"] = round(poll.peaks["jvm"], 3)
+        line["jvm_peak_rss_gib"] = round(poll.peaks.get("jvm", 0.0), 3)
     return line
 
 

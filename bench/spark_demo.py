@@ -19,7 +19,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -28,40 +27,11 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.peaks import peak_gib  # noqa: E402 - after the path is set
+from bench.peaks import Peaks  # noqa: E402 - after the path is set
 
 
-class Peaks:
-    """The largest VmHWM seen, per process kind, among the descendants of ``roots`` (1 s poll)."""
-
-    def __init__(self, roots: list[int]):
-        self.roots, self.peaks, self.done = roots, {}, threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        import psutil
-
-        while not self.done.is_set():
-            for root in self.roots:
-                try:
-                    procs = [psutil.Process(root), *psutil.Process(root).children(recursive=True)]
-                except psutil.Error:
-                    continue
-                for p in procs:
-                    try:
-                        kind = "jvm" if "java" in p.name() else ("driver" if p.pid == self.roots[0] else "python")
-                    except psutil.Error:
-                        continue
-                    self.peaks[kind] = max(self.peaks.get(kind, 0.0), peak_gib(p.pid))
-            self.done.wait(1.0)
-
-    def __enter__(self) -> Peaks:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.done.set()
-        self.thread.join()
+def _kind(process: object, is_driver: bool) -> str:
+    return "jvm" if "java" in process.name() else ("driver" if is_driver else "python")
 
 
 def _config(name: str, engine: dict) -> Path:
@@ -90,7 +60,7 @@ def run(name: str, engine: dict, extra_roots: list[int]) -> dict:
     t = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "demo", str(config)], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    with Peaks([proc.pid, *extra_roots]) as peaks:
+    with Peaks([proc.pid, *extra_roots], _kind) as peaks:
         _, err = proc.communicate()
     seconds = time.perf_counter() - t
     if proc.returncode:

@@ -40,7 +40,3 @@ def embed_digest(pool: Pool) -> str:
     return recorded["config_hash"] if recorded else "none"
 
 
-def not_done(pool: Pool, stage: str, digest: str) -> list[int]:
-    """The planned shards of ``stage`` not yet done with ``digest`` (reads each marker once)."""
-    plan = pool.read_plan() or {"num_shards": 0}
-    return [s for s in range(plan["num_shards"]) if not pool.is_done(stage, s, digest)]

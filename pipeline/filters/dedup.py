@@ -378,7 +378,7 @@ def run_dedup(pool: Any, cfg: Any, engine: Any, progress: bool = True) -> dict[s
 
     from pipeline.core import runner
     from pipeline.engines.base import Table, written_files
-    from pipeline.filters.common import DEDUP_STAGE, embed_digest, not_done, stage_digest
+    from pipeline.filters.common import DEDUP_STAGE, embed_digest, stage_digest
     from pipeline.store import schema as S
     from pipeline.store.parquet import write_json_atomic
 
@@ -390,7 +390,8 @@ def run_dedup(pool: Any, cfg: Any, engine: Any, progress: bool = True) -> dict[s
     digest = stage_digest(*(getattr(cfg, k) for k in keys), embed_digest(pool),
                           pool.content_digest(["download", "embed"]))  # fmt: skip
     summary_path = pool.aggregates_dir / "dedup.json"
-    if not not_done(pool, DEDUP_STAGE, digest) and summary_path.exists():
+    step = DedupTable(digest)
+    if not runner.plan(pool, step, shards) and summary_path.exists():
         return json.loads(summary_path.read_text())
     dirs = _dirs(pool)
     clock = _Clock()
@@ -411,7 +412,6 @@ def run_dedup(pool: Any, cfg: Any, engine: Any, progress: bool = True) -> dict[s
                   "semantic": Table.of(written_files(dirs["semantic"]), S.DUP_DROPS_SCHEMA)},
                  dirs["drops"], order_by="shard")  # fmt: skip
     clock.lap("drops by shard (SQL)")
-    step = DedupTable(digest)
     runner.run_step(pool, engine, step, runner.plan(pool, step, shards), progress=progress)
     clock.lap("tables per shard")
     exact_dropped = sum(m["counts"]["exact"] for m in pool.completed(DEDUP_STAGE).values())

@@ -209,7 +209,7 @@ def run_image_based(pool, cfg, engine, embed_cfg=None, progress: bool = True) ->
     import json
 
     from pipeline.core.vectors import clusters_for, fit_sample, kmeans_on_sample, sample_rate, sample_size
-    from pipeline.filters.common import IMAGE_STAGE, embed_digest, not_done, scores_digest, stage_digest
+    from pipeline.filters.common import IMAGE_STAGE, embed_digest, scores_digest, stage_digest
     from pipeline.store.parquet import atomic_path, write_json_atomic
 
     shards = pool.require_complete("embed")
@@ -220,7 +220,10 @@ def run_image_based(pool, cfg, engine, embed_cfg=None, progress: bool = True) ->
     digest = stage_digest(*(getattr(cfg, k) for k in keys), targets_id, embed_digest(pool), scores_digest(),
                           pool.content_digest(["embed", "filters"]))  # fmt: skip
     summary_path = pool.aggregates_dir / "image_based.json"
-    if not not_done(pool, IMAGE_STAGE, digest) and summary_path.exists():
+    out = pool.aggregates_dir / "image_based"
+    centres_path = out / "centroids.npz"
+    step = AssignImageClusters(str(centres_path), digest)
+    if not runner.plan(pool, step, shards) and summary_path.exists():
         return json.loads(summary_path.read_text())
     pool.require_complete("filters")
     parts = runner.map_shards(pool, engine, functools.partial(count_shard, str(pool.root)), shards,
@@ -232,7 +235,6 @@ def run_image_based(pool, cfg, engine, embed_cfg=None, progress: bool = True) ->
         raise UserError(f"{pool.root}: no image embeddings to cluster")
     k = clusters_for(population, cfg.image_clusters, cfg.samples_per_image_cluster)
     wanted = sample_size(k, cfg.kmeans_max_points_per_centroid, cfg.kmeans_max_sample)
-    out = pool.aggregates_dir / "image_based"
     sample_dir = out / "sample"
     fn = functools.partial(sample_shard, str(pool.root), str(sample_dir), sample_rate(wanted, population), cfg.seed,
                            captioned)  # fmt: skip
@@ -243,10 +245,8 @@ def run_image_based(pool, cfg, engine, embed_cfg=None, progress: bool = True) ->
     if targets.shape[1] != centroids.shape[1]:
         raise UserError(f"image targets have dimension {targets.shape[1]}, the pool's embeddings {centroids.shape[1]}")
     chosen = np.unique(nearest_by_dot(targets, centroids))
-    centres_path = out / "centroids.npz"
     with atomic_path(centres_path) as tmp, tmp.open("wb") as f:
         np.savez(f, centroids=centroids, chosen=chosen)
-    step = AssignImageClusters(str(centres_path), digest)
     runner.run_step(pool, engine, step, runner.plan(pool, step, shards), progress=progress)
     in_target = sum(m["counts"]["target"] for m in pool.completed(IMAGE_STAGE).values())
     summary = {"clusters": int(k), "train_samples": len(train), "train_population": population,

@@ -39,7 +39,6 @@ from pipeline.filters.common import (  # noqa: F401 - re-exported: the stage nam
     SCORES_VERSION,
     STAGE,
     embed_digest,
-    not_done,
     scores_digest,
     stage_digest,
 )
