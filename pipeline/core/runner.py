@@ -126,13 +126,9 @@ def run_shard(pool_root: str, step: Step, shard: int) -> dict[str, int]:
                                     or pool.table_path(step.name, shard).exists()):  # fmt: skip
         pool.forget_shard(shard, keep=(step.name,))
     inputs = read_inputs(pool, step, shard, downloaded)
-    files: list[Path] = []
-    if step.files:
-        scratch = _scratch(pool, step.name, shard)
-        out = conform(step, shard, step.produce(inputs, shard, scratch))
-        files = _place(pool, scratch, shard, step.files)
-    else:
-        out = conform(step, shard, step(inputs))
+    scratch = _scratch(pool, step.name, shard) if step.files else None
+    out = conform(step, shard, step(inputs) if scratch is None else step.produce(inputs, shard, scratch))
+    files = [] if scratch is None else _place(pool, scratch, shard, step.files)
     flips = flip_counts(pool, step, shard, out)
     for folder, table in step.side(inputs, out).items():
         write_parquet_atomic(pool.aggregates_dir / folder / f"{shard_name(shard)}.parquet", table)

@@ -99,8 +99,9 @@ class Step:
         raise NotImplementedError
 
     def produce(self, inputs: dict[str, pa.Table], shard: int, scratch: Path) -> pa.Table:
-        """A step with ``files`` writes ``scratch/{shard:05d}<suffix>`` for each, and returns its table."""
-        return self(inputs)
+        """A step with ``files`` writes ``scratch/{shard:05d}<suffix>`` for each, and returns its table
+        (the runner calls it instead of ``__call__``)."""
+        raise NotImplementedError
 
     def counts(self, out: pa.Table) -> dict[str, int]:
         """The completion marker's counts for the shard's table ``out``."""

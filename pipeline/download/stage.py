@@ -774,7 +774,7 @@ class Download(Step):
         declared = pool.declared_schema(STAGE)
         listed = tuple(pq.read_schema(pool.listed_paths()[0]).names)
         super().__init__(reads=(Read(LISTED, listed),), digest=stage_hash(cfg), where=where)
-        self.cfg, self.schema, self.selection = cfg, declared, cfg.where
+        self.cfg, self.schema = cfg, declared  # the digest covers cfg, download.where included
         self.root = str(pool.root)  # part of the set-up key: a worker never takes one pool's step for another's
 
     def produce(self, inputs: dict[str, pa.Table], shard: int, scratch: Path) -> pa.Table:

@@ -30,12 +30,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.config import ModeConfig
-from pipeline.core.vectors import kmeans, nearest
+from pipeline.core.vectors import kmeans, nearest, unit_rows
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    """``x`` as float32 rows, L2-normalised, in a new array (``x`` is left as it is)."""
+    return unit_rows(np.array(x, dtype=np.float32))
 
 
 def balanced_assign(x: np.ndarray, centers: np.ndarray, metric: str, candidates: int = 32) -> np.ndarray:
