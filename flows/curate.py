@@ -81,9 +81,9 @@ def plan_embed(cfg: PipelineConfig, engine: Engine) -> list[int]:
 @task(name="embed-shards", cache_policy=NO_CACHE)
 def embed_batch(cfg: PipelineConfig, engine: Engine, shards: list[int]) -> dict[int, dict[str, int]]:
     """Embed one batch of shards (image/text embeddings, clip_score, caption embeddings)."""
-    from pipeline.embed import run_embed_on
+    from pipeline.embed import run_embed
 
-    return run_embed_on(engine, Pool(cfg.pool), cfg.embed, shards=shards)
+    return run_embed(Pool(cfg.pool), cfg.embed, engine, shards=shards)
 
 
 @task(name="plan-metaclip", cache_policy=NO_CACHE)

@@ -114,13 +114,13 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 def cmd_import_embeddings(args: argparse.Namespace) -> int:
     from pipeline.config import EmbedConfig, EmbedSourceConfig
-    from pipeline.embed import run_embed_on
+    from pipeline.embed import run_embed
 
     pool = _existing_pool(args.pool)
     source = EmbedSourceConfig(path=args.path, format=args.format, key=args.key)
     embed = EmbedConfig(model=args.model, source=source, caption_model=None if args.no_captions else "clip")
     with _locked(args, pool):
-        done = run_embed_on(_engine(args.config, pool, args.workers), pool, embed)
+        done = run_embed(pool, embed, _engine(args.config, pool, args.workers))
     print(f"imported {len(done)} shard(s): {sum(c['imported'] for c in done.values())} samples, "
           f"{sum(c['missing'] for c in done.values())} without a published embedding")  # fmt: skip
     return 0
@@ -128,7 +128,7 @@ def cmd_import_embeddings(args: argparse.Namespace) -> int:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from pipeline.config import EmbedConfig
-    from pipeline.embed import run_embed_on
+    from pipeline.embed import run_embed
     from pipeline.engines import get_engine
 
     if Path(args.target).is_dir():
@@ -142,7 +142,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
             raise ConfigError(f"{args.target}: has no `embed` section")
         pool, embed, engine = Pool(cfg.pool), cfg.embed, get_engine(cfg)
     with _locked(args, pool):
-        done = run_embed_on(engine, pool, embed)
+        done = run_embed(pool, embed, engine)
     print(f"embedded {len(done)} shard(s): {sum(c['samples'] for c in done.values())} samples, "
           f"{sum(c['decode_errors'] for c in done.values())} decode errors")  # fmt: skip
     return 0

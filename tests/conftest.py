@@ -113,7 +113,7 @@ def clustered(downloaded_pool, tiny_checkpoint, tmp_path_factory):
     from pipeline.store.parquet import Pool
 
     pool = Pool(shutil.copytree(downloaded_pool[0].root, tmp_path_factory.mktemp("mode") / "pool"))
-    run_embed(pool, embed_cfg(tiny_checkpoint, workers=0), progress=False)
+    run_embed(pool, embed_cfg(tiny_checkpoint, workers=0), LocalEngine(1), progress=False)
     settings = {"n_fine": 8, "n_experts": 2, "fit_fraction": 0.5, "min_fit_samples": 0}
     cfg = parse_config({"pool": "p", "download": {"input": "u"}, "mode": settings}).mode
     return pool, cfg, run_mode(pool, cfg, LocalEngine(2), progress=False)

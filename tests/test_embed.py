@@ -21,6 +21,7 @@ from pipeline.embed import (
     checkpoint_sha256,
     run_embed,
 )
+from pipeline.engines.local import LocalEngine
 from pipeline.store.parquet import Pool
 from pipeline.store.webdataset import decode_image, iter_shard
 from tests.conftest import LAION, embed_cfg
@@ -29,7 +30,7 @@ from tests.conftest import LAION, embed_cfg
 @pytest.fixture(scope="module")
 def embedded(downloaded_pool, tiny_checkpoint, tmp_path_factory):
     pool = Pool(shutil.copytree(downloaded_pool[0].root, tmp_path_factory.mktemp("emb") / "pool"))
-    done = run_embed(pool, embed_cfg(tiny_checkpoint), progress=False)
+    done = run_embed(pool, embed_cfg(tiny_checkpoint), LocalEngine(1), progress=False)
     return pool, done
 
 
@@ -93,7 +94,7 @@ def test_caption_embeddings_default_to_the_clip_text_tower(embedded):
 
 def test_rerun_skips_embedded_shards(embedded, tiny_checkpoint):
     pool, _ = embedded
-    assert run_embed(pool, embed_cfg(tiny_checkpoint), progress=False) == {}
+    assert run_embed(pool, embed_cfg(tiny_checkpoint), LocalEngine(1), progress=False) == {}
 
 
 def _corrupt_one_image(tar_path: Path) -> str:
@@ -114,7 +115,7 @@ def _corrupt_one_image(tar_path: Path) -> str:
 def test_an_undecodable_image_gives_a_null_embedding_and_a_decode_error(downloaded_pool, tiny_checkpoint, tmp_path):
     pool = Pool(shutil.copytree(downloaded_pool[0].root, tmp_path / "pool"))
     victim = _corrupt_one_image(pool.shard_tar(0))
-    done = run_embed(pool, embed_cfg(tiny_checkpoint, workers=0), progress=False)
+    done = run_embed(pool, embed_cfg(tiny_checkpoint, workers=0), LocalEngine(1), progress=False)
     assert done[0]["decode_errors"] == 1 and all(c["decode_errors"] == 0 for s, c in done.items() if s)
     row = duckdb.execute(
         "select e.image_embedding, e.clip_score, e.decode_error, e.text_embedding from read_parquet(?) e "

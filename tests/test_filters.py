@@ -183,7 +183,7 @@ def dup_pool(tmp_path_factory, tiny_checkpoint):
         cfg = make_config(root / "pool", root / "urls.parquet", samples_per_shard=40)
         run_download(Pool(cfg.pool), cfg.download, LocalEngine(2), progress=False)
     pool = Pool(cfg.pool)
-    run_embed(pool, embed_cfg(tiny_checkpoint, workers=0), progress=False)
+    run_embed(pool, embed_cfg(tiny_checkpoint, workers=0), LocalEngine(1), progress=False)
     planted = {token_for(urls[i]): s for s in seeds for i in groups[s]}
     return pool, planted
 

@@ -24,7 +24,7 @@ from PIL import Image
 from pipeline.config import EmbedConfig, EmbedSourceConfig, ExportConfig, FilterConfig, ModeConfig, parse_config
 from pipeline.devserver import kind_of, served_image, token_for
 from pipeline.download import InputError, run_download
-from pipeline.embed import run_embed_on
+from pipeline.embed import run_embed
 from pipeline.engines.local import LocalEngine
 from pipeline.query import query
 from pipeline.store.parquet import Pool
@@ -192,7 +192,7 @@ def _import_cfg(folder: Path, key: str = "l14") -> EmbedConfig:
 def imported(datacomp, downloaded):
     folder = datacomp[0]
     pool, _ = downloaded
-    done = run_embed_on(LocalEngine(2), pool, _import_cfg(folder), progress=False)
+    done = run_embed(pool, _import_cfg(folder), LocalEngine(2), progress=False)
     return pool, done
 
 
@@ -270,11 +270,11 @@ def test_import_refuses_a_mismatched_file(datacomp, downloaded, tmp_path):
     np.savez(npz, **arrays)
     pool, _ = downloaded
     with pytest.raises(EmbeddingImportError, match=rf"{npz.name}: l14_img has 59 rows but 00000001\.parquet has 60"):
-        run_embed_on(LocalEngine(1), pool, _import_cfg(folder), progress=False)
+        run_embed(pool, _import_cfg(folder), LocalEngine(1), progress=False)
     arrays["l14_img"] = np.zeros((60, 512), np.float16)
     np.savez(npz, **arrays)
     with pytest.raises(EmbeddingImportError, match="DataComp's l14 vectors are 768-d"):
-        run_embed_on(LocalEngine(1), pool, _import_cfg(folder), progress=False)
+        run_embed(pool, _import_cfg(folder), LocalEngine(1), progress=False)
 
 
 def test_an_npz_of_objects_or_garbage_is_refused_before_any_memory_map(datacomp, downloaded, tmp_path):
@@ -296,10 +296,10 @@ def test_an_npz_of_objects_or_garbage_is_refused_before_any_memory_map(datacomp,
         with pytest.raises(EmbeddingImportError, match=rf"{npz.name}: 'l14_img' is object"):
             _npz_member(npz, "l14_img")
         with pytest.raises(EmbeddingImportError, match=rf"{npz.name}: 'l14_img' is object"):
-            run_embed_on(LocalEngine(1), pool, _import_cfg(folder), progress=False)
+            run_embed(pool, _import_cfg(folder), LocalEngine(1), progress=False)
     npz.write_bytes(b"not a zip at all" * 100)
     with pytest.raises(EmbeddingImportError, match=rf"{npz.name}: not a readable \.npz"):
-        run_embed_on(LocalEngine(1), pool, _import_cfg(folder), progress=False)
+        run_embed(pool, _import_cfg(folder), LocalEngine(1), progress=False)
 
 
 def test_nan_and_inf_vectors_get_a_decode_error_and_never_ship(datacomp, downloaded, tmp_path):
@@ -317,7 +317,7 @@ def test_nan_and_inf_vectors_get_a_decode_error_and_never_ship(datacomp, downloa
     np.savez(npz, **arrays)
     bad = {datacomp[1][3], datacomp[1][7]}
     pool = copy_pool(downloaded[0], tmp_path / "pool", ("embed", "caption_embed"))  # not imported yet
-    done = run_embed_on(LocalEngine(1), pool, _import_cfg(folder), progress=False)
+    done = run_embed(pool, _import_cfg(folder), LocalEngine(1), progress=False)
     assert sum(c["non_finite"] for c in done.values()) == 2
     rows = query(pool, "select uid, decode_error, clip_score from embed where decode_error is not null")
     assert set(rows["uid"].to_pylist()) == bad and rows["clip_score"].null_count == 2
@@ -365,7 +365,7 @@ def test_clip_retrieval_import_joins_on_row_order(clip_retrieval, tmp_path):
         "embed": {"model": "clipcurate-tiny", "source": {"path": str(folder), "format": "clip-retrieval"}}}, "test")
     pool = Pool(cfg.pool)
     run_download(pool, cfg.download, LocalEngine(2), progress=False)
-    done = run_embed_on(LocalEngine(2), pool, cfg.embed, progress=False)
+    done = run_embed(pool, cfg.embed, LocalEngine(2), progress=False)
     assert sum(c["imported"] for c in done.values()) == len(urls)
     emb = query(pool, "select d.url, e.image_embedding, e.clip_score from embed e join download d using (uid)")
     at = np.array([urls.index(u) for u in emb["url"].to_pylist()])
@@ -395,7 +395,7 @@ def test_a_pool_whose_rows_are_not_clip_retrievals_is_named_with_rows_counted_fr
     pool = Pool(cfg.pool)
     run_download(pool, cfg.download, LocalEngine(2), progress=False)
     with pytest.raises(ShardFailures) as info:
-        run_embed_on(LocalEngine(2), pool, cfg.embed, progress=False)
+        run_embed(pool, cfg.embed, LocalEngine(2), progress=False)
     want = (f"{folder / 'metadata' / 'metadata_0.parquet'} row 1 has url {urls[0]!r}, but row 1 of the pool's URL "
             f"list has {urls[29]!r}")  # fmt: skip
     assert want in str(info.value) and "Traceback" not in str(info.value), str(info.value)
@@ -430,7 +430,7 @@ def test_import_on_spark_equals_local(datacomp, downloaded, imported, tmp_path):
     shutil.rmtree(pool.aggregates_dir, ignore_errors=True)
     engine = SparkEngine(SparkConfig(master="local[2]", task_max_failures=2))
     try:
-        run_embed_on(engine, pool, _import_cfg(datacomp[0]), progress=False)
+        run_embed(pool, _import_cfg(datacomp[0]), engine, progress=False)
     finally:
         engine.stop()
     for stage in ("embed", "caption_embed"):

@@ -108,6 +108,8 @@ def _steps() -> list[type]:
 
 def test_every_step_declares_its_reads_and_a_schema_of_store_schema():
     from pipeline.core.step import LISTED
+    from pipeline.embed import CaptionEmbed, Embed
+    from pipeline.embed.imported import ImportEmbeddings
     from pipeline.store import schema as S
 
     declared = [v for v in vars(S).values() if isinstance(v, pa.Schema)]
@@ -115,20 +117,31 @@ def test_every_step_declares_its_reads_and_a_schema_of_store_schema():
     assert {cls.name for cls in steps} >= {"download", "filters", "decisions", "metaclip_match", "metaclip", "mode",
                                           "image_based", "dedup", "rebalance"}  # fmt: skip
     stages = set(S.STAGE_SCHEMAS) | {"embed", "caption_embed", LISTED}
+    sized = {"embed": S.embed_schema, "caption_embed": S.caption_embed_schema}  # the vectors' width varies
+    assert {cls.name for cls in steps} >= set(sized)
     for cls in steps:
-        assert cls.name in S.STAGE_SCHEMAS and cls.schema.equals(S.STAGE_SCHEMAS[cls.name]), cls
-        assert any(cls.schema.equals(d) for d in declared), cls
+        if cls.name in sized:
+            assert cls.sized is sized[cls.name] and cls.sized(8).field(cls.sized_column), cls
+        else:
+            assert cls.name in S.STAGE_SCHEMAS and cls.schema.equals(S.STAGE_SCHEMAS[cls.name]), cls
+            assert any(cls.schema.equals(d) for d in declared), cls
         # a pure function, or (the download: img2dataset writes its tar) a producer of declared files
         assert "__call__" in vars(cls) or (cls.files and "produce" in vars(cls)), f"{cls.__name__} has no function"
-    for step in _example_steps():
+    examples = _example_steps()
+    assert {Embed, CaptionEmbed, ImportEmbeddings} <= {type(step) for step in examples} <= set(steps)
+    for step in examples:
         assert step.reads, step
         for read in step.reads:
             assert read.table in stages and read.columns, (step, read)
+        if step.streams:  # its images come as batches, encoded as they arrive
+            assert "encode" in vars(type(step)) and "transform" in vars(type(step)), step
 
 
 def _example_steps() -> list:
     """An instance of each step, with a config of the demo's shape (reads may depend on the config)."""
-    from pipeline.config import MetaclipConfig, ModeConfig
+    from pipeline.config import EmbedConfig, EmbedSourceConfig, MetaclipConfig, ModeConfig
+    from pipeline.embed import CaptionEmbed, Embed
+    from pipeline.embed.imported import ImportEmbeddings
     from pipeline.filters.decisions import Decide
     from pipeline.filters.image_based import AssignImageClusters
     from pipeline.filters.rules import recipe_rules
@@ -139,7 +152,10 @@ def _example_steps() -> list:
     metaclip = MetaclipConfig(metadata=str(REPO / "metadata" / "entries.json"))
     rules = recipe_rules("basic", {}, decoded=True)
     return [CaptionScores("d"), Decide(rules, "d"), Match(metaclip), Balance("/p", metaclip, 1.0, "d"),
-            AssignExperts("/p", ModeConfig(), "d"), AssignImageClusters("/p/c.npz", "d")]  # fmt: skip
+            AssignExperts("/p", ModeConfig(), "d"), AssignImageClusters("/p/c.npz", "d"),
+            Embed(EmbedConfig(model="m", checkpoint="c"), "sha"), CaptionEmbed("minilm", "d"),
+            ImportEmbeddings(EmbedConfig(model="m", source=EmbedSourceConfig(path="/p", format="clip-retrieval")),
+                             "d")]  # fmt: skip
 
 
 def test_no_function_of_the_library_is_over_60_lines():

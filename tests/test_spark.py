@@ -223,14 +223,14 @@ def test_a_task_failing_every_attempt_is_reported_and_the_others_finish(clustere
 def test_embedding_on_spark_equals_local_and_loads_the_model_once_per_worker(
     downloaded_pool, tiny_checkpoint, spark, load_log, tmp_path
 ):
-    from pipeline.embed import run_embed_on
+    from pipeline.embed import run_embed
     from tests.conftest import embed_cfg
 
     pools = [copy_pool(downloaded_pool[0], tmp_path / n) for n in ("local", "spark")]
     cfg = embed_cfg(tiny_checkpoint, workers=0)
-    run_embed_on(LocalEngine(1), pools[0], cfg, progress=False)
+    run_embed(pools[0], cfg, LocalEngine(1), progress=False)
     load_log.write_text("")
-    run_embed_on(spark, pools[1], cfg, progress=False)
+    run_embed(pools[1], cfg, spark, progress=False)
     pids = [line.split("\t")[1] for line in load_log.read_text().splitlines() if line.startswith("open_clip")]
     assert 1 <= len(pids) <= 2 and len(pids) == len(set(pids))  # 4 shards, at most one load per worker
     import numpy as np

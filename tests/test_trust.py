@@ -259,7 +259,7 @@ def test_undecodable_samples_get_decode_error_and_never_ship(pool, tmp_path, cap
     from pipeline.query import query
 
     kinds = plant_broken_samples(pool, 0, _four_keys(pool, "keep"))  # each was kept, and would have shipped
-    run_embed(pool, embed_cfg(tiny_checkpoint, workers=0), progress=False)
+    run_embed(pool, embed_cfg(tiny_checkpoint, workers=0), LocalEngine(1), progress=False)
     run_filters(pool, FilterConfig(recipe="basic"), LocalEngine(2), progress=False)
     keys = ", ".join(f"'{k}'" for k in kinds)
     rows = query(pool, f"select key, keep, drop_reason, decode_error from samples where shard = 0 and key in ({keys})")

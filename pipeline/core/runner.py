@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.core.step import BY_SHARD, LISTED, SELECTED, SHARD_FILE, Read, Step
+from pipeline.core.step import BY_SHARD, IMAGES, LISTED, SELECTED, SHARD_FILE, Read, Step
 from pipeline.store import schema as S
 from pipeline.store.parquet import Pool, shard_name, write_parquet_atomic
 
@@ -92,7 +92,7 @@ def ready(step: Step) -> Step:
 
 def conform(step: Step, shard: int, table: pa.Table) -> pa.Table:
     """``table`` with the step's declared columns and types, ``shard`` set to the shard's id."""
-    schema = step.schema
+    schema = step.schema_of(table)
     if S.SHARD in schema.names:
         column = pa.array([shard] * table.num_rows, pa.int32())
         table = table.set_column(table.column_names.index(S.SHARD), S.SHARD, column) if (
@@ -117,6 +117,8 @@ def flip_counts(pool: Pool, step: Step, shard: int, out: pa.Table) -> dict[str, 
 
 def run_shard(pool_root: str, step: Step, shard: int) -> dict[str, int]:
     """Read, call, conform, write, count flips and mark one shard (the engine's per-shard task)."""
+    if step.streams:  # one task per shard (a cluster): the shard's images decoded inline
+        return run_stream(pool_root, step, [shard], workers=0, progress=False)[shard]
     pool = Pool(pool_root)
     step = ready(step)
     needs = step.redo_once_downloaded or any(r.listed_until_downloaded for r in step.reads)
@@ -127,14 +129,59 @@ def run_shard(pool_root: str, step: Step, shard: int) -> dict[str, int]:
         pool.forget_shard(shard, keep=(step.name,))
     inputs = read_inputs(pool, step, shard, downloaded)
     scratch = _scratch(pool, step.name, shard) if step.files else None
-    out = conform(step, shard, step(inputs) if scratch is None else step.produce(inputs, shard, scratch))
+    out = step(inputs) if scratch is None else step.produce(inputs, shard, scratch)
     files = [] if scratch is None else _place(pool, scratch, shard, step.files)
+    return finish_shard(pool, step, shard, inputs, out, digest, files)
+
+
+def finish_shard(pool: Pool, step: Step, shard: int, inputs: dict[str, pa.Table], out: pa.Table, digest: str,
+                 files: Sequence[Path] = ()) -> dict[str, int]:  # fmt: skip
+    """Conform the step's table, count its flips, write its aggregates and commit it."""
+    out = conform(step, shard, out)
     flips = flip_counts(pool, step, shard, out)
     for folder, table in step.side(inputs, out).items():
         write_parquet_atomic(pool.aggregates_dir / folder / f"{shard_name(shard)}.parquet", table)
     counts = {**step.counts(out), **flips}
     commit(pool, step.name, shard, out, digest, counts, files=files)
     return counts
+
+
+def run_stream(pool_root: str, step: Step, shards: Sequence[int], *, workers: int, progress: bool = True,
+               done: dict[int, dict[str, int]] | None = None) -> dict[int, dict[str, int]]:  # fmt: skip
+    """A streaming step over ``shards`` in this process: a data loader decodes their tars in
+    ``workers`` spawned processes (0: inline) while the step encodes each batch; a shard is
+    finished as soon as every loader worker sent its last batch of it. Each worker takes every
+    ``workers``-th sample of a shard and never mixes shards in a batch. Each finished shard's counts
+    go into ``done`` (returned), which keeps them when a later shard fails."""
+    import torch
+
+    from pipeline.errors import DamagedError
+    from pipeline.progress import Progress
+    from pipeline.store.images import ShardImages  # imports torch: only when a streaming step runs
+
+    pool, step = Pool(pool_root), ready(step)
+    read = next(r for r in step.reads if r.kind == IMAGES)
+    dataset = ShardImages(pool_root, list(shards), step.transform(), step.batch_size, step.max_pixels)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, num_workers=workers,
+        multiprocessing_context="spawn" if workers else None, prefetch_factor=4 if workers else None,
+    )  # fmt: skip
+    sizes = pool.shard_sizes(list(shards))
+    parts: dict[int, list[pa.Table]] = {}
+    lasts: dict[int, int] = {}
+    done = {} if done is None else done
+    with Progress(total=sum(sizes.values()), desc=step.name, enabled=progress) as bar:
+        for batch in loader:
+            if "fatal" in batch:  # from a loader worker: re-raised here, as its message alone
+                raise DamagedError(batch["fatal"])
+            shard = batch["shard"]
+            parts.setdefault(shard, []).append(step.encode(batch))
+            lasts[shard] = lasts.get(shard, 0) + batch["last"]
+            if lasts[shard] == max(1, workers):
+                inputs = {read.key: pa.concat_tables(parts.pop(shard))}
+                done[shard] = finish_shard(pool, step, shard, inputs, step(inputs), shard_digest(pool, step, shard))
+                bar.update(sizes[shard])
+    return done
 
 
 def _scratch(pool: Pool, name: str, shard: int) -> Path:
@@ -161,15 +208,16 @@ def commit(pool: Pool, name: str, shard: int, table: pa.Table, digest: str, coun
            files: Sequence[Path] = ()) -> None:  # fmt: skip
     """Write ``table`` as the shard's table of stage ``name`` (atomically, checked against its
     schema), then the completion marker, last, recording the table and ``files`` (already in place:
-    the download's tar, sidecar and stats). The one place a table or a marker is written: the
-    embed stage's streaming form finishes its shards here too."""
+    the download's tar, sidecar and stats). The one place a table or a marker is written."""
     path = pool.write_table(name, shard, table)
     pool.mark_done(name, shard, digest, counts, files=[path, *files])
 
 
 def run_step(pool: Pool, engine: Engine, step: Step, shards: Sequence[int], *, progress: bool = True,
              desc: str | None = None) -> dict[int, dict[str, int]]:  # fmt: skip
-    """Run ``step`` over ``shards`` (already planned: :func:`plan`) with ``engine``.
+    """Run ``step`` over ``shards`` (already planned: :func:`plan`) with ``engine``. A ``one_model``
+    step on a one-machine engine runs here, every shard through one set-up instance (a streaming
+    step's loader decoding in its ``workers`` processes); elsewhere one engine task per shard.
 
     Returns:
         The markers' counts by shard.
@@ -177,9 +225,29 @@ def run_step(pool: Pool, engine: Engine, step: Step, shards: Sequence[int], *, p
     Raises:
         ShardFailures: some shards failed; the others are finished and kept, the manifest rebuilt.
     """
+    shards = list(shards)
+    if step.one_model and engine.one_machine and shards:
+        return _in_process(pool, step, shards, progress)
     fn = functools.partial(run_shard, str(pool.root), step)
-    return map_shards(pool, engine, fn, list(shards), desc=desc or step.name, weights=pool.shard_sizes(list(shards)),
+    return map_shards(pool, engine, fn, shards, desc=desc or step.name, weights=pool.shard_sizes(shards),
                       progress=progress)  # fmt: skip
+
+
+def _in_process(pool: Pool, step: Step, shards: list[int], progress: bool) -> dict[int, dict[str, int]]:
+    """``step`` over ``shards`` in this process. A failure stops it, as one process's error does:
+    the shards finished before it are kept (the manifest rebuilt, if there are any), and the error
+    is raised as it is."""
+    done: dict[int, dict[str, int]] = {}
+    try:
+        if step.streams:
+            return run_stream(str(pool.root), step, shards, workers=step.workers, progress=progress, done=done)
+        for shard in shards:
+            done[shard] = run_shard(str(pool.root), step, shard)
+        return done
+    except BaseException:
+        if done:
+            pool.update_manifest()
+        raise
 
 
 def collect(engine: Engine, fn: Any, shards: list[int], *, desc: str, weights: dict[int, int] | None = None,

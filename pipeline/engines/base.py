@@ -10,8 +10,8 @@ Stages are engine-free. A stage hands the engine
   groups, vectors regrouped by cluster), where a task finds one key's rows through the row groups'
   statistics (:func:`read_where`) -- the engines' out-of-core sorts do the regrouping, rather than
   a partitioned writer that buffers every open partition;
-- a model stage's two forms (:meth:`Engine.map_model`), where the best way to run it differs
-  between one machine and a cluster.
+- one fact: whether it is one machine (:attr:`Engine.one_machine`), where a step holding a costly
+  model runs best as one set-up instance in the driver (:attr:`~pipeline.core.step.Step.one_model`).
 
 The SQL is written once, in DuckDB's dialect, restricted to what Spark SQL also parses; the Spark
 engine translates the one construct the two spell differently (``unnest`` is Spark's ``explode``).
@@ -132,12 +132,8 @@ class Engine(Protocol):
         """
         ...
 
-    def map_model(self, batch_fn: Callable[[Sequence[int]], Mapping[int, Any]], shard_fn: Callable[[int], Any],
-                  shards: Sequence[int], *, desc: str, progress: bool = True) -> ShardResults:  # fmt: skip
-        """Run a stage that holds a costly model: ``batch_fn(shards)`` streams every shard through one
-        model where that is fastest (one machine: one load, a data loader feeding it), or
-        ``shard_fn(shard)`` per shard where each worker caches the model (a cluster)."""
-        ...
+    one_machine: bool
+    """Whether every task runs on this machine (the runner then runs a ``one_model`` step in the driver)."""
 
     def query(self, sql: str, tables: Mapping[str, Table]) -> pa.Table:
         """Run ``sql`` over ``tables`` (each a view of that name); the result must be small."""

@@ -77,6 +77,8 @@ class LocalEngine:
     With ``workers=1`` the shards run in this process, which keeps tracebacks and debuggers simple.
     """
 
+    one_machine = True
+
     def __init__(self, workers: int = 2, memory_limit: str = "4GB", temp_directory: str | Path | None = None,
                  threads: int | None = None):  # fmt: skip
         if workers < 1:
@@ -114,12 +116,6 @@ class LocalEngine:
                     self._record(out, shard, future.result())
                     bar.update(weights.get(shard, 0))
         return out
-
-    def map_model(self, batch_fn: Callable[[Sequence[int]], Mapping[int, Any]], shard_fn: Callable[[int], Any],
-                  shards: Sequence[int], *, desc: str, progress: bool = True) -> ShardResults:  # fmt: skip
-        """One machine: the whole batch through one model in this process (its data loader decodes
-        in parallel), rather than one model per worker process."""
-        return ShardResults(results=dict(batch_fn(shards)))
 
     @staticmethod
     def _record(out: ShardResults, shard: int, result: tuple[bool, Any]) -> None:

@@ -106,6 +106,8 @@ class SparkEngine:
     """Runs each shard as a Spark task and the pool-wide SQL as Spark SQL (module docstring). The
     session starts on first use."""
 
+    one_machine = False  # a one_model step runs one task per shard; each executor's Python worker sets up once
+
     def __init__(self, cfg: SparkConfig | None = None):
         self.cfg = cfg or SparkConfig()
         self._spark: Any = None
@@ -162,11 +164,6 @@ class SparkEngine:
                     out.failures[row.shard] = row.value
                 bar.update(weights.get(row.shard, 0))
         return out
-
-    def map_model(self, batch_fn: Callable[[Sequence[int]], Mapping[int, Any]], shard_fn: Callable[[int], Any],
-                  shards: Sequence[int], *, desc: str, progress: bool = True) -> ShardResults:  # fmt: skip
-        """A cluster: one task per shard; each executor's Python worker loads the model once."""
-        return self.map_shards(shard_fn, shards, desc=desc, progress=progress)
 
     # SQL ------------------------------------------------------------------------------------
     def _register(self, tables: Mapping[str, Table]) -> None:

@@ -8,6 +8,7 @@ one edit in one place.
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -162,6 +163,14 @@ def vectors(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     return column.values.to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)
+
+
+def vector_column(vectors: np.ndarray, valid: np.ndarray | None = None, dtype: Any = np.float16) -> pa.Array:
+    """A ``(rows, dim)`` array as an embedding column: fixed-size lists of ``dtype`` (float16, the
+    stored form); rows where ``valid`` is False are null, their slots zeros."""
+    vectors = np.where(valid[:, None], vectors, 0) if valid is not None else vectors
+    values = pa.array(np.ascontiguousarray(vectors, dtype=dtype).reshape(-1))
+    return pa.FixedSizeListArray.from_arrays(values, vectors.shape[1], mask=None if valid is None else pa.array(~valid))
 
 
 def caption_embed_schema(dim: int) -> pa.Schema:

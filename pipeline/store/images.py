@@ -1,7 +1,8 @@
-"""Reading pool shards for the embedding stage, in DataLoader worker processes.
+"""The pool's tar shards as batches of decoded, preprocessed images, for a streaming step (the embed
+step's :data:`~pipeline.core.step.IMAGES` read), in DataLoader worker processes.
 
 Its own module because it imports torch at the top (the dataset class must be importable by
-spawned workers), while ``pipeline.embed`` keeps torch out of ``import pipeline``.
+spawned workers), while the rest of the library keeps torch out of ``import pipeline``.
 """
 
 from __future__ import annotations
