@@ -23,8 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-STAGES = ("download", "embed", "filters", "metaclip_match", "metaclip", "image_based", "dedup", "decisions",
-          "mode", "rebalance")  # fmt: skip
+STAGES = ("download", "embed", "caption_embed", "filters", "metaclip_match", "metaclip", "image_based", "dedup",
+          "decisions", "mode", "rebalance")  # fmt: skip
 
 
 def build(root: Path, shards: int) -> None:
@@ -40,20 +40,23 @@ def build(root: Path, shards: int) -> None:
     st = table.stat()
     files = {str(table.relative_to(root)): {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
                                             "sha256": file_sha256(table)}}  # fmt: skip
-    write_json_atomic(root / "input" / "plan.json", {"num_shards": shards, "num_rows": shards * 10,
-                                                     "samples_per_shard": 10})  # fmt: skip
     for stage in STAGES:
         folder = root / "completions" / stage
+        if folder.is_dir() and (folder / f"{shards - 1:05d}.json").exists():
+            continue  # built by an earlier run (a stage added since gets its markers now)
         folder.mkdir(parents=True, exist_ok=True)
         for shard in range(shards):
             marker = {"shard": shard, "config_hash": "bench", "counts": {"samples": 10}, "finished_at": 0,
                       "files": files}  # fmt: skip
             (folder / f"{shard:05d}.json").write_text(json.dumps(marker))
+    write_json_atomic(root / "input" / "plan.json", {"num_shards": shards, "num_rows": shards * 10,
+                                                     "samples_per_shard": 10})  # fmt: skip
 
 
 def _steps() -> list:
     """One instance of every step on the runner, with the digest the synthetic markers carry."""
-    from pipeline.config import MetaclipConfig, ModeConfig
+    from pipeline.config import EmbedConfig, MetaclipConfig, ModeConfig
+    from pipeline.embed import CaptionEmbed, Embed
     from pipeline.filters.decisions import Decide
     from pipeline.filters.dedup import DedupTable
     from pipeline.filters.image_based import AssignImageClusters
@@ -64,7 +67,8 @@ def _steps() -> list:
     from pipeline.rebalance.stage import Draw
 
     metaclip = MetaclipConfig(metadata=str(REPO / "metadata" / "entries.json"))
-    steps = [CaptionScores("bench"), Decide(recipe_rules("basic", {}, decoded=True), "bench"), Match(metaclip),
+    steps = [Embed(EmbedConfig(model="m", checkpoint="c"), "sha"), CaptionEmbed("minilm", "bench"),
+             CaptionScores("bench"), Decide(recipe_rules("basic", {}, decoded=True), "bench"), Match(metaclip),
              Balance("/p", metaclip, 1.0, "bench"), AssignExperts("/p", ModeConfig(), "bench"),
              AssignImageClusters("/p/c.npz", "bench"), DedupTable("bench")]  # fmt: skip
     from pipeline.config import RebalanceConfig
@@ -104,7 +108,7 @@ def main() -> None:
         return
     for shards in args.shards:
         root = args.work / str(shards)
-        if not (root / "input" / "plan.json").exists():
+        if not all((root / "completions" / s / f"{shards - 1:05d}.json").exists() for s in STAGES):
             t = time.perf_counter()
             build(root, shards)
             print(f"# built {shards} shards x {len(STAGES)} stages in {time.perf_counter() - t:.0f} s", file=sys.stderr)

@@ -153,8 +153,10 @@ class Step:
     def key(self) -> str:
         """Identifies a set-up step within a worker process: its class, digest and scalar settings
         (the pool's paths among them: two pools with equal digests never share one's centres). What
-        ``setup()`` loads (arrays, tables) is not part of it, so the key is the same after setup."""
-        scalars = sorted((k, v) for k, v in vars(self).items() if v is None or isinstance(v, str | int | float))
+        ``setup()`` loads (arrays, tables, or anything in an attribute named ``_...``) is not part of
+        it, so the key is the same after setup."""
+        scalars = sorted((k, v) for k, v in vars(self).items()
+                         if not k.startswith("_") and (v is None or isinstance(v, str | int | float)))
         return f"{type(self).__module__}.{type(self).__name__}|{self.name}|{self.digest}|{scalars}"
 
     def __repr__(self) -> str:

@@ -71,17 +71,18 @@ class CaptionEmbed(Step):
         super().__init__(reads=(Read(STAGE, (S.UID, S.TEXT_EMBEDDING)), Read("download", (S.UID, S.CAPTION))),
                          digest=digest)  # fmt: skip
         self.kind, self.device, self.clip_name = kind, device, clip_name
-        self.encoder: CaptionEncoder | None = None
+        self._encoder: CaptionEncoder | None = None
 
     def setup(self) -> None:
-        self.encoder = CaptionEncoder(self.kind, resolve_device(self.device))
+        if self._encoder is None:
+            self._encoder = CaptionEncoder(self.kind, resolve_device(self.device))
 
     def __call__(self, inputs: dict[str, pa.Table]) -> pa.Table:
-        assert self.encoder is not None
+        assert self._encoder is not None
         embedded = inputs[STAGE]
         captions = runner.matching_rows(inputs["download"], embedded[S.UID])[S.CAPTION].to_pylist()
         text = S.vectors(embedded[S.TEXT_EMBEDDING]).astype(np.float32)
-        vectors = self.encoder.encode([c or "" for c in captions], text)
-        name = self.clip_name if self.kind == "clip" else self.encoder.name
+        vectors = self._encoder.encode([c or "" for c in captions], text)
+        name = self.clip_name if self.kind == "clip" else self._encoder.name
         return pa.table({S.UID: embedded[S.UID], S.CAPTION_EMBEDDING: S.vector_column(vectors),
                          S.CAPTION_MODEL: pa.array([name] * embedded.num_rows, pa.string())})  # fmt: skip

@@ -201,29 +201,30 @@ class Embed(Step):
         self.cfg = cfg
         self.batch_size, self.workers, self.max_pixels = cfg.batch_size, cfg.workers, cfg.max_image_pixels
         self.device, self.threads = cfg.device, cfg.threads  # not in the digest: they key the set-up model
-        self.embedder: ClipEmbedder | None = None
+        self._embedder: ClipEmbedder | None = None
 
     def setup(self) -> None:
-        self.embedder = ClipEmbedder(self.cfg).setup()
+        if self._embedder is None:
+            self._embedder = ClipEmbedder(self.cfg).setup()
 
     def transform(self) -> Any:
-        assert self.embedder is not None
-        return self.embedder.preprocess
+        assert self._embedder is not None
+        return self._embedder.preprocess
 
     def encode(self, batch: dict[str, Any]) -> pa.Table:
-        assert self.embedder is not None
-        dim = self.embedder.dim
-        image, text = _embed_batch(self.embedder, batch, dim)
+        assert self._embedder is not None
+        dim = self._embedder.dim
+        image, text = _embed_batch(self._embedder, batch, dim)
         return pa.table({"index": pa.array(batch["index"], pa.int64()), S.UID: pa.array(batch["uid"], pa.string()),
                          S.DECODE_ERROR: pa.array(batch["error"], pa.string()),
                          S.IMAGE_EMBEDDING: S.vector_column(image, dtype=np.float32),
                          S.TEXT_EMBEDDING: S.vector_column(text, dtype=np.float32)})  # fmt: skip
 
     def __call__(self, inputs: dict[str, pa.Table]) -> pa.Table:
-        assert self.embedder is not None
+        assert self._embedder is not None
         rows = inputs["images"]
         rows = rows.take(np.argsort(rows["index"].to_numpy(), kind="stable"))
-        n, sha = rows.num_rows, self.embedder.checkpoint_sha256
+        n, sha = rows.num_rows, self._embedder.checkpoint_sha256
         image, text = S.vectors(rows[S.IMAGE_EMBEDDING]), S.vectors(rows[S.TEXT_EMBEDDING])
         valid = rows[S.DECODE_ERROR].is_null().to_numpy(zero_copy_only=False)
         score = (image * text).sum(axis=1).astype(np.float32)
