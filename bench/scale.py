@@ -14,7 +14,9 @@ memory is its own:
 - ``filter_scores``, ``image_based``, ``dedup``, ``decisions``: the filters with every rule;
 - ``mode``: MoDE fit on a capped sample, per-shard assignment, report;
 - ``rebalance``: over the fine clusters (SQL group sizes, per-shard draws);
-- ``export_plan``: planning a shuffled release of every downloaded sample (the largest plan).
+- ``export_plan``: planning a shuffled release of every downloaded sample (the largest plan);
+- ``quality``: LAION's aesthetic (v1 linear) and NSFW (autokeras port) heads over every image
+  embedding (random weights in the published layouts, 512-d).
 
 One JSON line per step and size: ``step``, ``size``, ``seconds``, ``samples_per_s``,
 ``peak_rss_gib`` (the step's main process), ``worker_peak_rss_gib`` (its largest other process:
@@ -51,10 +53,11 @@ DIM = 512
 PER_SHARD = 10_000
 RECIPE = ["english", "caption_words", "caption_chars", "min_side", "aspect_ratio", "text_entity",
           "clip_score", "image_cluster", "dedup"]  # fmt: skip
-STEPS = ("metaclip", "filter_scores", "image_based", "dedup", "decisions", "mode", "rebalance", "export_plan")
+STEPS = ("metaclip", "filter_scores", "image_based", "dedup", "decisions", "mode", "rebalance", "export_plan",
+         "quality")
 CLEARS = {"metaclip": ("metaclip_match", "metaclip"), "filter_scores": ("filters",), "image_based": ("image_based",),
           "dedup": ("dedup",), "decisions": ("decisions",), "mode": ("mode",), "rebalance": ("rebalance",),
-          "export_plan": ()}  # fmt: skip
+          "export_plan": (), "quality": ("quality",)}  # fmt: skip
 
 
 def config(root: Path, engine: str, overrides: list[str] = ()) -> dict:
@@ -226,6 +229,8 @@ def run_step(step: str, root: Path, engine_name: str, overrides: list[str]) -> N
         from pipeline.rebalance import run_rebalance
 
         run_rebalance(pool, cfg.rebalance, engine, progress=False)
+    elif step == "quality":
+        run_quality_heads(pool, root, engine)
     elif step == "export_plan":
         from pipeline.export import plan_release
 
@@ -234,6 +239,30 @@ def run_step(step: str, root: Path, engine_name: str, overrides: list[str]) -> N
     stop = getattr(engine, "stop", None)
     if stop is not None:
         stop()
+
+
+def run_quality_heads(pool: object, root: Path, engine: object) -> None:
+    """The quality step with LAION's two ViT-B/32-width heads (random weights in their published
+    layouts: the v1 aesthetic linear head and the autokeras NSFW port)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from pipeline.config import HeadConfig, QualityConfig
+    from pipeline.quality.stage import run_quality
+
+    rng = np.random.default_rng(0)
+    heads = root.parent / "heads"
+    heads.mkdir(exist_ok=True)
+    save_file({"weight": rng.normal(size=(1, DIM)).astype(np.float32), "bias": np.zeros(1, np.float32)},
+              str(heads / "aesthetic.safetensors"))  # fmt: skip
+    nsfw = {"norm.mean": np.zeros(DIM, np.float32), "norm.variance": np.ones(DIM, np.float32)}
+    for i, (a, b) in enumerate(zip((DIM, 64, 512, 256), (64, 512, 256, 1), strict=True), start=1):
+        nsfw |= {f"linear_{i}.weight": rng.normal(size=(b, a)).astype(np.float32) / np.sqrt(a),
+                 f"linear_{i}.bias": np.zeros(b, np.float32)}  # fmt: skip
+    save_file(nsfw, str(heads / "nsfw.safetensors"))
+    cfg = QualityConfig(aesthetic=HeadConfig(weights=str(heads / "aesthetic.safetensors")),
+                        nsfw=HeadConfig(weights=str(heads / "nsfw.safetensors")))  # fmt: skip
+    run_quality(pool, cfg, engine, progress=False)
 
 
 def _step_kind(process: object, is_step: bool) -> str | None:

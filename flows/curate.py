@@ -1,6 +1,7 @@
 """The ``curate`` flow: a list of stages (:data:`STAGES`), one Prefect task per batch of shards.
 
-Each entry runs when the config has its section: download; embed (per shard batch); MetaCLIP
+Each entry runs when the config has its section: download; embed (per shard batch); quality
+scores (per shard batch); MetaCLIP
 (matching per shard batch, then one global balancing task); filters (scores per shard batch,
 then the recipe's global steps and decisions); MoDE clustering (global fit, per-shard
 assignment); rebalancing (global). With ``download.where`` the caption stages come first
@@ -84,6 +85,22 @@ def embed_batch(cfg: PipelineConfig, engine: Engine, shards: list[int]) -> dict[
     from pipeline.embed import run_embed
 
     return run_embed(Pool(cfg.pool), cfg.embed, engine, shards=shards)
+
+
+@task(name="plan-quality", cache_policy=NO_CACHE)
+def plan_quality(cfg: PipelineConfig, engine: Engine) -> list[int]:
+    """Embedded shards not yet scored by these heads (each head checked against the pool first)."""
+    from pipeline.quality.stage import pending_quality
+
+    return pending_quality(Pool(cfg.pool), cfg.quality)
+
+
+@task(name="quality-shards", cache_policy=NO_CACHE)
+def quality_batch(cfg: PipelineConfig, engine: Engine, shards: list[int]) -> dict[int, dict[str, int]]:
+    """Score one batch of shards with the aesthetic and NSFW heads."""
+    from pipeline.quality.stage import run_quality
+
+    return run_quality(Pool(cfg.pool), cfg.quality, engine, shards=shards)
 
 
 @task(name="plan-metaclip", cache_policy=NO_CACHE)
@@ -229,13 +246,14 @@ class FlowStage:
 STAGES = [
     FlowStage("download", plan_download, download_batch, artifact="download"),
     FlowStage("embed", plan_embed, embed_batch, artifact="embed"),
+    FlowStage("quality", plan_quality, quality_batch, artifact="quality"),
     FlowStage("metaclip", plan_metaclip, metaclip_match_batch, metaclip_balance, artifact="metaclip"),
     FlowStage("filters", plan_filters, filter_scores_batch, filter_decide, artifact="decisions"),
     FlowStage("mode", finish=mode_task, artifact="mode"),
     FlowStage("rebalance", finish=rebalance_task, artifact="rebalance"),
 ]
 # MetaCLIP's order (``download.where``): the caption stages on the listed captions, then the rest
-TEXT_FIRST = [STAGES[2], FlowStage("filters", plan_filters, filter_scores_batch, listed=True), *STAGES]
+TEXT_FIRST = [STAGES[3], FlowStage("filters", plan_filters, filter_scores_batch, listed=True), *STAGES]
 
 
 def stages_for(cfg: PipelineConfig) -> list[FlowStage]:
@@ -312,10 +330,11 @@ def _cycle_path(pool: Pool) -> Any:
 
 def _cycle_state(cfg: PipelineConfig, ingested: dict[str, Any]) -> str:
     """What a run's result depends on: the config (every section) and the pool's ingested input."""
-    import dataclasses
     import hashlib
 
-    blob = json.dumps([dataclasses.asdict(cfg), ingested["num_shards"], ingested["num_rows"]], sort_keys=True,
+    from pipeline.config import config_dict  # a section added since, left unset, keeps an older pool's state
+
+    blob = json.dumps([config_dict(cfg), ingested["num_shards"], ingested["num_rows"]], sort_keys=True,
                       default=str)  # fmt: skip
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

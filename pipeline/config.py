@@ -218,6 +218,54 @@ class EmbedConfig:
         _require(self.max_image_pixels > 0, "max_image_pixels", "must be > 0")
 
 
+AESTHETIC_LAYOUTS = ("auto", "aesthetic-linear", "aesthetic-mlp", "aesthetic-mlp-relu")
+NSFW_LAYOUTS = ("auto", "nsfw-autokeras", "nsfw-h14")
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeadConfig:
+    """One scoring head over the image embeddings (:mod:`pipeline.quality.heads`).
+
+    Attributes:
+        weights: Local path of the head's weights: ``.safetensors``, or a ``.pth``/``.pt`` state
+            dict (read with ``torch.load(weights_only=True)``). Nothing is downloaded.
+        layout: The layout its authors published (``auto``: the one whose keys the file has).
+    """
+
+    __pydantic_config__ = _STRICT
+
+    weights: str
+    layout: str = "auto"
+
+    def __post_init__(self) -> None:
+        _require(bool(self.weights), "weights", "must be the local path of a weights file")
+
+
+@dataclass(frozen=True, kw_only=True)
+class QualityConfig:
+    """Quality scores over the stored image embeddings (``tables/quality``; :mod:`pipeline.quality`).
+
+    Attributes:
+        aesthetic: LAION's aesthetic predictor: v1 ``aesthetic-linear`` or the improved
+            ``aesthetic-mlp`` / ``aesthetic-mlp-relu``; ``None``: no aesthetic score.
+        nsfw: LAION's CLIP-based NSFW detector: ``nsfw-autokeras`` (its PyTorch port) or
+            ``nsfw-h14``; ``None``: no NSFW score.
+    """
+
+    __pydantic_config__ = _STRICT
+
+    aesthetic: HeadConfig | None = None
+    nsfw: HeadConfig | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.aesthetic is not None or self.nsfw is not None, "aesthetic",
+                 "configure aesthetic or nsfw (or drop the quality section)")  # fmt: skip
+        _require(self.aesthetic is None or self.aesthetic.layout in AESTHETIC_LAYOUTS, "aesthetic.layout",
+                 f"must be one of {', '.join(AESTHETIC_LAYOUTS)}")  # fmt: skip
+        _require(self.nsfw is None or self.nsfw.layout in NSFW_LAYOUTS, "nsfw.layout",
+                 f"must be one of {', '.join(NSFW_LAYOUTS)}")  # fmt: skip
+
+
 @dataclass(frozen=True, kw_only=True)
 class MetaclipConfig:
     """MetaCLIP curation ("Demystifying CLIP Data"): substring matching and balancing.
@@ -594,6 +642,7 @@ class PipelineConfig:
         duckdb: DuckDB's memory limit and spill directory, used when ``engine`` is ``local``.
         download: The download stage.
         embed: Image/text embeddings and CLIP score; ``None`` skips the stage.
+        quality: Aesthetic and NSFW scores over the image embeddings; ``None`` skips the stage.
         metaclip: MetaCLIP matching and balancing; ``None`` skips the stage.
         filters: DataComp-style filters, deduplication and the recipe's decisions; ``None`` skips.
         mode: MoDE clustering of caption embeddings; ``None`` skips the stage.
@@ -606,6 +655,7 @@ class PipelineConfig:
     """
 
     __pydantic_config__ = _STRICT
+    ADDED_FIELDS: ClassVar[tuple[str, ...]] = ("quality",)
 
     pool: str
     engine: Literal["local", "spark"] = "local"
@@ -613,6 +663,7 @@ class PipelineConfig:
     duckdb: DuckdbConfig = field(default_factory=DuckdbConfig)
     download: DownloadConfig
     embed: EmbedConfig | None = None
+    quality: QualityConfig | None = None
     metaclip: MetaclipConfig | None = None
     filters: FilterConfig | None = None
     mode: ModeConfig | None = None
@@ -640,6 +691,8 @@ _SECTIONS = {
     "MetaclipConfig": MetaclipConfig,
     "EmbedConfig": EmbedConfig,
     "EmbedSourceConfig": EmbedSourceConfig,
+    "HeadConfig": HeadConfig,
+    "QualityConfig": QualityConfig,
     "ModeConfig": ModeConfig,
     "RebalanceConfig": RebalanceConfig,
     "FilterConfig": FilterConfig,

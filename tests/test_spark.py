@@ -256,3 +256,18 @@ def test_export_on_spark_writes_the_same_release(curated, spark, tmp_path):
     a = export(local, ExportConfig(out=str(tmp_path / "a"), **cfg), engine=LocalEngine(1))
     b = export(local, ExportConfig(out=str(tmp_path / "b"), **cfg), engine=spark)
     assert len(a["shards"]) > 1 and [e["sha256"] for e in a["shards"]] == [e["sha256"] for e in b["shards"]]
+
+
+def test_quality_scores_on_spark_equal_local(clustered, spark, tmp_path):
+    from pipeline.config import HeadConfig, QualityConfig
+    from pipeline.quality.stage import run_quality
+    from pipeline.store import schema as S
+    from tests.test_quality import published, save
+
+    pools = [copy_pool(clustered[0], tmp_path / n) for n in ("local", "spark")]
+    dim = pools[0].table_schema("embed").field(S.IMAGE_EMBEDDING).type.list_size
+    cfg = QualityConfig(aesthetic=HeadConfig(weights=str(save(published("aesthetic-mlp", dim), tmp_path / "a.pth"))),
+                        nsfw=HeadConfig(weights=str(save(published("nsfw-h14", dim), tmp_path / "n.safetensors"))))
+    run_quality(pools[0], cfg, LocalEngine(2), progress=False)
+    run_quality(pools[1], cfg, spark, progress=False)
+    same_table(*pools, "quality")

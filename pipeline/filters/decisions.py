@@ -37,6 +37,9 @@ def resolve_rules(pool: Pool, cfg: FilterConfig, engine: Engine) -> tuple[list[R
     the configured one, or the pool's ``get_threshold`` for its fraction (SQL through the engine)."""
     resolved, thresholds = [], {}
     for rule in recipe_rules(cfg.recipe, cfg.recipes, decoded=bool(pool.done_shards("embed"))):
+        if rule.definition.stage == "quality" and not pool.done_shards("quality"):
+            raise UserError(f"filters.recipe {cfg.recipe!r}: rule {rule} reads the quality stage's scores, which "
+                            f"this pool has not got; configure `quality:` (the heads' weights) or drop the rule")
         if rule.name == "clip_score" and rule.params.get("threshold") is None:
             fraction = rule.params.get("fraction")
             if fraction is None and cfg.clip_score_threshold is not None:
@@ -105,7 +108,8 @@ def _first_failing(n: int, keep: np.ndarray, reason: np.ndarray, rules: list[Rul
 
 def decisions_digest(pool: Pool, cfg: FilterConfig, rules: list[Rule]) -> str:
     upstream = []
-    for stage in ("filters", "image_based", "dedup", "embed"):
+    scored = ("quality",) if any(r.definition.stage == "quality" for r in rules) else ()  # as before, without it
+    for stage in ("filters", "image_based", "dedup", "embed", *scored):
         path = pool.marker_path(stage, 0)
         upstream.append(json.loads(path.read_text()).get("config_hash") if path.exists() else None)
     blob = json.dumps([config_hash(cfg), [r.params for r in rules], upstream], default=str)

@@ -1,7 +1,7 @@
 """DataComp's filtering rules as decisions over stored scores, and the named recipes built from them.
 
 Every rule reads score columns (``tables/filters``, ``tables/embed``, ``tables/image_based``,
-``tables/dedup``) and answers pass/fail per sample; a null score fails. A recipe is an ordered list
+``tables/dedup``, ``tables/quality``) and answers pass/fail per sample; a null score fails. A recipe is an ordered list
 of rules; a sample is kept when it passes all of them, and its ``drop_reason`` is the name of the
 first rule it fails. Every recipe starts with the implicit rule ``downloaded`` (the image was
 fetched), so ``kept + dropped`` is the whole pool, and, on an embedded pool, the implicit rule
@@ -26,6 +26,10 @@ datasets", Sec. 3.4 and Appendix; ``baselines/apply_filter.py``):
 - ``image_cluster``: the sample's nearest pool centroid is nearest to some target embedding
   (:mod:`pipeline.filters.image_based`).
 - ``dedup``: not dropped by exact or semantic deduplication (:mod:`pipeline.filters.dedup`).
+- ``aesthetic``: LAION's aesthetic score ``> min`` (default 5.0, Stable Diffusion v1-2's
+  laion-improved-aesthetics); ``nsfw``: LAION's NSFW probability ``<= max`` (default 0.5,
+  clip-retrieval's safe mode, which drops ``> 0.5``). Both read ``tables/quality``
+  (:mod:`pipeline.quality`).
 
 Parameters override the defaults inline: ``"clip_score(threshold=0.28)"``, ``"min_side(min=256)"``.
 """
@@ -85,6 +89,11 @@ RULES: dict[str, RuleDef] = {
     "text_entity": RuleDef("filters", (S.TEXT_ENTITY,), {}, lambda c, p: c[S.TEXT_ENTITY] == True),  # noqa: E712
     "image_cluster": RuleDef("image_based", (S.IMAGE_TARGET,), {}, lambda c, p: c[S.IMAGE_TARGET] == True),  # noqa: E712
     "dedup": RuleDef("dedup", (S.DEDUP_KEEP,), {}, lambda c, p: c[S.DEDUP_KEEP] == True),  # noqa: E712
+    # LAION's heads (pipeline.quality): an aesthetic score above ``min`` (the improved predictor's > 5.0 of
+    # Stable Diffusion v1-2's laion-improved-aesthetics); an NSFW probability of at most ``max`` (clip-retrieval's
+    # safe mode drops > 0.5)
+    "aesthetic": RuleDef("quality", (S.AESTHETIC,), {"min": 5.0}, lambda c, p: _num(c[S.AESTHETIC]) > p["min"]),
+    "nsfw": RuleDef("quality", (S.NSFW,), {"max": 0.5}, lambda c, p: _num(c[S.NSFW]) <= p["max"]),
 }  # fmt: skip
 
 BUILTIN_RECIPES: dict[str, tuple[str, ...]] = {
@@ -98,6 +107,13 @@ BUILTIN_RECIPES: dict[str, tuple[str, ...]] = {
     # LAION-2B's rule as DataComp reproduces it: English and a ViT-B/32 score of at least 0.28.
     "laion2b": ("english", "clip_score(threshold=0.28)"),
     "dedup": ("dedup",),
+    # LAION-Aesthetics V1 (laion-datasets/laion-aesthetic.md, the linear predictor v1): laion-aesthetic takes a
+    # score above 7 (120M samples), laion-art above 8 (8M)
+    "laion_aesthetic": ("aesthetic(min=7.0)",),
+    "laion_art": ("aesthetic(min=8.0)",),
+    # Stable Diffusion v1-2's laion-improved-aesthetics (its model card): original size >= 512x512 and an
+    # improved-predictor score above 5.0 (its watermark probability < 0.5 needs LAION's pwatermark)
+    "laion_improved_aesthetics": ("min_side(min=512)", "aesthetic(min=5.0)"),
 }
 
 _SPEC = re.compile(r"^\s*([a-z_]+)\s*(?:\((.*)\))?\s*$")

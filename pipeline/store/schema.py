@@ -277,7 +277,21 @@ DECISIONS_SCHEMA = pa.schema(
     ]
 )
 
+AESTHETIC = "aesthetic"
+NSFW = "nsfw"
+# tables/quality/{shard:05d}.parquet: scoring heads over the image embedding (pipeline.quality); a score is
+# null where the image has no embedding or the head is not configured
+QUALITY_SCHEMA = pa.schema(
+    [
+        pa.field(UID, pa.string(), nullable=False),
+        pa.field(SHARD, pa.int32(), nullable=False),
+        pa.field(AESTHETIC, pa.float32()),  # LAION's aesthetic predictor (v1 linear or the improved v2 MLP)
+        pa.field(NSFW, pa.float32()),  # LAION's CLIP-based NSFW detector: 0 (safe) .. 1 (autokeras port)
+    ]
+)
+
 STAGE_SCHEMAS: dict[str, pa.Schema] = {
+    "quality": QUALITY_SCHEMA,
     "mode": MODE_SCHEMA,
     "rebalance": REBALANCE_SCHEMA,
     "download": DOWNLOAD_SCHEMA,
