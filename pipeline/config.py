@@ -168,6 +168,32 @@ class EmbedSourceConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ScorerConfig:
+    """A second open_clip model scoring each pair in the embed stage's decode pass (DFN's filtering
+    networks, or any model): its cosine is ``clip_score_<name>`` of the embed table.
+
+    Attributes:
+        name: The score's name (letters, digits, _): the column ``clip_score_<name>``, and the
+            ``clip_score`` rule's ``score=<name>``.
+        model: open_clip architecture name (or one of ``pipeline/model_configs/``).
+        checkpoint: Local path of its weights. Nothing is downloaded.
+    """
+
+    __pydantic_config__ = _STRICT
+
+    name: str
+    model: str
+    checkpoint: str
+
+    def __post_init__(self) -> None:
+        import re
+
+        _require(bool(re.fullmatch(r"[a-z][a-z0-9_]*", self.name)), "scorers.name",
+                 f"must be lower-case letters, digits and _, got {self.name!r}")  # fmt: skip
+        _require(bool(self.checkpoint), "scorers.checkpoint", "must be the local path of a weights file")
+
+
+@dataclass(frozen=True, kw_only=True)
 class EmbedConfig:
     """open_clip image/text embeddings, CLIP score, and caption embeddings for clustering.
 
@@ -189,10 +215,12 @@ class EmbedConfig:
         source: Import published embeddings instead of computing them (then no ``checkpoint``;
             ``model`` names the model that made them, recorded with the table; DataComp's is
             implied by its ``key``).
+        scorers: Further open_clip models scoring each pair in the same decode pass: each image is
+            decoded once and preprocessed for every model (``clip_score_<name>``).
     """
 
     __pydantic_config__ = _STRICT
-    ADDED_FIELDS: ClassVar[tuple[str, ...]] = ("source",)
+    ADDED_FIELDS: ClassVar[tuple[str, ...]] = ("source", "scorers")
 
     model: str = "ViT-B-32"
     checkpoint: str | None = None
@@ -204,9 +232,13 @@ class EmbedConfig:
     threads: int | None = None
     caption_model: Literal["clip", "minilm"] | None = "clip"
     max_image_pixels: int = 89_478_485
+    scorers: tuple[ScorerConfig, ...] = ()
 
     def __post_init__(self) -> None:
         _require(bool(self.model), "model", "must name an open_clip architecture")
+        names = [s.name for s in self.scorers]
+        _require(len(set(names)) == len(names), "scorers", "names a scorer twice")
+        _require(not self.scorers or self.source is None, "scorers", "score computed embeddings, not imported ones")
         _require(bool(self.checkpoint) != (self.source is not None), "checkpoint",
                  "give the local path of a weights file, or embed.source to import published embeddings "
                  "(not both)")  # fmt: skip
@@ -691,6 +723,7 @@ _SECTIONS = {
     "MetaclipConfig": MetaclipConfig,
     "EmbedConfig": EmbedConfig,
     "EmbedSourceConfig": EmbedSourceConfig,
+    "ScorerConfig": ScorerConfig,
     "HeadConfig": HeadConfig,
     "QualityConfig": QualityConfig,
     "ModeConfig": ModeConfig,

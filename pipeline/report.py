@@ -101,33 +101,40 @@ def _plot_funnel(steps: list[tuple[str, int]], reasons: list[tuple[str, int]], o
     return _save(fig, out)
 
 
-def _plot_clip(con: Any, columns: set[str], out: Path, bins: int = 60) -> str | None:
-    """The CLIP-score histogram, counted in SQL (60 bins: a few rows, whatever the pool's size)."""
-    if S.CLIP_SCORE not in columns:
+# The score histograms: (column, title, x label, what the grey bars count).
+SCORES = ((S.CLIP_SCORE, "CLIP score", "clip_score (cosine of image and caption embeddings)", "embedded"),
+          (S.AESTHETIC, "Aesthetic score", "aesthetic (LAION's aesthetic predictor)", "scored"),
+          (S.NSFW, "NSFW probability", "nsfw (LAION's CLIP-based NSFW detector)", "scored"))  # fmt: skip
+
+
+def _plot_score(con: Any, columns: set[str], score: tuple[str, str, str, str], out: Path,
+                bins: int = 60) -> str | None:  # fmt: skip
+    """A score's histogram, all and kept, counted in SQL (60 bins: a few rows, whatever the pool's size)."""
+    column, title, label, counted = score
+    if column not in columns:
         return None
-    lo, hi, n = con.execute(f"select min({S.CLIP_SCORE}), max({S.CLIP_SCORE}), count({S.CLIP_SCORE}) "
-                            "from samples").fetchone()  # fmt: skip
+    lo, hi, n = con.execute(f"select min({column}), max({column}), count({column}) from samples").fetchone()
     if not n:
         return None
     edges = np.linspace(float(lo), float(hi) + 1e-6, bins + 1)
     width = float((edges[-1] - edges[0]) / bins)
     kept = f"count(*) filter (where {S.KEEP})" if S.KEEP in columns else "0"
-    rows = con.execute(f"select least(cast(floor(({S.CLIP_SCORE} - {float(lo)!r}) / {width!r}) as integer), "
-                       f"{bins - 1}) as b, count(*), {kept} from samples where {S.CLIP_SCORE} is not null "
+    rows = con.execute(f"select least(cast(floor(({column} - {float(lo)!r}) / {width!r}) as integer), "
+                       f"{bins - 1}) as b, count(*), {kept} from samples where {column} is not null "
                        "group by 1").fetchall()  # fmt: skip
     counts, kept_counts = np.zeros(bins), np.zeros(bins)
     for b, c, k in rows:
         counts[b], kept_counts[b] = c, k
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.stairs(counts, edges, fill=True, color="#8c8c8c", label=f"embedded ({n:,})")
+    ax.stairs(counts, edges, fill=True, color="#8c8c8c", label=f"{counted} ({n:,})")
     if S.KEEP in columns:
         ax.stairs(kept_counts, edges, fill=True, color="#55a868", alpha=0.8,
                   label=f"kept by the filter recipe ({int(kept_counts.sum()):,})")  # fmt: skip
-    ax.set_xlabel("clip_score (cosine of image and caption embeddings)")
+    ax.set_xlabel(label)
     ax.set_ylabel("samples")
     ax.legend(fontsize=8)
-    ax.set_title("CLIP score")
+    ax.set_title(title)
     return _save(fig, out)
 
 
@@ -231,7 +238,7 @@ def _write_page(pool: Pool, con: Any, completeness: Any, out: Path, release: Pat
         steps.append(("release (export)", json.loads((release / "manifest.json").read_text())["counts"]["samples"]))
     reasons = drop_reasons(con, columns)
     plots = [("Funnel", _plot_funnel(steps, reasons, out / "funnel.png"))]
-    plots.append(("CLIP score", _plot_clip(con, columns, out / "clip_score.png")))
+    plots += [(score[1], _plot_score(con, columns, score, out / f"{score[0]}.png")) for score in SCORES]
     plots.append(("MetaCLIP entries", _plot_entries(pool, out / "metaclip_entries.png")))
     plots.append(("Cluster sizes", _plot_clusters(con, columns, out / "cluster_sizes.png")))
     thumbs = _thumbs(pool, con, columns, out, thumbnails)

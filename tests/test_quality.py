@@ -215,3 +215,97 @@ def test_aesthetic_and_nsfw_rules_explain_every_drop(clustered, tmp_path):
     assert dropped_nsfw and set(dropped_nsfw) == {"nsfw"}
     assert summary["drop_reasons"]["aesthetic"] > 0 and summary["drop_reasons"]["nsfw"] == len(dropped_nsfw)
     assert int(pc.sum(table[S.KEEP]).as_py()) == summary["kept"] > 0
+    from pipeline.report import write_report
+
+    page = write_report(pool, thumbnails=0)  # a histogram per score, all and kept
+    html = page.read_text()
+    for name, title in (("aesthetic", "Aesthetic score"), ("nsfw", "NSFW probability"), ("clip_score", "CLIP score")):
+        assert f"<h2>{title}</h2><img class='plot' src='{name}.png'" in html
+        assert (page.parent / f"{name}.png").stat().st_size > 5000
+
+
+def test_published_scores_carried_in_at_download_feed_the_same_rules(tmp_path, image_server):
+    """LAION's released ``AESTHETIC_SCORE`` and ``punsafe`` columns, carried into the download table,
+    decide as the computed scores would (``column=``), with no quality stage."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.config import FilterConfig
+    from pipeline.download import run_download
+    from pipeline.filters.decisions import run_decisions
+    from pipeline.store import schema as S
+    from pipeline.store.parquet import Pool
+    from tests.conftest import laion_rows, make_config, point_at
+
+    rows = point_at(laion_rows(150, offset=3000), image_server)
+    rng = np.random.default_rng(7)
+    aesthetic = np.round(rng.uniform(3, 8, rows.num_rows), 3)
+    punsafe = np.round(rng.uniform(0, 1, rows.num_rows), 3)
+    rows = rows.append_column("AESTHETIC_SCORE", pa.array(aesthetic)).append_column("punsafe", pa.array(punsafe))
+    pq.write_table(rows, tmp_path / "u.parquet")
+    cfg = make_config(tmp_path / "pool", tmp_path / "u.parquet", extra_cols=["AESTHETIC_SCORE", "punsafe"])
+    pool = Pool(cfg.pool)
+    run_download(pool, cfg.download, LocalEngine(2), progress=False)
+    recipe = ["aesthetic(min=5.5, column=AESTHETIC_SCORE)", "nsfw(max=0.4, column=punsafe)"]
+    summary = run_decisions(pool, FilterConfig(recipe="q", recipes={"q": recipe}), LocalEngine(2), progress=False)
+    table = pool.read_table("decisions").join(pool.read_table("download").select(["uid", "url", S.STATUS]), "uid")
+    by_url = dict(zip(rows["url"].to_pylist(), zip(aesthetic, punsafe, strict=True), strict=True))
+    ok = np.array([s == S.STATUS_SUCCESS for s in table[S.STATUS].to_pylist()])
+    a, n = (np.array([by_url[u][i] for u in table["url"].to_pylist()]) for i in (0, 1))
+    assert (table[S.KEEP].to_numpy(zero_copy_only=False) == (ok & (a > 5.5) & (n <= 0.4))).all()
+    reasons = table[S.DROP_REASON].to_pylist()
+    assert {r for r, o, x in zip(reasons, ok, a, strict=True) if o and x <= 5.5} == {"aesthetic"}
+    assert summary["drop_reasons"]["nsfw"] == sum(o and x > 5.5 and y > 0.4 for o, x, y in zip(ok, a, n, strict=True))
+    assert not pool.completed("quality")
+    with pytest.raises(Exception, match=r"rule aesthetic\(column=aesthetic_score\) reads the download column "
+                                        r"'aesthetic_score', which the pool has not got"):  # fmt: skip
+        run_decisions(pool, FilterConfig(recipe="q", recipes={"q": ["aesthetic(column=aesthetic_score)"]}),
+                      LocalEngine(2), progress=False)  # fmt: skip
+    with pytest.raises(Exception, match=r"rule aesthetic\(min=8\.0\) reads the quality stage's scores"):
+        run_decisions(pool, FilterConfig(recipe="laion_art"), LocalEngine(2), progress=False)
+
+
+def test_a_further_scorer_scores_each_pair_in_the_same_decode_pass(downloaded_pool, tiny_checkpoint, tmp_path,
+                                                                    monkeypatch):  # fmt: skip
+    """``embed.scorers``: a second open_clip model (another random-weight file) scores every pair
+    from the same decoded image; its ``clip_score_<name>`` is the score that model gives alone, the
+    pool model's columns are unchanged, each image is decoded once, and ``clip_score(score=)`` decides."""
+    import dataclasses
+
+    from pipeline.config import FilterConfig, ScorerConfig
+    from pipeline.embed import run_embed, save_random_checkpoint
+    from pipeline.filters.decisions import run_decisions
+    from pipeline.store import images
+    from pipeline.store import schema as S
+    from tests.conftest import embed_cfg
+
+    second = save_random_checkpoint("clipcurate-tiny", tmp_path / "second.safetensors", seed=1)
+    plain, alone = embed_cfg(tiny_checkpoint, workers=0), embed_cfg(second, workers=0)
+    scored = dataclasses.replace(plain, scorers=(ScorerConfig(name="dfn", model="clipcurate-tiny",
+                                                              checkpoint=str(second)),))  # fmt: skip
+    pools = {name: copy_pool(downloaded_pool[0], tmp_path / name) for name in ("scored", "plain", "alone")}
+    decodes = []
+    real = images.decode_image
+    monkeypatch.setattr(images, "decode_image", lambda *a, **k: (decodes.append(1), real(*a, **k))[1])
+    run_embed(pools["scored"], scored, LocalEngine(1), progress=False)
+    with_scorer = pools["scored"].read_table("embed").sort_by(S.UID)
+    assert len(decodes) == with_scorer.num_rows > 250  # once per image, for both models
+    for name, cfg in (("plain", plain), ("alone", alone)):
+        run_embed(pools[name], cfg, LocalEngine(1), progress=False)
+    plain_t, alone_t = (pools[n].read_table("embed").sort_by(S.UID) for n in ("plain", "alone"))
+    assert with_scorer.schema.names == [*plain_t.schema.names, "clip_score_dfn"]
+    for column in plain_t.column_names:  # the pool model's columns: as without the scorer
+        assert with_scorer[column].equals(plain_t[column]), column
+    dfn = with_scorer["clip_score_dfn"].to_numpy(zero_copy_only=False).astype(float)
+    np.testing.assert_allclose(dfn, alone_t[S.CLIP_SCORE].to_numpy(zero_copy_only=False).astype(float), atol=1e-6)
+    assert not np.allclose(dfn, with_scorer[S.CLIP_SCORE].to_numpy(zero_copy_only=False).astype(float))
+    threshold = float(np.nanmedian(dfn))
+    recipe = FilterConfig(recipe="q", recipes={"q": [f"clip_score(score=dfn, threshold={threshold!r})"]})
+    run_decisions(pools["scored"], recipe, LocalEngine(2), progress=False)
+    decided = pools["scored"].read_table("decisions").join(with_scorer.select([S.UID, "clip_score_dfn"]), S.UID)
+    keep = decided[S.KEEP].to_numpy(zero_copy_only=False)
+    assert (keep == (decided["clip_score_dfn"].to_numpy(zero_copy_only=False).astype(float) >= threshold)).all()
+    assert 0 < keep.sum() < len(keep)
+    with pytest.raises(Exception, match=r"the embed table has no scorer 'nope' \(it has \['dfn'\]\)"):
+        run_decisions(pools["scored"], FilterConfig(recipe="q", recipes={"q": ["clip_score(score=nope)"]}),
+                      LocalEngine(2), progress=False)  # fmt: skip

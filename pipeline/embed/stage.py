@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.config import EmbedConfig
+from pipeline.config import EmbedConfig, ScorerConfig
 from pipeline.core import runner
 from pipeline.core.step import IMAGES, Read, Step
 from pipeline.embed.captions import STAGE, CaptionEmbed, offline, resolve_device
@@ -167,9 +167,12 @@ class ClipEmbedder:
 # --- the stage -------------------------------------------------------------------------------------
 
 
-def stage_hash(cfg: EmbedConfig, weights_sha256: str) -> str:
-    """What the embed tables depend on: model, weights (by content), precision, caption encoder."""
+def stage_hash(cfg: EmbedConfig, weights_sha256: str, scorer_sha256: tuple[str, ...] = ()) -> str:
+    """What the embed tables depend on: model, weights (by content), precision, caption encoder, and
+    each further scorer's model and weights (``scorer_sha256``, in ``cfg.scorers``' order)."""
     blob = f"{cfg.model}|{weights_sha256}|{cfg.precision}|{cfg.caption_model}|{cfg.max_image_pixels}"
+    for scorer, sha in zip(cfg.scorers, scorer_sha256, strict=True):  # none: the digest of a pool made before
+        blob += f"|{scorer.name}:{scorer.model}:{sha}"
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -189,36 +192,53 @@ IMAGES_READ = Read("download", (S.UID, S.CAPTION), kind=IMAGES, name="images")
 class Embed(Step):
     """open_clip's image and text embeddings of a shard's tar and DataComp's ``clip_score`` (a
     streaming step: the runner's data loader decodes the images while :meth:`encode` runs the model
-    on each batch; ``__call__`` puts the shard's rows in tar order and stores them as float16)."""
+    on each batch; ``__call__`` puts the shard's rows in tar order and stores them as float16). Each
+    further scorer (``embed.scorers``) gets the same decoded image in its own preprocessing and adds
+    its cosine, ``clip_score_<name>``."""
 
     name = STAGE
     sized = staticmethod(S.embed_schema)
     sized_column = S.IMAGE_EMBEDDING
     one_model = True
 
-    def __init__(self, cfg: EmbedConfig, weights_sha256: str):
-        super().__init__(reads=(IMAGES_READ,), digest=stage_hash(cfg, weights_sha256))
+    def __init__(self, cfg: EmbedConfig, weights_sha256: str, scorer_sha256: tuple[str, ...] = ()):
+        super().__init__(reads=(IMAGES_READ,), digest=stage_hash(cfg, weights_sha256, scorer_sha256))
         self.cfg = cfg
         self.batch_size, self.workers, self.max_pixels = cfg.batch_size, cfg.workers, cfg.max_image_pixels
         self.device, self.threads = cfg.device, cfg.threads  # not in the digest: they key the set-up model
         self._embedder: ClipEmbedder | None = None
+        self._scorers: list[tuple[str, ClipEmbedder]] = []
 
     def setup(self) -> None:
         if self._embedder is None:
             self._embedder = ClipEmbedder(self.cfg).setup()
+            self._scorers = [(s.name, ClipEmbedder(scorer_config(self.cfg, s)).setup()) for s in self.cfg.scorers]
+
+    def schema_of(self, out: pa.Table) -> pa.Schema:
+        return S.embed_schema(out.schema.field(S.IMAGE_EMBEDDING).type.list_size, tuple(n for n, _ in self._scorers))
 
     def transform(self) -> Any:
         assert self._embedder is not None
-        return self._embedder.preprocess
+        if not self._scorers:
+            return self._embedder.preprocess
+        from pipeline.store.images import Preprocessings
+
+        return Preprocessings((self._embedder.preprocess, *(e.preprocess for _, e in self._scorers)))
 
     def encode(self, batch: dict[str, Any]) -> pa.Table:
         assert self._embedder is not None
+        pixels = batch["pixels"]  # None when no image of the batch decoded; a tuple (one per model) with scorers
+        per_model = pixels if self._scorers and pixels is not None else (pixels,) * (1 + len(self._scorers))
         dim = self._embedder.dim
-        image, text = _embed_batch(self._embedder, batch, dim)
-        return pa.table({"index": pa.array(batch["index"], pa.int64()), S.UID: pa.array(batch["uid"], pa.string()),
-                         S.DECODE_ERROR: pa.array(batch["error"], pa.string()),
-                         S.IMAGE_EMBEDDING: S.vector_column(image, dtype=np.float32),
-                         S.TEXT_EMBEDDING: S.vector_column(text, dtype=np.float32)})  # fmt: skip
+        image, text = _embed_batch(self._embedder, {**batch, "pixels": per_model[0]}, dim)
+        rows = {"index": pa.array(batch["index"], pa.int64()), S.UID: pa.array(batch["uid"], pa.string()),
+                S.DECODE_ERROR: pa.array(batch["error"], pa.string()),
+                S.IMAGE_EMBEDDING: S.vector_column(image, dtype=np.float32),
+                S.TEXT_EMBEDDING: S.vector_column(text, dtype=np.float32)}  # fmt: skip
+        for i, (name, scorer) in enumerate(self._scorers, start=1):
+            img, txt = _embed_batch(scorer, {**batch, "pixels": per_model[i]}, scorer.dim)
+            rows[f"{S.SCORER_PREFIX}{name}"] = pa.array((img * txt).sum(axis=1).astype(np.float32))
+        return pa.table(rows)
 
     def __call__(self, inputs: dict[str, pa.Table]) -> pa.Table:
         assert self._embedder is not None
@@ -228,15 +248,26 @@ class Embed(Step):
         image, text = S.vectors(rows[S.IMAGE_EMBEDDING]), S.vectors(rows[S.TEXT_EMBEDDING])
         valid = rows[S.DECODE_ERROR].is_null().to_numpy(zero_copy_only=False)
         score = (image * text).sum(axis=1).astype(np.float32)
-        return pa.table({S.UID: rows[S.UID], S.IMAGE_EMBEDDING: S.vector_column(image, valid),
-                         S.TEXT_EMBEDDING: S.vector_column(text),
-                         S.CLIP_SCORE: pa.array(score, pa.float32(), mask=~valid), S.DECODE_ERROR: rows[S.DECODE_ERROR],
-                         S.MODEL: pa.array([self.cfg.model] * n, pa.string()),
-                         S.CHECKPOINT_SHA256: pa.array([sha] * n, pa.string())})  # fmt: skip
+        out = {S.UID: rows[S.UID], S.IMAGE_EMBEDDING: S.vector_column(image, valid),
+               S.TEXT_EMBEDDING: S.vector_column(text),
+               S.CLIP_SCORE: pa.array(score, pa.float32(), mask=~valid), S.DECODE_ERROR: rows[S.DECODE_ERROR],
+               S.MODEL: pa.array([self.cfg.model] * n, pa.string()),
+               S.CHECKPOINT_SHA256: pa.array([sha] * n, pa.string())}  # fmt: skip
+        for name, _ in self._scorers:
+            column = f"{S.SCORER_PREFIX}{name}"
+            out[column] = pa.array(rows[column].to_numpy(zero_copy_only=False), pa.float32(), mask=~valid)
+        return pa.table(out)
 
     def counts(self, out: pa.Table) -> dict[str, int]:
         errors = out.num_rows - int(pa.compute.count(out[S.DECODE_ERROR], mode="only_null").as_py())
         return {"samples": out.num_rows, "embedded": out.num_rows - errors, "decode_errors": errors}
+
+
+def scorer_config(cfg: EmbedConfig, scorer: ScorerConfig) -> EmbedConfig:
+    """A further scorer's model as an embed config: its model and weights, the stage's precision,
+    device and threads."""
+    return EmbedConfig(model=scorer.model, checkpoint=scorer.checkpoint, precision=cfg.precision, device=cfg.device,
+                       threads=cfg.threads, caption_model=None)  # fmt: skip
 
 
 def embed_steps(pool: Pool, cfg: EmbedConfig) -> list[Step]:
@@ -248,9 +279,13 @@ def embed_steps(pool: Pool, cfg: EmbedConfig) -> list[Step]:
 
         return import_steps(pool, cfg)
     weights = checkpoint_sha256(check_checkpoint(cfg.model, cfg.checkpoint))
-    embed = Embed(cfg, weights)
+    scorers = tuple(checkpoint_sha256(check_checkpoint(s.model, s.checkpoint)) for s in cfg.scorers)
+    embed = Embed(cfg, weights, scorers)
     recorded = {"model": cfg.model, "checkpoint_sha256": weights, "checkpoint": str(Path(cfg.checkpoint).resolve()),
                 "precision": cfg.precision, "caption_model": cfg.caption_model}  # fmt: skip
+    if cfg.scorers:
+        recorded["scorers"] = [{"name": s.name, "model": s.model, "checkpoint_sha256": sha}
+                               for s, sha in zip(cfg.scorers, scorers, strict=True)]  # fmt: skip
     pool.check_stage_config(STAGE, recorded, embed.digest)
     # the caption table's digest is the embed table's (which covers the caption model): as before the split
     return [embed] + ([CaptionEmbed(cfg.caption_model, embed.digest, device=cfg.device)] if cfg.caption_model else [])

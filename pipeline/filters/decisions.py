@@ -37,6 +37,11 @@ def resolve_rules(pool: Pool, cfg: FilterConfig, engine: Engine) -> tuple[list[R
     the configured one, or the pool's ``get_threshold`` for its fraction (SQL through the engine)."""
     resolved, thresholds = [], {}
     for rule in recipe_rules(cfg.recipe, cfg.recipes, decoded=bool(pool.done_shards("embed"))):
+        _check_columns(pool, cfg, rule)
+        column = rule.params.get("column")
+        if column and column not in pool.declared_schema("download").names:
+            raise UserError(f"filters.recipe {cfg.recipe!r}: rule {rule} reads the download column {column!r}, which "
+                            f"the pool has not got; carry it in with download.extra_cols")  # fmt: skip
         if rule.definition.stage == "quality" and not pool.done_shards("quality"):
             raise UserError(f"filters.recipe {cfg.recipe!r}: rule {rule} reads the quality stage's scores, which "
                             f"this pool has not got; configure `quality:` (the heads' weights) or drop the rule")
@@ -47,11 +52,22 @@ def resolve_rules(pool: Pool, cfg: FilterConfig, engine: Engine) -> tuple[list[R
             else:
                 fraction = fraction if fraction is not None else cfg.clip_score_fraction
                 pool.require_complete("embed")
-                threshold = order_statistic(engine, pool.table("embed", [S.UID, S.CLIP_SCORE]), S.CLIP_SCORE, fraction)
+                (column,) = rule.definition.columns  # clip_score, or a further scorer's clip_score_<name>
+                threshold = order_statistic(engine, pool.table("embed", [S.UID, column]), column, fraction)
                 rule = Rule(rule.name, {**rule.params, "fraction": fraction, "threshold": threshold})
             thresholds[str(rule)] = rule.params
         resolved.append(rule)
     return resolved, thresholds
+
+
+def _check_columns(pool: Pool, cfg: FilterConfig, rule: Rule) -> None:
+    """A ``clip_score(score=<name>)`` rule names a scorer the embed table has (one line, before any task)."""
+    score = rule.params.get("score")
+    if score and pool.done_shards("embed"):
+        have = S.scorers_of(pool.table_schema("embed"))
+        if score not in have:
+            raise UserError(f"filters.recipe {cfg.recipe!r}: rule {rule}: the embed table has no scorer {score!r} "
+                            f"(it has {list(have) or 'none'}); add it to embed.scorers")  # fmt: skip
 
 
 class Decide(Step):
@@ -64,7 +80,9 @@ class Decide(Step):
 
     def __init__(self, rules: list[Rule], digest: str):
         self.rules = rules
-        reads = [Read("download", (S.UID, S.SHARD, S.STATUS))]
+        published = sorted({c for r in rules if r.definition.stage == "download" for c in r.definition.columns}
+                           - {S.UID, S.SHARD, S.STATUS})  # scores carried in at download (a rule's column=)
+        reads = [Read("download", (S.UID, S.SHARD, S.STATUS, *published))]
         for stage in sorted({r.definition.stage for r in rules} - {"download"}):
             needed = sorted({c for r in rules if r.definition.stage == stage for c in r.definition.columns})
             reads.append(Read(stage, (S.UID, *needed)))
@@ -72,7 +90,7 @@ class Decide(Step):
 
     def __call__(self, inputs: dict[str, pa.Table]) -> pa.Table:
         base = inputs["download"]
-        columns: dict[str, np.ndarray] = {S.STATUS: base[S.STATUS].to_numpy(zero_copy_only=False)}
+        columns: dict[str, np.ndarray] = {c: base[c].to_numpy(zero_copy_only=False) for c in self.reads[0].columns[2:]}
         for read in self.reads[1:]:  # each stage's rows aligned to the download table's by uid
             table = runner.matching_rows(inputs[read.table], base[S.UID])
             for c in read.columns[1:]:

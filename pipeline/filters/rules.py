@@ -20,7 +20,8 @@ datasets", Sec. 3.4 and Appendix; ``baselines/apply_filter.py``):
 - ``aspect_ratio``: ``max(w, h) / min(w, h) <= 3.0``.
 - ``clip_score``: ``clip_score >= threshold``; with a ``fraction`` instead, the threshold is
   DataComp's ``get_threshold``: the pool's scores sorted in decreasing order, the value at index
-  ``int(n * fraction)``.
+  ``int(n * fraction)``; ``score=<name>``: a further scorer's ``clip_score_<name>`` (``embed.scorers``:
+  a DFN-style filtering network beside the pool's model).
 - ``text_entity``: some whitespace-separated word's most likely WordNet synset is an ImageNet-21k
   synset (``does_contain_text_entity``; :mod:`pipeline.filters.wordnet`).
 - ``image_cluster``: the sample's nearest pool centroid is nearest to some target embedding
@@ -29,7 +30,8 @@ datasets", Sec. 3.4 and Appendix; ``baselines/apply_filter.py``):
 - ``aesthetic``: LAION's aesthetic score ``> min`` (default 5.0, Stable Diffusion v1-2's
   laion-improved-aesthetics); ``nsfw``: LAION's NSFW probability ``<= max`` (default 0.5,
   clip-retrieval's safe mode, which drops ``> 0.5``). Both read ``tables/quality``
-  (:mod:`pipeline.quality`).
+  (:mod:`pipeline.quality`), or, with ``column=NAME``, a published score carried into the download
+  table (``download.extra_cols``: LAION's ``AESTHETIC_SCORE``, ``punsafe``).
 
 Parameters override the defaults inline: ``"clip_score(threshold=0.28)"``, ``"min_side(min=256)"``.
 """
@@ -84,16 +86,19 @@ RULES: dict[str, RuleDef] = {
     "min_side": RuleDef("filters", (S.MIN_SIDE,), {"min": 200}, lambda c, p: _num(c[S.MIN_SIDE]) >= p["min"]),
     "aspect_ratio": RuleDef("filters", (S.ASPECT_RATIO,), {"max": 3.0},
                             lambda c, p: _num(c[S.ASPECT_RATIO]) <= p["max"]),
-    "clip_score": RuleDef("embed", (S.CLIP_SCORE,), {"threshold": None, "fraction": None},
+    # ``score``: a further scorer's cosine (``embed.scorers``, ``clip_score_<name>``) instead of the pool model's
+    "clip_score": RuleDef("embed", (S.CLIP_SCORE,), {"threshold": None, "fraction": None, "score": None},
                           lambda c, p: _num(c[S.CLIP_SCORE]) >= p["threshold"]),
     "text_entity": RuleDef("filters", (S.TEXT_ENTITY,), {}, lambda c, p: c[S.TEXT_ENTITY] == True),  # noqa: E712
     "image_cluster": RuleDef("image_based", (S.IMAGE_TARGET,), {}, lambda c, p: c[S.IMAGE_TARGET] == True),  # noqa: E712
     "dedup": RuleDef("dedup", (S.DEDUP_KEEP,), {}, lambda c, p: c[S.DEDUP_KEEP] == True),  # noqa: E712
     # LAION's heads (pipeline.quality): an aesthetic score above ``min`` (the improved predictor's > 5.0 of
     # Stable Diffusion v1-2's laion-improved-aesthetics); an NSFW probability of at most ``max`` (clip-retrieval's
-    # safe mode drops > 0.5)
-    "aesthetic": RuleDef("quality", (S.AESTHETIC,), {"min": 5.0}, lambda c, p: _num(c[S.AESTHETIC]) > p["min"]),
-    "nsfw": RuleDef("quality", (S.NSFW,), {"max": 0.5}, lambda c, p: _num(c[S.NSFW]) <= p["max"]),
+    # safe mode drops > 0.5); ``column``: a published score carried in at download (``download.extra_cols``:
+    # LAION's AESTHETIC_SCORE, punsafe) read instead of the computed one
+    "aesthetic": RuleDef("quality", (S.AESTHETIC,), {"min": 5.0, "column": None},
+                         lambda c, p: _num(c[S.AESTHETIC]) > p["min"]),
+    "nsfw": RuleDef("quality", (S.NSFW,), {"max": 0.5, "column": None}, lambda c, p: _num(c[S.NSFW]) <= p["max"]),
 }  # fmt: skip
 
 BUILTIN_RECIPES: dict[str, tuple[str, ...]] = {
@@ -126,7 +131,18 @@ class Rule:
 
     @property
     def definition(self) -> RuleDef:
-        return RULES[self.name]
+        """The rule's definition; with a ``column`` parameter, the same test over that column of the
+        download table (a published score carried in with ``download.extra_cols``); with ``score``
+        (``clip_score``), over that further scorer's column of the embed table."""
+        base = RULES[self.name]
+        column, stage = self.params.get("column"), "download"
+        if self.params.get("score"):  # clip_score(score=<name>): a further scorer's column of the embed table
+            column, stage = f"{S.SCORER_PREFIX}{self.params['score']}", "embed"
+        if not column:
+            return base
+        (own,) = base.columns
+        return RuleDef(stage, (str(column),), base.defaults, lambda c, p: base.test({own: c[str(column)]}, p),
+                       base.drop_reason or self.name)  # fmt: skip
 
     def __str__(self) -> str:
         given = {k: v for k, v in self.params.items() if v is not None and v != self.definition.defaults.get(k)}

@@ -19,11 +19,34 @@ from pipeline.store.parquet import Pool
 from pipeline.store.webdataset import decode_image, error_text, image_of, iter_shard
 
 
+class Preprocessings:
+    """Several models' preprocessings of one decoded image: a tuple of tensors, one per model (the
+    image is decoded once for all of them)."""
+
+    def __init__(self, transforms: tuple[Any, ...]):
+        self.transforms = transforms
+
+    def __call__(self, image: Any) -> tuple[Any, ...]:
+        return tuple(t(image) for t in self.transforms)
+
+
+def _stack(items: list[Any]) -> Any:
+    """One batch's pixels: a stacked tensor (zeros where an image failed), or None when every image
+    failed; a tuple of them where each item is a tuple (:class:`Preprocessings`)."""
+    first = next((it for it in items if it is not None), None)
+    if first is None:
+        return None
+    if isinstance(first, tuple):
+        return tuple(_stack([None if it is None else it[i] for it in items]) for i in range(len(first)))
+    return torch.stack([it if it is not None else torch.zeros(first.shape) for it in items])
+
+
 class ShardImages(torch.utils.data.IterableDataset):
     """Iterable over pre-collated batches of one shard at a time (a torch ``IterableDataset``).
 
     Each batch: ``shard``, ``index`` (position in the tar), ``uid``, ``caption``, ``pixels``
-    (float tensor, zeros where decoding failed), ``error`` (None or a message), ``last``.
+    (float tensor, zeros where decoding failed; a tuple of them for :class:`Preprocessings`),
+    ``error`` (None or a message), ``last``.
     """
 
     def __init__(self, pool_root: str, shards: list[int], transform: Any, batch_size: int, max_pixels: int):
@@ -48,14 +71,8 @@ class ShardImages(torch.utils.data.IterableDataset):
                 "error": error}  # fmt: skip
 
     def _collate(self, shard: int, items: list[dict[str, Any]], last: bool) -> dict[str, Any]:
-        shape = next((it["pixels"].shape for it in items if it["pixels"] is not None), None)
-        pixels = (
-            torch.stack([it["pixels"] if it["pixels"] is not None else torch.zeros(shape) for it in items])
-            if shape is not None
-            else None
-        )
         out = {k: [it[k] for it in items] for k in ("index", "uid", "caption", "error")}
-        return {"shard": shard, **out, "pixels": pixels, "last": last}
+        return {"shard": shard, **out, "pixels": _stack([it["pixels"] for it in items]), "last": last}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()

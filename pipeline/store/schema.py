@@ -137,11 +137,15 @@ CAPTION_EMBEDDING = "caption_embedding"
 CAPTION_MODEL = "caption_model"
 
 
-def embed_schema(dim: int) -> pa.Schema:
+SCORER_PREFIX = "clip_score_"  # clip_score_<name>: a further model's cosine of the pair (embed.scorers)
+
+
+def embed_schema(dim: int, scorers: tuple[str, ...] = ()) -> pa.Schema:
     """tables/embed/{shard:05d}.parquet: one row per sample in the shard's tar.
 
     Embeddings are L2-normalised float16 fixed-size lists: DuckDB reads them as FLOAT[dim] and numpy
-    views them without a copy (``column.values.to_numpy().reshape(-1, dim)``).
+    views them without a copy (``column.values.to_numpy().reshape(-1, dim)``). Each of ``scorers``
+    (``embed.scorers``' names) adds ``clip_score_<name>``, last.
     """
     return pa.schema(
         [
@@ -153,8 +157,14 @@ def embed_schema(dim: int) -> pa.Schema:
             pa.field(DECODE_ERROR, pa.string()),
             pa.field(MODEL, pa.string(), nullable=False),
             pa.field(CHECKPOINT_SHA256, pa.string(), nullable=False),
+            *(pa.field(f"{SCORER_PREFIX}{name}", pa.float32()) for name in scorers),  # null where undecoded
         ]
     )
+
+
+def scorers_of(schema: pa.Schema) -> tuple[str, ...]:
+    """The further scorers' names an embed table's schema carries."""
+    return tuple(n.removeprefix(SCORER_PREFIX) for n in schema.names if n.startswith(SCORER_PREFIX))
 
 
 def vectors(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
