@@ -122,7 +122,15 @@ class Head:
         return int(self.tensors[f"{first}.weight" if first else "weight"].shape[1])
 
     def __call__(self, vectors: np.ndarray) -> np.ndarray:
-        """Scores of ``(rows, dim)`` image embeddings (normalised here), float32."""
+        """Scores of ``(rows, dim)`` image embeddings (normalised here), float32. BLAS runs on one
+        thread here: its threaded kernels sum in another order, so the same rows scored in a
+        one-thread engine worker and in a Spark worker would differ in the last bits."""
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=1, user_api="blas"):
+            return self._forward(vectors)
+
+    def _forward(self, vectors: np.ndarray) -> np.ndarray:
         x = np.asarray(vectors, dtype=np.float32)
         norms = np.linalg.norm(x, axis=1, keepdims=True)
         x = x / np.where(norms > 0, norms, 1)
