@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 from pipeline.config import EmbedConfig, EmbedSourceConfig
 from pipeline.core import runner
 from pipeline.core.step import BY_SHARD, Read, Step
+from pipeline.core.vectors import unit_rows
 from pipeline.embed.captions import STAGE, CaptionEmbed
 from pipeline.errors import UserError
 from pipeline.store import schema as S
@@ -234,11 +235,6 @@ def import_hash(cfg: EmbedConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _normalise(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(norms > 0, norms, 1)
-
-
 def joined_table(digest: str) -> str:
     """Where, under ``aggregates/``, the DataComp import's join of the pool with the published
     index lies, sorted by shard."""
@@ -276,7 +272,7 @@ class ImportEmbeddings(Step):
         finite = np.isfinite(img).all(axis=1) & np.isfinite(txt).all(axis=1)  # a NaN or Inf row never ships
         errors = [None if f and ok else (MISSING if not f else NON_FINITE) for f, ok in zip(found, finite, strict=True)]
         found = found & finite
-        img, txt = _normalise(np.where(found[:, None], img, 0)), _normalise(np.where(found[:, None], txt, 0))
+        img, txt = unit_rows(np.where(found[:, None], img, 0)), unit_rows(np.where(found[:, None], txt, 0))
         cosine = (img * txt).sum(axis=1).astype(np.float32)
         score = np.where(np.isnan(score), cosine, score).astype(np.float32)
         n = dl.num_rows

@@ -131,9 +131,9 @@ class Head:
             return self._forward(vectors)
 
     def _forward(self, vectors: np.ndarray) -> np.ndarray:
-        x = np.asarray(vectors, dtype=np.float32)
-        norms = np.linalg.norm(x, axis=1, keepdims=True)
-        x = x / np.where(norms > 0, norms, 1)
+        from pipeline.core.vectors import unit_rows
+
+        x = unit_rows(np.array(vectors, dtype=np.float32))  # a copy: the caller's rows stay as they are
         t = self.tensors
         if self.layout.norm:
             x = (x - t["norm.mean"]) / np.sqrt(t["norm.variance"])

@@ -94,14 +94,15 @@ def pending_quality(pool: Pool, cfg: QualityConfig, shards: list[int] | None = N
 
 def run_quality(pool: Pool, cfg: QualityConfig, engine: Engine, shards: list[int] | None = None,
                 progress: bool = True) -> dict[int, dict[str, int]]:  # fmt: skip
-    """Score ``shards`` (default: every embedded shard not scored with these heads).
+    """Score ``shards`` (already planned: a batch of :func:`pending_quality`'s, whose markers are not
+    read again), or, by default, every embedded shard not scored with these heads.
 
     Raises:
         HeadError: a weights file does not fit its layout or the pool's embeddings.
         ShardFailures: some shards failed; the others are finished and kept.
     """
     step = quality_step(pool, cfg)
-    shards = pool.require_complete("embed") if shards is None else list(shards)
-    done = runner.run_step(pool, engine, step, runner.plan(pool, step, shards), progress=progress)
+    todo = runner.plan(pool, step, pool.require_complete("embed")) if shards is None else list(shards)
+    done = runner.run_step(pool, engine, step, todo, progress=progress)
     pool.update_manifest()
     return done
