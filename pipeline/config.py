@@ -194,6 +194,28 @@ class ScorerConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class WatermarkConfig:
+    """LAION-5B's watermark detector in the embed stage's decode pass (:mod:`pipeline.quality.watermark`):
+    its probability of a watermark is ``watermark`` of the embed table.
+
+    Attributes:
+        weights: Local path of the detector's state dict (LAION's ``watermark_model_v1.pt``, or the
+            same tensors as ``.safetensors``), read with ``torch.load(weights_only=True)``.
+        model: The timm architecture under LAION's two-class head (``efficientnet_b3a``, as LAION's
+            ``inference.py`` builds it); another timm model takes the same head on its own width.
+    """
+
+    __pydantic_config__ = _STRICT
+
+    weights: str
+    model: str = "efficientnet_b3a"
+
+    def __post_init__(self) -> None:
+        _require(bool(self.weights), "watermark.weights", "must be the local path of a weights file")
+        _require(bool(self.model), "watermark.model", "must name a timm architecture")
+
+
+@dataclass(frozen=True, kw_only=True)
 class EmbedConfig:
     """open_clip image/text embeddings, CLIP score, and caption embeddings for clustering.
 
@@ -217,10 +239,12 @@ class EmbedConfig:
             implied by its ``key``).
         scorers: Further open_clip models scoring each pair in the same decode pass: each image is
             decoded once and preprocessed for every model (``clip_score_<name>``).
+        watermark: LAION-5B's watermark detector, in the same decode pass (``watermark``); ``None``:
+            no watermark score.
     """
 
     __pydantic_config__ = _STRICT
-    ADDED_FIELDS: ClassVar[tuple[str, ...]] = ("source", "scorers")
+    ADDED_FIELDS: ClassVar[tuple[str, ...]] = ("source", "scorers", "watermark")
 
     model: str = "ViT-B-32"
     checkpoint: str | None = None
@@ -233,12 +257,16 @@ class EmbedConfig:
     caption_model: Literal["clip", "minilm"] | None = "clip"
     max_image_pixels: int = 89_478_485
     scorers: tuple[ScorerConfig, ...] = ()
+    watermark: WatermarkConfig | None = None
 
     def __post_init__(self) -> None:
         _require(bool(self.model), "model", "must name an open_clip architecture")
         names = [s.name for s in self.scorers]
         _require(len(set(names)) == len(names), "scorers", "names a scorer twice")
         _require(not self.scorers or self.source is None, "scorers", "score computed embeddings, not imported ones")
+        _require(self.watermark is None or self.source is None, "watermark",
+                 "runs in the decode pass of computed embeddings; with imported ones, carry LAION's pwatermark in "
+                 "with download.extra_cols and use watermark(column=pwatermark)")  # fmt: skip
         _require(bool(self.checkpoint) != (self.source is not None), "checkpoint",
                  "give the local path of a weights file, or embed.source to import published embeddings "
                  "(not both)")  # fmt: skip
@@ -724,6 +752,7 @@ _SECTIONS = {
     "EmbedConfig": EmbedConfig,
     "EmbedSourceConfig": EmbedSourceConfig,
     "ScorerConfig": ScorerConfig,
+    "WatermarkConfig": WatermarkConfig,
     "HeadConfig": HeadConfig,
     "QualityConfig": QualityConfig,
     "ModeConfig": ModeConfig,

@@ -104,7 +104,8 @@ def _plot_funnel(steps: list[tuple[str, int]], reasons: list[tuple[str, int]], o
 # The score histograms: (column, title, x label, what the grey bars count).
 SCORES = ((S.CLIP_SCORE, "CLIP score", "clip_score (cosine of image and caption embeddings)", "embedded"),
           (S.AESTHETIC, "Aesthetic score", "aesthetic (LAION's aesthetic predictor)", "scored"),
-          (S.NSFW, "NSFW probability", "nsfw (LAION's CLIP-based NSFW detector)", "scored"))  # fmt: skip
+          (S.NSFW, "NSFW probability", "nsfw (LAION's CLIP-based NSFW detector)", "scored"),
+          (S.WATERMARK, "Watermark probability", "watermark (LAION-5B's watermark detector)", "scored"))  # fmt: skip
 
 
 def _plot_score(con: Any, columns: set[str], score: tuple[str, str, str, str], out: Path,
@@ -238,7 +239,9 @@ def _write_page(pool: Pool, con: Any, completeness: Any, out: Path, release: Pat
         steps.append(("release (export)", json.loads((release / "manifest.json").read_text())["counts"]["samples"]))
     reasons = drop_reasons(con, columns)
     plots = [("Funnel", _plot_funnel(steps, reasons, out / "funnel.png"))]
-    plots += [(score[1], _plot_score(con, columns, score, out / f"{score[0]}.png")) for score in SCORES]
+    scorers = [(c, f"CLIP score ({c.removeprefix(S.SCORER_PREFIX)})", f"{c} (embed.scorers)", "embedded")
+               for c in sorted(columns) if c.startswith(S.SCORER_PREFIX)]  # fmt: skip
+    plots += [(score[1], _plot_score(con, columns, score, out / f"{score[0]}.png")) for score in (*SCORES, *scorers)]
     plots.append(("MetaCLIP entries", _plot_entries(pool, out / "metaclip_entries.png")))
     plots.append(("Cluster sizes", _plot_clusters(con, columns, out / "cluster_sizes.png")))
     thumbs = _thumbs(pool, con, columns, out, thumbnails)

@@ -241,21 +241,26 @@ def test_published_scores_carried_in_at_download_feed_the_same_rules(tmp_path, i
     rng = np.random.default_rng(7)
     aesthetic = np.round(rng.uniform(3, 8, rows.num_rows), 3)
     punsafe = np.round(rng.uniform(0, 1, rows.num_rows), 3)
+    pwatermark = np.round(rng.uniform(0, 1, rows.num_rows), 3)
     rows = rows.append_column("AESTHETIC_SCORE", pa.array(aesthetic)).append_column("punsafe", pa.array(punsafe))
+    rows = rows.append_column("pwatermark", pa.array(pwatermark))
     pq.write_table(rows, tmp_path / "u.parquet")
-    cfg = make_config(tmp_path / "pool", tmp_path / "u.parquet", extra_cols=["AESTHETIC_SCORE", "punsafe"])
+    cfg = make_config(tmp_path / "pool", tmp_path / "u.parquet",
+                      extra_cols=["AESTHETIC_SCORE", "punsafe", "pwatermark"])  # fmt: skip
     pool = Pool(cfg.pool)
     run_download(pool, cfg.download, LocalEngine(2), progress=False)
-    recipe = ["aesthetic(min=5.5, column=AESTHETIC_SCORE)", "nsfw(max=0.4, column=punsafe)"]
+    recipe = ["aesthetic(min=5.5, column=AESTHETIC_SCORE)", "nsfw(max=0.4, column=punsafe)",
+              "watermark(max=0.7, column=pwatermark)"]  # fmt: skip
     summary = run_decisions(pool, FilterConfig(recipe="q", recipes={"q": recipe}), LocalEngine(2), progress=False)
     table = pool.read_table("decisions").join(pool.read_table("download").select(["uid", "url", S.STATUS]), "uid")
-    by_url = dict(zip(rows["url"].to_pylist(), zip(aesthetic, punsafe, strict=True), strict=True))
+    by_url = dict(zip(rows["url"].to_pylist(), zip(aesthetic, punsafe, pwatermark, strict=True), strict=True))
     ok = np.array([s == S.STATUS_SUCCESS for s in table[S.STATUS].to_pylist()])
-    a, n = (np.array([by_url[u][i] for u in table["url"].to_pylist()]) for i in (0, 1))
-    assert (table[S.KEEP].to_numpy(zero_copy_only=False) == (ok & (a > 5.5) & (n <= 0.4))).all()
+    a, n, w = (np.array([by_url[u][i] for u in table["url"].to_pylist()]) for i in (0, 1, 2))
+    assert (table[S.KEEP].to_numpy(zero_copy_only=False) == (ok & (a > 5.5) & (n <= 0.4) & (w < 0.7))).all()
     reasons = table[S.DROP_REASON].to_pylist()
     assert {r for r, o, x in zip(reasons, ok, a, strict=True) if o and x <= 5.5} == {"aesthetic"}
     assert summary["drop_reasons"]["nsfw"] == sum(o and x > 5.5 and y > 0.4 for o, x, y in zip(ok, a, n, strict=True))
+    assert summary["drop_reasons"]["watermark"] == int((ok & (a > 5.5) & (n <= 0.4) & (w >= 0.7)).sum()) > 0
     assert not pool.completed("quality")
     with pytest.raises(Exception, match=r"rule aesthetic\(column=aesthetic_score\) reads the download column "
                                         r"'aesthetic_score', which the pool has not got"):  # fmt: skip
@@ -309,3 +314,203 @@ def test_a_further_scorer_scores_each_pair_in_the_same_decode_pass(downloaded_po
     with pytest.raises(Exception, match=r"the embed table has no scorer 'nope' \(it has \['dfn'\]\)"):
         run_decisions(pools["scored"], FilterConfig(recipe="q", recipes={"q": ["clip_score(score=nope)"]}),
                       LocalEngine(2), progress=False)  # fmt: skip
+
+
+# LAION-5B's watermark detector as LAION-AI/LAION-5B-WatermarkDetection builds it (inference.py): a timm
+# EfficientNet with two classes whose classifier is replaced, its preprocessing, and P(watermark) = softmax[:, 0].
+# Written here from the published code, not imported from the code under test; the smallest timm EfficientNet
+# (``test_efficientnet``, 0.1M parameters) stands in for efficientnet_b3a, the head on its own width.
+def laion_watermark(arch: str = "test_efficientnet", seed: int = 0) -> torch.nn.Module:
+    import timm
+    from torch import nn
+
+    torch.manual_seed(seed)
+    net = timm.create_model(arch, pretrained=False, num_classes=2)
+    net.classifier = nn.Sequential(nn.Linear(net.num_features, 625), nn.ReLU(), nn.Dropout(p=0.3),
+                                   nn.Linear(625, 256), nn.ReLU(), nn.Linear(256, 2))  # fmt: skip
+    for module in net.modules():  # running statistics unlike a fresh BatchNorm's: a loader skipping buffers differs
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 2.0)
+    net.eval()
+    # A random backbone pools nearly the same features from any image, so P(watermark) would be one value to
+    # 1e-5: centre and scale the first Linear on a few images' features (still random, now telling images apart).
+    rng = np.random.default_rng(seed)
+    probe = torch.from_numpy(rng.uniform(-2, 2, (8, 3, 64, 64)).astype(np.float32))
+    probe[4:] = probe[4:].mean(dim=(2, 3), keepdim=True)  # flat colours beside noise
+    with torch.no_grad():
+        features = net.forward_head(net.forward_features(probe), pre_logits=True)
+        first = net.classifier[0]
+        first.weight.div_(features.std(dim=0).clamp_min(1e-6))
+        first.bias.copy_(-(first.weight @ features.mean(dim=0)))
+    return net
+
+
+def laion_watermark_scores(net: torch.nn.Module, images: list) -> np.ndarray:
+    from torchvision import transforms as T
+
+    preprocessing = T.Compose([T.Resize((256, 256)), T.ToTensor(),
+                               T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])  # fmt: skip
+    with torch.no_grad():
+        return torch.nn.functional.softmax(net(torch.stack([preprocessing(im) for im in images])), dim=1)[:, 0].numpy()
+
+
+def save_watermark(path: Path, arch: str = "test_efficientnet", seed: int = 0) -> tuple[Path, torch.nn.Module]:
+    net = laion_watermark(arch, seed)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    else:
+        torch.save(net.state_dict(), str(path))
+    return path, net
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_the_watermark_detector_scores_as_laions_model(tmp_path, suffix):
+    from PIL import Image
+
+    from pipeline.config import WatermarkConfig
+    from pipeline.quality.watermark import WatermarkDetector
+
+    path, net = save_watermark(tmp_path / f"watermark_model_v1{suffix}")
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+              for h, w in ((300, 200), (64, 640), (256, 256), (517, 333))]  # fmt: skip
+    detector = WatermarkDetector(WatermarkConfig(weights=str(path), model="test_efficientnet")).setup()
+    got = detector.score(torch.stack([detector.preprocess(im) for im in images]))
+    want = laion_watermark_scores(net, images)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert ((got > 0) & (got < 1)).all() and np.ptp(got) > 1e-4  # a probability, and the images differ
+
+
+def test_a_wrong_watermark_file_is_one_line_naming_it(tmp_path):
+    from pipeline.config import WatermarkConfig
+    from pipeline.quality.watermark import WatermarkError, check_detector
+
+    def check(path: Path, model: str = "test_efficientnet") -> None:
+        check_detector(WatermarkConfig(weights=str(path), model=model))
+
+    path, net = save_watermark(tmp_path / "w.pt")
+    check(path)  # the right file passes
+    renamed = {k.replace("classifier.5", "classifier.6"): v for k, v in net.state_dict().items()}
+    torch.save(renamed, tmp_path / "renamed.pt")
+    with pytest.raises(WatermarkError, match=r"renamed\.pt: not LAION's watermark detector on test_efficientnet: "
+                                             r"missing keys \['classifier\.5\.bias', 'classifier\.5\.weight'\], "
+                                             r"unexpected keys \['classifier\.6\.bias', 'classifier\.6\.weight'\]"):
+        check(tmp_path / "renamed.pt")
+    wide = {**net.state_dict(), "classifier.0.weight": torch.zeros(625, 1536)}  # a B3 head on another backbone
+    torch.save(wide, tmp_path / "wide.pt")
+    with pytest.raises(WatermarkError, match=r"wide\.pt: classifier\.0\.weight has shape \(625, 1536\), "
+                                             r"test_efficientnet with LAION's head needs \(625, 256\)"):
+        check(tmp_path / "wide.pt")
+    with pytest.raises(WatermarkError, match=r"w\.pt: not LAION's watermark detector on efficientnet_b3a"):
+        check(path, "efficientnet_b3a")  # weights of another architecture
+    (tmp_path / "junk.pt").write_bytes(b"not a state dict")
+    with pytest.raises(WatermarkError, match=r"junk\.pt: not a readable weights file"):
+        check(tmp_path / "junk.pt")
+    with pytest.raises(WatermarkError, match=r"embed\.watermark\.weights: .*missing\.pt not found"):
+        check(tmp_path / "missing.pt")
+    with pytest.raises(WatermarkError, match=r"embed\.watermark\.model: .*no_such_net"):
+        check(path, "no_such_net")
+
+
+def _tar_images(pool) -> dict[str, object]:
+    """Every image of the pool's tars by uid, decoded here with PIL (not the pipeline's reader)."""
+    import io
+    import json
+    import tarfile
+
+    from PIL import Image
+
+    found: dict[str, object] = {}
+    for shard in pool.completed("download"):
+        with tarfile.open(pool.shard_tar(shard)) as tar:
+            members: dict[str, dict[str, bytes]] = {}
+            for m in tar.getmembers():
+                key, _, ext = m.name.rpartition(".")
+                members.setdefault(key, {})[ext] = tar.extractfile(m).read()
+        for parts in members.values():
+            if "jpg" in parts:
+                uid = json.loads(parts["json"])["uid"]
+                found[uid] = Image.open(io.BytesIO(parts["jpg"])).convert("RGB")
+    return found
+
+
+def test_the_watermark_and_a_further_scorer_share_one_decode_and_feed_the_rules(
+    downloaded_pool, tiny_checkpoint, tmp_path, monkeypatch
+):
+    """``embed.watermark`` with ``embed.scorers``: every image decoded once for three models; the
+    watermark column equals LAION's model run here on the tar's images; the watermark rule and
+    ``clip_score(score=)`` decide, every drop explained by the first rule a sample fails."""
+    import dataclasses
+
+    from pipeline.config import FilterConfig, ScorerConfig, WatermarkConfig
+    from pipeline.embed import run_embed, save_random_checkpoint
+    from pipeline.filters.decisions import run_decisions
+    from pipeline.store import images
+    from pipeline.store import schema as S
+    from tests.conftest import embed_cfg
+
+    second = save_random_checkpoint("clipcurate-tiny", tmp_path / "second.safetensors", seed=1)
+    path, net = save_watermark(tmp_path / "watermark_model_v1.pt")
+    cfg = dataclasses.replace(embed_cfg(tiny_checkpoint, workers=0),
+                              scorers=(ScorerConfig(name="dfn", model="clipcurate-tiny", checkpoint=str(second)),),
+                              watermark=WatermarkConfig(weights=str(path), model="test_efficientnet"))  # fmt: skip
+    pool = copy_pool(downloaded_pool[0], tmp_path / "pool", drop=("embed", "caption_embed"))
+    decodes = []
+    real = images.decode_image
+    monkeypatch.setattr(images, "decode_image", lambda *a, **k: (decodes.append(1), real(*a, **k))[1])
+    run_embed(pool, cfg, LocalEngine(1), progress=False)
+    table = pool.read_table("embed").sort_by(S.UID)
+    assert len(decodes) == table.num_rows > 250  # once per image, for the CLIP model, the scorer and the detector
+    assert table.schema.names[-2:] == ["clip_score_dfn", S.WATERMARK]
+    valid = table[S.DECODE_ERROR].is_null().to_numpy(zero_copy_only=False)
+    assert table[S.WATERMARK].null_count == int((~valid).sum())
+    pictures = _tar_images(pool)
+    uids = [u for u, ok in zip(table[S.UID].to_pylist(), valid, strict=True) if ok]
+    want = np.concatenate([laion_watermark_scores(net, [pictures[u] for u in uids[i:i + 64]])
+                           for i in range(0, len(uids), 64)])  # fmt: skip
+    got = table[S.WATERMARK].to_numpy(zero_copy_only=False)[valid].astype(np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+    w_max = float(np.median(got))
+    dfn = table["clip_score_dfn"].to_numpy(zero_copy_only=False).astype(float)
+    recipe = ["clip_score(score=dfn, fraction=0.7)", f"watermark(max={w_max!r})"]
+    summary = run_decisions(pool, FilterConfig(recipe="q", recipes={"q": recipe}), LocalEngine(2), progress=False)
+    decided = (pool.read_table("decisions").join(table.select([S.UID, "clip_score_dfn", S.WATERMARK]), S.UID)
+               .join(pool.read_table("download").select([S.UID, S.STATUS]), S.UID))  # fmt: skip
+    keep = decided[S.KEEP].to_numpy(zero_copy_only=False)
+    fetched = [s == S.STATUS_SUCCESS for s in decided[S.STATUS].to_pylist()]
+    score = decided["clip_score_dfn"].to_numpy(zero_copy_only=False).astype(float)
+    mark = decided[S.WATERMARK].to_numpy(zero_copy_only=False).astype(float)
+    threshold = np.sort(dfn[~np.isnan(dfn)])[::-1][int((~np.isnan(dfn)).sum() * 0.7)]  # DataComp's get_threshold
+    first = [None if k else "downloaded" if not f else "decode_error" if s != s else
+             "clip_score" if s < threshold else "watermark" for k, f, s in zip(keep, fetched, score, strict=True)]
+    assert decided[S.DROP_REASON].to_pylist() == first
+    assert (keep == (np.array(fetched) & (score >= threshold) & (mark < w_max))).all()
+    assert summary["drop_reasons"]["watermark"] > 0 and summary["drop_reasons"]["clip_score"] > 0
+
+    plain = copy_pool(downloaded_pool[0], tmp_path / "plain", drop=("embed", "caption_embed"))
+    run_embed(plain, embed_cfg(tiny_checkpoint, workers=0), LocalEngine(1), progress=False)
+    with pytest.raises(Exception, match=r"rule watermark reads the watermark detector's scores, which this pool's "
+                                        r"embed table has not got; configure embed\.watermark"):  # fmt: skip
+        run_decisions(plain, FilterConfig(recipe="q", recipes={"q": ["min_side", "watermark"]}), LocalEngine(2),
+                      progress=False)  # fmt: skip
+
+
+def test_a_wrong_watermark_file_stops_the_embed_stage_before_any_task(downloaded_pool, tiny_checkpoint, tmp_path):
+    import dataclasses
+
+    from pipeline.config import WatermarkConfig
+    from pipeline.embed import run_embed
+    from pipeline.quality.watermark import WatermarkError
+    from tests.conftest import embed_cfg
+
+    path, _ = save_watermark(tmp_path / "b0.pt", arch="test_efficientnet_gn")
+    cfg = dataclasses.replace(embed_cfg(tiny_checkpoint, workers=0),
+                              watermark=WatermarkConfig(weights=str(path), model="test_efficientnet"))  # fmt: skip
+    pool = copy_pool(downloaded_pool[0], tmp_path / "pool", drop=("embed", "caption_embed"))
+    with pytest.raises(WatermarkError, match=r"b0\.pt: not LAION's watermark detector on test_efficientnet"):
+        run_embed(pool, cfg, LocalEngine(1), progress=False)
+    assert not pool.completed("embed")

@@ -271,3 +271,26 @@ def test_quality_scores_on_spark_equal_local(clustered, spark, tmp_path):
     run_quality(pools[0], cfg, LocalEngine(2), progress=False)
     run_quality(pools[1], cfg, spark, progress=False)
     same_table(*pools, "quality")
+
+
+def test_a_further_scorer_and_the_watermark_on_spark_equal_local(downloaded_pool, tiny_checkpoint, spark, tmp_path):
+    """The embed step with ``embed.scorers`` and ``embed.watermark``: the same rows on either engine
+    (one torch thread on both, as a Spark worker has: the float32 scores then agree bit for bit)."""
+    import dataclasses
+
+    from pipeline.config import ScorerConfig, WatermarkConfig
+    from pipeline.embed import run_embed, save_random_checkpoint
+    from tests.conftest import embed_cfg
+    from tests.test_quality import save_watermark
+
+    second = save_random_checkpoint("clipcurate-tiny", tmp_path / "second.safetensors", seed=1)
+    weights, _ = save_watermark(tmp_path / "watermark_model_v1.pt")
+    cfg = dataclasses.replace(embed_cfg(tiny_checkpoint, workers=0, threads=1),
+                              scorers=(ScorerConfig(name="dfn", model="clipcurate-tiny", checkpoint=str(second)),),
+                              watermark=WatermarkConfig(weights=str(weights), model="test_efficientnet"))  # fmt: skip
+    pools = [copy_pool(downloaded_pool[0], tmp_path / n, drop=("embed", "caption_embed")) for n in ("local", "spark")]
+    run_embed(pools[0], cfg, LocalEngine(1), progress=False)
+    run_embed(pools[1], cfg, spark, progress=False)
+    same_table(*pools, "embed")
+    table = pools[0].read_table("embed")
+    assert {"clip_score_dfn", "watermark"} <= set(table.column_names) and table["watermark"].null_count < 50

@@ -167,12 +167,16 @@ class ClipEmbedder:
 # --- the stage -------------------------------------------------------------------------------------
 
 
-def stage_hash(cfg: EmbedConfig, weights_sha256: str, scorer_sha256: tuple[str, ...] = ()) -> str:
-    """What the embed tables depend on: model, weights (by content), precision, caption encoder, and
-    each further scorer's model and weights (``scorer_sha256``, in ``cfg.scorers``' order)."""
+def stage_hash(cfg: EmbedConfig, weights_sha256: str, scorer_sha256: tuple[str, ...] = (),
+               watermark_sha256: str | None = None) -> str:  # fmt: skip
+    """What the embed tables depend on: model, weights (by content), precision, caption encoder,
+    each further scorer's model and weights (``scorer_sha256``, in ``cfg.scorers``' order) and the
+    watermark detector's (``watermark_sha256``: its architecture and weights)."""
     blob = f"{cfg.model}|{weights_sha256}|{cfg.precision}|{cfg.caption_model}|{cfg.max_image_pixels}"
     for scorer, sha in zip(cfg.scorers, scorer_sha256, strict=True):  # none: the digest of a pool made before
         blob += f"|{scorer.name}:{scorer.model}:{sha}"
+    if watermark_sha256 is not None:  # none: the digest of a pool made before
+        blob += f"|watermark:{watermark_sha256}"
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -186,6 +190,15 @@ def _embed_batch(embedder: ClipEmbedder, batch: dict[str, Any], dim: int) -> tup
     return image, text
 
 
+def _watermark_batch(detector: Any, errors: list[str | None], pixels: Any) -> np.ndarray:
+    """P(watermark) of a batch's decoded images (0 in the slots of those that failed: masked later)."""
+    out = np.zeros(len(errors), np.float32)
+    ok = [i for i, e in enumerate(errors) if e is None]
+    if ok:
+        out[ok] = detector.score(pixels[ok])
+    return out
+
+
 IMAGES_READ = Read("download", (S.UID, S.CAPTION), kind=IMAGES, name="images")
 
 
@@ -194,41 +207,56 @@ class Embed(Step):
     streaming step: the runner's data loader decodes the images while :meth:`encode` runs the model
     on each batch; ``__call__`` puts the shard's rows in tar order and stores them as float16). Each
     further scorer (``embed.scorers``) gets the same decoded image in its own preprocessing and adds
-    its cosine, ``clip_score_<name>``."""
+    its cosine, ``clip_score_<name>``; so does LAION's watermark detector (``embed.watermark``:
+    ``watermark``, :mod:`pipeline.quality.watermark`)."""
 
     name = STAGE
     sized = staticmethod(S.embed_schema)
     sized_column = S.IMAGE_EMBEDDING
     one_model = True
 
-    def __init__(self, cfg: EmbedConfig, weights_sha256: str, scorer_sha256: tuple[str, ...] = ()):
-        super().__init__(reads=(IMAGES_READ,), digest=stage_hash(cfg, weights_sha256, scorer_sha256))
+    def __init__(self, cfg: EmbedConfig, weights_sha256: str, scorer_sha256: tuple[str, ...] = (),
+                 watermark_sha256: str | None = None):  # fmt: skip
+        digest = stage_hash(cfg, weights_sha256, scorer_sha256, watermark_sha256)
+        super().__init__(reads=(IMAGES_READ,), digest=digest)
         self.cfg = cfg
         self.batch_size, self.workers, self.max_pixels = cfg.batch_size, cfg.workers, cfg.max_image_pixels
         self.device, self.threads = cfg.device, cfg.threads  # not in the digest: they key the set-up model
         self._embedder: ClipEmbedder | None = None
         self._scorers: list[tuple[str, ClipEmbedder]] = []
+        self._watermark: Any = None
 
     def setup(self) -> None:
         if self._embedder is None:
             self._embedder = ClipEmbedder(self.cfg).setup()
             self._scorers = [(s.name, ClipEmbedder(scorer_config(self.cfg, s)).setup()) for s in self.cfg.scorers]
+            if self.cfg.watermark is not None:
+                from pipeline.quality.watermark import WatermarkDetector
+
+                self._watermark = WatermarkDetector(self.cfg.watermark, self._embedder.device).setup()
 
     def schema_of(self, out: pa.Table) -> pa.Schema:
-        return S.embed_schema(out.schema.field(S.IMAGE_EMBEDDING).type.list_size, tuple(n for n, _ in self._scorers))
+        return S.embed_schema(out.schema.field(S.IMAGE_EMBEDDING).type.list_size, tuple(n for n, _ in self._scorers),
+                              self._watermark is not None)  # fmt: skip
+
+    def _models(self) -> list[Any]:
+        """Every model fed the decoded image, in the order of the data loader's tuple of tensors."""
+        assert self._embedder is not None
+        return [self._embedder, *(e for _, e in self._scorers), *([self._watermark] if self._watermark else [])]
 
     def transform(self) -> Any:
-        assert self._embedder is not None
-        if not self._scorers:
-            return self._embedder.preprocess
+        models = self._models()
+        if len(models) == 1:
+            return models[0].preprocess
         from pipeline.store.images import Preprocessings
 
-        return Preprocessings((self._embedder.preprocess, *(e.preprocess for _, e in self._scorers)))
+        return Preprocessings(tuple(m.preprocess for m in models))  # one decode, one preprocessing per model
 
     def encode(self, batch: dict[str, Any]) -> pa.Table:
         assert self._embedder is not None
-        pixels = batch["pixels"]  # None when no image of the batch decoded; a tuple (one per model) with scorers
-        per_model = pixels if self._scorers and pixels is not None else (pixels,) * (1 + len(self._scorers))
+        pixels = batch["pixels"]  # None when no image of the batch decoded; a tuple (one per model) with several
+        many = len(self._models()) > 1
+        per_model = pixels if many and pixels is not None else (pixels,) * len(self._models())
         dim = self._embedder.dim
         image, text = _embed_batch(self._embedder, {**batch, "pixels": per_model[0]}, dim)
         rows = {"index": pa.array(batch["index"], pa.int64()), S.UID: pa.array(batch["uid"], pa.string()),
@@ -238,6 +266,8 @@ class Embed(Step):
         for i, (name, scorer) in enumerate(self._scorers, start=1):
             img, txt = _embed_batch(scorer, {**batch, "pixels": per_model[i]}, scorer.dim)
             rows[f"{S.SCORER_PREFIX}{name}"] = pa.array((img * txt).sum(axis=1).astype(np.float32))
+        if self._watermark is not None:
+            rows[S.WATERMARK] = pa.array(_watermark_batch(self._watermark, batch["error"], per_model[-1]))
         return pa.table(rows)
 
     def __call__(self, inputs: dict[str, pa.Table]) -> pa.Table:
@@ -253,8 +283,8 @@ class Embed(Step):
                S.CLIP_SCORE: pa.array(score, pa.float32(), mask=~valid), S.DECODE_ERROR: rows[S.DECODE_ERROR],
                S.MODEL: pa.array([self.cfg.model] * n, pa.string()),
                S.CHECKPOINT_SHA256: pa.array([sha] * n, pa.string())}  # fmt: skip
-        for name, _ in self._scorers:
-            column = f"{S.SCORER_PREFIX}{name}"
+        extra = [f"{S.SCORER_PREFIX}{name}" for name, _ in self._scorers]
+        for column in [*extra, *([S.WATERMARK] if self._watermark is not None else [])]:
             out[column] = pa.array(rows[column].to_numpy(zero_copy_only=False), pa.float32(), mask=~valid)
         return pa.table(out)
 
@@ -280,12 +310,19 @@ def embed_steps(pool: Pool, cfg: EmbedConfig) -> list[Step]:
         return import_steps(pool, cfg)
     weights = checkpoint_sha256(check_checkpoint(cfg.model, cfg.checkpoint))
     scorers = tuple(checkpoint_sha256(check_checkpoint(s.model, s.checkpoint)) for s in cfg.scorers)
-    embed = Embed(cfg, weights, scorers)
+    watermark = None
+    if cfg.watermark is not None:
+        from pipeline.quality.watermark import weights_sha256
+
+        watermark = weights_sha256(cfg.watermark)
+    embed = Embed(cfg, weights, scorers, watermark)
     recorded = {"model": cfg.model, "checkpoint_sha256": weights, "checkpoint": str(Path(cfg.checkpoint).resolve()),
                 "precision": cfg.precision, "caption_model": cfg.caption_model}  # fmt: skip
     if cfg.scorers:
         recorded["scorers"] = [{"name": s.name, "model": s.model, "checkpoint_sha256": sha}
                                for s, sha in zip(cfg.scorers, scorers, strict=True)]  # fmt: skip
+    if cfg.watermark is not None:
+        recorded["watermark"] = {"model": cfg.watermark.model, "digest": watermark}
     pool.check_stage_config(STAGE, recorded, embed.digest)
     # the caption table's digest is the embed table's (which covers the caption model): as before the split
     return [embed] + ([CaptionEmbed(cfg.caption_model, embed.digest, device=cfg.device)] if cfg.caption_model else [])
@@ -321,6 +358,10 @@ def run_embed(pool: Pool, cfg: EmbedConfig, engine: Engine, shards: list[int] | 
         return {}
     if cfg.source is not None:  # the published files' pool-wide index and join first
         imported.prepare_import(pool, cfg, engine, files)
+    if cfg.watermark is not None and plans[0]:  # a wrong detector file is one line before any task
+        from pipeline.quality.watermark import check_detector
+
+        check_detector(cfg.watermark)
     done: dict[int, dict[str, int]] = {}
     failures: list[ShardFailures] = []
     failed: set[int] = set()

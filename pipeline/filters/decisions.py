@@ -61,13 +61,20 @@ def resolve_rules(pool: Pool, cfg: FilterConfig, engine: Engine) -> tuple[list[R
 
 
 def _check_columns(pool: Pool, cfg: FilterConfig, rule: Rule) -> None:
-    """A ``clip_score(score=<name>)`` rule names a scorer the embed table has (one line, before any task)."""
+    """A ``clip_score(score=<name>)`` rule names a scorer the embed table has, a ``watermark`` rule
+    without ``column`` needs the detector's column (one line each, before any task)."""
     score = rule.params.get("score")
     if score and pool.done_shards("embed"):
         have = S.scorers_of(pool.table_schema("embed"))
         if score not in have:
             raise UserError(f"filters.recipe {cfg.recipe!r}: rule {rule}: the embed table has no scorer {score!r} "
                             f"(it has {list(have) or 'none'}); add it to embed.scorers")  # fmt: skip
+    wants = rule.name == "watermark" and not rule.params.get("column")
+    if wants and not (pool.done_shards("embed") and S.WATERMARK in pool.table_schema("embed").names):
+        raise UserError(f"filters.recipe {cfg.recipe!r}: rule {rule} reads the watermark detector's scores, "
+                        f"which this pool's embed table has not got; configure embed.watermark (LAION's "
+                        f"watermark_model_v1.pt), or use LAION's published column: "
+                        f"watermark(column=pwatermark) with download.extra_cols: [pwatermark]")  # fmt: skip
 
 
 class Decide(Step):

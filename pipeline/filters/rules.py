@@ -32,6 +32,10 @@ datasets", Sec. 3.4 and Appendix; ``baselines/apply_filter.py``):
   clip-retrieval's safe mode, which drops ``> 0.5``). Both read ``tables/quality``
   (:mod:`pipeline.quality`), or, with ``column=NAME``, a published score carried into the download
   table (``download.extra_cols``: LAION's ``AESTHETIC_SCORE``, ``punsafe``).
+- ``watermark``: LAION-5B's watermark probability ``< max`` (default 0.5: Stable Diffusion v1-2's
+  laion-improved-aesthetics keeps "an estimated watermark probability < 0.5"); it reads the embed
+  table's ``watermark`` (``embed.watermark``, :mod:`pipeline.quality.watermark`), or, with
+  ``column=pwatermark``, LAION's published column carried in at download.
 
 Parameters override the defaults inline: ``"clip_score(threshold=0.28)"``, ``"min_side(min=256)"``.
 """
@@ -99,6 +103,10 @@ RULES: dict[str, RuleDef] = {
     "aesthetic": RuleDef("quality", (S.AESTHETIC,), {"min": 5.0, "column": None},
                          lambda c, p: _num(c[S.AESTHETIC]) > p["min"]),
     "nsfw": RuleDef("quality", (S.NSFW,), {"max": 0.5, "column": None}, lambda c, p: _num(c[S.NSFW]) <= p["max"]),
+    # LAION-5B's watermark detector (embed.watermark): a probability below ``max`` (Stable Diffusion v1-2's
+    # laion-improved-aesthetics: "estimated watermark probability < 0.5"); ``column=pwatermark``: LAION's own
+    "watermark": RuleDef("embed", (S.WATERMARK,), {"max": 0.5, "column": None},
+                         lambda c, p: _num(c[S.WATERMARK]) < p["max"]),
 }  # fmt: skip
 
 BUILTIN_RECIPES: dict[str, tuple[str, ...]] = {
@@ -116,9 +124,10 @@ BUILTIN_RECIPES: dict[str, tuple[str, ...]] = {
     # score above 7 (120M samples), laion-art above 8 (8M)
     "laion_aesthetic": ("aesthetic(min=7.0)",),
     "laion_art": ("aesthetic(min=8.0)",),
-    # Stable Diffusion v1-2's laion-improved-aesthetics (its model card): original size >= 512x512 and an
-    # improved-predictor score above 5.0 (its watermark probability < 0.5 needs LAION's pwatermark)
-    "laion_improved_aesthetics": ("min_side(min=512)", "aesthetic(min=5.0)"),
+    # Stable Diffusion v1-2's laion-improved-aesthetics (its model card): original size >= 512x512, an
+    # improved-predictor score above 5.0 and an estimated watermark probability below 0.5 (embed.watermark, or
+    # LAION's pwatermark with "watermark(column=pwatermark)" in a recipe of your own)
+    "laion_improved_aesthetics": ("min_side(min=512)", "aesthetic(min=5.0)", "watermark(max=0.5)"),
 }
 
 _SPEC = re.compile(r"^\s*([a-z_]+)\s*(?:\((.*)\))?\s*$")

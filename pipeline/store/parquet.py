@@ -505,7 +505,7 @@ class Pool:
         if column not in found.names or not pa.types.is_fixed_size_list(found.field(column).type):
             raise DamagedError(f"{path}: no {column} column of fixed-size lists; {redo_hint(stage)}")
         if stage == "embed":  # with the further scorers' columns its files carry (embed.scorers)
-            return make(found.field(column).type.list_size, S.scorers_of(found))
+            return make(found.field(column).type.list_size, S.scorers_of(found), S.WATERMARK in found.names)
         return make(found.field(column).type.list_size)
 
     def check_table_file(self, stage: str, path: Path) -> pa.Schema:

@@ -138,14 +138,16 @@ CAPTION_MODEL = "caption_model"
 
 
 SCORER_PREFIX = "clip_score_"  # clip_score_<name>: a further model's cosine of the pair (embed.scorers)
+WATERMARK = "watermark"  # LAION-5B's watermark detector: P(watermark) in [0, 1] (embed.watermark)
 
 
-def embed_schema(dim: int, scorers: tuple[str, ...] = ()) -> pa.Schema:
+def embed_schema(dim: int, scorers: tuple[str, ...] = (), watermark: bool = False) -> pa.Schema:
     """tables/embed/{shard:05d}.parquet: one row per sample in the shard's tar.
 
     Embeddings are L2-normalised float16 fixed-size lists: DuckDB reads them as FLOAT[dim] and numpy
     views them without a copy (``column.values.to_numpy().reshape(-1, dim)``). Each of ``scorers``
-    (``embed.scorers``' names) adds ``clip_score_<name>``, last.
+    (``embed.scorers``' names) adds ``clip_score_<name>``, then ``watermark`` (``embed.watermark``)
+    comes last.
     """
     return pa.schema(
         [
@@ -158,6 +160,7 @@ def embed_schema(dim: int, scorers: tuple[str, ...] = ()) -> pa.Schema:
             pa.field(MODEL, pa.string(), nullable=False),
             pa.field(CHECKPOINT_SHA256, pa.string(), nullable=False),
             *(pa.field(f"{SCORER_PREFIX}{name}", pa.float32()) for name in scorers),  # null where undecoded
+            *([pa.field(WATERMARK, pa.float32())] if watermark else []),  # null where undecoded
         ]
     )
 
@@ -317,7 +320,7 @@ STAGE_SCHEMAS: dict[str, pa.Schema] = {
 def reserved_columns() -> set[str]:
     """Every column a stage writes: an input column carried into ``download`` must not take one."""
     names = {f.name for schema in STAGE_SCHEMAS.values() for f in schema}
-    names |= set(embed_schema(1).names) | set(caption_embed_schema(1).names) | {BLURRED, "exif"}
+    names |= set(embed_schema(1, watermark=True).names) | set(caption_embed_schema(1).names) | {BLURRED, "exif"}
     return names
 
 
