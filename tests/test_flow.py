@@ -298,3 +298,63 @@ def test_an_ingested_file_that_changed_is_named_and_nothing_changes(tmp_path, im
     (line,) = done.stderr.strip().splitlines()
     assert str(inputs / "a.parquet") in line and "changed since the pool ingested" in line
     assert _digests(pool.root / "input") == state  # the new file was not taken in either
+
+
+def test_a_quality_recipe_runs_through_the_flow_and_explains_every_drop(tmp_path, image_server, prefect_harness,
+                                                                        tiny_checkpoint):  # fmt: skip
+    """``curate run``'s flow with the quality signals: a further scorer and LAION's watermark detector
+    in the embed pass, the aesthetic and NSFW heads, and a recipe over all four; a second run with
+    other thresholds re-decides without re-scoring, and every drop is the first rule the sample fails."""
+    import numpy as np
+
+    from flows.curate import run
+    from pipeline.config import HeadConfig, QualityConfig, ScorerConfig, WatermarkConfig
+    from pipeline.embed import save_random_checkpoint
+    from pipeline.query import query
+    from tests.test_quality import published, save, save_watermark
+
+    pq.write_table(point_at(laion_rows(200, offset=5000), image_server), tmp_path / "u.parquet")
+    second = save_random_checkpoint("clipcurate-tiny", tmp_path / "dfn.safetensors", seed=1)
+    marks, _ = save_watermark(tmp_path / "watermark_model_v1.pt")
+    heads = save(published("aesthetic-mlp", 128), tmp_path / "a.pth"), save(published("nsfw-autokeras", 128, seed=3),
+                                                                             tmp_path / "n.safetensors")  # fmt: skip
+    quality = QualityConfig(aesthetic=HeadConfig(weights=str(heads[0])), nsfw=HeadConfig(weights=str(heads[1])))
+    embed = dataclasses.replace(embed_cfg(tiny_checkpoint, workers=0),
+                                scorers=(ScorerConfig(name="dfn", model="clipcurate-tiny", checkpoint=str(second)),),
+                                watermark=WatermarkConfig(weights=str(marks), model="test_efficientnet"))  # fmt: skip
+
+    def curate(rules: list[str]) -> dict:
+        cfg = dataclasses.replace(make_config(tmp_path / "pool", tmp_path / "u.parquet", samples_per_shard=100),
+                                  embed=embed, quality=quality,
+                                  filters=FilterConfig(recipe="q", recipes={"q": rules}), report=True)  # fmt: skip
+        return run(str(write_config(tmp_path / "c.yaml", cfg)))
+
+    curate(["english", "aesthetic(min=-1000.0)", "nsfw(max=1.0)", "watermark(max=1.1)"])
+    pool = Pool(str(tmp_path / "pool"))
+    scored = {stage: {s: m["finished_at"] for s, m in pool.completed(stage).items()} for stage in ("embed", "quality")}
+    scores = query(pool, "select aesthetic, nsfw, watermark, clip_score_dfn from samples where aesthetic is not null")
+    a_min, n_max, w_max = (float(np.median(scores[c].to_numpy())) for c in ("aesthetic", "nsfw", "watermark"))
+    rules = ["english", f"aesthetic(min={a_min!r})", f"nsfw(max={n_max!r})", "clip_score(score=dfn, fraction=0.8)",
+             f"watermark(max={w_max!r})"]  # fmt: skip
+    manifest = curate(rules)
+    assert {stage: {s: m["finished_at"] for s, m in pool.completed(stage).items()}
+            for stage in ("embed", "quality")} == scored  # re-decided, not re-scored  # fmt: skip
+    dfn = scores["clip_score_dfn"].to_numpy()
+    threshold = np.sort(dfn)[::-1][int(len(dfn) * 0.8)]  # DataComp's get_threshold over the embedded samples
+    rows = query(pool, "select status, decode_error, lang, aesthetic, nsfw, clip_score_dfn, watermark, keep, "
+                       "drop_reason from samples").to_pylist()  # fmt: skip
+    tests = [("downloaded", lambda r: r["status"] == "success"),
+             ("decode_error", lambda r: r["decode_error"] is None), ("english", lambda r: r["lang"] == "en"),
+             ("aesthetic", lambda r: r["aesthetic"] > a_min), ("nsfw", lambda r: r["nsfw"] <= n_max),
+             ("clip_score", lambda r: r["clip_score_dfn"] >= threshold),
+             ("watermark", lambda r: r["watermark"] < w_max)]  # fmt: skip
+    drops: dict[str, int] = {}
+    for r in rows:
+        first = next((name for name, ok in tests if not ok(r)), None)
+        assert (r["drop_reason"], r["keep"]) == (first, first is None), r
+        drops[first] = drops.get(first, 0) + 1
+    assert all(drops.get(name, 0) > 0 for name in ("aesthetic", "nsfw", "clip_score", "watermark")), drops
+    assert manifest["stage_results"]["decisions"]["drop_reasons"] == {k: v for k, v in drops.items() if k}
+    page = (pool.root / "report" / "index.html").read_text()
+    for name in ("aesthetic", "nsfw", "watermark", "clip_score_dfn"):
+        assert f"src='{name}.png'" in page, name

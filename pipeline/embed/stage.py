@@ -18,7 +18,6 @@ load it the same way (:func:`save_random_checkpoint`).
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,7 +31,7 @@ from pipeline.core.step import IMAGES, Read, Step
 from pipeline.embed.captions import STAGE, CaptionEmbed, offline, resolve_device
 from pipeline.errors import UserError
 from pipeline.store import schema as S
-from pipeline.store.parquet import Pool, file_sha256
+from pipeline.store.parquet import Pool, weights_sha256
 
 if TYPE_CHECKING:
     from pipeline.engines.base import Engine
@@ -44,15 +43,9 @@ class EmbedError(UserError, ValueError):
     """The embedding model cannot be set up; the message says which file or name and what to do."""
 
 
-@functools.lru_cache(maxsize=8)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    """Cached by (path, size, mtime): a checkpoint is hashed once per process while unchanged."""
-    return file_sha256(path)
-
-
 def checkpoint_sha256(path: str | Path) -> str:
-    stat = Path(path).stat()
-    return _sha256(str(path), stat.st_size, stat.st_mtime_ns)
+    """The checkpoint's sha256, hashed once per process while the file is unchanged."""
+    return weights_sha256(path)
 
 
 def check_checkpoint(model: str, checkpoint: str) -> Path:
@@ -312,9 +305,9 @@ def embed_steps(pool: Pool, cfg: EmbedConfig) -> list[Step]:
     scorers = tuple(checkpoint_sha256(check_checkpoint(s.model, s.checkpoint)) for s in cfg.scorers)
     watermark = None
     if cfg.watermark is not None:
-        from pipeline.quality.watermark import weights_sha256
+        from pipeline.quality.watermark import detector_digest
 
-        watermark = weights_sha256(cfg.watermark)
+        watermark = detector_digest(cfg.watermark)
     embed = Embed(cfg, weights, scorers, watermark)
     recorded = {"model": cfg.model, "checkpoint_sha256": weights, "checkpoint": str(Path(cfg.checkpoint).resolve()),
                 "precision": cfg.precision, "caption_model": cfg.caption_model}  # fmt: skip

@@ -48,11 +48,11 @@ def check_weights(cfg: WatermarkConfig) -> Path:
     return path
 
 
-def weights_sha256(cfg: WatermarkConfig) -> str:
+def detector_digest(cfg: WatermarkConfig) -> str:
     """The digest of the detector: its architecture and its weights' content."""
-    from pipeline.embed.stage import checkpoint_sha256
+    from pipeline.store.parquet import weights_sha256
 
-    return hashlib.sha256(f"{cfg.model}|{checkpoint_sha256(check_weights(cfg))}".encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{cfg.model}|{weights_sha256(check_weights(cfg))}".encode()).hexdigest()[:16]
 
 
 def laion_head(features: int) -> Any:
@@ -124,6 +124,7 @@ class WatermarkDetector:
     def setup(self) -> WatermarkDetector:
         if self.model is not None:
             return self
+        import torch
         from torchvision import transforms as T
 
         path = check_weights(self.cfg)
@@ -131,7 +132,9 @@ class WatermarkDetector:
         state = read_state(path)
         check_state(path, self.cfg.model, net, state)
         net.load_state_dict(state)
-        self.model = net.eval().to(self.device)
+        # channels_last: the depthwise convolutions of an EfficientNet run 1.65x faster in it on CPU (B3 at 256x256,
+        # batch 32, 2 cores: 15.7 against 9.5 images/s); the scores agree with the default layout's to 1e-6
+        self.model = net.eval().to(self.device, memory_format=torch.channels_last)
         self.preprocess = T.Compose([T.Resize(SIZE), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
         return self
 
@@ -140,7 +143,7 @@ class WatermarkDetector:
         import torch
 
         with torch.inference_mode():
-            logits = self.model(pixels.to(self.device, dtype=torch.float32))
+            logits = self.model(pixels.to(self.device, dtype=torch.float32, memory_format=torch.channels_last))
             return torch.softmax(logits, dim=1)[:, 0].float().cpu().numpy()
 
 

@@ -96,6 +96,18 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+@functools.lru_cache(maxsize=16)
+def _weights_sha256(path: str, size: int, mtime_ns: int) -> str:
+    return file_sha256(path)
+
+
+def weights_sha256(path: str | Path) -> str:
+    """A model's weights file's sha256, cached by (path, size, mtime): hashed once per process while
+    unchanged, though every plan of the embed step digests it."""
+    stat = Path(path).stat()
+    return _weights_sha256(str(path), stat.st_size, stat.st_mtime_ns)
+
+
 def recorded_change(path: Path, want: dict[str, Any], full: bool = False) -> tuple[str, int] | None:
     """How ``path`` differs from its record (``size``, ``mtime_ns``, ``sha256``): None when it does
     not, else ``("missing", 0)``, ``("size", size now)`` or ``("bytes", size)``. rsync's quick
