@@ -275,7 +275,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                 "shuffle_seed": args.shuffle_seed, "embeddings": args.embeddings,
                 "allow_incomplete": args.allow_incomplete, "overwrite": args.overwrite, "uids": args.uids,
                 "versioned": args.versioned or args.keep_versions is not None,
-                "keep_versions": args.keep_versions}  # fmt: skip
+                "keep_versions": args.keep_versions, "allow_empty": args.allow_empty,
+                "format": args.format}  # fmt: skip
     parse_config({"pool": str(pool.root), "download": {"input": "-"}, "export": settings}, "curate export")
     import duckdb
 
@@ -297,6 +298,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     if manifest.get("incomplete_stages"):
         print(f"warning: exported with incomplete stages {sorted(manifest['incomplete_stages'])} (--allow-incomplete)",
               file=sys.stderr)  # fmt: skip
+    if manifest.get("release_format") == "uids":
+        why = "the pool was curated from its metadata alone" if manifest["metadata_only_pool"] else "--format uids"
+        print(f"{out}: {counts['samples']} uids in {out / 'uids.npy'} (DataComp's sorted u8,u8), the Parquet "
+              f"sidecars and the manifest; no tar ({why})")  # fmt: skip
+        return 0
     print(f"{out}: {counts['samples']} samples in {counts['shards']} shards ({counts['bytes'] / 2**20:.1f} MiB)")
     if counts.get("uids_unmatched") is not None:
         print(f"{args.uids}: {counts['uids_unmatched']} of its uids are not in the release (not in the pool, "
@@ -514,6 +520,10 @@ def _add_export_command(sub: Any) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a different release already in --out")
     p.add_argument("--allow-incomplete", action="store_true",
                    help="export although a stage the selection reads is unfinished (recorded in the manifest)")
+    p.add_argument("--format", choices=("webdataset", "uids"), default="webdataset",
+                   help="uids: a DataComp filtering-track submission (uids.npy, sidecars, manifest; no tar)")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="write a release although the selection holds no sample (refused otherwise, with the funnel)")
     p.add_argument("--wait", action="store_true", help="wait for another export into --out instead of refusing")
     p.add_argument("--versioned", action="store_true",
                    help="write --out/vNNNN (a new version when the selection changed), CHANGES.md, --out/latest")

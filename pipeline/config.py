@@ -560,10 +560,15 @@ class ExportConfig:
             ``CHANGES.md`` against the previous version, and points ``out/latest`` at it.
         keep_versions: With ``versioned``: keep the newest this many versions and remove older
             ones (only releases this tool made); null keeps every version.
+        allow_empty: Write a release that holds no sample; without it such an export is refused
+            with the funnel that emptied it (a 0-sample release is almost always a mistake).
+        format: ``webdataset`` (tars with sidecars, ``uids.npy``) or ``uids``: a DataComp
+            filtering-track submission, ``uids.npy`` (sorted ``u8,u8``), the Parquet sidecars and
+            the manifest, no tar. A pool curated from its metadata alone always exports ``uids``.
     """
 
     __pydantic_config__ = _STRICT
-    ADDED_FIELDS: ClassVar[tuple[str, ...]] = ("versioned", "keep_versions")
+    ADDED_FIELDS: ClassVar[tuple[str, ...]] = ("versioned", "keep_versions", "allow_empty", "format")
 
     out: str
     where: str | None = None
@@ -578,6 +583,8 @@ class ExportConfig:
     uids: str | None = None
     versioned: bool = False
     keep_versions: int | None = None
+    allow_empty: bool = False
+    format: Literal["webdataset", "uids"] = "webdataset"
 
     def __post_init__(self) -> None:
         _require(bool(self.out), "out", "must name a directory")

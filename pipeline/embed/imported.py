@@ -222,16 +222,19 @@ def source_digest(source: EmbedSourceConfig) -> str:
     return h.hexdigest()[:16]
 
 
-def recorded_config(cfg: EmbedConfig) -> dict[str, Any]:
+def recorded_config(cfg: EmbedConfig, listed: bool = False) -> dict[str, Any]:
     assert cfg.source is not None
-    return {"model": source_model(cfg), "source": str(Path(cfg.source.path).resolve()), "format": cfg.source.format,
-            "key": cfg.source.key if cfg.source.format == "datacomp" else None,
-            "caption_model": cfg.caption_model}  # fmt: skip
+    recorded = {"model": source_model(cfg), "source": str(Path(cfg.source.path).resolve()),
+                "format": cfg.source.format, "key": cfg.source.key if cfg.source.format == "datacomp" else None,
+                "caption_model": cfg.caption_model}  # fmt: skip
+    return {**recorded, "rows": "listed"} if listed else recorded
 
 
-def import_hash(cfg: EmbedConfig) -> str:
+def import_hash(cfg: EmbedConfig, listed: bool = False) -> str:
+    """The import's digest; ``listed``: a pool curated from its metadata alone, whose vectors attach
+    to every listed row (:meth:`pipeline.store.parquet.Pool.metadata_only`), not the downloaded ones."""
     assert cfg.source is not None
-    blob = f"{source_digest(cfg.source)}|{source_model(cfg)}|{cfg.caption_model}"
+    blob = f"{source_digest(cfg.source)}|{source_model(cfg)}|{cfg.caption_model}" + ("|listed" if listed else "")
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -242,7 +245,8 @@ def joined_table(digest: str) -> str:
 
 
 class ImportEmbeddings(Step):
-    """A shard's ``embed`` table from published vectors: its downloaded rows in tar order, each with
+    """A shard's ``embed`` table from published vectors: its downloaded rows in tar order (on a pool
+    curated from its metadata alone, ``listed``: every listed row, in list order), each with
     its published image and text vectors (normalised), the published score (else their cosine), or
     null vectors and the reason (:data:`MISSING`, :data:`NON_FINITE`). It reads the published files
     (outside the pool, never written): memory-mapped ``.npz`` members at the rows the pool-wide join
@@ -252,7 +256,7 @@ class ImportEmbeddings(Step):
     sized = staticmethod(S.embed_schema)
     sized_column = S.IMAGE_EMBEDDING
 
-    def __init__(self, cfg: EmbedConfig, digest: str):
+    def __init__(self, cfg: EmbedConfig, digest: str, listed: bool = False):
         source = cfg.source
         assert source is not None
         reads = [Read("download", (S.UID, S.ROW, S.URL, S.STATUS, S.KEY))]
@@ -260,11 +264,14 @@ class ImportEmbeddings(Step):
             reads.append(Read(joined_table(digest), ("uid", "file_id", "row", "score"), kind=BY_SHARD, name="joined"))
         super().__init__(reads=tuple(reads), digest=digest)
         self.format, self.path, self.source_key = source.format, str(source.path), source.key
-        self.model = source_model(cfg)
+        self.model, self.listed = source_model(cfg), listed
 
     def __call__(self, inputs: dict[str, pa.Table]) -> pa.Table:
         dl = inputs["download"]
-        dl = dl.filter(pc.equal(dl[S.STATUS], S.STATUS_SUCCESS)).sort_by(S.KEY)  # the tar's order
+        if self.listed:  # DataComp's filtering track: every listed row, none fetched
+            dl = dl.filter(pc.equal(dl[S.STATUS], S.STATUS_NOT_SELECTED))  # in list order
+        else:
+            dl = dl.filter(pc.equal(dl[S.STATUS], S.STATUS_SUCCESS)).sort_by(S.KEY)  # the tar's order
         if self.format == "datacomp":
             img, txt, score, found = _gather_datacomp(Path(self.path), self.source_key, inputs["joined"], dl)
         else:
@@ -293,9 +300,10 @@ class ImportEmbeddings(Step):
 def import_steps(pool: Pool, cfg: EmbedConfig) -> list[Step]:
     """The import's steps: the embed table from the published vectors, then the caption table (the
     published text vectors, or MiniLM over the captions). Records the stage's config in the pool."""
-    digest = import_hash(cfg)
-    pool.check_stage_config(STAGE, recorded_config(cfg), digest)
-    steps: list[Step] = [ImportEmbeddings(cfg, digest)]
+    listed = pool.metadata_only()
+    digest = import_hash(cfg, listed)
+    pool.check_stage_config(STAGE, recorded_config(cfg, listed), digest)
+    steps: list[Step] = [ImportEmbeddings(cfg, digest, listed)]
     if cfg.caption_model is not None:
         steps.append(CaptionEmbed(cfg.caption_model, digest, clip_name=f"{source_model(cfg)} text (published)"))
     return steps
@@ -391,14 +399,17 @@ def prepare_import(pool: Pool, cfg: EmbedConfig, engine: Any, files: list[str]) 
     assert source is not None
     if source.format != "datacomp":
         return
-    work = pool.aggregates_dir / "embed_import" / import_hash(cfg)
+    listed = pool.metadata_only()  # the rows vectors attach to: every listed one, or the downloaded ones
+    digest = import_hash(cfg, listed)
+    work = pool.aggregates_dir / "embed_import" / digest
     index_dir = work / "index"
     missing = [i for i in range(len(files)) if not (index_dir / f"{i:05d}.parquet").exists()]
     fn = functools.partial(index_file, str(index_dir), files, source.key)
     runner.finished(pool, "embed import index", engine.map_shards(fn, missing, desc="embed index", progress=False))
     index = Table.of([index_dir / f"{i:05d}.parquet" for i in range(len(files))], S.IMPORT_INDEX_SCHEMA)
     download = pool.table("download", [S.UID, S.SHARD, S.STATUS])
+    status = S.STATUS_NOT_SELECTED if listed else S.STATUS_SUCCESS
     sql = ("select d.shard, i.uid, i.file_id, i.row, i.score from download d join idx i on d.uid = i.uid "
-           f"where d.status = '{S.STATUS_SUCCESS}'")  # fmt: skip
-    engine.write(sql, {"download": download, "idx": index}, pool.aggregates_dir / joined_table(import_hash(cfg)),
+           f"where d.status = '{status}'")  # fmt: skip
+    engine.write(sql, {"download": download, "idx": index}, pool.aggregates_dir / joined_table(digest),
                  order_by="shard")  # fmt: skip

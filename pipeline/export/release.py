@@ -69,9 +69,12 @@ class ExportError(UserError, ValueError):
     """A selection that cannot be exported; the message names the predicate or recipe."""
 
 
-def _predicate(where: str | None, decoded: bool) -> str:
+def _predicate(where: str | None, decoded: bool, listed: bool = False) -> str:
     """Only downloaded samples (with a key in a tar) and, on an embedded pool, samples whose image
-    decoded: a sample without a decodable image never reaches a release, whatever ``where`` says."""
+    decoded: a sample without a decodable image never reaches a release, whatever ``where`` says.
+    ``listed``: a pool curated from its metadata alone (its release is uids only): every listed row."""
+    if listed:
+        return f"({where})" if where else "true"
     base = f"{S.STATUS} = 'success' and {S.KEY} is not null" + (f" and {S.DECODE_ERROR} is null" if decoded else "")
     return f"{base} and ({where})" if where else base
 
@@ -150,18 +153,20 @@ def check_predicate(pool: Pool, where: str | None) -> list[str]:
         check_expression(where, "export.where (--where)")
     con = connect(pool, shards=pool.done_shards("download")[:1], confined=True)
     try:
-        con.sql(f"select {S.UID} from samples where {_predicate(where, _decoded(pool))} limit 0").fetchall()
+        predicate = _predicate(where, _decoded(pool), pool.metadata_only())
+        con.sql(f"select {S.UID} from samples where {predicate} limit 0").fetchall()
     except duckdb.Error as exc:  # duckdb's errors name the bad column or syntax
         raise ExportError(f"export predicate {where!r} over `samples`: {str(exc).splitlines()[0]}") from None
     return [r[0] for r in con.execute("describe samples").fetchall() if r[0] not in EMBEDDING_COLUMNS]
 
 
 def plan_source_shard(pool_root: str, plan_dir: str, where: str | None, rules: list | None, seed: int | None,
-                      side_cols: list[str], uids_file: str | None, layout: dict[str, int],
+                      side_cols: list[str], uids_file: str | None, layout: dict[str, int], listed: bool,
                       shard: int) -> dict[str, Any]:  # fmt: skip
     """The export plan of one source shard: its selected samples in key order, with where each one's
     members lie in the source tar, its size in an output tar, its shuffle draw and its sidecar
-    columns. Written to ``plan/{shard}.parquet``; the driver never holds a per-sample plan."""
+    columns. Written to ``plan/{shard}.parquet``; the driver never holds a per-sample plan.
+    ``listed``: a pool curated from its metadata alone: its selected rows in uid order, no member."""
     from pipeline.query import connect
 
     pool = Pool(pool_root)
@@ -170,7 +175,8 @@ def plan_source_shard(pool_root: str, plan_dir: str, where: str | None, rules: l
     decoded = pool.is_done("embed", shard)
     con = connect(pool, shards=[shard], confined=True, layout=layout)
     quoted = ", ".join(f'"{c}"' for c in side_cols)
-    sql = f"select {quoted} from samples where {_predicate(where, decoded)} order by {S.KEY}"
+    order = S.UID if listed else S.KEY
+    sql = f"select {quoted} from samples where {_predicate(where, decoded, listed)} order by {order}"
     table = con.sql(sql).fetch_arrow_table()
     con.close()
     if rules is not None:
@@ -182,9 +188,9 @@ def plan_source_shard(pool_root: str, plan_dir: str, where: str | None, rules: l
         from pipeline.export.uids import in_uid_file, open_uid_file
 
         table = table.filter(pa.array(in_uid_file(open_uid_file(uids_file, check=False), table[S.UID].to_pylist())))
-    located = _locate(pool, shard, table[S.KEY].to_pylist())
-    has_image = [any(m["ext"] in IMAGE_EXTENSIONS and m["size"] > 0 for m in members) for members in located]
-    if not decoded:  # never embedded: decode here what the embed stage would have
+    located = [[] for _ in range(table.num_rows)] if listed else _locate(pool, shard, table[S.KEY].to_pylist())
+    has_image = [listed or any(m["ext"] in IMAGE_EXTENSIONS and m["size"] > 0 for m in members) for members in located]
+    if not decoded and not listed:  # never embedded: decode here what the embed stage would have
         has_image = _decodes(pool, shard, located, has_image)
     without_image = has_image.count(False)
     if without_image:  # a sample without a (decodable) image member is never exported
@@ -346,23 +352,37 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_release_shard(pool_root: str, partial: str, bounds: list[tuple[int, int]], embeddings: bool,
-                        index: int) -> dict[str, int]:  # fmt: skip
+                        images: bool, index: int) -> dict[str, int]:  # fmt: skip
     """Write output shard ``index`` (tar, then embeddings, then the sidecar that marks it done) from
-    rows ``bounds[index]`` of the ordered plan. Runs anywhere the pool and release are visible."""
+    rows ``bounds[index]`` of the ordered plan (``images`` false: a uids release, no tar). Runs
+    anywhere the pool and release are visible."""
     partial_dir = Path(partial)
     a, b = bounds[index]
     plan = _read_rows(_ordered_files(partial_dir), a, b)
-    shards, keys, uids = (plan[c].to_pylist() for c in ("_source_shard", "_source_key", "_uid"))
-    located = [json.loads(m) for m in plan["_members"].to_pylist()]
+    shards, uids = plan["_source_shard"].to_pylist(), plan["_uid"].to_pylist()
     new_keys = [f"{a + i:09d}" for i in range(plan.num_rows)]
     name = f"{index:05d}"
+    repaired = _write_tar(pool_root, partial_dir / f"{name}.tar", plan, new_keys) if images else 0
+    renames = {S.KEY: "source_key", S.SHARD: "source_shard"}
+    side = [c for c in plan.column_names if c.startswith("side.")]
+    part = plan.select(side).rename_columns([renames.get(c[5:], c[5:]) for c in side])
+    part = part.add_column(0, S.KEY, pa.array(new_keys))
+    if embeddings:
+        write_parquet_atomic(partial_dir / "embeddings" / f"{name}.parquet", _embeddings(Pool(pool_root), uids, shards))
+    part = part.replace_schema_metadata({"captions_repaired": str(repaired)})
+    write_parquet_atomic(partial_dir / f"{name}.parquet", part)
+    return {"samples": plan.num_rows, "captions_repaired": repaired}
+
+
+def _write_tar(pool_root: str, path: Path, plan: pa.Table, new_keys: list[str]) -> int:
+    """An output tar of the plan's rows (members copied from the source tars under their new keys;
+    the json gains the uid and where the sample came from); returns the captions repaired."""
+    shards, keys, uids = (plan[c].to_pylist() for c in ("_source_shard", "_source_key", "_uid"))
+    located = [json.loads(m) for m in plan["_members"].to_pylist()]
     reader = _Reader(Pool(pool_root))
     repaired = 0
     try:
-        with (
-            atomic_path(partial_dir / f"{name}.tar") as tmp,
-            tarfile.open(tmp, mode="w", format=tarfile.USTAR_FORMAT) as tar,
-        ):
+        with atomic_path(path) as tmp, tarfile.open(tmp, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for key, shard, source_key, uid, members in zip(new_keys, shards, keys, uids, located, strict=True):
                 for member in members:
                     ext, data = member["ext"], reader.read(shard, member["offset"], member["size"])
@@ -378,15 +398,7 @@ def write_release_shard(pool_root: str, partial: str, bounds: list[tuple[int, in
                     _add(tar, f"{key}.{ext}", data)
     finally:
         reader.close()
-    renames = {S.KEY: "source_key", S.SHARD: "source_shard"}
-    side = [c for c in plan.column_names if c.startswith("side.")]
-    part = plan.select(side).rename_columns([renames.get(c[5:], c[5:]) for c in side])
-    part = part.add_column(0, S.KEY, pa.array(new_keys))
-    if embeddings:
-        write_parquet_atomic(partial_dir / "embeddings" / f"{name}.parquet", _embeddings(Pool(pool_root), uids, shards))
-    part = part.replace_schema_metadata({"captions_repaired": str(repaired)})
-    write_parquet_atomic(partial_dir / f"{name}.parquet", part)
-    return {"samples": plan.num_rows, "captions_repaired": repaired}
+    return repaired
 
 
 def _utf8_caption(data: bytes) -> tuple[bytes, int]:
@@ -552,12 +564,13 @@ def plan_release(pool: Pool, cfg: ExportConfig, engine: Any, progress: bool = Fa
         shutil.rmtree(partial / stale, ignore_errors=True)
     from pipeline.query import stage_layout
 
+    listed = pool.metadata_only()  # DataComp's filtering track: every listed row, a uids release
     fn = functools.partial(plan_source_shard, str(pool.root), str(partial / "plan"), where, rules,
-                           cfg.shuffle_seed, side_cols, uids_file, stage_layout(pool))  # fmt: skip
+                           cfg.shuffle_seed, side_cols, uids_file, stage_layout(pool), listed)  # fmt: skip
     planned = runner.collect(engine, fn, sources, desc="export plan", progress=progress)
     selection = [planned[s]["uids_sha256"] for s in sources]
     # a uid file counts by the uids it selects; where the versions go is not the selection
-    hashed = config_hash(cfg, exclude=("out", "overwrite", "uids", "versioned", "keep_versions"))
+    hashed = config_hash(cfg, exclude=("out", "overwrite", "uids", "versioned", "keep_versions", "allow_empty"))
     digest = hashlib.sha256(json.dumps([hashed, selection]).encode()).hexdigest()[:16]
     plan_files = [partial / "plan" / f"{s:05d}.parquet" for s in sources]
     if cfg.shuffle_seed is None:  # (shard, key) order: the plan files in shard order are already sorted
@@ -573,8 +586,8 @@ def plan_release(pool: Pool, cfg: ExportConfig, engine: Any, progress: bool = Fa
     bounds = _plan_shards(sizes, cfg.samples_per_shard, cfg.max_shard_bytes)
     return {"partial": partial, "digest": digest, "samples": sum(planned[s]["samples"] for s in sources),
             "without_image": sum(planned[s]["without_image"] for s in sources), "bounds": bounds,
-            "uids_total": uids_total, "recipe_decisions": how,
-            "incomplete": incomplete}  # fmt: skip
+            "uids_total": uids_total, "recipe_decisions": how, "incomplete": incomplete,
+            "images": cfg.format == "webdataset" and not listed, "listed": listed}  # fmt: skip
 
 
 def build_release(pool: Pool, cfg: ExportConfig, progress: bool, engine: Any, version: dict[str, Any] | None = None,
@@ -588,6 +601,9 @@ def build_release(pool: Pool, cfg: ExportConfig, progress: bool, engine: Any, ve
     existing = check_out(pool, out, cfg.overwrite) if version is None else None  # again, under the lock
     plan = plan_release(pool, cfg, engine, progress)
     partial, digest, bounds = plan["partial"], plan["digest"], plan["bounds"]
+    if not plan["samples"] and not cfg.allow_empty:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise ExportError(empty_release(pool, cfg, plan["recipe_decisions"]))
     previous = (version or {}).get("previous_manifest")
     if previous is not None and previous.get("digest") == digest:
         shutil.rmtree(partial)
@@ -605,17 +621,18 @@ def build_release(pool: Pool, cfg: ExportConfig, progress: bool, engine: Any, ve
             old.unlink()
     write_json_atomic(partial / "plan.json", {"digest": digest})
     todo = [i for i in range(len(bounds)) if not (partial / f"{i:05d}.parquet").exists()]
-    fn = functools.partial(write_release_shard, str(pool.root), str(partial), bounds, cfg.embeddings)
+    fn = functools.partial(write_release_shard, str(pool.root), str(partial), bounds, cfg.embeddings, plan["images"])
     runner.collect(engine, fn, todo, desc="export", progress=progress)
-    entries, repaired = _shard_entries(partial, bounds)
+    entries, repaired = _shard_entries(partial, bounds, plan["images"])
     for stale in ("plan", "ordered"):
         shutil.rmtree(partial / stale, ignore_errors=True)
-    # open_clip_train's get_dataset_size reads sizes.json: --train-num-samples becomes optional
-    write_json_atomic(partial / "sizes.json", {e["name"]: e["samples"] for e in entries})
+    if plan["images"]:  # open_clip_train's get_dataset_size reads sizes.json: --train-num-samples becomes optional
+        write_json_atomic(partial / "sizes.json", {e["name"]: e["samples"] for e in entries})
     write_release_uids(partial, engine, plan["samples"])
     unmatched = None if plan["uids_total"] is None else plan["uids_total"] - plan["samples"]
     extra = {"without_image": plan["without_image"], "captions_repaired": repaired, "incomplete": plan["incomplete"],
-             "uids_unmatched": unmatched, "recipe_decisions": plan["recipe_decisions"]}  # fmt: skip
+             "uids_unmatched": unmatched, "recipe_decisions": plan["recipe_decisions"], "images": plan["images"],
+             "listed": plan["listed"]}  # fmt: skip
     pool_manifest = pool.build_manifest()  # not written: the pool may be read-only
     manifest = _manifest(pool_manifest, cfg, digest, entries, plan["samples"], extra)
     if version is not None:
@@ -633,12 +650,47 @@ def build_release(pool: Pool, cfg: ExportConfig, progress: bool, engine: Any, ve
     return manifest
 
 
-def _shard_entries(partial: Path, bounds: list[tuple[int, int]]) -> tuple[list[dict[str, Any]], int]:
-    """The manifest's entry of each written output shard (name, samples, bytes, sha256) and the
-    captions repaired over all of them."""
+def empty_release(pool: Pool, cfg: ExportConfig, how: str | None) -> str:
+    """One line saying why a release would hold no sample: the samples left after each step of the
+    selection (listed; downloaded with an image; the recipe, with its own funnel; ``where``), counted
+    in SQL over ``samples``, and the step that left none. ``how``: the recipe's (stored or re-decided)."""
+    from pipeline.query import connect
+
+    listed = pool.metadata_only()
+    cond = _predicate(None, _decoded(pool), listed)
+    steps = [("listed", "true")] + ([] if listed else [("downloaded with a decodable image", cond)])
+    if how == "stored":
+        cond = f"{cond} and {S.KEEP}"
+        steps.append((f"kept by recipe `{cfg.recipe}`", cond))
+    if cfg.where:
+        cond = f"{cond} and ({cfg.where})"
+        steps.append((f"where `{cfg.where}`", cond))
+    con = connect(pool, confined=True)
+    counts = con.execute("select " + ", ".join(f"count(*) filter (where {c})" for _, c in steps)
+                         + " from samples").fetchone()  # fmt: skip
+    con.close()
+    shown = [f"{label} {n}" for (label, _), n in zip(steps, counts, strict=True)]
+    if how == "re-decided":
+        shown.append(f"recipe `{cfg.recipe}` re-decided from the stored scores 0")
+    if cfg.uids:
+        shown.append(f"in {cfg.uids} 0")
+    first = next((i for i, n in enumerate(counts) if n == 0), len(counts))
+    emptied = shown[first].rsplit(" ", 1)[0] if first < len(shown) else "the last step"
+    why = f"export: the release would hold no sample: {' -> '.join(shown)}; {emptied} left none"
+    decisions = pool.aggregates_dir / "decisions.json"
+    if how == "stored" and decisions.exists():
+        summary = json.loads(decisions.read_text())
+        why += f" (recipe `{summary['recipe']}` samples left after each rule: " + ", ".join(
+            f"{step['rule']} {step['left']}" for step in summary["funnel"]) + ")"
+    return why + ". Nothing was written; pass --allow-empty to write an empty release."
+
+
+def _shard_entries(partial: Path, bounds: list[tuple[int, int]], images: bool) -> tuple[list[dict[str, Any]], int]:
+    """The manifest's entry of each written output shard (name, samples, bytes, sha256: of its tar,
+    or of its sidecar in a uids release) and the captions repaired over all of them."""
     entries, repaired = [], 0
     for index, (a, b) in enumerate(bounds):
-        tar_path = partial / f"{index:05d}.tar"
+        tar_path = partial / f"{index:05d}.{'tar' if images else 'parquet'}"
         entries.append({"name": tar_path.name, "samples": b - a, "bytes": tar_path.stat().st_size,
                         "sha256": file_sha256(tar_path)})  # fmt: skip
         meta = pq.read_schema(partial / f"{index:05d}.parquet").metadata or {}
@@ -710,7 +762,9 @@ def _manifest(pool_manifest: dict[str, Any], cfg: ExportConfig, digest: str, ent
             "captions_repaired": extra["captions_repaired"],
         },
         "shards": entries,
-        "train_data": f"{{00000..{last:05d}}}.tar" if entries else None,
+        "train_data": f"{{00000..{last:05d}}}.tar" if entries and extra["images"] else None,
+        "release_format": "webdataset" if extra["images"] else "uids",  # uids: a submission, no tar
+        "metadata_only_pool": extra["listed"],
         "package_versions": package_versions(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -729,6 +783,8 @@ def pool_input(plan: dict[str, Any] | None) -> dict[str, Any] | None:
 def dataset_card(pool: Pool, cfg: ExportConfig, manifest: dict[str, Any]) -> str:
     """The release's README.md: what it holds, how it was selected, the funnel, how to train."""
     counts = manifest["counts"]
+    if manifest["release_format"] == "uids":
+        return _uids_card(cfg, manifest)
     lines = [f"# {Path(cfg.out).name}", "", "A CLIP training subset exported by clipcurate.", "",
              f"- samples: {counts['samples']} of {counts['pool_samples']} in the pool `{manifest['source_pool']}`",
              f"- shards: {counts['shards']} ({counts['bytes'] / 2**20:.1f} MiB), each `NNNNN.tar` with a "
@@ -758,4 +814,22 @@ def dataset_card(pool: Pool, cfg: ExportConfig, manifest: dict[str, Any]) -> str
               f"--train-data '{{00000..{last:05d}}}.tar' --train-num-samples {counts['samples']} ...",
               "```", "",
               "Every shard's sha256 is in `manifest.json`."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def _uids_card(cfg: ExportConfig, manifest: dict[str, Any]) -> str:
+    """The README.md of a uids release: what it is and how DataComp takes it."""
+    counts, why = manifest["counts"], ("the pool was curated from its metadata alone: no image was fetched"
+                                       if manifest["metadata_only_pool"] else "export format `uids`")  # fmt: skip
+    lines = [f"# {Path(cfg.out).name}", "", "A DataComp filtering-track submission exported by clipcurate: the "
+             f"selected samples' uids, no image ({why}).", "",
+             f"- samples: {counts['samples']} of {counts['pool_samples']} in the pool `{manifest['source_pool']}`",
+             "- `uids.npy`: the uids as DataComp's sorted `u8,u8` pairs (its `resharder.py --subset-file` input)",
+             f"- `NNNNN.parquet`: each selected sample's columns ({counts['shards']} files)",
+             f"- selection: `{cfg.where or 'all listed samples'}`" + (f", recipe `{cfg.recipe}`" if cfg.recipe else "")]
+    decisions = manifest["pool_stage_results"].get("decisions")
+    if decisions:
+        lines += ["", f"Filter recipe `{decisions['recipe']}`, samples left after each rule:", "",
+                  "| rule | left |", "|---|---:|"]  # fmt: skip
+        lines += [f"| `{f['rule']}` | {f['left']} |" for f in decisions["funnel"]]
     return "\n".join(lines) + "\n"

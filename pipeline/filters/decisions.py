@@ -36,7 +36,8 @@ def resolve_rules(pool: Pool, cfg: FilterConfig, engine: Engine) -> tuple[list[R
     """The recipe's rules with every parameter known: a ``clip_score`` rule without a threshold gets
     the configured one, or the pool's ``get_threshold`` for its fraction (SQL through the engine)."""
     resolved, thresholds = [], {}
-    for rule in recipe_rules(cfg.recipe, cfg.recipes, decoded=bool(pool.done_shards("embed"))):
+    listed = pool.metadata_only()  # DataComp's filtering track: no implicit downloaded / decoded rule
+    for rule in recipe_rules(cfg.recipe, cfg.recipes, decoded=bool(pool.done_shards("embed")), listed=listed):
         _check_columns(pool, cfg, rule)
         column = rule.params.get("column")
         if column and column not in pool.declared_schema("download").names:

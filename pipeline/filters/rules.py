@@ -182,18 +182,20 @@ def parse_rule(spec: str) -> Rule:
     return Rule(name, params)
 
 
-def parse_recipe(specs: list[str] | tuple[str, ...], decoded: bool = False) -> list[Rule]:
+def parse_recipe(specs: list[str] | tuple[str, ...], decoded: bool = False, listed: bool = False) -> list[Rule]:
     """The recipe's rules, the implicit ``downloaded`` first, then (``decoded``: the pool is
-    embedded) the implicit ``decoded``."""
-    implicit = [Rule("downloaded")] + ([Rule("decoded")] if decoded else [])
+    embedded) the implicit ``decoded``; neither on a pool curated from its metadata alone
+    (``listed``: :meth:`pipeline.store.parquet.Pool.metadata_only`), as DataComp's baselines run."""
+    implicit = [] if listed else [Rule("downloaded")] + ([Rule("decoded")] if decoded else [])
     return [*implicit, *(parse_rule(s) for s in specs if s.strip() not in IMPLICIT)]
 
 
-def recipe_rules(name: str, recipes: Mapping[str, list[str]], decoded: bool = False) -> list[Rule]:
+def recipe_rules(name: str, recipes: Mapping[str, list[str]], decoded: bool = False,
+                 listed: bool = False) -> list[Rule]:  # fmt: skip
     if name in recipes:
-        return parse_recipe(recipes[name], decoded)
+        return parse_recipe(recipes[name], decoded, listed)
     if name in BUILTIN_RECIPES:
-        return parse_recipe(BUILTIN_RECIPES[name], decoded)
+        return parse_recipe(BUILTIN_RECIPES[name], decoded, listed)
     raise UserError(f"unknown recipe {name!r}; built-in: {sorted(BUILTIN_RECIPES)}, defined: {sorted(recipes)}")
 
 

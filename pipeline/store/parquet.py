@@ -251,6 +251,17 @@ class Pool:
             return []
         return sorted(int(e.name[:-5]) for e in os.scandir(base) if e.name.endswith(".json") and e.name[:1].isdigit())
 
+    def metadata_only(self) -> bool:
+        """Whether the pool is curated from its metadata alone: its download has run and fetched
+        nothing (``download.where`` selected no row: DataComp's filtering track, where a participant
+        gets the metadata and published embeddings and submits uids, never fetching an image). Such a
+        pool is curated as listed: the implicit ``downloaded`` and ``decoded`` rules do not apply,
+        imported embeddings attach to every listed row, and an export writes its uids only. One
+        fetched row anywhere makes it a downloaded pool again (its decisions and import are redone)."""
+        done = self.completed("download")
+        return bool(done) and all(m["counts"].get("not_selected", 0) == m["counts"].get("samples", 0)
+                                  for m in done.values())  # fmt: skip
+
     def completed(self, stage: str, damaged: list[tuple[int, Path]] | None = None) -> dict[int, dict[str, Any]]:
         """Completion markers of ``stage`` by shard id (each parsed: call once per step).
 

@@ -1,0 +1,161 @@
+"""DataComp's filtering track as its participants run it: a metadata folder with published embeddings
+in, a uid file out, no image fetched. The expected uids come from a literal transcription of
+DataComp's ``baselines/apply_filter.py`` written here (not the code under test)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from tests.conftest import LAION, REPO
+
+pytestmark = pytest.mark.slow
+
+
+def write_datacomp_folder(folder: Path, n: int, files: int = 2, seed: int = 0) -> Path:
+    """A DataComp-format metadata folder: ``NNNNNNNN.parquet`` (uid, url, text, original sizes,
+    sha256, both CLIP scores, face boxes) with an ``.npz`` of ``l14_img``, ``l14_txt``, ``b32_img``,
+    ``b32_txt`` beside each, row-aligned. Captions are real LAION rows; the scores are the cosines of
+    the stored vectors rounded to 2 decimals, so many samples tie at any threshold."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    captions = pq.read_table(LAION, columns=["TEXT"])["TEXT"].to_pylist()
+    per = -(-n // files)
+    for f in range(files):
+        lo, hi = f * per, min(n, (f + 1) * per)
+        vectors, scores = {}, {}
+        for key, dim in (("l14", 768), ("b32", 512)):
+            img = rng.normal(size=(hi - lo, dim))
+            txt = img * rng.uniform(0, 0.6, (hi - lo, 1)) + rng.normal(size=(hi - lo, dim))
+            img, txt = (v / np.linalg.norm(v, axis=1, keepdims=True) for v in (img, txt))
+            vectors[f"{key}_img"], vectors[f"{key}_txt"] = img.astype(np.float16), txt.astype(np.float16)
+            scores[f"clip_{key}_similarity_score"] = np.round((img * txt).sum(axis=1), 2)
+        uids = [hashlib.md5(f"datacomp-{seed}-{i}".encode()).hexdigest() for i in range(lo, hi)]
+        table = pa.table({"uid": uids, "url": [f"http://127.0.0.1:9/{i}.jpg" for i in range(lo, hi)],
+                          "text": [captions[i % len(captions)] or "" for i in range(lo, hi)],
+                          "original_width": rng.integers(50, 1200, hi - lo),
+                          "original_height": rng.integers(50, 1200, hi - lo),
+                          "sha256": [hashlib.sha256(u.encode()).hexdigest() for u in uids], **scores,
+                          "face_bboxes": pa.array([[]] * (hi - lo), pa.list_(pa.list_(pa.float64())))})  # fmt: skip
+        pq.write_table(table, folder / f"{f:08d}.parquet")
+        np.savez(folder / f"{f:08d}.npz", **vectors)
+    return folder
+
+
+def datacomp_clip_score_uids(folder: Path, key: str, fraction: float) -> np.ndarray:
+    """``load_uids_with_clip_score`` with ``get_threshold``: the value at index ``int(n * fraction)``
+    of the scores sorted in decreasing order, then every sample at or above it; uids as sorted u8,u8."""
+    import pandas as pd
+
+    df = pd.concat([pd.read_parquet(p, columns=["uid", key]) for p in sorted(folder.glob("*.parquet"))])
+    threshold = -np.sort(-df[key].values)[int(len(df) * fraction)]
+    uids = np.array([(int(u[:16], 16), int(u[16:32], 16)) for u in df[df[key] >= threshold]["uid"].values],
+                    np.dtype("u8,u8"))  # fmt: skip
+    uids.sort()
+    return uids
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "HF_HUB_OFFLINE": "1"}  # fmt: skip
+
+
+def _curate(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def track(tmp_path_factory):
+    """``curate run`` on a 2,000-row DataComp folder: no download (``where: "false"``), the l14
+    vectors imported, DataComp's CLIP-score baseline (fraction 0.3), an export."""
+    root = tmp_path_factory.mktemp("track")
+    folder = write_datacomp_folder(root / "metadata", 2000)
+    config = {"pool": str(root / "pool"),
+              "download": {"input": str(folder), "url_col": "url", "caption_col": "text", "uid_col": "uid",
+                           "where": "false", "samples_per_shard": 500},
+              "embed": {"source": {"path": str(folder), "format": "datacomp", "key": "l14"}, "caption_model": None},
+              "filters": {"recipe": "clip_score", "clip_score_fraction": 0.3},
+              "export": {"out": str(root / "submission")}}  # fmt: skip
+    (root / "c.yaml").write_text(yaml.safe_dump(config))
+    done = _curate("run", str(root / "c.yaml"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root, folder
+
+
+def test_a_metadata_only_pool_submits_datacomps_clip_score_uids(track):
+    root, folder = track
+    out = root / "submission"
+    uids = np.load(out / "uids.npy")
+    assert uids.dtype == np.dtype("u8,u8")
+    want = datacomp_clip_score_uids(folder, "clip_l14_similarity_score", 0.3)
+    assert 600 < len(want) < 1400  # ties at the threshold: more than 30% of 2,000
+    assert np.array_equal(uids, want)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["release_format"] == "uids" and manifest["metadata_only_pool"]
+    assert not list(out.glob("*.tar")) and not (out / "sizes.json").exists()
+    sidecar = pq.read_table(sorted(out.glob("[0-9]*.parquet")))
+    assert sorted(sidecar["uid"].to_pylist()) == sorted(f"{a:016x}{b:016x}" for a, b in want.tolist())
+    rules = manifest["pool_stage_results"]["decisions"]["rules"]
+    assert len(rules) == 1 and rules[0].startswith("clip_score(")  # no implicit downloaded or decoded rule
+    assert "DataComp filtering-track submission" in (out / "README.md").read_text()
+
+
+def test_a_release_of_no_sample_is_refused_with_its_funnel(track, tmp_path):
+    root, _ = track
+    pool = root / "pool"
+    recipe = tmp_path / "r.yaml"
+    filters = {"recipe": "none", "recipes": {"none": ["clip_score(threshold=2.0)"]}}
+    recipe.write_text(yaml.safe_dump({"pool": str(pool), "download": {"input": "-"}, "filters": filters}))
+    done = _curate("export", str(pool), "--recipe", "none", "--config", str(recipe), "--out", str(tmp_path / "r"))
+    assert done.returncode != 0
+    line = done.stderr.strip().splitlines()[-1]
+    assert line == ("curate: export: the release would hold no sample: listed 2000 -> recipe `none` re-decided from "
+                    "the stored scores 0; recipe `none` re-decided from the stored scores left none. Nothing was "
+                    "written; pass --allow-empty to write an empty release."), line
+    done = _curate("export", str(pool), "--recipe", "clip_score", "--where", "clip_score < 0.1", "--out",
+                   str(tmp_path / "r"))  # fmt: skip
+    line = done.stderr.strip().splitlines()[-1]
+    kept = len(np.load(root / "submission" / "uids.npy"))
+    assert f"listed 2000 -> kept by recipe `clip_score` {kept} -> where `clip_score < 0.1` 0; where `clip_score " \
+           f"< 0.1` left none (recipe `clip_score` samples left after each rule: clip_score(threshold=" in line, line
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "r").exists()
+    done = _curate("export", str(pool), "--where", "clip_score > 2", "--out", str(tmp_path / "e"), "--allow-empty")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(np.load(tmp_path / "e" / "uids.npy")) == 0
+
+
+def test_uids_format_on_a_downloaded_pool_is_the_releases_uids_without_tars(downloaded_pool, tmp_path):
+    from pipeline.config import ExportConfig
+    from pipeline.engines.local import LocalEngine
+    from pipeline.export import export
+    from tests.conftest import copy_pool
+
+    pool = copy_pool(downloaded_pool[0], tmp_path / "pool")
+    full = export(pool, ExportConfig(out=str(tmp_path / "tars"), samples_per_shard=60), engine=LocalEngine(2))
+    uids = export(pool, ExportConfig(out=str(tmp_path / "uids"), samples_per_shard=60, format="uids"),
+                  engine=LocalEngine(2))  # fmt: skip
+    assert full["release_format"] == "webdataset" and uids["release_format"] == "uids"
+    assert not uids["metadata_only_pool"] and uids["counts"]["samples"] == full["counts"]["samples"] > 200
+    assert (tmp_path / "uids" / "uids.npy").read_bytes() == (tmp_path / "tars" / "uids.npy").read_bytes()
+    assert not list((tmp_path / "uids").glob("*.tar")) and list((tmp_path / "tars").glob("*.tar"))
+    a, b = (pq.read_table(sorted((tmp_path / n).glob("[0-9]*.parquet")), columns=["uid"]) for n in ("tars", "uids"))
+    assert a.equals(b)
+    from pipeline.export import ExportError
+
+    n = full["counts"]["samples"]
+    with pytest.raises(ExportError, match=rf"listed 301 -> downloaded with a decodable image {n} -> where `false` 0; "
+                                          r"where `false` left none\."):  # fmt: skip
+        export(pool, ExportConfig(out=str(tmp_path / "none"), where="false"), engine=LocalEngine(2))
+    assert not (tmp_path / "none").exists()
