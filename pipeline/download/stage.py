@@ -212,7 +212,7 @@ def iter_url_list(path: str | Path, cfg: DownloadConfig) -> Iterator[tuple[int, 
         raise InputError(f"{path}: the file is empty")
     fmt = cfg.input_format or _infer_format(path)
     text = [c for c in (cfg.url_col, cfg.caption_col, cfg.uid_col) if c]
-    columns = text + list(cfg.extra_cols) + ([cfg.bbox_col] if cfg.bbox_col else [])
+    columns = text + list(cfg.extra_cols) + ([cfg.bbox_col] if cfg.bbox_col else []) + list(cfg.size_cols or ())
     batches: Iterator[pa.Table]
     if fmt == "parquet":
         try:
@@ -248,10 +248,20 @@ def iter_url_list(path: str | Path, cfg: DownloadConfig) -> Iterator[tuple[int, 
             out[name] = table[name]
         if cfg.bbox_col:
             out[cfg.bbox_col] = _check_boxes(table[cfg.bbox_col], path, cfg.bbox_col)
+        for name, column in zip((S.LISTED_WIDTH, S.LISTED_HEIGHT), cfg.size_cols or (), strict=False):
+            out[name] = _sizes(table[column], path, column)
         yield offset, pa.table(out)
         offset += table.num_rows
     if offset == 0:
         raise InputError(f"{path}: the file holds no rows")
+
+
+def _sizes(column: pa.ChunkedArray, path: Path, name: str) -> pa.ChunkedArray:
+    """An input's size column as int32 (DataComp's are int64), refusing a column that is not whole
+    numbers, naming the file and column."""
+    if not (pa.types.is_integer(column.type) or pa.types.is_null(column.type)):
+        raise InputError(f"{path}: download.size_cols: column {name!r} holds {column.type}, not whole pixel counts")
+    return pc.cast(column, pa.int32())
 
 
 def read_url_list(path: str | Path, cfg: DownloadConfig) -> pa.Table:
@@ -400,7 +410,8 @@ def scan_inputs(pool: Pool, cfg: DownloadConfig, plan: dict[str, Any] | None = N
 
 def _plan_settings(cfg: DownloadConfig) -> dict[str, Any]:
     return {"samples_per_shard": cfg.samples_per_shard, "url_col": cfg.url_col, "caption_col": cfg.caption_col,
-            "uid_col": cfg.uid_col, "extra_cols": list(cfg.extra_cols), "bbox_col": cfg.bbox_col}  # fmt: skip
+            "uid_col": cfg.uid_col, "extra_cols": list(cfg.extra_cols), "bbox_col": cfg.bbox_col,
+            **({"size_cols": list(cfg.size_cols)} if cfg.size_cols else {})}  # fmt: skip
 
 
 _KEY_SHIFT = 1 << 40  # (file, row) as one sortable int64 key: files below 2**23, rows below 2**40

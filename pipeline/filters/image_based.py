@@ -63,6 +63,38 @@ def load_targets(path: str | Path) -> np.ndarray:
     return x.astype(np.float32)
 
 
+def load_centroids(path: str | Path, dim: int) -> np.ndarray:
+    """Given pool centroids, ``(k, dim)`` float32: an ``.npy`` (no pickle), or DataComp's published
+    ``{scale}_centroids`` (a NumPy array saved with ``torch.save``; read with ``weights_only=True``
+    and only NumPy's array types allowed, so no other pickled code runs). Checked before any task:
+    a numeric 2-D array of the pool's width with finite values, else one line naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"filters.image_centroids: {path} not found")
+    try:
+        if path.suffix == ".npy":
+            x = np.load(path, allow_pickle=False)
+        else:
+            import torch
+            from torch.serialization import safe_globals
+
+            kinds = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.Float16DType,
+                     np.dtypes.Float32DType, np.dtypes.Float64DType]  # fmt: skip
+            with safe_globals(kinds):
+                x = torch.load(str(path), map_location="cpu", weights_only=True)
+            x = x.numpy() if hasattr(x, "numpy") else x
+    except Exception as exc:  # a pickle of other objects, a truncated file, another format
+        raise UserError(f"{path}: not an array of centroids ({type(exc).__name__}: {str(exc)[:200]})") from None
+    x = np.asarray(x)
+    if x.dtype.kind not in "fiu" or x.ndim != 2 or x.shape[1] != dim or not len(x):
+        raise UserError(f"{path}: centroids must be a numeric (k, {dim}) array for this pool's {dim}-d embeddings; "
+                        f"it holds {x.dtype} {x.shape}")  # fmt: skip
+    x = x.astype(np.float32)
+    if not np.isfinite(x).all():
+        raise UserError(f"{path}: centroids hold NaN or Inf")
+    return x
+
+
 def imagenet_text_targets(embedder) -> np.ndarray:
     """Zero-shot ImageNet-1k class embeddings: per class, the normalised mean of the normalised text
     embeddings of open_clip's ``SIMPLE_IMAGENET_TEMPLATES`` filled with the class name."""
@@ -214,6 +246,8 @@ def run_image_based(pool, cfg, engine, embed_cfg=None, progress: bool = True) ->
 
     shards = pool.require_complete("embed")
     targets_id = _targets_id(cfg, embed_cfg)
+    if cfg.image_centroids:  # given centres (DataComp's): no fit, so the pool's content is not in the digest
+        return _given_centroids(pool, cfg, engine, embed_cfg, targets_id, progress)
     keys = ("image_clusters", "samples_per_image_cluster", "kmeans_iterations", "kmeans_max_points_per_centroid",
             "kmeans_max_sample", "seed")  # fmt: skip
     # ... and the pool it is computed over: a grown or re-embedded pool is clustered and assigned again
@@ -254,3 +288,38 @@ def run_image_based(pool, cfg, engine, embed_cfg=None, progress: bool = True) ->
                "target_clusters": len(chosen), "samples_in_target_clusters": in_target, "digest": digest}  # fmt: skip
     write_json_atomic(summary_path, summary)
     return summary
+
+
+def _given_centroids(pool, cfg, engine, embed_cfg, targets_id: str, progress: bool) -> dict:
+    """The image-based filter over given centres (``filters.image_centroids``: DataComp's
+    ``load_uids_with_image_filter`` with its published pool centroids): the targets pick their
+    nearest centres, every shard is assigned in its own task."""
+    from pipeline.filters.common import IMAGE_STAGE, embed_digest, stage_digest
+    from pipeline.store.parquet import atomic_path, file_sha256, write_json_atomic
+
+    shards = pool.require_complete("embed")
+    dim = pool.table_schema("embed").field(S.IMAGE_EMBEDDING).type.list_size
+    centres_id = f"file:{cfg.image_centroids}:{file_sha256(cfg.image_centroids)[:16]}"
+    digest = stage_digest("given-centroids", centres_id, targets_id, embed_digest(pool))
+    out = pool.aggregates_dir / "image_based"
+    centres_path = out / "centroids.npz"
+    step = AssignImageClusters(str(centres_path), digest)
+    todo = runner.plan(pool, step, shards)
+    if todo or not (pool.aggregates_dir / "image_based.json").exists():
+        centroids = load_centroids(cfg.image_centroids, dim)
+        targets = _targets(cfg, embed_cfg)
+        if targets.shape[1] != dim:
+            raise UserError(f"image targets have dimension {targets.shape[1]}, the pool's embeddings {dim}")
+        chosen = np.unique(nearest_by_dot(targets, centroids))
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(centres_path) as tmp, tmp.open("wb") as f:
+            np.savez(f, centroids=centroids, chosen=chosen)
+        runner.run_step(pool, engine, step, todo, progress=progress)
+        in_target = sum(m["counts"]["target"] for m in pool.completed(IMAGE_STAGE).values())
+        write_json_atomic(pool.aggregates_dir / "image_based.json",
+                          {"clusters": len(centroids), "centroids": centres_id, "targets": targets_id,
+                           "target_embeddings": len(targets), "target_clusters": len(chosen),
+                           "samples_in_target_clusters": in_target, "digest": digest})  # fmt: skip
+    import json
+
+    return json.loads((pool.aggregates_dir / "image_based.json").read_text())

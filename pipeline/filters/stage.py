@@ -99,20 +99,26 @@ def size_scores(width: pa.Array, height: pa.Array) -> dict[str, pa.Array]:
 class CaptionScores(Step):
     """``tables/filters``: each sample's caption scores and original-size scores (null before the
     shard is downloaded: curating before the download scores the listed captions, and the shard is
-    scored again once downloaded)."""
+    scored again once downloaded). With ``listed_sizes`` (``download.size_cols``), a row not
+    fetched takes the input's own size (DataComp's metadata), as DataComp's basic filter reads it."""
 
     name = STAGE
     schema = S.FILTERS_SCHEMA
     redo_once_downloaded = True
 
-    def __init__(self, digest: str):
+    def __init__(self, digest: str, listed_sizes: bool = False):
         columns = (S.UID, S.SHARD, S.CAPTION, S.ORIGINAL_WIDTH, S.ORIGINAL_HEIGHT)
+        columns += (S.LISTED_WIDTH, S.LISTED_HEIGHT) if listed_sizes else ()
         super().__init__(reads=(Read("download", columns, listed_until_downloaded=True),), digest=digest)
+        self.listed_sizes = listed_sizes
 
     def __call__(self, inputs: dict[str, pa.Table]) -> pa.Table:
         dl = inputs["download"]
-        sizes = size_scores(dl[S.ORIGINAL_WIDTH].combine_chunks(), dl[S.ORIGINAL_HEIGHT].combine_chunks())
-        return pa.table({S.UID: dl[S.UID], **caption_scores(dl[S.CAPTION].to_pylist()), **sizes})
+        width, height = dl[S.ORIGINAL_WIDTH].combine_chunks(), dl[S.ORIGINAL_HEIGHT].combine_chunks()
+        if self.listed_sizes:  # the measured size where the row was fetched, else the input's own
+            width = pc.coalesce(width, dl[S.LISTED_WIDTH].combine_chunks())
+            height = pc.coalesce(height, dl[S.LISTED_HEIGHT].combine_chunks())
+        return pa.table({S.UID: dl[S.UID], **caption_scores(dl[S.CAPTION].to_pylist()), **size_scores(width, height)})
 
     def counts(self, out: pa.Table) -> dict[str, int]:
         return {"samples": out.num_rows, "english": int(pc.sum(pc.equal(out[S.LANG], "en")).as_py() or 0),
@@ -123,14 +129,21 @@ def pending_scores(pool: Pool, listed: bool = False) -> list[int]:
     """Shards to score: of a complete download, or (``listed``) of every listed shard, downloaded
     or not (the caption rules before the download)."""
     shards = pool.listed_shards() if listed else pool.require_complete("download")
-    digest = scores_digest()
-    pool.check_stage_config(STAGE, {"scores_version": SCORES_VERSION}, digest)
-    return runner.plan(pool, CaptionScores(digest), shards)
+    step = scores_step(pool)
+    recorded = {"scores_version": SCORES_VERSION, **({"listed_sizes": True} if step.listed_sizes else {})}
+    pool.check_stage_config(STAGE, recorded, step.digest)
+    return runner.plan(pool, step, shards)
+
+
+def scores_step(pool: Pool) -> CaptionScores:
+    """The scores step of ``pool``: with the input's own sizes where its list carries them."""
+    listed_sizes = S.LISTED_WIDTH in pool.declared_schema("download").names
+    return CaptionScores(scores_digest() + ("-listed-sizes" if listed_sizes else ""), listed_sizes)
 
 
 def score_shards(pool: Pool, engine: Any, shards: list[int], progress: bool = True) -> None:
     """Score ``shards`` with ``engine`` (one Prefect task per batch calls this)."""
-    runner.run_step(pool, engine, CaptionScores(scores_digest()), shards, progress=progress)
+    runner.run_step(pool, engine, scores_step(pool), shards, progress=progress)
 
 
 # -- pool-wide steps ---------------------------------------------------------------------------------

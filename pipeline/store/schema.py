@@ -49,6 +49,9 @@ INPUT_SCHEMA = pa.schema(
     ]
 )
 
+LISTED_WIDTH = "listed_width"  # the input's own original size (download.size_cols: DataComp's metadata)
+LISTED_HEIGHT = "listed_height"
+
 # tables/download/{shard:05d}.parquet: one row per input row of the shard, whatever its fate.
 DOWNLOAD_SCHEMA = pa.schema(
     [
@@ -320,7 +323,8 @@ STAGE_SCHEMAS: dict[str, pa.Schema] = {
 def reserved_columns() -> set[str]:
     """Every column a stage writes: an input column carried into ``download`` must not take one."""
     names = {f.name for schema in STAGE_SCHEMAS.values() for f in schema}
-    names |= set(embed_schema(1, watermark=True).names) | set(caption_embed_schema(1).names) | {BLURRED, "exif"}
+    names |= set(embed_schema(1, watermark=True).names) | set(caption_embed_schema(1).names)
+    names |= {BLURRED, "exif", LISTED_WIDTH, LISTED_HEIGHT}
     return names
 
 
