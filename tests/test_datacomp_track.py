@@ -216,6 +216,10 @@ def test_the_image_based_baseline_with_datacomps_centroids_is_datacomps(track, t
     want = datacomp_image_based_uids(folder, centroids, targets)
     assert 50 < len(want) < 1500
     assert np.array_equal(np.load(tmp_path / "img" / "uids.npy"), want)
+    done = _curate("export", str(pool), "--recipe", "image_based_and_clip_score", "--out", str(tmp_path / "both"))
+    assert done.returncode == 0, done.stderr[-2000:]  # DataComp's image_based_intersect_clip_score (fraction 0.3)
+    both = np.intersect1d(want, datacomp_clip_score_uids(folder, "clip_l14_similarity_score", 0.3))
+    assert 0 < len(both) < len(want) and np.array_equal(np.load(tmp_path / "both" / "uids.npy"), both)
     summary = json.loads((pool / "aggregates" / "image_based.json").read_text())
     assert summary["clusters"] == 24 and summary["centroids"].startswith(f"file:{tmp_path / 'small_centroids.pt'}")
     np.save(tmp_path / "bad.npy", centroids[:, :512])
