@@ -96,6 +96,9 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+_METADATA_ONLY: dict[tuple[str, int, int], bool] = {}  # Pool.metadata_only by (markers' folder, its mtime, count)
+
+
 @functools.lru_cache(maxsize=16)
 def _weights_sha256(path: str, size: int, mtime_ns: int) -> str:
     return file_sha256(path)
@@ -258,9 +261,17 @@ class Pool:
         pool is curated as listed: the implicit ``downloaded`` and ``decoded`` rules do not apply,
         imported embeddings attach to every listed row, and an export writes its uids only. One
         fetched row anywhere makes it a downloaded pool again (its decisions and import are redone)."""
-        done = self.completed("download")
-        return bool(done) and all(m["counts"].get("not_selected", 0) == m["counts"].get("samples", 0)
-                                  for m in done.values())  # fmt: skip
+        folder = self.root / "completions" / "download"
+        try:
+            # a marker is written by a rename into the folder: its mtime, and the count, change
+            key = (str(folder.resolve()), folder.stat().st_mtime_ns, len(self.done_shards("download")))
+        except FileNotFoundError:
+            return False
+        if key not in _METADATA_ONLY:  # every plan of the embed step asks: the markers are read once per change
+            done = self.completed("download")
+            _METADATA_ONLY[key] = bool(done) and all(m["counts"].get("not_selected", 0) == m["counts"].get("samples", 0)
+                                                     for m in done.values())  # fmt: skip
+        return _METADATA_ONLY[key]
 
     def completed(self, stage: str, damaged: list[tuple[int, Path]] | None = None) -> dict[int, dict[str, Any]]:
         """Completion markers of ``stage`` by shard id (each parsed: call once per step).
