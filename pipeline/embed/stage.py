@@ -248,8 +248,8 @@ class Embed(Step):
     def encode(self, batch: dict[str, Any]) -> pa.Table:
         assert self._embedder is not None
         pixels = batch["pixels"]  # None when no image of the batch decoded; a tuple (one per model) with several
-        many = len(self._models()) > 1
-        per_model = pixels if many and pixels is not None else (pixels,) * len(self._models())
+        n_models = len(self._models())
+        per_model = pixels if n_models > 1 and pixels is not None else (pixels,) * n_models
         dim = self._embedder.dim
         image, text = _embed_batch(self._embedder, {**batch, "pixels": per_model[0]}, dim)
         rows = {"index": pa.array(batch["index"], pa.int64()), S.UID: pa.array(batch["uid"], pa.string()),

@@ -241,8 +241,8 @@ def run_image_based(pool, cfg, engine, embed_cfg=None, progress: bool = True) ->
     import json
 
     from pipeline.core.vectors import clusters_for, fit_sample, kmeans_on_sample, sample_rate, sample_size
-    from pipeline.filters.common import IMAGE_STAGE, embed_digest, scores_digest, stage_digest
-    from pipeline.store.parquet import atomic_path, write_json_atomic
+    from pipeline.filters.common import embed_digest, scores_digest, stage_digest
+    from pipeline.store.parquet import write_json_atomic
 
     shards = pool.require_complete("embed")
     targets_id = _targets_id(cfg, embed_cfg)
@@ -255,8 +255,7 @@ def run_image_based(pool, cfg, engine, embed_cfg=None, progress: bool = True) ->
                           pool.content_digest(["embed", "filters"]))  # fmt: skip
     summary_path = pool.aggregates_dir / "image_based.json"
     out = pool.aggregates_dir / "image_based"
-    centres_path = out / "centroids.npz"
-    step = AssignImageClusters(str(centres_path), digest)
+    step = AssignImageClusters(str(out / "centroids.npz"), digest)
     if not runner.plan(pool, step, shards) and summary_path.exists():
         return json.loads(summary_path.read_text())
     pool.require_complete("filters")
@@ -274,52 +273,51 @@ def run_image_based(pool, cfg, engine, embed_cfg=None, progress: bool = True) ->
                            captioned)  # fmt: skip
     _, train = fit_sample(pool, engine, fn, shards, sample_dir, desc="image_based sample", progress=progress)
     k = min(k, len(train))
-    centroids = kmeans_on_sample(train, k, cfg)
-    targets = _targets(cfg, embed_cfg)
-    if targets.shape[1] != centroids.shape[1]:
-        raise UserError(f"image targets have dimension {targets.shape[1]}, the pool's embeddings {centroids.shape[1]}")
-    chosen = np.unique(nearest_by_dot(targets, centroids))
-    with atomic_path(centres_path) as tmp, tmp.open("wb") as f:
-        np.savez(f, centroids=centroids, chosen=chosen)
-    runner.run_step(pool, engine, step, runner.plan(pool, step, shards), progress=progress)
-    in_target = sum(m["counts"]["target"] for m in pool.completed(IMAGE_STAGE).values())
+    summary = _assign(pool, engine, step, shards, kmeans_on_sample(train, k, cfg), cfg, embed_cfg, progress)
     summary = {"clusters": int(k), "train_samples": len(train), "train_population": population,
-               "embedded_samples": counts["embedded"], "targets": targets_id, "target_embeddings": len(targets),
-               "target_clusters": len(chosen), "samples_in_target_clusters": in_target, "digest": digest}  # fmt: skip
+               "embedded_samples": counts["embedded"], "targets": targets_id, **summary, "digest": digest}  # fmt: skip
     write_json_atomic(summary_path, summary)
     return summary
 
 
+def _assign(pool, engine, step: AssignImageClusters, shards: list[int], centroids: np.ndarray, cfg, embed_cfg,
+            progress: bool) -> dict:  # fmt: skip
+    """The targets pick their nearest centroids (saved with them for the tasks), then every shard
+    due is assigned in its own task; returns the summary's counts."""
+    from pipeline.filters.common import IMAGE_STAGE
+    from pipeline.store.parquet import atomic_path
+
+    targets = _targets(cfg, embed_cfg)
+    if targets.shape[1] != centroids.shape[1]:
+        raise UserError(f"image targets have dimension {targets.shape[1]}, the pool's embeddings {centroids.shape[1]}")
+    chosen = np.unique(nearest_by_dot(targets, centroids))
+    centres_path = Path(step.centres_path)
+    centres_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(centres_path) as tmp, tmp.open("wb") as f:
+        np.savez(f, centroids=centroids, chosen=chosen)
+    runner.run_step(pool, engine, step, runner.plan(pool, step, shards), progress=progress)
+    in_target = sum(m["counts"]["target"] for m in pool.completed(IMAGE_STAGE).values())
+    return {"target_embeddings": len(targets), "target_clusters": len(chosen), "samples_in_target_clusters": in_target}
+
+
 def _given_centroids(pool, cfg, engine, embed_cfg, targets_id: str, progress: bool) -> dict:
     """The image-based filter over given centres (``filters.image_centroids``: DataComp's
-    ``load_uids_with_image_filter`` with its published pool centroids): the targets pick their
-    nearest centres, every shard is assigned in its own task."""
-    from pipeline.filters.common import IMAGE_STAGE, embed_digest, stage_digest
-    from pipeline.store.parquet import atomic_path, file_sha256, write_json_atomic
+    ``load_uids_with_image_filter`` with its published pool centroids): no fit, so the digest covers
+    the file rather than the pool's content."""
+    import json
+
+    from pipeline.filters.common import embed_digest, stage_digest
+    from pipeline.store.parquet import file_sha256, write_json_atomic
 
     shards = pool.require_complete("embed")
     dim = pool.table_schema("embed").field(S.IMAGE_EMBEDDING).type.list_size
     centres_id = f"file:{cfg.image_centroids}:{file_sha256(cfg.image_centroids)[:16]}"
     digest = stage_digest("given-centroids", centres_id, targets_id, embed_digest(pool))
-    out = pool.aggregates_dir / "image_based"
-    centres_path = out / "centroids.npz"
-    step = AssignImageClusters(str(centres_path), digest)
-    todo = runner.plan(pool, step, shards)
-    if todo or not (pool.aggregates_dir / "image_based.json").exists():
+    summary_path = pool.aggregates_dir / "image_based.json"
+    step = AssignImageClusters(str(pool.aggregates_dir / "image_based" / "centroids.npz"), digest)
+    if runner.plan(pool, step, shards) or not summary_path.exists():
         centroids = load_centroids(cfg.image_centroids, dim)
-        targets = _targets(cfg, embed_cfg)
-        if targets.shape[1] != dim:
-            raise UserError(f"image targets have dimension {targets.shape[1]}, the pool's embeddings {dim}")
-        chosen = np.unique(nearest_by_dot(targets, centroids))
-        out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(centres_path) as tmp, tmp.open("wb") as f:
-            np.savez(f, centroids=centroids, chosen=chosen)
-        runner.run_step(pool, engine, step, todo, progress=progress)
-        in_target = sum(m["counts"]["target"] for m in pool.completed(IMAGE_STAGE).values())
-        write_json_atomic(pool.aggregates_dir / "image_based.json",
-                          {"clusters": len(centroids), "centroids": centres_id, "targets": targets_id,
-                           "target_embeddings": len(targets), "target_clusters": len(chosen),
-                           "samples_in_target_clusters": in_target, "digest": digest})  # fmt: skip
-    import json
-
-    return json.loads((pool.aggregates_dir / "image_based.json").read_text())
+        summary = _assign(pool, engine, step, shards, centroids, cfg, embed_cfg, progress)
+        write_json_atomic(summary_path, {"clusters": len(centroids), "centroids": centres_id, "targets": targets_id,
+                                         **summary, "digest": digest})  # fmt: skip
+    return json.loads(summary_path.read_text())

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -74,30 +75,41 @@ KINDS = {"aesthetic": ("aesthetic-linear", "aesthetic-mlp", "aesthetic-mlp-relu"
          "nsfw": ("nsfw-autokeras", "nsfw-h14")}  # fmt: skip
 
 
+def read_state_dict(path: Path, error: type[UserError], tensors: str = "numpy") -> dict[str, Any]:
+    """A weights file's state dict: ``.safetensors`` (``tensors``: as ``numpy`` arrays or ``torch``
+    tensors), or a ``.pth``/``.pt``/``.bin`` state dict read with ``torch.load(weights_only=True)``
+    (no pickled code runs; torch tensors). A file that is neither is one line of ``error`` naming it.
+    The one reader of the heads' and the watermark detector's files."""
+    try:
+        if path.suffix == ".safetensors":
+            if tensors == "torch":
+                from safetensors.torch import load_file
+            else:
+                from safetensors.numpy import load_file
+            return dict(load_file(str(path)))
+        import torch
+
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated file, another format, a pickle that is not weights only
+        raise error(f"{path}: not a readable weights file ({type(exc).__name__}: {exc})") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise error(f"{path}: not a state dict (a {type(state).__name__})")
+    return state
+
+
 def read_weights(path: str | Path) -> dict[str, np.ndarray]:
-    """A weights file's tensors as float32 arrays: ``.safetensors``, or a ``.pth``/``.pt``/``.bin``
-    state dict read with ``torch.load(weights_only=True)`` (no pickled code runs)."""
+    """A head's weights file (:func:`read_state_dict`) as float32 arrays."""
     path = Path(path)
     if not path.is_file():
         raise HeadError(f"{path}: no such weights file")
+    state = read_state_dict(path, HeadError)
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.numpy import load_file
-
-            tensors = load_file(str(path))
-        else:
-            import torch
-
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-            state = state.get("state_dict", state) if isinstance(state, dict) else state
-            if not isinstance(state, dict):
-                raise HeadError(f"{path}: not a state dict (a {type(state).__name__})")
-            tensors = {k: v.detach().float().numpy() for k, v in state.items() if hasattr(v, "detach")}
-    except HeadError:
-        raise
-    except Exception as exc:  # a truncated file, another format, a pickle that is not weights only
+        arrays = {k: v.detach().float().numpy() if hasattr(v, "detach") else v for k, v in state.items()
+                  if hasattr(v, "detach") or isinstance(v, np.ndarray)}  # fmt: skip
+        return {k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()}
+    except Exception as exc:  # tensors that are not numbers
         raise HeadError(f"{path}: not a readable weights file ({type(exc).__name__}: {exc})") from None
-    return {k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()}
 
 
 def detect(path: str | Path, tensors: dict[str, np.ndarray], kind: str) -> Layout:

@@ -30,7 +30,6 @@ from pipeline.config import WatermarkConfig
 from pipeline.errors import UserError
 
 HEAD_WIDTHS = (625, 256, 2)  # LAION's classifier: num_features -> 625 -> 256 -> 2
-HEAD_KEYS = ("classifier.0", "classifier.3", "classifier.5")  # the Linears of its Sequential
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SIZE = (256, 256)
 
@@ -81,21 +80,10 @@ def build(model: str) -> Any:
 
 
 def read_state(path: Path) -> dict[str, Any]:
-    """The file's tensors: ``.safetensors``, or a state dict read with ``torch.load(weights_only=True)``."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    """The file's tensors as torch tensors (:func:`pipeline.quality.heads.read_state_dict`)."""
+    from pipeline.quality.heads import read_state_dict
 
-            return dict(load_file(str(path)))
-        import torch
-
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated, another format, a pickle that is not weights only
-        raise WatermarkError(f"{path}: not a readable weights file ({type(exc).__name__}: {exc})") from None
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
-    if not isinstance(state, dict):
-        raise WatermarkError(f"{path}: not a state dict (a {type(state).__name__})")
-    return state
+    return read_state_dict(path, WatermarkError, tensors="torch")
 
 
 def check_state(path: Path, model: str, net: Any, state: dict[str, Any]) -> None:
