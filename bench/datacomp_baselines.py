@@ -33,6 +33,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -147,18 +148,29 @@ def timed(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> tuple
     return time.perf_counter() - start, dict(peaks.peaks)
 
 
-def run_datacomp(python: Path, work: Path, metadata: Path, assets: dict[str, str], datacomp: Path) -> dict:
+def datacomp_runner(work: Path, metadata: Path, assets: dict[str, str], datacomp: Path) -> Path:
+    """A script that runs DataComp's ``apply_filter`` for a baseline (``argv``: name, save path) on
+    ``metadata``: DataComp's ``baselines/`` as committed (``datacomp``: its git folder, or a checkout
+    holding ``baselines/``), with the local assets. The tests use it too (``CLIPCURATE_DATACOMP``)."""
     copy = work / "datacomp"
     if not copy.exists():  # the repository's baselines/ as committed (not part of clipcurate)
-        copy.mkdir()
-        archive = subprocess.run(["git", "--git-dir", str(datacomp), "archive", "HEAD", "baselines"], check=True,
-                                 capture_output=True).stdout  # fmt: skip
-        subprocess.run(["tar", "-x", "-C", str(copy)], input=archive, check=True)
+        copy.mkdir(parents=True)
+        if (datacomp / "baselines").is_dir():
+            shutil.copytree(datacomp / "baselines", copy / "baselines")
+        else:
+            archive = subprocess.run(["git", "--git-dir", str(datacomp), "archive", "HEAD", "baselines"], check=True,
+                                     capture_output=True).stdout  # fmt: skip
+            subprocess.run(["tar", "-x", "-C", str(copy)], input=archive, check=True)
         (work / "stubs").mkdir(exist_ok=True)
         (work / "stubs" / "gcld3.py").write_text("# gcld3 cannot be built here; only the laion2b baseline uses it\n")
     runner = work / "run_datacomp.py"
     runner.write_text(RUNNER.format(datacomp=str(copy), stubs=str(work / "stubs"), assets=assets,
                                     metadata=str(metadata)))  # fmt: skip
+    return runner
+
+
+def run_datacomp(python: Path, work: Path, metadata: Path, assets: dict[str, str], datacomp: Path) -> dict:
+    runner = datacomp_runner(work, metadata, assets, datacomp)
     out = {}
     for name in BASELINES:
         # DataComp's code loads its centroid file (a pickled NumPy array) with torch.load's old default

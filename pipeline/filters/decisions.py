@@ -52,9 +52,11 @@ def resolve_rules(pool: Pool, cfg: FilterConfig, engine: Engine) -> tuple[list[R
                 rule = Rule(rule.name, {**rule.params, "threshold": cfg.clip_score_threshold})
             else:
                 fraction = fraction if fraction is not None else cfg.clip_score_fraction
-                pool.require_complete("embed")
-                (column,) = rule.definition.columns  # clip_score, or a further scorer's clip_score_<name>
-                threshold = order_statistic(engine, pool.table("embed", [S.UID, column]), column, fraction)
+                stage = rule.definition.stage  # embed; download for a published column (every listed row)
+                if stage == "embed":
+                    pool.require_complete("embed")
+                (column,) = rule.definition.columns  # clip_score, a further scorer's clip_score_<name>, or column=
+                threshold = order_statistic(engine, pool.table(stage, [S.UID, column]), column, fraction)
                 rule = Rule(rule.name, {**rule.params, "fraction": fraction, "threshold": threshold})
             thresholds[str(rule)] = rule.params
         resolved.append(rule)

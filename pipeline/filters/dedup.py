@@ -257,6 +257,7 @@ def _split(by_group: Path, group: int, n: int, cfg: Any, dim: int, tmp: Path) ->
 
     from pipeline.core.vectors import drawn
     from pipeline.engines.base import batches_where
+    from pipeline.store.parquet import vector_write_options
 
     rate = cfg.dedup_max_cluster_size / n
     parts = [b.filter(pa.array(drawn(b.column("uid"), _SPLIT_KEY, cfg.seed, rate)))
@@ -273,7 +274,7 @@ def _split(by_group: Path, group: int, n: int, cfg: Any, dim: int, tmp: Path) ->
             sub = nearest(_decode(batch.column("vector"), dim), centres, "euclidean")[0][:, 0]
             for i in np.unique(sub):
                 if i not in writers:
-                    writers[i] = pq.ParquetWriter(paths[i], batch.schema)
+                    writers[i] = pq.ParquetWriter(paths[i], batch.schema, **vector_write_options(batch.schema))
                 writers[i].write_batch(batch.filter(pa.array(sub == i)))
     finally:
         for writer in writers.values():

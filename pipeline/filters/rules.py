@@ -21,7 +21,10 @@ datasets", Sec. 3.4 and Appendix; ``baselines/apply_filter.py``):
 - ``clip_score``: ``clip_score >= threshold``; with a ``fraction`` instead, the threshold is
   DataComp's ``get_threshold``: the pool's scores sorted in decreasing order, the value at index
   ``int(n * fraction)``; ``score=<name>``: a further scorer's ``clip_score_<name>`` (``embed.scorers``:
-  a DFN-style filtering network beside the pool's model).
+  a DFN-style filtering network beside the pool's model); ``column=<name>``: a published score carried
+  in at download (``download.extra_cols``), as DataComp's baseline reads ``clip_l14_similarity_score``
+  from the pool's metadata: no embed table is needed, and a fraction's threshold is taken over every
+  listed row's score, as DataComp's ``get_threshold`` takes it over the whole metadata.
 - ``text_entity``: some whitespace-separated word's most likely WordNet synset is an ImageNet-21k
   synset (``does_contain_text_entity``; :mod:`pipeline.filters.wordnet`).
 - ``image_cluster``: the sample's nearest pool centroid is nearest to some target embedding
@@ -62,6 +65,7 @@ class RuleDef:
     defaults: Mapping[str, Any]
     test: Callable[[Mapping[str, np.ndarray], Mapping[str, Any]], np.ndarray]
     drop_reason: str | None = None  # the ``drop_reason`` it records (default: the rule's name)
+    optional: tuple[str, ...] = ()  # parameters it also takes, absent unless given (so earlier digests hold)
 
 
 def _num(x: np.ndarray) -> np.ndarray:
@@ -91,8 +95,9 @@ RULES: dict[str, RuleDef] = {
     "aspect_ratio": RuleDef("filters", (S.ASPECT_RATIO,), {"max": 3.0},
                             lambda c, p: _num(c[S.ASPECT_RATIO]) <= p["max"]),
     # ``score``: a further scorer's cosine (``embed.scorers``, ``clip_score_<name>``) instead of the pool model's
+    # ``column``: a published score carried in at download (DataComp's clip_l14_similarity_score), no embed table
     "clip_score": RuleDef("embed", (S.CLIP_SCORE,), {"threshold": None, "fraction": None, "score": None},
-                          lambda c, p: _num(c[S.CLIP_SCORE]) >= p["threshold"]),
+                          lambda c, p: _num(c[S.CLIP_SCORE]) >= p["threshold"], optional=("column",)),
     "text_entity": RuleDef("filters", (S.TEXT_ENTITY,), {}, lambda c, p: c[S.TEXT_ENTITY] == True),  # noqa: E712
     "image_cluster": RuleDef("image_based", (S.IMAGE_TARGET,), {}, lambda c, p: c[S.IMAGE_TARGET] == True),  # noqa: E712
     "dedup": RuleDef("dedup", (S.DEDUP_KEEP,), {}, lambda c, p: c[S.DEDUP_KEEP] == True),  # noqa: E712
@@ -176,8 +181,9 @@ def parse_rule(spec: str) -> Rule:
     for part in filter(None, (a.strip() for a in (args or "").split(","))):
         key, eq, value = part.partition("=")
         key = key.strip()
-        if not eq or key not in params:
-            raise UserError(f"rule {name}: bad parameter {part!r}; it takes {sorted(params) or 'none'}")
+        if not eq or key not in (*params, *RULES[name].optional):
+            takes = sorted([*params, *RULES[name].optional]) or "none"
+            raise UserError(f"rule {name}: bad parameter {part!r}; it takes {takes}")
         params[key] = _value(value.strip())
     return Rule(name, params)
 

@@ -71,9 +71,21 @@ def write_json_atomic(path: Path, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def vector_write_options(schema: pa.Schema) -> dict[str, Any]:
+    """Parquet writer options that leave vector columns (lists of floats) without a dictionary and
+    without min/max statistics: neither helps a column of embeddings (no value repeats; no reader
+    prunes on a vector's minimum), and trying both made writing a shard of 100,000 768-d float16
+    vectors 3.7x slower (6.4 s against 1.7 s). The values are stored as before."""
+    plain = [f.name for f in schema if not (pa.types.is_list(f.type) or pa.types.is_fixed_size_list(f.type))
+             or not pa.types.is_floating(f.type.value_type)]  # fmt: skip
+    if len(plain) == len(schema):
+        return {}
+    return {"use_dictionary": plain, "write_statistics": plain}
+
+
 def write_parquet_atomic(path: Path, table: pa.Table, **options: Any) -> None:
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd", **options)
+        pq.write_table(table, tmp, compression="zstd", **{**vector_write_options(table.schema), **options})
 
 
 def walk_files(folder: Path) -> list[str]:
@@ -172,6 +184,17 @@ def read_marker(path: Path) -> dict[str, Any] | None:
         return None
     ok = isinstance(marker, dict) and isinstance(marker.get("counts"), dict) and isinstance(marker.get("shard"), int)
     return marker if ok and isinstance(marker.get("files", {}), dict) else None
+
+
+def _hashed_problems(root: str, stages: list[str], shard: int) -> list[tuple[str, str, str]]:
+    """``(stage, file, problem)`` of every file that ``shard``'s markers of ``stages`` complete,
+    each file hashed (:meth:`Pool.require_intact`'s task)."""
+    pool, found = Pool(root), []
+    for stage in stages:
+        marker = read_marker(pool.marker_path(stage, shard))
+        if marker is not None:
+            found += [(stage, str(path), why) for path, why in pool.file_problems(stage, marker, full=True)]
+    return found
 
 
 def read_schema(path: Path, stage: str) -> pa.Schema:
@@ -366,15 +389,30 @@ class Pool:
                     h.update(f"|{rel}|{want['sha256']}".encode())
         return h.hexdigest()[:16]
 
-    def require_intact(self, stages: list[str], full: bool = False) -> None:
+    def require_intact(self, stages: list[str], full: bool = False, engine: Any = None) -> None:
         """Refuse to read ``stages`` while a file one of their markers completes is missing or damaged
         (a stat per file; the sha256 only of a file whose mtime moved; ``full``: of every file, the
-        path to a release, since bit rot keeps the mtime).
+        path to a release, since bit rot keeps the mtime). With an ``engine``, the full check hashes
+        each shard's files in the engine's tasks (the driver reads every marker and stats every file
+        first, so a damaged marker or a missing file is named as before).
 
         Raises:
             DamagedError: names the first damaged file, how many more, and the stage to re-run.
         """
-        problems = [(stage, path, why) for stage in stages for path, why in self.damaged_files(stage, full)]
+        problems = [(stage, path, why) for stage in stages for path, why in self.damaged_files(stage)]
+        if full and not problems and engine is not None:
+            keys = sorted({shard for stage in stages for shard in self.done_shards(stage)})
+            fn = functools.partial(_hashed_problems, str(self.root), list(stages))
+            result = engine.map_shards(fn, keys, desc="content check", progress=False)
+            if result.failures:
+                from pipeline.engines.base import ShardFailures
+
+                raise ShardFailures("content check", result.failures)
+            found = [(stages.index(stage), key, stage, Path(path), why)
+                     for key, found in result.results.items() for stage, path, why in found]  # fmt: skip
+            problems = [(stage, path, why) for _, _, stage, path, why in sorted(found, key=lambda p: p[:2])]
+        elif full and not problems:
+            problems = [(stage, path, why) for stage in stages for path, why in self.damaged_files(stage, full)]
         if problems:
             stage, path, why = problems[0]
             more = f" ({len(problems) - 1} more damaged files: `curate verify {self.root}` lists them)" if len(
