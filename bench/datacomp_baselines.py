@@ -42,6 +42,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 ROWS_PER_FILE = 100_000
+DUCKDB_MEMORY = "256MB"  # the pool-wide SQL's bound (DuckDB spills beyond it): memory set by configuration
 CENTROIDS, TARGETS = 1_000, 1_000  # DataComp small's file has 100,000 centroids: a GPU's work, not 2 cores'
 BASELINES = {"basic_filter": "basic", "clip_score": "clip_score", "image_based": "image_based",
              "image_based_intersect_clip_score": "image_based_and_clip_score"}  # fmt: skip
@@ -184,6 +185,8 @@ def run_datacomp(python: Path, work: Path, metadata: Path, assets: dict[str, str
 def run_clipcurate(work: Path, metadata: Path, assets: Path) -> dict:
     import yaml
 
+    for old in [work / "pool", work / "pool_light", *work.glob("clipcurate_*")]:  # a fresh curation each time
+        shutil.rmtree(old, ignore_errors=True)
     config = {"pool": str(work / "pool"),
               "download": {"input": str(metadata), "url_col": "url", "caption_col": "text", "uid_col": "uid",
                            "where": "false", "samples_per_shard": ROWS_PER_FILE,
@@ -193,10 +196,28 @@ def run_clipcurate(work: Path, metadata: Path, assets: Path) -> dict:
                           "image_centroids": str(assets / "small_centroids.pt"),
                           "image_targets": str(assets / "targets.npy")},
               "export": {"out": str(work / "clipcurate_image_based_intersect_clip_score")}}  # fmt: skip
+    config["duckdb"] = {"memory_limit": DUCKDB_MEMORY}
     (work / "curate.yaml").write_text(yaml.safe_dump(config))
     curate = str(REPO / ".venv" / "bin" / "curate")
+    out = {}
+    # the lightest submission: no vectors imported, the basic filter decided in the run, DataComp's
+    # published l14 score carried in at download and read by clip_score(column=...)
+    published = "clip_score(column=clip_l14_similarity_score, fraction=0.3)"
+    light = {"pool": str(work / "pool_light"),
+             "download": {**config["download"], "extra_cols": ["clip_l14_similarity_score"]},
+             "filters": {"recipe": "basic", "recipes": {"published": [published]}},
+             "export": {"out": str(work / "clipcurate_light_basic_filter")},
+             "duckdb": {"memory_limit": DUCKDB_MEMORY}}  # fmt: skip
+    (work / "light.yaml").write_text(yaml.safe_dump(light))
+    seconds, peaks = timed([curate, "run", str(work / "light.yaml")], REPO)
+    out["light: curate run (basic)"] = {"seconds": seconds, "peaks": peaks}
+    print(f"  clipcurate run, no vectors (ingest, caption scores, basic, export): {seconds:.1f} s, peaks {peaks}")
+    seconds, peaks = timed([curate, "export", str(work / "pool_light"), "--recipe", "published", "--config",
+                            str(work / "light.yaml"), "--out", str(work / "clipcurate_light_clip_score")], REPO)
+    out["light: export --recipe published"] = {"seconds": seconds, "peaks": peaks}
+    print(f"  clipcurate export --recipe {published}: {seconds:.1f} s, peaks {peaks}", flush=True)
     seconds, peaks = timed([curate, "run", str(work / "curate.yaml")], REPO)
-    out = {"curate run": {"seconds": seconds, "peaks": peaks}}
+    out["curate run"] = {"seconds": seconds, "peaks": peaks}
     print(f"  clipcurate run (import, scores, image assignment, decisions, export): {seconds:.1f} s, peaks {peaks}")
     for name, recipe in BASELINES.items():
         if name == "image_based_intersect_clip_score":
@@ -219,14 +240,18 @@ def one_size(n: int, args: argparse.Namespace) -> dict:
         (metadata / ".done").touch()
     found = write_assets(assets)
     python = make_venv(args.venv)
-    result = {"rows": n, "datacomp": run_datacomp(python, work, metadata, found, args.datacomp),
-              "clipcurate": run_clipcurate(work, metadata, assets)}  # fmt: skip
-    for name in BASELINES:
+    result = {"rows": n, "duckdb_memory_limit": DUCKDB_MEMORY}
+    if not args.skip_datacomp:
+        result["datacomp"] = run_datacomp(python, work, metadata, found, args.datacomp)
+    result["clipcurate"] = run_clipcurate(work, metadata, assets)
+    pairs = [(name, f"clipcurate_{name}") for name in BASELINES]
+    pairs += [("basic_filter", "clipcurate_light_basic_filter"), ("clip_score", "clipcurate_light_clip_score")]
+    for name, ours_dir in pairs:
         theirs = np.load(work / f"datacomp_{name}.npy")
-        ours = np.load(work / f"clipcurate_{name}" / "uids.npy")
-        result.setdefault("identical", {})[name] = bool(np.array_equal(np.sort(theirs), ours))
-        print(f"  {name}: DataComp {len(theirs):,} uids, clipcurate {len(ours):,}; identical: "
-              f"{result['identical'][name]}", flush=True)  # fmt: skip
+        ours = np.load(work / ours_dir / "uids.npy")
+        result.setdefault("identical", {})[ours_dir] = bool(np.array_equal(np.sort(theirs), ours))
+        print(f"  {name}: DataComp {len(theirs):,} uids, {ours_dir} {len(ours):,}; identical: "
+              f"{result['identical'][ours_dir]}", flush=True)  # fmt: skip
     return result
 
 
@@ -236,6 +261,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 4_000_000])
     ap.add_argument("--work", type=Path, default=Path("/work/bench_datacomp"))
     ap.add_argument("--venv", type=Path, default=Path("/work/bench_datacomp/venv"))
+    ap.add_argument("--skip-datacomp", action="store_true", help="clipcurate's side only (DataComp's uids kept)")
     args = ap.parse_args()
     for n in args.sizes:
         print(f"{n:,} rows", flush=True)

@@ -50,6 +50,7 @@ from pipeline.errors import UserError
 from pipeline.store import schema as S
 from pipeline.store.parquet import Pool, write_parquet_atomic
 
+_CHUNK = 8192  # rows normalised at a time (float32): a worker holds a shard's vectors once, as published
 MISSING = "no published embedding"
 NON_FINITE = "published embedding is not finite (NaN or Inf)"
 # DataComp's keys: (the model that made them, its published score column, its dimension)
@@ -276,15 +277,23 @@ class ImportEmbeddings(Step):
             img, txt, score, found = _gather_datacomp(Path(self.path), self.source_key, inputs["joined"], dl)
         else:
             img, txt, score, found = _gather_clip_retrieval(Path(self.path), dl)
-        finite = np.isfinite(img).all(axis=1) & np.isfinite(txt).all(axis=1)  # a NaN or Inf row never ships
+        n, dim = img.shape
+        finite, cosine = np.zeros(n, bool), np.zeros(n, np.float32)
+        stored = {part: np.zeros((n, dim), np.float16) for part in ("img", "txt")}  # the stored form
+        for lo in range(0, n, _CHUNK):  # float32 a chunk at a time: the shard is held once, as float16
+            a, b = (np.asarray(x[lo : lo + _CHUNK], np.float32) for x in (img, txt))
+            ok = np.isfinite(a).all(axis=1) & np.isfinite(b).all(axis=1)  # a NaN or Inf row never ships
+            finite[lo : lo + _CHUNK] = ok
+            keep = (found[lo : lo + _CHUNK] & ok)[:, None]
+            a, b = unit_rows(np.where(keep, a, 0)), unit_rows(np.where(keep, b, 0))
+            cosine[lo : lo + _CHUNK] = (a * b).sum(axis=1)
+            stored["img"][lo : lo + _CHUNK], stored["txt"][lo : lo + _CHUNK] = a, b
+        del img, txt
         errors = [None if f and ok else (MISSING if not f else NON_FINITE) for f, ok in zip(found, finite, strict=True)]
         found = found & finite
-        img, txt = unit_rows(np.where(found[:, None], img, 0)), unit_rows(np.where(found[:, None], txt, 0))
-        cosine = (img * txt).sum(axis=1).astype(np.float32)
         score = np.where(np.isnan(score), cosine, score).astype(np.float32)
-        n = dl.num_rows
-        return pa.table({S.UID: dl[S.UID], S.IMAGE_EMBEDDING: S.vector_column(img, found),
-                         S.TEXT_EMBEDDING: S.vector_column(txt, found),
+        return pa.table({S.UID: dl[S.UID], S.IMAGE_EMBEDDING: S.vector_column(stored.pop("img"), found),
+                         S.TEXT_EMBEDDING: S.vector_column(stored.pop("txt"), found),
                          S.CLIP_SCORE: pa.array(score, pa.float32(), mask=~found),
                          S.DECODE_ERROR: pa.array(errors, pa.string()),
                          S.MODEL: pa.array([self.model] * n, pa.string()),
@@ -313,22 +322,25 @@ def _gather_datacomp(folder: Path, key: str, rows: pa.Table,
                      dl: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
     _, _, dim = DATACOMP[key]
     n = dl.num_rows
-    img, txt = np.zeros((n, dim), np.float32), np.zeros((n, dim), np.float32)
-    score, found = np.full(n, np.nan, np.float32), np.zeros(n, bool)
     if rows.num_rows == 0:
-        return img, txt, score, found
+        return np.zeros((n, dim), np.float32), np.zeros((n, dim), np.float32), np.full(n, np.nan, np.float32), np.zeros(
+            n, bool)  # fmt: skip
+    files = datacomp_files(folder)
+    file_ids = rows["file_id"].to_numpy()
+    members = {(int(f), part): _npz_member(files[int(f)].with_suffix(".npz"), f"{key}_{part}")
+               for f in np.unique(file_ids) for part in ("img", "txt")}  # fmt: skip
+    dtype = np.result_type(*(m.dtype for m in members.values()))
+    img, txt = np.zeros((n, dim), dtype), np.zeros((n, dim), dtype)  # as published (float16): no wider copy
+    score, found = np.full(n, np.nan, np.float32), np.zeros(n, bool)
     position = {u: i for i, u in enumerate(dl[S.UID].to_pylist())}
     at = np.array([position[u] for u in rows["uid"].to_pylist()], np.int64)
-    file_ids = rows["file_id"].to_numpy()
     source_rows = rows["row"].to_numpy()
     published = rows["score"].to_numpy(zero_copy_only=False)
-    files = datacomp_files(folder)
     for file_id in np.unique(file_ids):
         pick = np.flatnonzero(file_ids == file_id)
         pick = pick[np.argsort(source_rows[pick], kind="stable")]  # read the member in file order
-        npz = files[int(file_id)].with_suffix(".npz")
-        img[at[pick]] = _npz_member(npz, f"{key}_img")[source_rows[pick]]
-        txt[at[pick]] = _npz_member(npz, f"{key}_txt")[source_rows[pick]]
+        img[at[pick]] = members[int(file_id), "img"][source_rows[pick]]
+        txt[at[pick]] = members[int(file_id), "txt"][source_rows[pick]]
     score[at] = np.asarray(published, np.float32)
     found[at] = True
     return img, txt, score, found
