@@ -339,6 +339,10 @@ def test_basic_and_the_published_clip_score_need_no_vectors(tmp_path):
     done = _curate("run", str(tmp_path / "c.yaml"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert not (tmp_path / "pool" / "tables" / "embed").exists()
+    marks = {stage: [json.loads(f.read_text())["finished_at"] for f in sorted((tmp_path / "pool" / "completions" /
+             stage).glob("[0-9]*.json"))] for stage in ("filters", "download")}  # fmt: skip
+    assert len(marks["filters"]) == 3 and all(f < d for f, d in zip(marks["filters"], marks["download"], strict=True))
+    # the captions were scored once, before the download that fetched nothing: not again after it
     clip = datacomp_clip_score_uids(folder, "clip_l14_similarity_score", 0.3)
     assert 300 < len(clip) < 900 and np.array_equal(np.load(tmp_path / "clip" / "uids.npy"), clip)
     for recipe_name, want in (("basic", datacomp_basic_uids(folder)),

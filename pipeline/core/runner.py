@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from pipeline.core.step import BY_SHARD, IMAGES, LISTED, SELECTED, SHARD_FILE, Read, Step
 from pipeline.store import schema as S
-from pipeline.store.parquet import Pool, shard_name, write_parquet_atomic
+from pipeline.store.parquet import Pool, read_marker, shard_name, write_parquet_atomic
 
 if TYPE_CHECKING:
     from pipeline.engines.base import Engine, ShardResults
@@ -38,11 +38,21 @@ _READY: dict[str, Step] = {}  # set-up steps of this worker process, by Step.key
 
 
 def shard_digest(pool: Pool, step: Step, shard: int, downloaded: bool | None = None) -> str:
-    """The digest a shard's marker must carry: a step whose output changes once the shard is
-    downloaded says which it saw (``downloaded``: already known, else its marker is checked)."""
-    if step.redo_once_downloaded and not (pool.is_done("download", shard) if downloaded is None else downloaded):
+    """The digest a shard's marker must carry: a step whose output changes once the shard's images
+    are fetched says which it saw (``downloaded``: whether the download finished, if already known).
+    A download that fetched nothing (a pool curated from its metadata alone; every row failed)
+    leaves such a step's output as it was on the listed rows, so it is not redone for it."""
+    if step.redo_once_downloaded and not _fetched(pool, shard, downloaded):
         return f"{step.digest}-listed"
     return step.digest
+
+
+def _fetched(pool: Pool, shard: int, downloaded: bool | None) -> bool:
+    """Whether ``shard``'s download finished and fetched at least one image."""
+    if not (pool.is_done("download", shard) if downloaded is None else downloaded):
+        return False
+    marker = read_marker(pool.marker_path("download", shard))
+    return marker is not None and marker["counts"].get(S.STATUS_SUCCESS, 0) > 0
 
 
 def plan(pool: Pool, step: Step, candidates: Sequence[int]) -> list[int]:

@@ -188,25 +188,28 @@ def plan_source_shard(pool_root: str, plan_dir: str, where: str | None, rules: l
         from pipeline.export.uids import in_uid_file, open_uid_file
 
         table = table.filter(pa.array(in_uid_file(open_uid_file(uids_file, check=False), table[S.UID].to_pylist())))
-    located = [[] for _ in range(table.num_rows)] if listed else _locate(pool, shard, table[S.KEY].to_pylist())
-    has_image = [listed or any(m["ext"] in IMAGE_EXTENSIONS and m["size"] > 0 for m in members) for members in located]
-    if not decoded and not listed:  # never embedded: decode here what the embed stage would have
-        has_image = _decodes(pool, shard, located, has_image)
-    without_image = has_image.count(False)
-    if without_image:  # a sample without a (decodable) image member is never exported
-        table = table.filter(pa.array(has_image))
-        located = [m for m, ok in zip(located, has_image, strict=True) if ok]
-    keys = table[S.KEY].to_pylist()
-    plan = pa.table({"_source_shard": pa.array(np.full(len(keys), shard), pa.int32()),
-                     "_source_key": pa.array(keys, pa.string()), "_uid": table[S.UID],
-                     "_members": pa.array([json.dumps(m) for m in located], pa.string()),
-                     "_size": pa.array([_output_size(m) for m in located], pa.int64()),
-                     "_draw": _draws(table[S.UID], seed)})  # fmt: skip
+    n, without_image = table.num_rows, 0
+    if listed:  # no member anywhere: every row is one empty entry (no per-row work)
+        members, sizes = pa.repeat(pa.scalar("[]"), n), pa.array(np.zeros(n, np.int64))
+    else:
+        located = _locate(pool, shard, table[S.KEY].to_pylist())
+        has_image = [any(m["ext"] in IMAGE_EXTENSIONS and m["size"] > 0 for m in ms) for ms in located]
+        if not decoded:  # never embedded: decode here what the embed stage would have
+            has_image = _decodes(pool, shard, located, has_image)
+        without_image = has_image.count(False)
+        if without_image:  # a sample without a (decodable) image member is never exported
+            table = table.filter(pa.array(has_image))
+            located = [m for m, ok in zip(located, has_image, strict=True) if ok]
+        members = pa.array([json.dumps(m) for m in located], pa.string())
+        sizes = pa.array([_output_size(m) for m in located], pa.int64())
+    plan = pa.table({"_source_shard": pa.array(np.full(table.num_rows, shard), pa.int32()),
+                     "_source_key": table[S.KEY].cast(pa.string()), "_uid": table[S.UID], "_members": members,
+                     "_size": sizes, "_draw": _draws(table[S.UID], seed)})  # fmt: skip
     for name in table.column_names:
         plan = plan.append_column(f"side.{name}", table[name])
     write_parquet_atomic(Path(plan_dir) / f"{shard:05d}.parquet", plan)
     uids = "\n".join(table[S.UID].to_pylist()).encode()
-    return {"samples": len(keys), "uids_sha256": hashlib.sha256(uids).hexdigest(), "without_image": without_image}
+    return {"samples": table.num_rows, "uids_sha256": hashlib.sha256(uids).hexdigest(), "without_image": without_image}
 
 
 def _decodes(pool: Pool, shard: int, located: list[list[dict[str, Any]]], has_image: list[bool]) -> list[bool]:
