@@ -258,10 +258,15 @@ def _ordered_files(partial: Path) -> list[Path]:
     return sorted((partial / "ordered").glob("*.parquet"))
 
 
-def _read_rows(files: list[Path], a: int, b: int, columns: list[str] | None = None) -> pa.Table:
-    """Rows [a, b) of the ordered plan (files in name order), reading only the row groups needed."""
+def _read_rows(files: list[Path], a: int, b: int, columns: list[str] | None = None,
+               file_rows: list[int] | None = None) -> pa.Table:  # fmt: skip
+    """Rows [a, b) of the ordered plan (files in name order), reading only the row groups needed;
+    with ``file_rows`` (each file's rows), a file wholly before ``a`` is not even opened."""
     parts, offset = [], 0
-    for path in files:
+    for i, path in enumerate(files):
+        if file_rows is not None and offset + file_rows[i] <= a:
+            offset += file_rows[i]
+            continue
         meta = pq.ParquetFile(path)
         for g in range(meta.num_row_groups):
             n = meta.metadata.row_group(g).num_rows
@@ -355,13 +360,13 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_release_shard(pool_root: str, partial: str, bounds: list[tuple[int, int]], embeddings: bool,
-                        images: bool, index: int) -> dict[str, int]:  # fmt: skip
+                        images: bool, file_rows: list[int], index: int) -> dict[str, int]:  # fmt: skip
     """Write output shard ``index`` (tar, then embeddings, then the sidecar that marks it done) from
-    rows ``bounds[index]`` of the ordered plan (``images`` false: a uids release, no tar). Runs
-    anywhere the pool and release are visible."""
+    rows ``bounds[index]`` of the ordered plan (``file_rows``: each ordered file's rows; ``images``
+    false: a uids release, no tar). Runs anywhere the pool and release are visible."""
     partial_dir = Path(partial)
     a, b = bounds[index]
-    plan = _read_rows(_ordered_files(partial_dir), a, b)
+    plan = _read_rows(_ordered_files(partial_dir), a, b, file_rows=file_rows)
     shards, uids = plan["_source_shard"].to_pylist(), plan["_uid"].to_pylist()
     new_keys = [f"{a + i:09d}" for i in range(plan.num_rows)]
     name = f"{index:05d}"
@@ -584,10 +589,13 @@ def plan_release(pool: Pool, cfg: ExportConfig, engine: Any, progress: bool = Fa
         schema = pq.read_schema(plan_files[0])
         engine.write("select * from plan order by _draw, _uid", {"plan": Table.of(plan_files, schema)},
                      partial / "ordered")  # fmt: skip
-    sizes = (batch.column(0) for f in _ordered_files(partial)
-             for batch in pq.ParquetFile(f).iter_batches(columns=["_size"], batch_size=65536))  # fmt: skip
+    ordered = [pq.ParquetFile(f) for f in _ordered_files(partial)]
+    sizes = (batch.column(0) for f in ordered for batch in f.iter_batches(columns=["_size"], batch_size=65536))
     bounds = _plan_shards(sizes, cfg.samples_per_shard, cfg.max_shard_bytes)
+    file_rows = [f.metadata.num_rows for f in ordered]
+    del ordered
     return {"partial": partial, "digest": digest, "samples": sum(planned[s]["samples"] for s in sources),
+            "file_rows": file_rows,
             "without_image": sum(planned[s]["without_image"] for s in sources), "bounds": bounds,
             "uids_total": uids_total, "recipe_decisions": how, "incomplete": incomplete,
             "images": cfg.format == "webdataset" and not listed, "listed": listed}  # fmt: skip
@@ -624,7 +632,8 @@ def build_release(pool: Pool, cfg: ExportConfig, progress: bool, engine: Any, ve
             old.unlink()
     write_json_atomic(partial / "plan.json", {"digest": digest})
     todo = [i for i in range(len(bounds)) if not (partial / f"{i:05d}.parquet").exists()]
-    fn = functools.partial(write_release_shard, str(pool.root), str(partial), bounds, cfg.embeddings, plan["images"])
+    fn = functools.partial(write_release_shard, str(pool.root), str(partial), bounds, cfg.embeddings, plan["images"],
+                           plan["file_rows"])  # fmt: skip
     runner.collect(engine, fn, todo, desc="export", progress=progress)
     entries, repaired = _shard_entries(partial, bounds, plan["images"])
     for stale in ("plan", "ordered"):
