@@ -3,8 +3,8 @@ high and low 64 bits. It is what DataComp's resharder reads and what a filtering
 is (``baselines/apply_filter.py`` builds ``np.array([(int(uid[:16], 16), int(uid[16:32], 16))],
 np.dtype("u8,u8"))`` and ``baselines.py`` saves it sorted).
 
-Written and read in bounded memory: a release's file is filled through ``np.lib.format.open_memmap``
-from the engine's sorted uids, and ``export --uids`` looks each candidate up in the memory-mapped
+Written and read in bounded memory: a release's file is written a batch at a time from the engine's
+sorted uids (the ``.npy`` header, then the pairs), and ``export --uids`` looks each candidate up in the memory-mapped
 file by binary search on the high half (numpy's ``searchsorted`` touches log2(N) pages), so a
 400M-uid file never has to fit in memory.
 """
@@ -43,16 +43,15 @@ def write_uid_file(path: Path, batches: Iterable[pa.Array], n: int) -> None:
     """Write ``n`` uids, given sorted in ``batches`` of strings, as DataComp's sorted pairs, atomically."""
     from pipeline.store.parquet import atomic_path
 
-    with atomic_path(path) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=UID_DTYPE, shape=(n,))
+    header = {"descr": np.lib.format.dtype_to_descr(UID_DTYPE), "fortran_order": False, "shape": (n,)}
+    with atomic_path(path) as tmp, tmp.open("wb") as f:  # appended a batch at a time: no page of it is held
+        np.lib.format.write_array_header_1_0(f, header)
         at = 0
         for batch in batches:
-            out[at : at + len(batch)] = uid_pairs(batch.to_pylist())
+            f.write(uid_pairs(batch.to_pylist()).tobytes())
             at += len(batch)
         if at != n:
             raise RuntimeError(f"{path}: {at} uids written, {n} expected")
-        out.flush()
-        del out
 
 
 def open_uid_file(path: str | Path, check: bool = True) -> np.ndarray:
