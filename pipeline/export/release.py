@@ -176,14 +176,16 @@ def plan_source_shard(pool_root: str, plan_dir: str, where: str | None, rules: l
     con = connect(pool, shards=[shard], confined=True, layout=layout)
     quoted = ", ".join(f'"{c}"' for c in side_cols)
     order = S.UID if listed else S.KEY
-    sql = f"select {quoted} from samples where {_predicate(where, decoded, listed)} order by {order}"
-    table = con.sql(sql).fetch_arrow_table()
-    con.close()
-    if rules is not None:
+    source = "samples"
+    if rules is not None:  # re-decided first, so the view joins and sorts only the kept rows
         from pipeline.filters.decisions import decide_shard
 
         base, keep = decide_shard(pool, shard, rules)
-        table = table.filter(pa.compute.is_in(table[S.UID], value_set=base[S.UID].filter(pa.array(keep))))
+        con.register("_kept", base.filter(pa.array(keep)))
+        source = "(select * from samples semi join _kept using (uid)) as samples"
+    sql = f"select {quoted} from {source} where {_predicate(where, decoded, listed)} order by {order}"
+    table = con.sql(sql).fetch_arrow_table()
+    con.close()
     if uids_file is not None:  # exactly the samples of a DataComp uid file (memory-mapped, binary search)
         from pipeline.export.uids import in_uid_file, open_uid_file
 
