@@ -209,7 +209,8 @@ def plan_source_shard(pool_root: str, plan_dir: str, where: str | None, rules: l
                      "_size": sizes, "_draw": _draws(table[S.UID], seed)})  # fmt: skip
     for name in table.column_names:
         plan = plan.append_column(f"side.{name}", table[name])
-    write_parquet_atomic(Path(plan_dir) / f"{shard:05d}.parquet", plan)
+    # row groups of a few thousand rows: a release shard's task reads the groups its rows lie in, not the whole plan
+    write_parquet_atomic(Path(plan_dir) / f"{shard:05d}.parquet", plan, row_group_size=PLAN_ROW_GROUP)
     uids = "\n".join(table[S.UID].to_pylist()).encode()
     return {"samples": table.num_rows, "uids_sha256": hashlib.sha256(uids).hexdigest(), "without_image": without_image}
 
@@ -421,6 +422,7 @@ def _utf8_caption(data: bytes) -> tuple[bytes, int]:
         return data.decode("utf-8", errors="replace").encode("utf-8"), 1
 
 
+PLAN_ROW_GROUP = 4096  # rows per row group of an export plan file
 RELEASE_FORMAT = "clipcurate-release/1"  # the manifest key that marks a folder as a release of ours
 _TMP = re.compile(r"^\..*\.tmp-\d+-\d+$")  # atomic_path's temporary names
 
@@ -595,7 +597,6 @@ def plan_release(pool: Pool, cfg: ExportConfig, engine: Any, progress: bool = Fa
     sizes = (batch.column(0) for f in ordered for batch in f.iter_batches(columns=["_size"], batch_size=65536))
     bounds = _plan_shards(sizes, cfg.samples_per_shard, cfg.max_shard_bytes)
     file_rows = [f.metadata.num_rows for f in ordered]
-    del ordered
     return {"partial": partial, "digest": digest, "samples": sum(planned[s]["samples"] for s in sources),
             "file_rows": file_rows,
             "without_image": sum(planned[s]["without_image"] for s in sources), "bounds": bounds,
