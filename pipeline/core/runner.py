@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from pipeline.core.step import BY_SHARD, IMAGES, LISTED, SELECTED, SHARD_FILE, Read, Step
 from pipeline.store import schema as S
-from pipeline.store.parquet import Pool, read_marker, shard_name, write_parquet_atomic
+from pipeline.store.parquet import Pool, shard_name, write_parquet_atomic
 
 if TYPE_CHECKING:
     from pipeline.engines.base import Engine, ShardResults
@@ -37,22 +37,20 @@ if TYPE_CHECKING:
 _READY: dict[str, Step] = {}  # set-up steps of this worker process, by Step.key()
 
 
-def shard_digest(pool: Pool, step: Step, shard: int, downloaded: bool | None = None) -> str:
+def shard_digest(pool: Pool, step: Step, shard: int, fetched: bool | None = None) -> str:
     """The digest a shard's marker must carry: a step whose output changes once the shard's images
-    are fetched says which it saw (``downloaded``: whether the download finished, if already known).
-    A download that fetched nothing (a pool curated from its metadata alone; every row failed)
-    leaves such a step's output as it was on the listed rows, so it is not redone for it."""
-    if step.redo_once_downloaded and not _fetched(pool, shard, downloaded):
+    are fetched says which it saw (``fetched``: :func:`fetched`, if already known). A download that
+    fetched nothing (a pool curated from its metadata alone; every row failed) leaves such a step's
+    output as it was on the listed rows, so it is not redone for it."""
+    if step.redo_once_downloaded and not (fetched_images(pool.done_marker("download", shard)) if fetched is None
+                                          else fetched):  # fmt: skip
         return f"{step.digest}-listed"
     return step.digest
 
 
-def _fetched(pool: Pool, shard: int, downloaded: bool | None) -> bool:
-    """Whether ``shard``'s download finished and fetched at least one image."""
-    if not (pool.is_done("download", shard) if downloaded is None else downloaded):
-        return False
-    marker = read_marker(pool.marker_path("download", shard))
-    return marker is not None and marker["counts"].get(S.STATUS_SUCCESS, 0) > 0
+def fetched_images(download_marker: dict[str, Any] | None) -> bool:
+    """Whether a shard's download (its marker, None if not done) fetched at least one image."""
+    return download_marker is not None and download_marker["counts"].get(S.STATUS_SUCCESS, 0) > 0
 
 
 def plan(pool: Pool, step: Step, candidates: Sequence[int]) -> list[int]:
@@ -132,8 +130,9 @@ def run_shard(pool_root: str, step: Step, shard: int) -> dict[str, int]:
     pool = Pool(pool_root)
     step = ready(step)
     needs = step.redo_once_downloaded or any(r.listed_until_downloaded for r in step.reads)
-    downloaded = pool.is_done("download", shard) if needs else False  # one marker read, its own
-    digest = shard_digest(pool, step, shard, downloaded)
+    download = pool.done_marker("download", shard) if needs else None  # one marker read, its own
+    downloaded = download is not None
+    digest = shard_digest(pool, step, shard, fetched_images(download))
     if step.forgets_downstream and (pool.marker_path(step.name, shard).exists()
                                     or pool.table_path(step.name, shard).exists()):  # fmt: skip
         pool.forget_shard(shard, keep=(step.name,))

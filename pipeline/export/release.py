@@ -563,7 +563,7 @@ def plan_release(pool: Pool, cfg: ExportConfig, engine: Any, progress: bool = Fa
     incomplete = check_complete(pool, needed, cfg.allow_incomplete)
     # the sidecars carry every stage's columns: none may come from damage, and bit rot keeps the
     # mtime, so every table and tar is hashed against its marker (docs/benchmarks.md: the cost)
-    pool.require_intact(pool.stages(), full=True, engine=engine)
+    pool.require_intact(pool.stages(), full=True)
     uids_total, uids_file = None, None
     if cfg.uids is not None:
         from pipeline.export.uids import open_uid_file

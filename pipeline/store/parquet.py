@@ -186,17 +186,6 @@ def read_marker(path: Path) -> dict[str, Any] | None:
     return marker if ok and isinstance(marker.get("files", {}), dict) else None
 
 
-def _hashed_problems(root: str, stages: list[str], shard: int) -> list[tuple[str, str, str]]:
-    """``(stage, file, problem)`` of every file that ``shard``'s markers of ``stages`` complete,
-    each file hashed (:meth:`Pool.require_intact`'s task)."""
-    pool, found = Pool(root), []
-    for stage in stages:
-        marker = read_marker(pool.marker_path(stage, shard))
-        if marker is not None:
-            found += [(stage, str(path), why) for path, why in pool.file_problems(stage, marker, full=True)]
-    return found
-
-
 def read_schema(path: Path, stage: str) -> pa.Schema:
     """A Parquet file's schema; an unreadable footer is a :class:`DamagedError` naming the file."""
     try:
@@ -329,19 +318,23 @@ class Pool:
         """Whether ``stage`` finished ``shard`` (with ``config_hash``, when given) and the files its
         marker completes are still intact (:meth:`file_problems`, quick): a shard whose table was
         deleted, truncated or rewritten since is redone by the next run, whatever its marker says."""
+        return self.done_marker(stage, shard, config_hash) is not None
+
+    def done_marker(self, stage: str, shard: int, config_hash: str | None = None) -> dict[str, Any] | None:
+        """The marker of a finished shard, as :meth:`is_done` judges it (one read), else None."""
         path = self.marker_path(stage, shard)
         if not path.exists():
-            return False
+            return None
         marker = read_marker(path)
         if marker is None:  # damaged: the stage that owns it redoes the shard
             log.warning("%s: %s; shard %05d of stage %r will be redone", path, DAMAGED_MARKER, shard, stage)
-            return False
+            return None
         if config_hash is not None and marker.get("config_hash") != config_hash:
-            return False
+            return None
         problems = self.file_problems(stage, marker)
         for file, problem in problems:
             log.warning("%s: %s; shard %05d of stage %r will be redone", file, problem, shard, stage)
-        return not problems
+        return None if problems else marker
 
     def file_problems(self, stage: str, marker: dict[str, Any], full: bool = False) -> list[tuple[Path, str]]:
         """What is wrong with the files ``marker`` completes: missing, another size, other bytes.
@@ -389,30 +382,15 @@ class Pool:
                     h.update(f"|{rel}|{want['sha256']}".encode())
         return h.hexdigest()[:16]
 
-    def require_intact(self, stages: list[str], full: bool = False, engine: Any = None) -> None:
+    def require_intact(self, stages: list[str], full: bool = False) -> None:
         """Refuse to read ``stages`` while a file one of their markers completes is missing or damaged
         (a stat per file; the sha256 only of a file whose mtime moved; ``full``: of every file, the
-        path to a release, since bit rot keeps the mtime). With an ``engine``, the full check hashes
-        each shard's files in the engine's tasks (the driver reads every marker and stats every file
-        first, so a damaged marker or a missing file is named as before).
+        path to a release, since bit rot keeps the mtime).
 
         Raises:
             DamagedError: names the first damaged file, how many more, and the stage to re-run.
         """
-        problems = [(stage, path, why) for stage in stages for path, why in self.damaged_files(stage)]
-        if full and not problems and engine is not None:
-            keys = sorted({shard for stage in stages for shard in self.done_shards(stage)})
-            fn = functools.partial(_hashed_problems, str(self.root), list(stages))
-            result = engine.map_shards(fn, keys, desc="content check", progress=False)
-            if result.failures:
-                from pipeline.engines.base import ShardFailures
-
-                raise ShardFailures("content check", result.failures)
-            found = [(stages.index(stage), key, stage, Path(path), why)
-                     for key, found in result.results.items() for stage, path, why in found]  # fmt: skip
-            problems = [(stage, path, why) for _, _, stage, path, why in sorted(found, key=lambda p: p[:2])]
-        elif full and not problems:
-            problems = [(stage, path, why) for stage in stages for path, why in self.damaged_files(stage, full)]
+        problems = [(stage, path, why) for stage in stages for path, why in self.damaged_files(stage, full)]
         if problems:
             stage, path, why = problems[0]
             more = f" ({len(problems) - 1} more damaged files: `curate verify {self.root}` lists them)" if len(
