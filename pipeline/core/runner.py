@@ -39,7 +39,7 @@ _READY: dict[str, Step] = {}  # set-up steps of this worker process, by Step.key
 
 def shard_digest(pool: Pool, step: Step, shard: int, fetched: bool | None = None) -> str:
     """The digest a shard's marker must carry: a step whose output changes once the shard's images
-    are fetched says which it saw (``fetched``: :func:`fetched`, if already known). A download that
+    are fetched says which it saw (``fetched``: :func:`fetched_images`, if already known). A download that
     fetched nothing (a pool curated from its metadata alone; every row failed) leaves such a step's
     output as it was on the listed rows, so it is not redone for it."""
     if step.redo_once_downloaded and not (fetched_images(pool.done_marker("download", shard)) if fetched is None
