@@ -222,8 +222,9 @@ def run_clipcurate(work: Path, metadata: Path, assets: Path) -> dict:
     for name, recipe in BASELINES.items():
         if name == "image_based_intersect_clip_score":
             continue
-        seconds, peaks = timed([curate, "export", str(work / "pool"), "--recipe", recipe, "--out",
-                                str(work / f"clipcurate_{name}")], REPO)  # fmt: skip
+        command = [curate, "export", str(work / "pool"), "--recipe", recipe, "--config", str(work / "curate.yaml"),
+                   "--out", str(work / f"clipcurate_{name}")]  # fmt: skip
+        seconds, peaks = timed(command, REPO)
         out[name] = {"seconds": seconds, "peaks": peaks}
         print(f"  clipcurate export --recipe {recipe}: {seconds:.1f} s, peaks {peaks}", flush=True)
     return out
@@ -256,13 +257,16 @@ def one_size(n: int, args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
+    global DUCKDB_MEMORY
     ap = argparse.ArgumentParser()
     ap.add_argument("--datacomp", type=Path, required=True, help="DataComp's git folder")
     ap.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 4_000_000])
     ap.add_argument("--work", type=Path, default=Path("/work/bench_datacomp"))
     ap.add_argument("--venv", type=Path, default=Path("/work/bench_datacomp/venv"))
     ap.add_argument("--skip-datacomp", action="store_true", help="clipcurate's side only (DataComp's uids kept)")
+    ap.add_argument("--duckdb-memory", default=DUCKDB_MEMORY, help="duckdb.memory_limit of clipcurate's configs")
     args = ap.parse_args()
+    DUCKDB_MEMORY = args.duckdb_memory
     for n in args.sizes:
         print(f"{n:,} rows", flush=True)
         result = one_size(n, args)
