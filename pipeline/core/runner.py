@@ -42,10 +42,11 @@ def shard_digest(pool: Pool, step: Step, shard: int, fetched: bool | None = None
     are fetched says which it saw (``fetched``: :func:`fetched_images`, if already known). A download that
     fetched nothing (a pool curated from its metadata alone; every row failed) leaves such a step's
     output as it was on the listed rows, so it is not redone for it."""
-    if step.redo_once_downloaded and not (fetched_images(pool.done_marker("download", shard)) if fetched is None
-                                          else fetched):  # fmt: skip
-        return f"{step.digest}-listed"
-    return step.digest
+    if not step.redo_once_downloaded:
+        return step.digest
+    if fetched is None:
+        fetched = fetched_images(pool.done_marker("download", shard))
+    return step.digest if fetched else f"{step.digest}-listed"
 
 
 def fetched_images(download_marker: dict[str, Any] | None) -> bool:

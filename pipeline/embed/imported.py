@@ -279,7 +279,7 @@ class ImportEmbeddings(Step):
             img, txt, score, found = _gather_clip_retrieval(Path(self.path), dl)
         n, dim = img.shape
         finite, cosine = np.zeros(n, bool), np.zeros(n, np.float32)
-        stored = {part: np.zeros((n, dim), np.float16) for part in ("img", "txt")}  # the stored form
+        img16, txt16 = np.zeros((n, dim), np.float16), np.zeros((n, dim), np.float16)  # the stored form
         for lo in range(0, n, _CHUNK):  # float32 a chunk at a time: the shard is held once, as float16
             a, b = (np.asarray(x[lo : lo + _CHUNK], np.float32) for x in (img, txt))
             ok = np.isfinite(a).all(axis=1) & np.isfinite(b).all(axis=1)  # a NaN or Inf row never ships
@@ -287,13 +287,13 @@ class ImportEmbeddings(Step):
             keep = (found[lo : lo + _CHUNK] & ok)[:, None]
             a, b = unit_rows(np.where(keep, a, 0)), unit_rows(np.where(keep, b, 0))
             cosine[lo : lo + _CHUNK] = (a * b).sum(axis=1)
-            stored["img"][lo : lo + _CHUNK], stored["txt"][lo : lo + _CHUNK] = a, b
+            img16[lo : lo + _CHUNK], txt16[lo : lo + _CHUNK] = a, b
         del img, txt
         errors = [None if f and ok else (MISSING if not f else NON_FINITE) for f, ok in zip(found, finite, strict=True)]
         found = found & finite
         score = np.where(np.isnan(score), cosine, score).astype(np.float32)
-        return pa.table({S.UID: dl[S.UID], S.IMAGE_EMBEDDING: S.vector_column(stored.pop("img"), found),
-                         S.TEXT_EMBEDDING: S.vector_column(stored.pop("txt"), found),
+        return pa.table({S.UID: dl[S.UID], S.IMAGE_EMBEDDING: S.vector_column(img16, found),
+                         S.TEXT_EMBEDDING: S.vector_column(txt16, found),
                          S.CLIP_SCORE: pa.array(score, pa.float32(), mask=~found),
                          S.DECODE_ERROR: pa.array(errors, pa.string()),
                          S.MODEL: pa.array([self.model] * n, pa.string()),

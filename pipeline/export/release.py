@@ -261,21 +261,20 @@ def _ordered_files(partial: Path) -> list[Path]:
     return sorted((partial / "ordered").glob("*.parquet"))
 
 
-def _read_rows(files: list[Path], a: int, b: int, columns: list[str] | None = None,
-               file_rows: list[int] | None = None) -> pa.Table:  # fmt: skip
-    """Rows [a, b) of the ordered plan (files in name order), reading only the row groups needed;
-    with ``file_rows`` (each file's rows), a file wholly before ``a`` is not even opened."""
+def _read_rows(files: list[Path], file_rows: list[int], a: int, b: int) -> pa.Table:
+    """Rows [a, b) of the ordered plan (files in name order, ``file_rows`` rows each), reading only
+    the row groups needed: a file wholly before ``a`` is not even opened."""
     parts, offset = [], 0
-    for i, path in enumerate(files):
-        if file_rows is not None and offset + file_rows[i] <= a:
-            offset += file_rows[i]
+    for path, rows in zip(files, file_rows, strict=True):
+        if offset + rows <= a:
+            offset += rows
             continue
         meta = pq.ParquetFile(path)
         for g in range(meta.num_row_groups):
             n = meta.metadata.row_group(g).num_rows
             lo, hi = max(a, offset), min(b, offset + n)
             if lo < hi:
-                parts.append(meta.read_row_group(g, columns=columns).slice(lo - offset, hi - lo))
+                parts.append(meta.read_row_group(g).slice(lo - offset, hi - lo))
             offset += n
             if offset >= b:
                 return pa.concat_tables(parts)
@@ -369,7 +368,7 @@ def write_release_shard(pool_root: str, partial: str, bounds: list[tuple[int, in
     false: a uids release, no tar). Runs anywhere the pool and release are visible."""
     partial_dir = Path(partial)
     a, b = bounds[index]
-    plan = _read_rows(_ordered_files(partial_dir), a, b, file_rows=file_rows)
+    plan = _read_rows(_ordered_files(partial_dir), file_rows, a, b)
     shards, uids = plan["_source_shard"].to_pylist(), plan["_uid"].to_pylist()
     new_keys = [f"{a + i:09d}" for i in range(plan.num_rows)]
     name = f"{index:05d}"
