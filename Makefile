@@ -9,7 +9,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test lint bench clean-demo chromium
+.PHONY: demo test lint bench clean-demo chromium metadata
 
 # --no-deps: the lock is complete, and it keeps img2dataset's `dataclasses` backport (which shadows
 # the standard library and breaks Prefect) out of the environment.
@@ -19,8 +19,13 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) metadata
 	$(BIN)/curate demo configs/demo.yaml
+
+# MetaCLIP 2's per-language lists (metaclip.worldwide), built offline from wordfreq; not committed
+metadata: metadata/worldwide/en.json
+metadata/worldwide/en.json: $(STAMP) metadata/build.py metadata/entries.json
+	$(BIN)/python metadata/build.py --worldwide
 
 # Debian's chromium renders the HTML report in a test; installed once when apt and root allow it.
 chromium:

@@ -24,7 +24,22 @@ cannot be downloaded here, so this script rebuilds what installable packages all
 The output is a JSON list of strings, MetaCLIP's own format, sorted so entry ids (list positions)
 are stable across rebuilds.
 
+``--worldwide`` builds MetaCLIP 2's per-language lists instead ("MetaCLIP 2: A Worldwide Scaling
+Recipe"; its ``metaclip/metadata/build_metadata.py``), one ``{lang}.json`` per language in
+``metadata/worldwide/`` (:func:`worldwide_lists`): English is the list above (copied as ``en.json``);
+every other language ``wordfreq`` ships a list for (41) gets the numbers 0-99 (MetaCLIP 2: "every
+lang has numbers"), then its words in frequency order, skipping empty ones, ones longer than 256
+characters and ones of punctuation only (MetaCLIP 2's rules), and tokens with digits (wordfreq's
+digit folding, as above), up to MetaCLIP 2's cap of 251,465 unigrams. MetaCLIP 2 keeps the top 10%
+of a language's distinct Wikipedia unigrams under that cap; wordfreq's lists are already cut at a
+frequency floor (Zipf 1 for its ``large`` lists, Zipf 3 for its ``small`` ones) and do not give the
+vocabulary's size, so each list is taken whole up to the cap. No multilingual WordNet, Wikipedia
+bigram or title source is installable offline: those parts are left out (PROVENANCE.md, README's
+departures). Files are named by MetaCLIP's (Wikipedia's) codes: wordfreq's ``nb`` is ``no``, ``fil``
+is ``tl``.
+
     .venv/bin/python metadata/build.py [--wordnet-dir /usr/share/wordnet] [--min-zipf 1.5]
+    .venv/bin/python metadata/build.py --worldwide [--out metadata/worldwide]
 """
 
 from __future__ import annotations
@@ -83,13 +98,99 @@ def build(wordnet_dir: Path, min_zipf: float) -> tuple[list[str], dict[str, int]
     return sorted(entries), dict(added)
 
 
+WORLDWIDE_CAP = 251_465  # build_metadata.py: upper_bound_unigram
+MAX_ENTRY_CHARS = 256  # build_metadata.py: max_len
+WORDFREQ_TO_WIKI = {"nb": "no", "fil": "tl"}  # wordfreq's code -> MetaCLIP's (Wikipedia's)
+_EXTRA_PUNCT = set("，。、；：？¿！“”‘’（）【】《》〈〉「」『』～—")  # build_metadata.py: additional_punctuation
+
+
+def _pure_punctuation(word: str) -> bool:
+    return all(c in string.punctuation or c in _EXTRA_PUNCT for c in word)
+
+
+def language_list(lang: str, cap: int = WORLDWIDE_CAP) -> tuple[list[str], str]:
+    """One language's MetaCLIP 2-style list from wordfreq (module docstring), and the wordfreq list used."""
+    from wordfreq import available_languages, iter_wordlist
+
+    entries = {str(i): None for i in range(100)}  # insertion-ordered: numbers first, then by frequency
+    words = 0
+    for word in iter_wordlist(lang, wordlist="best"):
+        word = word.strip()
+        if not word or len(word) > MAX_ENTRY_CHARS or _pure_punctuation(word) or any(c.isdigit() for c in word):
+            continue
+        if word not in entries:
+            entries[word] = None
+            words += 1
+            if words >= cap:
+                break
+    source = Path(available_languages(wordlist="best")[lang]).name
+    return list(entries), source
+
+
+def worldwide_lists(out: Path, english: Path) -> list[dict]:
+    """Write ``{lang}.json`` for English (a copy of ``english``) and every language wordfreq has; the rows of
+    PROVENANCE.md."""
+    import shutil
+
+    from wordfreq import available_languages
+
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(english, out / "en.json")
+    rows = [{"lang": "en", "entries": len(json.loads(english.read_text(encoding="utf-8"))),
+             "source": f"`{english.name}` (MetaCLIP 1's list, above)"}]  # fmt: skip
+    for code in sorted(available_languages(wordlist="best")):
+        if code == "en":
+            continue
+        entries, source = language_list(code)
+        lang = WORDFREQ_TO_WIKI.get(code, code)
+        tmp = out / f".{lang}.json.tmp"
+        tmp.write_text(json.dumps(entries, ensure_ascii=False) + "\n", encoding="utf-8")
+        tmp.replace(out / f"{lang}.json")
+        rows.append({"lang": lang, "entries": len(entries), "source": f"wordfreq `{source}` ({code})"})
+    return rows[:1] + sorted(rows[1:], key=lambda r: r["lang"])
+
+
+def write_worldwide_provenance(out: Path, rows: list[dict]) -> None:
+    from importlib.metadata import version
+
+    lines = [
+        "# metadata/worldwide/: provenance",
+        "",
+        "Built by `metadata/build.py --worldwide` (see its docstring for the method): one `{lang}.json`",
+        "per language, MetaCLIP 2's format (a JSON list of strings; an entry's id is its position).",
+        "The JSON files are generated (`make metadata`), not committed; this file is.",
+        "",
+        f"Each non-English list: the numbers 0-99, then wordfreq {version('wordfreq')}'s words in frequency order",
+        f"(skipping empty, longer than {MAX_ENTRY_CHARS} characters, punctuation only, or with a digit), up to",
+        f"MetaCLIP 2's cap of {WORLDWIDE_CAP:,} unigrams. wordfreq data: CC BY-SA 4.0.",
+        "",
+        "| language | entries | source |",
+        "|---|---:|---|",
+        *[f"| {r['lang']} | {r['entries']} | {r['source']} |" for r in rows],
+        "",
+        "Not included, for want of an offline source: a multilingual WordNet (MetaCLIP 2 adds the Open",
+        "Multilingual Wordnet's synsets for 30 languages), Wikipedia bigrams (PMI > 30) and Wikipedia",
+        "titles, and every language wordfreq has no list for (their captions fold to `other`).",
+    ]
+    (out / "PROVENANCE.md").write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--wordnet-dir", type=Path, default=Path("/usr/share/wordnet"))
     parser.add_argument("--min-zipf", type=float, default=1.5)
-    parser.add_argument("--out", type=Path, default=HERE / "entries.json")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--worldwide", action="store_true", help="MetaCLIP 2's per-language lists (docstring)")
     args = parser.parse_args()
     from importlib.metadata import version
+
+    if args.worldwide:
+        out = args.out or HERE / "worldwide"
+        rows = worldwide_lists(out, HERE / "entries.json")
+        write_worldwide_provenance(out, rows)
+        print(f"{out}: {len(rows)} languages, {sum(r['entries'] for r in rows)} entries")
+        return
+    args.out = args.out or HERE / "entries.json"
 
     entries, added = build(args.wordnet_dir, args.min_zipf)
     args.out.write_text(json.dumps(entries, ensure_ascii=False, indent=0) + "\n", encoding="utf-8")

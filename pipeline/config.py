@@ -346,9 +346,20 @@ class MetaclipConfig:
         only_downloaded: Count entries over, and keep only, samples whose download succeeded.
         where: SQL over the ``samples`` view (of the stages before MetaCLIP) narrowing the samples
             counted and drawn; null (the default): the whole pool, as MetaCLIP counts.
+        worldwide: MetaCLIP 2's worldwide curation (:mod:`pipeline.metaclip.worldwide`): each
+            caption matched against its language's list in ``metadata_dir`` only (its language: the
+            filters' fastText ``lang`` score, computed first), English balanced with ``t`` and every
+            other language with the t that keeps English's tail share.
+        metadata_dir: The folder of ``{lang}.json`` lists (``metadata/build.py --worldwide`` builds
+            one offline; MetaCLIP 2's official files work as they are). English comes from
+            ``metadata`` where the folder has no ``en.json``.
+        unlisted_languages: Captions in a language without a list: ``other`` (matched against the
+            folder's ``other.json`` if it has one, else matching nothing, so never kept) or
+            ``english`` (matched and counted as English, as MetaCLIP 1 would).
     """
 
     __pydantic_config__ = _STRICT
+    ADDED_FIELDS: ClassVar[tuple[str, ...]] = ("worldwide", "metadata_dir", "unlisted_languages")
 
     metadata: str = "metadata/entries.json"
     t: float = 20_000
@@ -358,9 +369,16 @@ class MetaclipConfig:
     case_sensitive: bool = True
     only_downloaded: bool = True
     where: str | None = None
+    worldwide: bool = False
+    metadata_dir: str = "metadata/worldwide"
+    unlisted_languages: str = "other"
 
     def __post_init__(self) -> None:
         _require(bool(self.metadata), "metadata", "must name an entries file")
+        _require(self.unlisted_languages in ("other", "english"), "unlisted_languages",
+                 f"must be 'other' or 'english', got {self.unlisted_languages!r}")  # fmt: skip
+        _require(not (self.worldwide and self.target_size is not None), "target_size",
+                 "is not supported with worldwide: true (set t, or scale_t_to_pool)")  # fmt: skip
         _sql(self.where, "where")
         _require(self.t > 0, "t", f"must be > 0, got {self.t}")
         _require(self.target_size is None or self.target_size > 0, "target_size", "must be > 0 or null")

@@ -202,6 +202,12 @@ def stats(pool: Pool) -> dict[str, Any]:
                     item["errors"][error] = n
             entry["samples"] = sum(v["count"] for v in by_status.values())
             entry["status"] = by_status
+        if stage == "metaclip":  # MetaCLIP 2's worldwide balancing: t and kept samples per language
+            languages = pool.aggregates_dir / "metaclip_languages.parquet"
+            if languages.exists():
+                import pyarrow.parquet as pq
+
+                entry["languages"] = pq.read_table(languages).to_pylist()
         out["stages"][stage] = entry
     return out
 
@@ -246,6 +252,12 @@ def format_stats(report: dict[str, Any], max_errors: int = 8) -> str:
             lines.append(f"  ... {entry['damaged_count'] - len(entry['damaged'])} more damaged files (`curate verify`)")
         if "status" not in entry:
             lines.append("  " + ", ".join(f"{k}: {v}" for k, v in sorted(entry["counts"].items())))
+        if entry.get("languages"):
+            lines.append(f"  {'language':<9} {'samples':>9} {'matches':>9} {'t':>9} {'tail share':>10} {'kept':>9}")
+            for row in entry["languages"]:
+                share = "" if row["tail_share"] is None else f"{row['tail_share']:.4f}"
+                lines.append(f"  {row['lang']:<9} {row['samples']:>9} {row['matches']:>9} {row['t']:>9g} {share:>10} "
+                             f"{row['kept']:>9}")  # fmt: skip
         total = entry.get("samples")
         for status, item in entry.get("status", {}).items():
             share = f"{100 * item['count'] / total:5.1f}%" if total else ""

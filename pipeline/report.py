@@ -51,8 +51,10 @@ def funnel(pool: Pool, con: Any, columns: set[str]) -> list[tuple[str, int]]:
     """(step, samples left) through every stage present."""
     plan = pool.read_plan() or {}
     steps = [("input rows", int(plan.get("num_rows", 0)))]
-    cond = f"{S.STATUS} = 'success'"
-    steps.append(("downloaded", con.execute(f"select count(*) from samples where {cond}").fetchone()[0]))
+    cond = "true"  # a pool curated before (or without) its download: the listed rows
+    if S.STATUS in columns:
+        cond = f"{S.STATUS} = 'success'"
+        steps.append(("downloaded", con.execute(f"select count(*) from samples where {cond}").fetchone()[0]))
     if S.IMAGE_EMBEDDING in columns:
         cond += f" and {S.IMAGE_EMBEDDING} is not null"
         steps.append(("embedded", con.execute(f"select count(*) from samples where {cond}").fetchone()[0]))
@@ -65,6 +67,12 @@ def funnel(pool: Pool, con: Any, columns: set[str]) -> list[tuple[str, int]]:
 
 
 def drop_reasons(con: Any, columns: set[str]) -> list[tuple[str, int]]:
+    if S.STATUS not in columns:  # not downloaded: MetaCLIP's draws over the listed rows
+        rows = []
+        if S.METACLIP_KEEP in columns:
+            n = con.execute(f"select count(*) from samples where {S.METACLIP_KEEP} = false").fetchall()[0][0]
+            rows.append(("MetaCLIP: not drawn", n))
+        return rows
     rows = con.execute(f"select 'download: ' || {S.STATUS}, count(*) from samples where {S.STATUS} <> 'success' "
                        "group by 1").fetchall()  # fmt: skip
     if S.DROP_REASON in columns:
@@ -153,6 +161,24 @@ def _plot_entries(pool: Pool, out: Path) -> str | None:
     return out.name
 
 
+def _languages_html(pool: Pool) -> list[str]:
+    """MetaCLIP 2's worldwide balancing per language: matches, t and kept samples (none otherwise)."""
+    path = pool.aggregates_dir / "metaclip.json"
+    worldwide = json.loads(path.read_text()).get("worldwide") if path.exists() else None
+    if not worldwide:
+        return []
+    e = html.escape
+    rows = [f"<h2>MetaCLIP 2 worldwide balancing, per language</h2><p>t_en = {worldwide['t_en']:g}; English's tail "
+            f"share p = {worldwide['tail_share_p']:.4f}; every other language's t keeps that share of its matches "
+            "in its tail.</p><table class='languages'><tr><th>language</th><th>entries</th><th>counted samples</th>"
+            "<th>matches</th><th>t</th><th>tail share</th><th>kept</th></tr>"]  # fmt: skip
+    for r in worldwide["languages"]:
+        share = "" if r["tail_share"] is None else f"{r['tail_share']:.4f}"
+        rows.append(f"<tr><td>{e(r['lang'])}</td><td>{r['entries']:,}</td><td>{r['samples']:,}</td>"
+                    f"<td>{r['matches']:,}</td><td>{r['t']:g}</td><td>{share}</td><td>{r['kept']:,}</td></tr>")
+    return [*rows, "</table>"]
+
+
 def _plot_clusters(con: Any, columns: set[str], out: Path) -> str | None:
     """MoDE cluster sizes, and after rebalancing, with the plot MoDE's and rebalancing's reports use."""
     if S.FINE_ID not in columns:
@@ -173,6 +199,8 @@ def _thumbs(pool: Pool, con: Any, columns: set[str], out: Path, n: int) -> dict[
     """A few kept and dropped downloaded samples, as small JPEGs with their captions."""
     from pipeline.store.webdataset import decode_image, image_of, iter_shard
 
+    if S.STATUS not in columns:  # nothing downloaded: no image to show
+        return {}
     present = [c for c in KEEP_COLUMNS if c in columns]
     kept_sql = " and ".join(f"coalesce({c}, false)" for c in present) or "true"
     reason = S.DROP_REASON if S.DROP_REASON in columns else "null"
@@ -266,6 +294,7 @@ def _write_page(pool: Pool, con: Any, completeness: Any, out: Path, release: Pat
     parts.append("</table><h2>Drop reasons</h2><table><tr><th>reason</th><th>samples</th></tr>")
     parts += [f"<tr><td>{e(n)}</td><td>{v:,}</td></tr>" for n, v in reasons]
     parts.append("</table>")
+    parts += _languages_html(pool)
     for title, name in plots:
         if name:
             parts.append(f"<h2>{e(title)}</h2><img class='plot' src='{name}' alt='{e(title)}' data-ok='0' "

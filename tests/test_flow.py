@@ -358,3 +358,44 @@ def test_a_quality_recipe_runs_through_the_flow_and_explains_every_drop(tmp_path
     page = (pool.root / "report" / "index.html").read_text()
     for name in ("aesthetic", "nsfw", "watermark", "clip_score_dfn"):
         assert f"src='{name}.png'" in page, name
+
+
+def test_worldwide_metaclip_runs_through_the_flow_with_each_captions_language(tmp_path, image_server, prefect_harness):
+    """``curate run`` with ``metaclip.worldwide``: the caption scores run first (the language comes
+    from them), each downloaded caption is matched against its language's list, and the release's
+    card shows the per-language table."""
+    from wordfreq import top_n_list
+
+    from flows.curate import run
+    from pipeline.query import query
+
+    lists = tmp_path / "metadata"
+    lists.mkdir()
+    (lists / "en.json").write_text((REPO / "metadata/entries.json").read_text())
+    for lang in ("fr", "de", "es"):
+        (lists / f"{lang}.json").write_text(json.dumps([str(i) for i in range(100)] + top_n_list(lang, 5000)))
+    pq.write_table(point_at(laion_rows(400, offset=6000), image_server), tmp_path / "u.parquet")
+    cfg = make_config(tmp_path / "pool", tmp_path / "u.parquet", samples_per_shard=100, shards_per_task=2)
+    cfg = dataclasses.replace(
+        cfg,
+        metaclip=MetaclipConfig(metadata=str(REPO / "metadata/entries.json"), t=3, worldwide=True,
+                                metadata_dir=str(lists)),
+        filters=FilterConfig(recipe="mine", recipes={"mine": ["caption_words"]}),
+        export=ExportConfig(out=str(tmp_path / "release"), where="metaclip_keep and keep", samples_per_shard=100),
+    )
+    manifest = run(str(write_config(tmp_path / "c.yaml", cfg)))
+    pool = Pool(cfg.pool)
+    languages = {r["lang"]: r for r in manifest["stage_results"]["metaclip"]["worldwide"]["languages"]}
+    downloaded = query(pool, "select count(*) as n from samples where status = 'success'")["n"][0].as_py()
+    assert sum(r["samples"] for r in languages.values()) == downloaded  # only downloaded samples count
+    by_lang = query(pool, "select lang, count(*) as n, count(*) filter (where len(matched_entry_ids) > 0) as m "
+                          "from samples where status = 'success' group by 1")  # fmt: skip
+    seen = {r["lang"]: r for r in by_lang.to_pylist()}
+    for lang in ("fr", "de", "es"):
+        assert languages[lang]["samples"] == seen.get(lang, {}).get("n", 0), lang
+    assert all(seen[lang]["n"] > 3 and seen[lang]["m"] > 0 for lang in ("fr", "de"))
+    assert languages["other"]["kept"] == 0 and languages["en"]["kept"] > 0
+    kept = query(pool, "select count(*) as n from samples where metaclip_keep and keep")["n"][0].as_py()
+    assert manifest["release"]["counts"]["samples"] == kept > 0
+    card = (tmp_path / "release" / "README.md").read_text()
+    assert "MetaCLIP 2 worldwide balancing, per language" in card and "| fr |" in card

@@ -815,6 +815,11 @@ def dataset_card(pool: Pool, cfg: ExportConfig, manifest: dict[str, Any]) -> str
         if name in stages and key in stages[name]:
             lines.append(f"| {label} | {stages[name][key]} |")
     lines.append(f"| **this release** | **{counts['samples']}** |")
+    worldwide = (stages.get("metaclip") or {}).get("worldwide")
+    if worldwide:
+        from pipeline.metaclip.report import languages_markdown
+
+        lines += ["", "MetaCLIP 2 worldwide balancing, per language:", "", *languages_markdown(worldwide)]
     decisions = stages.get("decisions")
     if decisions:
         lines += ["", f"Filter recipe `{decisions['recipe']}`, samples left after each rule:", "",

@@ -81,12 +81,18 @@ class SubstringMatcher:
         metadata: Path of the entries file.
         case_sensitive: MetaCLIP matches case-sensitively (the default); ``False`` lowercases the
             caption first, a documented departure for metadata that is all lowercase.
+        worldwide: MetaCLIP 2's entries (:mod:`pipeline.metaclip.worldwide`): a ``{lang}.json`` list
+            or ``{entry: source}`` object, each entry padded only on a side that is not CJK-like or
+            punctuation (``get_spaced_metadata``); held as a contiguous NFA, the smallest of the
+            automaton's layouts, since a worker may hold one per language (docs/benchmarks.md).
     """
 
-    def __init__(self, metadata: str | Path, case_sensitive: bool = True):
+    def __init__(self, metadata: str | Path, case_sensitive: bool = True, worldwide: bool = False):
         self.metadata = Path(metadata)
         self.case_sensitive = case_sensitive
-        self.entries: list[str] = []
+        self.worldwide = worldwide
+        self.entries: list[str] = []  # kept for MetaCLIP 1's list; a worldwide matcher keeps only their number
+        self.num_entries = 0
         self._automaton: Any = None
         self._pattern_ids = np.zeros(0, np.int64)  # automaton pattern -> first entry id
         self._repeats: dict[int, list[int]] = {}
@@ -95,7 +101,13 @@ class SubstringMatcher:
         if self._automaton is None:
             import ahocorasick_rs
 
-            self.entries = load_entries(self.metadata)
+            if self.worldwide:
+                from pipeline.metaclip.worldwide import load_lang_entries, spaced_entry
+
+                self.entries, pad = load_lang_entries(self.metadata), spaced_entry
+            else:
+                self.entries, pad = load_entries(self.metadata), lambda entry: f" {entry} "
+            self.num_entries = len(self.entries)
             first: dict[str, int] = {}
             for entry_id, entry in enumerate(self.entries):
                 if "\x00" in entry:
@@ -105,8 +117,12 @@ class SubstringMatcher:
                     continue
                 first[entry] = entry_id
             self._pattern_ids = np.fromiter(first.values(), dtype=np.int64, count=len(first))
-            self._automaton = ahocorasick_rs.BytesAhoCorasick([f" {entry} ".encode() for entry in first],
-                                                              matchkind=ahocorasick_rs.MatchKind.Standard)  # fmt: skip
+            layout = {"implementation": ahocorasick_rs.Implementation.ContiguousNFA} if self.worldwide else {}
+            patterns = [pad(entry).encode() for entry in first]
+            self._automaton = ahocorasick_rs.BytesAhoCorasick(patterns, matchkind=ahocorasick_rs.MatchKind.Standard,
+                                                              **layout)  # fmt: skip
+            if self.worldwide:  # a worker may hold 42 of these: the automaton only (docs/benchmarks.md)
+                self.entries = []
         return self
 
     def match(self, caption: str | None) -> list[int]:
@@ -144,8 +160,8 @@ class SubstringMatcher:
         if self._repeats:
             at, entry = self._expand(at, entry)
         row = np.searchsorted(offsets, at, side="right") - 1
-        pairs = np.unique(row * np.int64(len(self.entries) + 1) + entry)  # sorted, each entry once per caption
-        rows, ids = pairs // (len(self.entries) + 1), (pairs % (len(self.entries) + 1)).astype(np.int32)
+        pairs = np.unique(row * np.int64(self.num_entries + 1) + entry)  # sorted, each entry once per caption
+        rows, ids = pairs // (self.num_entries + 1), (pairs % (self.num_entries + 1)).astype(np.int32)
         list_offsets = np.searchsorted(rows, np.arange(n + 1)).astype(np.int32)
         return pa.ListArray.from_arrays(pa.array(list_offsets), pa.array(ids, pa.int32()))
 
@@ -159,16 +175,16 @@ class SubstringMatcher:
         return np.concatenate([at, *extra_at]), np.concatenate([entry, *extra_id])
 
 
-_MATCHERS: dict[tuple[str, bool], SubstringMatcher] = {}
+_MATCHERS: dict[tuple[str, bool, bool], SubstringMatcher] = {}
 
 
-def matcher_for(metadata: str | Path, case_sensitive: bool = True) -> SubstringMatcher:
+def matcher_for(metadata: str | Path, case_sensitive: bool = True, worldwide: bool = False) -> SubstringMatcher:
     """The process's matcher for a metadata file: built once per worker process or Spark executor."""
-    key = (str(Path(metadata).resolve()), case_sensitive)
+    key = (str(Path(metadata).resolve()), case_sensitive, worldwide)
     if key not in _MATCHERS:
         from pipeline.loads import note_load
 
-        _MATCHERS[key] = SubstringMatcher(metadata, case_sensitive).setup()
+        _MATCHERS[key] = SubstringMatcher(metadata, case_sensitive, worldwide).setup()
         note_load("metaclip-matcher")
     return _MATCHERS[key]
 

@@ -66,3 +66,24 @@ def write_report(out_dir: Path, entries: list[str], counts: np.ndarray, kept: np
     with atomic_path(out_dir / "entry_distribution.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     return data
+
+
+def languages_markdown(worldwide: dict) -> list[str]:
+    """The per-language table of a worldwide balancing (``metaclip.json``'s ``worldwide``)."""
+    lines = [f"t_en = {worldwide['t_en']:g}; English's tail share p = {worldwide['tail_share_p']:.4f} "
+             "(every other language's t keeps the same share of its matches in its tail)", "",
+             "| language | entries | entries matched | counted samples | matches | t | tail share | kept |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for row in worldwide["languages"]:
+        share = "" if row["tail_share"] is None else f"{row['tail_share']:.4f}"
+        lines.append(f"| {row['lang']} | {row['entries']} | {row['entries_matched']} | {row['samples']} | "
+                     f"{row['matches']} | {row['t']:g} | {share} | {row['kept']} |")  # fmt: skip
+    return lines
+
+
+def write_languages_report(out_dir: Path, worldwide: dict) -> None:
+    """``languages.md`` and ``languages.json``: matches, t and kept samples per language."""
+    write_json_atomic(out_dir / "languages.json", worldwide)
+    with atomic_path(out_dir / "languages.md") as tmp:
+        tmp.write_text("\n".join(["# MetaCLIP 2 worldwide balancing, per language", "", *languages_markdown(worldwide)])
+                       + "\n")  # fmt: skip

@@ -39,11 +39,22 @@ STAGE = "metaclip"
 COUNTS_FILE = "metaclip_entry_counts.parquet"
 COUNTS_DIR = "metaclip_counts"  # aggregates/<dir>/{shard}.parquet: counted matches per entry
 KEPT_DIR = "metaclip_kept"  # ... and kept samples per entry
+LANG_COUNTS_DIR = "metaclip_lang_counts"  # worldwide: counted matches per (language, entry)
+LANG_KEPT_DIR = "metaclip_lang_kept"  # ... kept samples per (language, entry)
+LANG_SAMPLES_DIR = "metaclip_lang_samples"  # ... counted, matched and kept samples per language
+LANG_ENTRIES_FILE = "metaclip_lang_entries.parquet"
+LANGUAGES_FILE = "metaclip_languages.parquet"
 
 
 def match_hash(cfg: MetaclipConfig) -> str:
-    """What the matches depend on: the entries file's content, case handling, what counts."""
+    """What the matches depend on: the entries file's content (every language's, worldwide), case
+    handling, what counts."""
     blob = f"{file_digest(cfg.metadata)}|{cfg.case_sensitive}|{cfg.only_downloaded}|{cfg.where}|markers-v2"
+    if cfg.worldwide:
+        from pipeline.metaclip.worldwide import metadata_digest, metadata_files
+
+        files = metadata_files(cfg.metadata_dir, cfg.metadata)
+        blob += f"|worldwide-v1|{metadata_digest(files)}|{cfg.unlisted_languages}"
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -65,12 +76,16 @@ class Match(Step):
 
     def __call__(self, inputs: dict[str, pa.Table]) -> pa.Table:
         dl = inputs["download"]
-        matched = matcher_for(self.cfg.metadata, self.cfg.case_sensitive)(dl[S.CAPTION])
+        matched = self.matcher(inputs)
         counted = pc.equal(dl[S.STATUS], S.STATUS_SUCCESS) if self.cfg.only_downloaded else pa.array(
             [True] * dl.num_rows)  # fmt: skip
         if self.where is not None:  # the population counted and drawn
             counted = pc.and_(counted, pc.is_in(dl[S.UID], value_set=inputs[SELECTED][S.UID].combine_chunks()))
         return pa.table({S.UID: dl[S.UID], S.MATCHED_ENTRY_IDS: matched, S.COUNTED: counted})
+
+    def matcher(self, inputs: dict[str, pa.Table]) -> pa.ListArray:
+        """The shard's ``matched_entry_ids``."""
+        return matcher_for(self.cfg.metadata, self.cfg.case_sensitive)(inputs["download"][S.CAPTION])
 
     def counts(self, out: pa.Table) -> dict[str, int]:
         lengths = pc.list_value_length(out[S.MATCHED_ENTRY_IDS]).to_numpy(zero_copy_only=False)
@@ -83,6 +98,82 @@ class Match(Step):
         """This shard's counted matches per entry: a grown pool adds its new shards' counts to the
         stored ones."""
         return {COUNTS_DIR: entry_counts(out[S.MATCHED_ENTRY_IDS].combine_chunks(), out[S.COUNTED].combine_chunks())}
+
+
+class WorldMatch(Match):
+    """``tables/metaclip_match`` of MetaCLIP 2's worldwide curation: each caption matched against its
+    own language's list only (:mod:`pipeline.metaclip.worldwide`), its language being the filters'
+    fastText ``lang`` score folded onto the metadata's languages; ``matched_entry_ids`` are ids in
+    that language's list. The same table as MetaCLIP 1's; the language is folded again wherever it
+    is needed (:meth:`languages_of`), from the same score and the same settings."""
+
+    def __init__(self, cfg: MetaclipConfig, where: Where | None = None):
+        from pipeline.filters.common import STAGE as SCORES
+        from pipeline.metaclip.worldwide import metadata_files
+
+        super().__init__(cfg, where)
+        self.reads = (*self.reads, Read(SCORES, (S.UID, S.LANG), name="scores"))
+        self.lang_files = {lang: str(path) for lang, path in metadata_files(cfg.metadata_dir, cfg.metadata).items()}
+
+    def setup(self) -> None:
+        """Nothing up front: a language's automaton is built the first time one of its captions
+        comes to this worker, and kept (at most one per language)."""
+
+    def languages_of(self, uids: pa.ChunkedArray | pa.Array, scores: pa.Table) -> pa.Array:
+        """The metadata language of each uid (``scores``: the shard's filters rows, by uid)."""
+        from pipeline.metaclip.worldwide import fold_column
+
+        at = pc.index_in(uids, value_set=scores[S.UID].combine_chunks())
+        if at.null_count:
+            raise RuntimeError("a sample of the shard has no caption scores: the scores step must run first")
+        return fold_column(scores[S.LANG].combine_chunks().take(at), frozenset(self.lang_files),
+                           self.cfg.unlisted_languages)  # fmt: skip
+
+    def match(self, captions: pa.ChunkedArray | pa.Array, langs: pa.Array) -> pa.ListArray:
+        """Each caption matched by its language's automaton only; no match for a language without a list."""
+        if isinstance(captions, pa.ChunkedArray):
+            captions = captions.combine_chunks() if captions.num_chunks else pa.array([], pa.string())
+        encoded = langs.dictionary_encode()
+        codes = encoded.indices.to_numpy(zero_copy_only=False)
+        rows, parts = [], []
+        for code, lang in enumerate(encoded.dictionary.to_pylist()):
+            if lang not in self.lang_files:
+                continue
+            at = np.flatnonzero(codes == code)
+            rows.append(at)
+            parts.append(matcher_for(self.lang_files[lang], self.cfg.case_sensitive, worldwide=True)(captions.take(at)))
+        rest = np.setdiff1d(np.arange(len(captions)), np.concatenate(rows) if rows else [], assume_unique=True)
+        rows.append(rest)
+        parts.append(pa.ListArray.from_arrays(pa.array(np.zeros(len(rest) + 1, np.int32)), pa.array([], pa.int32())))
+        order = np.argsort(np.concatenate(rows), kind="stable")
+        return pa.concat_arrays([p.cast(pa.list_(pa.int32())) for p in parts]).take(pa.array(order))
+
+    def __call__(self, inputs: dict[str, pa.Table]) -> pa.Table:
+        dl = inputs["download"]
+        langs = self.languages_of(dl[S.UID], inputs["scores"])
+        return super().__call__({**inputs, "_langs": langs})
+
+    def matcher(self, inputs: dict[str, pa.Table]) -> pa.ListArray:
+        return self.match(inputs["download"][S.CAPTION], inputs["_langs"])
+
+    def side(self, inputs: dict[str, pa.Table], out: pa.Table) -> dict[str, pa.Table]:
+        """This shard's counted matches per (language, entry)."""
+        langs = self.languages_of(out[S.UID], inputs["scores"])
+        return {LANG_COUNTS_DIR: lang_entry_counts(out[S.MATCHED_ENTRY_IDS].combine_chunks(), langs,
+                                                   out[S.COUNTED].combine_chunks())}  # fmt: skip
+
+
+def lang_entry_counts(matched: pa.ListArray, langs: pa.Array, rows: pa.Array) -> pa.Table:
+    """Samples per (language, entry) among ``rows`` of a shard's ``matched`` lists."""
+    matched, langs = matched.filter(rows), langs.filter(rows)
+    encoded = langs.dictionary_encode()
+    parents = pc.list_parent_indices(matched).to_numpy()
+    flat = matched.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+    pairs, n = np.unique(encoded.indices.to_numpy(zero_copy_only=False)[parents].astype(np.int64) << 32 | flat,
+                         return_counts=True)  # fmt: skip
+    names = encoded.dictionary.take(pa.array(pairs >> 32)) if len(pairs) else pa.array([], pa.string())
+    return pa.table({"lang": names.cast(pa.string()), "entry_id": pa.array(pairs & 0xFFFFFFFF, pa.int32()),
+                     "n": pa.array(n, pa.int64())}, schema=S.LANG_ENTRY_N_SCHEMA)  # fmt: skip
 
 
 def _counts_path(pool: Pool, shard: int) -> Any:
@@ -148,6 +239,79 @@ class Balance(Step):
         return {KEPT_DIR: entry_counts(matched, out[S.METACLIP_KEEP].combine_chunks())}
 
 
+@functools.lru_cache(maxsize=2)
+def _load_lang_p(path: str, digest: str) -> tuple[np.ndarray, np.ndarray]:
+    """The (language, entry) draw keys of every matched entry, sorted, and their probabilities."""
+    from pipeline.metaclip.worldwide import draw_keys
+
+    table = pq.read_table(path, columns=["lang", "entry_id", "p"])
+    keys, ps = [], []
+    for part in table.group_by("lang").aggregate([("entry_id", "list"), ("p", "list")]).to_pylist():
+        keys.append(draw_keys(part["lang"], np.asarray(part["entry_id_list"], np.int64)))
+        ps.append(np.asarray(part["p_list"], np.float64))
+    keys_all = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
+    ps_all = np.concatenate(ps) if ps else np.zeros(0)
+    order = np.argsort(keys_all)
+    return keys_all[order], ps_all[order]
+
+
+class WorldBalance(Balance):
+    """``tables/metaclip`` of MetaCLIP 2's worldwide balancing: each sample's matched entries take
+    their language's probability ``min(1, t_lang / count)`` (``aggregates/metaclip_lang_entries``),
+    a sample is kept when one is drawn, and the draws are keyed by (seed, uid, language, entry)."""
+
+    def __init__(self, pool_root: str, cfg: MetaclipConfig, t: float, counts_digest: str, match: WorldMatch):
+        super().__init__(pool_root, cfg, t, counts_digest)
+        self.reads = (*self.reads, match.reads[-1])
+        self.match = match
+        self.entries_path = str(Pool(pool_root).aggregates_dir / LANG_ENTRIES_FILE)
+
+    def setup(self) -> None:
+        _load_lang_p(self.entries_path, self.counts_digest)
+
+    def _decide(self, inputs: dict[str, pa.Table]) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+        from pipeline.metaclip.worldwide import lang_key
+        from pipeline.sampling import uid_to_uint64, uniform
+
+        match = inputs[MATCH_STAGE]
+        langs = self.match.languages_of(match[S.UID], inputs["scores"])
+        matched = match[S.MATCHED_ENTRY_IDS].combine_chunks()
+        encoded = langs.dictionary_encode()
+        row_key = np.array([lang_key(v) for v in encoded.dictionary.to_pylist()], np.uint64)
+        parents = pc.list_parent_indices(matched).to_numpy()
+        flat = matched.flatten().to_numpy(zero_copy_only=False).astype(np.uint64)
+        keys = row_key[encoded.indices.to_numpy(zero_copy_only=False)][parents] | flat
+        known, p = _load_lang_p(self.entries_path, self.counts_digest)
+        at = np.minimum(np.searchsorted(known, keys), max(len(known) - 1, 0))
+        entry_p = np.where((known[at] == keys) if len(known) else np.zeros(len(keys), bool), p[at] if len(p) else 1.0,
+                           1.0)  # an entry no counted sample matched: count 0, p 1  # fmt: skip
+        with np.errstate(divide="ignore"):
+            miss = np.bincount(parents, weights=np.log1p(-entry_p), minlength=len(matched))
+        draws = uniform(uid_to_uint64(match[S.UID])[parents], keys, self.seed)
+        keep = np.bincount(parents[draws < entry_p], minlength=len(matched)) > 0
+        keep &= match[S.COUNTED].to_numpy(zero_copy_only=False)
+        return langs, 1.0 - np.exp(miss), keep
+
+    def __call__(self, inputs: dict[str, pa.Table]) -> pa.Table:
+        match = inputs[MATCH_STAGE]
+        _, p, keep = self._decide(inputs)
+        return pa.table({S.UID: match[S.UID], S.METACLIP_P: p, S.METACLIP_KEEP: keep})
+
+    def side(self, inputs: dict[str, pa.Table], out: pa.Table) -> dict[str, pa.Table]:
+        """The shard's kept samples per (language, entry), and counted, matched and kept samples per language."""
+        match = inputs[MATCH_STAGE]
+        langs = self.match.languages_of(match[S.UID], inputs["scores"])
+        matched, keep = match[S.MATCHED_ENTRY_IDS].combine_chunks(), out[S.METACLIP_KEEP].combine_chunks()
+        counted = match[S.COUNTED].combine_chunks()
+        has = pc.greater(pc.list_value_length(matched), 0)
+        per = pa.table({"lang": langs, "counted": pc.cast(counted, pa.int64()),
+                        "matched": pc.cast(pc.and_(counted, has), pa.int64()), "kept": pc.cast(keep, pa.int64())})
+        per = per.group_by("lang").aggregate([("counted", "sum"), ("matched", "sum"), ("kept", "sum")])
+        per = pa.table({"lang": per["lang"], "counted": per["counted_sum"], "matched": per["matched_sum"],
+                        "kept": per["kept_sum"]}, schema=S.LANG_SAMPLES_SCHEMA)  # fmt: skip
+        return {LANG_KEPT_DIR: lang_entry_counts(matched, langs, keep), LANG_SAMPLES_DIR: per}
+
+
 def expected_task(pool_root: str, counts_path: str, digest: str, ts: list[float], shard: int) -> list[float]:
     """This shard's expected kept samples for each t of ``ts`` (counted samples only)."""
     counts = _load_counts(counts_path, digest)
@@ -194,14 +358,32 @@ def pending_matches(pool: Pool, cfg: MetaclipConfig) -> list[int]:
     listed pool as MetaCLIP does."""
     shards = pool.require_complete("download") if cfg.only_downloaded else pool.listed_shards()
     load_entries(cfg.metadata)  # a bad entries file fails here, before any work
+    if cfg.worldwide:
+        from pipeline.metaclip.worldwide import load_lang_entries, metadata_files
+
+        for path in metadata_files(cfg.metadata_dir, cfg.metadata).values():
+            load_lang_entries(path)
     recorded = {"metadata_sha256": file_digest(cfg.metadata), **dataclasses.asdict(cfg)}
     pool.check_stage_config(MATCH_STAGE, recorded, match_hash(cfg))
-    return runner.plan(pool, Match(cfg, _bound(pool, cfg)), shards)
+    return runner.plan(pool, match_step(cfg, _bound(pool, cfg)), shards)
+
+
+def match_step(cfg: MetaclipConfig, where: Where | None) -> Match:
+    """MetaCLIP 1's matching step, or MetaCLIP 2's worldwide one."""
+    return WorldMatch(cfg, where) if cfg.worldwide else Match(cfg, where)
 
 
 def match_shards(pool: Pool, cfg: MetaclipConfig, engine: Any, shards: list[int], progress: bool = True) -> None:
-    """Match ``shards`` with ``engine`` (one Prefect task per batch calls this)."""
-    runner.run_step(pool, engine, Match(cfg, _bound(pool, cfg)), shards, progress=progress)
+    """Match ``shards`` with ``engine`` (one Prefect task per batch calls this). Worldwide, the
+    captions' languages come first: the filters' scores step runs on those of ``shards`` it has not
+    scored (the same step and table as the filters stage's)."""
+    if cfg.worldwide and shards:
+        from pipeline.filters.stage import pending_scores, score_shards
+
+        due = set(shards)
+        score_shards(pool, engine, [s for s in pending_scores(pool, listed=not cfg.only_downloaded) if s in due],
+                     progress=progress)  # fmt: skip
+    runner.run_step(pool, engine, match_step(cfg, _bound(pool, cfg)), shards, progress=progress)
 
 
 def _bound(pool: Pool, cfg: MetaclipConfig) -> Where | None:
@@ -216,6 +398,8 @@ def run_metaclip(pool: Pool, cfg: MetaclipConfig, engine: Any, progress: bool = 
         The summary also written to ``aggregates/metaclip.json`` (t, pool size, kept samples, ...).
     """
     match_shards(pool, cfg, engine, pending_matches(pool, cfg), progress)
+    if cfg.worldwide:
+        return run_worldwide(pool, cfg, engine, progress)
     shards = pool.require_complete(MATCH_STAGE)
     entries = load_entries(cfg.metadata)
 
@@ -259,3 +443,97 @@ def run_metaclip(pool: Pool, cfg: MetaclipConfig, engine: Any, progress: bool = 
     write_report(pool.report_dir(STAGE), entries, counts, kept_counts, t)
     pool.update_manifest()
     return summary
+
+
+def run_worldwide(pool: Pool, cfg: MetaclipConfig, engine: Any, progress: bool = True) -> dict[str, Any]:
+    """MetaCLIP 2's balancing over the matched pool (``global_count``, then ``curate``): counts per
+    (language, entry) summed by the engine, t_en as configured, p = W.t_to_p(English counts, t_en),
+    t_lang = W.p_to_t(the language's counts, p), then every shard balanced; the per-language table is
+    written to ``aggregates/metaclip_languages.parquet`` and the summary's ``worldwide`` key."""
+    from pipeline.engines.base import Table
+    from pipeline.metaclip import worldwide as W
+
+    shards = pool.require_complete(MATCH_STAGE)
+    files = W.metadata_files(cfg.metadata_dir, cfg.metadata)
+    sql = "select lang, entry_id, sum(n) as n from counts group by lang, entry_id order by lang, entry_id"
+    summed = engine.query(sql, {"counts": Table.of([pool.aggregates_dir / LANG_COUNTS_DIR / f"{s:05d}.parquet"
+                                                    for s in shards], S.LANG_ENTRY_N_SCHEMA)})  # fmt: skip
+    markers = pool.completed(MATCH_STAGE)
+    pool_size = sum(m["counts"]["counted"] for m in markers.values())
+    reachable = sum(m["counts"]["counted_matched"] for m in markers.values())
+    counts, names, sizes = {}, {}, {}
+    by_lang = summed.group_by("lang").aggregate([("entry_id", "list"), ("n", "list")]).to_pylist()
+    found = {row["lang"]: row for row in by_lang}
+    for lang in sorted(files):  # one language's list in memory at a time
+        entries = W.load_lang_entries(files[lang])
+        dense = np.zeros(len(entries), np.int64)
+        if lang in found:
+            dense[np.asarray(found[lang]["entry_id_list"], np.int64)] = found[lang]["n_list"]
+        counts[lang], sizes[lang] = dense, len(entries)
+        names[lang] = [entries[i] for i in np.flatnonzero(dense)]
+    if W.ENGLISH not in counts or not counts[W.ENGLISH].sum():
+        raise UserError(f"{pool.root}: worldwide balancing needs English matches: t_en sets the tail share p "
+                        "that every other language keeps, and no counted English caption matched an English entry")
+    t_en = resolve_t(pool, cfg, engine, counts[W.ENGLISH], pool_size, reachable, "")
+    p = W.t_to_p(counts[W.ENGLISH], t_en)
+    ts = {lang: (t_en if lang == W.ENGLISH else W.p_to_t(c, p)) for lang, c in counts.items()}
+    parts = []
+    for lang in sorted(counts):
+        ids = np.flatnonzero(counts[lang])
+        parts.append(pa.table({"lang": pa.array([lang] * len(ids), pa.string()), "entry_id": pa.array(ids, pa.int32()),
+                               "entry": pa.array(names[lang], pa.string()), "count": counts[lang][ids],
+                               "p": W.lang_probabilities(counts[lang][ids], ts[lang]),
+                               "kept": np.zeros(len(ids), np.int64)}, schema=S.LANG_ENTRY_COUNTS_SCHEMA))  # fmt: skip
+    table = pa.concat_tables(parts) if parts else S.LANG_ENTRY_COUNTS_SCHEMA.empty_table()
+    blob = hashlib.sha256()
+    for lang in sorted(counts):
+        blob.update(f"{lang}|{ts[lang]!r}|".encode() + counts[lang].tobytes())
+    digest = blob.hexdigest()[:16]
+    entries_path = pool.aggregates_dir / LANG_ENTRIES_FILE
+    write_parquet_atomic(entries_path, table)
+
+    match = WorldMatch(cfg, _bound(pool, cfg))
+    step = WorldBalance(str(pool.root), cfg, t_en, digest, match)
+    runner.run_step(pool, engine, step, runner.plan(pool, step, shards), progress=progress)
+
+    kept_files = [pool.aggregates_dir / LANG_KEPT_DIR / f"{s:05d}.parquet" for s in shards]
+    kept = engine.query("select lang, entry_id, sum(n) as n from kept group by lang, entry_id",
+                        {"kept": Table.of(kept_files, S.LANG_ENTRY_N_SCHEMA)})  # fmt: skip
+    kept_n = {(r["lang"], r["entry_id"]): r["n"] for r in kept.to_pylist()}
+    table = table.set_column(5, "kept", pa.array([kept_n.get((lang, e), 0) for lang, e in zip(
+        table["lang"].to_pylist(), table["entry_id"].to_pylist(), strict=True)], pa.int64()))  # fmt: skip
+    write_parquet_atomic(entries_path, table)
+    sample_files = [pool.aggregates_dir / LANG_SAMPLES_DIR / f"{s:05d}.parquet" for s in shards]
+    per = engine.query("select lang, sum(counted) as counted, sum(matched) as matched, sum(kept) as kept "
+                       "from per group by lang", {"per": Table.of(sample_files, S.LANG_SAMPLES_SCHEMA)})  # fmt: skip
+    per_lang = {r["lang"]: r for r in per.to_pylist()}
+    langs = sorted(set(counts) | set(per_lang), key=lambda x: (x == W.OTHER, x))
+    languages = W.lang_table(langs, [sizes.get(lang, 0) for lang in langs], counts, ts,
+                           kept={k: int(v["kept"]) for k, v in per_lang.items()},
+                           samples={k: int(v["counted"]) for k, v in per_lang.items()})  # fmt: skip
+    write_parquet_atomic(pool.aggregates_dir / LANGUAGES_FILE, languages)
+    summary = {
+        "t": t_en, "seed": cfg.seed, "metadata": cfg.metadata, "metadata_sha256": file_digest(cfg.metadata),
+        "entries": sizes.get(W.ENGLISH, 0), "pool_size": pool_size, "samples_matched": reachable,
+        "samples_kept": sum(m["counts"]["kept"] for m in pool.completed(STAGE).values()),
+        "entries_matched": int(sum((c > 0).sum() for c in counts.values())),
+        "entries_over_t": int(sum((c > ts[lang]).sum() for lang, c in counts.items())),
+        "worldwide": {"metadata_dir": cfg.metadata_dir, "unlisted_languages": cfg.unlisted_languages,
+                      "t_en": t_en, "tail_share_p": p, "languages": languages.to_pylist()},
+    }  # fmt: skip
+    write_json_atomic(pool.aggregates_dir / "metaclip.json", summary)
+    from pipeline.metaclip.report import write_languages_report, write_report
+
+    write_report(pool.report_dir(STAGE), W.load_lang_entries(files[W.ENGLISH]), counts[W.ENGLISH],
+                 _dense_kept(kept_n, W.ENGLISH, sizes[W.ENGLISH]), t_en)  # English's distribution, as MetaCLIP 1's
+    write_languages_report(pool.report_dir(STAGE), summary["worldwide"])
+    pool.update_manifest()
+    return summary
+
+
+def _dense_kept(kept: dict[tuple[str, int], int], lang: str, size: int) -> np.ndarray:
+    out = np.zeros(size, np.int64)
+    for (code, entry), n in kept.items():
+        if code == lang:
+            out[entry] = n
+    return out

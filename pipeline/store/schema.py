@@ -118,6 +118,35 @@ ENTRY_COUNTS_SCHEMA = pa.schema(
 # Small per-shard aggregates that a pool-wide step sums with SQL (files under aggregates/).
 # metaclip/{counts,kept}/{shard}.parquet: matched or kept samples per metadata entry.
 ENTRY_N_SCHEMA = pa.schema([("entry_id", pa.int32()), ("n", pa.int64())])
+# metaclip_lang_{counts,kept}/{shard}.parquet (worldwide): the same per (metadata language, entry).
+LANG_ENTRY_N_SCHEMA = pa.schema([("lang", pa.string()), ("entry_id", pa.int32()), ("n", pa.int64())])
+# aggregates/metaclip_lang_entries.parquet (worldwide): one row per (language, entry) that matched.
+LANG_ENTRY_COUNTS_SCHEMA = pa.schema(
+    [
+        pa.field("lang", pa.string(), nullable=False),
+        pa.field("entry_id", pa.int32(), nullable=False),
+        pa.field("entry", pa.string(), nullable=False),
+        pa.field("count", pa.int64(), nullable=False),  # counted samples of the language matching the entry
+        pa.field("p", pa.float64(), nullable=False),  # min(1, t_lang / count)
+        pa.field("kept", pa.int64(), nullable=False),
+    ]
+)
+# metaclip_lang_samples/{shard}.parquet (worldwide): counted, matched and kept samples per language.
+LANG_SAMPLES_SCHEMA = pa.schema([("lang", pa.string()), ("counted", pa.int64()), ("matched", pa.int64()),
+                                 ("kept", pa.int64())])  # fmt: skip
+# aggregates/metaclip_languages.parquet (worldwide): one row per metadata language (and "other").
+METACLIP_LANGUAGES_SCHEMA = pa.schema(
+    [
+        pa.field("lang", pa.string(), nullable=False),
+        pa.field("entries", pa.int64(), nullable=False),  # the language's list (0: no list)
+        pa.field("entries_matched", pa.int64(), nullable=False),
+        pa.field("matches", pa.int64(), nullable=False),  # counted (sample, entry) matches
+        pa.field("t", pa.float64(), nullable=False),  # t_en, or p_to_t(counts, p)
+        pa.field("tail_share", pa.float64()),  # share of matches in entries with count < t
+        pa.field("samples", pa.int64(), nullable=False),  # counted samples folded onto the language
+        pa.field("kept", pa.int64(), nullable=False),
+    ]
+)
 # rebalance/kept/{shard}.parquet: kept samples per group.
 GROUP_N_SCHEMA = pa.schema([("g", pa.int64()), ("n", pa.int64())])
 # dedup/assign/{shard}.parquet: each embedded sample's nearest centre, its cosine distance and its
