@@ -294,3 +294,16 @@ def test_a_further_scorer_and_the_watermark_on_spark_equal_local(downloaded_pool
     same_table(*pools, "embed")
     table = pools[0].read_table("embed")
     assert {"clip_score_dfn", "watermark"} <= set(table.column_names) and table["watermark"].null_count < 50
+
+
+def test_worldwide_metaclip_on_spark_equals_local(spark, tmp_path):
+    """MetaCLIP 2's per-language matching and balancing give the same rows on Spark as locally."""
+    from pipeline.engines.local import LocalEngine
+    from tests.test_worldwide import SPACED, UNSPACED, _captions, _lists, _pool, _rows
+
+    _lists(tmp_path / "metadata", SPACED + UNSPACED)
+    captions = _captions(40, SPACED + UNSPACED, seed=5)
+    local, want = _pool(tmp_path / "local", captions, tmp_path / "metadata", LocalEngine(2))
+    on_spark, got = _pool(tmp_path / "spark", captions, tmp_path / "metadata", spark)
+    assert _rows(on_spark) == _rows(local)
+    assert got["worldwide"] == want["worldwide"] and got["samples_kept"] == want["samples_kept"] > 0
