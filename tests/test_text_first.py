@@ -128,3 +128,35 @@ def test_metaclip_before_the_download_must_count_the_listed_pool(tmp_path):
     data = {"pool": "p", "download": {"input": "u", "where": "metaclip_keep"}, "metaclip": {}}
     with pytest.raises(ConfigError, match="only_downloaded"):
         parse_config(data, "test")
+
+
+def test_worldwide_balancing_before_the_download_counts_the_listed_pool(tmp_path, image_server):
+    """MetaCLIP 2 before the download: every listed caption is scored, matched in its language and
+    counted; the download fetches the selected rows, and running MetaCLIP again after it changes no
+    decision (the captions, so their languages and matches, are the same)."""
+    from wordfreq import top_n_list
+
+    lists = tmp_path / "metadata"
+    lists.mkdir()
+    for lang in ("fr", "de", "es"):
+        (lists / f"{lang}.json").write_text(__import__("json").dumps(top_n_list(lang, 3000)))
+    url_list = tmp_path / "urls.parquet"
+    pq.write_table(point_at(laion_rows(300, offset=2000), image_server), url_list)
+    where = "metaclip_keep"
+    cfg = _config(tmp_path / "pool", url_list, where)
+    cfg = dataclasses.replace(cfg, metaclip=dataclasses.replace(cfg.metaclip, worldwide=True, metadata_dir=str(lists)))
+    pool, engine = Pool(cfg.pool), LocalEngine(2)
+    from pipeline.download import prepare
+
+    prepare(pool, cfg.download, engine)
+    summary = run_metaclip(pool, cfg.metaclip, engine, progress=False)
+    languages = {row["lang"]: row for row in summary["worldwide"]["languages"]}
+    assert summary["pool_size"] == 300 == sum(row["samples"] for row in languages.values())
+    assert languages["en"]["samples"] > 200 and languages["fr"]["samples"] + languages["de"]["samples"] > 0
+    before = _uids(pool, f"select uid from samples where {where}")
+    run_download(pool, cfg.download, engine, progress=False)
+    fetched = _uids(pool, "select uid from download where status <> 'not_selected'")
+    assert fetched == before and 0 < len(before) < 300
+    again = run_metaclip(pool, cfg.metaclip, engine, progress=False)
+    assert again["worldwide"] == summary["worldwide"]
+    assert _uids(pool, f"select uid from samples where {where}") == before

@@ -1,0 +1,138 @@
+"""MetaCLIP 2's worldwide matching against the English-only (MetaCLIP 1) stage, on the same
+multilingual captions: captions/s per core and every process's peak RSS.
+
+    .venv/bin/python bench/worldwide_matching.py [--captions 1000000] [--per-shard 100000] [--workers 2]
+                                                 [--metadata-dir metadata/worldwide] [--json OUT]
+
+Captions: half the bundled LAION captions (cycled, and spliced from two of them past 10,000, as
+``bench/metaclip_matching.py`` makes them), half generated in the 41 other languages of the
+metadata folder: 5-12 of the language's 3,000 most frequent words (wordfreq), drawn Zipf-like,
+joined without spaces for Chinese and Japanese. Web alt-text is about half non-English (the issue).
+
+One pool of listed captions (no download; ``only_downloaded: false``), its caption scores computed
+first (the worldwide step reads their fastText language; timed apart), then copied: the
+English-only step matches every caption against MetaCLIP 1's list on one copy, the worldwide step
+each caption against its language's list on the other. Each side runs in a fresh
+:class:`~pipeline.engines.local.LocalEngine` of ``--workers`` processes, so its time includes
+starting them and building the automata (MetaCLIP 1: one; worldwide: one per language a worker
+meets, 42 here). Peaks: VmHWM of the main process and of every worker (bench/peaks.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def multilingual(n: int, metadata_dir: Path, seed: int = 0) -> tuple[list[str], dict[str, int]]:
+    import numpy as np
+    from wordfreq import top_n_list
+
+    from bench.metaclip_matching import captions
+
+    wiki_to_wordfreq = {"no": "nb", "tl": "fil"}
+    langs = sorted(p.stem for p in metadata_dir.glob("*.json") if p.stem != "en")
+    english = captions(n - n // 2, seed)
+    rng = np.random.default_rng(seed)
+    words = {lang: top_n_list(wiki_to_wordfreq.get(lang, lang), 3000) for lang in langs}
+    out, per = list(english), {"en (LAION)": len(english)}
+    for i in range(n // 2):
+        lang = langs[i % len(langs)]
+        pool = words[lang]
+        picked = [pool[int(k) % len(pool)] for k in rng.zipf(1.2, size=int(rng.integers(5, 13)))]
+        out.append(("" if lang in ("zh", "ja") else " ").join(picked))
+        per[lang] = per.get(lang, 0) + 1
+    order = rng.permutation(len(out))
+    return [out[i] for i in order], per
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--captions", type=int, default=1_000_000)
+    parser.add_argument("--per-shard", type=int, default=100_000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--metadata-dir", type=Path, default=REPO / "metadata" / "worldwide")
+    parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bench.peaks import Peaks
+    from pipeline.config import parse_config
+    from pipeline.download import prepare
+    from pipeline.engines.local import LocalEngine
+    from pipeline.filters.stage import pending_scores, score_shards
+    from pipeline.metaclip.stage import match_shards, pending_matches
+    from pipeline.store.parquet import Pool
+
+    if not args.metadata_dir.is_dir():
+        raise SystemExit(f"{args.metadata_dir}: build it first (make metadata)")
+    work = args.work or Path(tempfile.mkdtemp(prefix="worldwide-bench-"))
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    texts, per_lang = multilingual(args.captions, args.metadata_dir)
+    urls = pa.table({"url": [f"http://example.com/{i}.jpg" for i in range(len(texts))], "caption": texts})
+    pq.write_table(urls, work / "urls.parquet")
+    del texts, urls
+
+    def config(name: str, worldwide: bool):
+        download = {"input": str(work / "urls.parquet"), "samples_per_shard": args.per_shard}
+        return parse_config({
+            "pool": str(work / name), "download": download,
+            "metaclip": {"metadata": str(REPO / "metadata/entries.json"), "t": 20_000, "scale_t_to_pool": True,
+                         "only_downloaded": False, "worldwide": worldwide, "metadata_dir": str(args.metadata_dir)},
+        }, "bench")  # fmt: skip
+
+    english, world = config("english", False), config("worldwide", True)
+    pool = Pool(english.pool)
+    prepare(pool, english.download, LocalEngine(args.workers))
+    engine = LocalEngine(args.workers)
+    start = time.perf_counter()
+    score_shards(pool, engine, pending_scores(pool, listed=True), progress=False)
+    scores_s = time.perf_counter() - start
+    engine.close()
+    shutil.copytree(pool.root, world.pool)
+
+    def kind(process, first: bool) -> str:
+        return "main" if first else "worker"
+
+    results = {"captions": args.captions, "workers": args.workers, "per_language": per_lang,
+               "scores_seconds": round(scores_s, 2)}  # fmt: skip
+    for name, cfg in (("english", english), ("worldwide", world)):
+        target = Pool(cfg.pool)
+        engine = LocalEngine(args.workers)
+        with Peaks([os.getpid()], kind) as peaks:
+            start = time.perf_counter()
+            match_shards(target, cfg.metaclip, engine, pending_matches(target, cfg.metaclip), progress=False)
+            seconds = time.perf_counter() - start
+            engine.close()
+            time.sleep(1.5)  # one more poll
+        matched = sum(m["counts"]["matched"] for m in target.completed("metaclip_match").values())
+        results[name] = {"seconds": round(seconds, 2),
+                         "captions_per_s_per_core": round(args.captions / seconds / args.workers),
+                         "samples_matched": matched,
+                         "peak_gib": {k: round(v, 3) for k, v in sorted(peaks.peaks.items())}}  # fmt: skip
+        print(name, results[name], flush=True)
+    ratio = results["worldwide"]["captions_per_s_per_core"] / results["english"]["captions_per_s_per_core"]
+    results["worldwide_over_english"] = round(ratio, 3)
+    print(json.dumps(results))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        with args.json.open("a") as f:
+            f.write(json.dumps(results) + "\n")
+    if args.work is None:
+        shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()
