@@ -220,6 +220,14 @@ def cmd_metaclip(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.config}: has no `metaclip` section")
     with _locked(args, Pool(cfg.pool)):
         summary = run_metaclip(Pool(cfg.pool), cfg.metaclip, get_engine(cfg))
+    worldwide = summary.get("worldwide")
+    if worldwide:  # the per-language rows as a table, not 40 JSON objects
+        from pipeline.metaclip.report import languages_markdown
+
+        summary = {**summary, "worldwide": {k: v for k, v in worldwide.items() if k != "languages"}}
+        print(json.dumps(summary, indent=2))
+        print("\n".join(languages_markdown(worldwide)))
+        return 0
     print(json.dumps(summary, indent=2))
     return 0
 

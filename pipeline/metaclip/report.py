@@ -74,6 +74,8 @@ def languages_markdown(worldwide: dict) -> list[str]:
              "(every other language's t keeps the same share of its matches in its tail)", "",
              "| language | entries | entries matched | counted samples | matches | t | tail share | kept |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    if worldwide.get("note"):
+        lines[1:1] = ["", f"**{worldwide['note']}**"]
     for row in worldwide["languages"]:
         share = "" if row["tail_share"] is None else f"{row['tail_share']:.4f}"
         lines.append(f"| {row['lang']} | {row['entries']} | {row['entries_matched']} | {row['samples']} | "

@@ -120,33 +120,46 @@ class WorldMatch(Match):
         comes to this worker, and kept (at most one per language)."""
 
     def languages_of(self, uids: pa.ChunkedArray | pa.Array, scores: pa.Table) -> pa.Array:
-        """The metadata language of each uid (``scores``: the shard's filters rows, by uid)."""
+        """The metadata language of each uid (``scores``: the shard's filters rows, by uid). The
+        shard's call and its ``side`` ask for the same rows: the second is answered from a memo of
+        the first (the same objects), not folded again."""
         from pipeline.metaclip.worldwide import fold_column
 
+        memo = getattr(self, "_memo", None)
+        if memo is not None and memo[0] is uids and memo[1] is scores:
+            return memo[2]
         at = pc.index_in(uids, value_set=scores[S.UID].combine_chunks())
         if at.null_count:
             raise RuntimeError("a sample of the shard has no caption scores: the scores step must run first")
-        return fold_column(scores[S.LANG].combine_chunks().take(at), frozenset(self.lang_files),
-                           self.cfg.unlisted_languages)  # fmt: skip
+        langs = fold_column(scores[S.LANG].combine_chunks().take(at), frozenset(self.lang_files),
+                            self.cfg.unlisted_languages)  # fmt: skip
+        self._memo = (uids, scores, langs)
+        return langs
 
     def match(self, captions: pa.ChunkedArray | pa.Array, langs: pa.Array) -> pa.ListArray:
-        """Each caption matched by its language's automaton only; no match for a language without a list."""
+        """Each caption matched by its language's automaton only; no match for a language without a
+        list. The captions are grouped by language with one sort, each language's run is matched as
+        a slice, and one take puts the lists back in the shard's order."""
         if isinstance(captions, pa.ChunkedArray):
             captions = captions.combine_chunks() if captions.num_chunks else pa.array([], pa.string())
         encoded = langs.dictionary_encode()
         codes = encoded.indices.to_numpy(zero_copy_only=False)
-        rows, parts = [], []
+        order = np.argsort(codes, kind="stable")
+        grouped = captions.take(pa.array(order))
+        bounds = np.searchsorted(codes[order], np.arange(len(encoded.dictionary) + 1))
+        parts = []
         for code, lang in enumerate(encoded.dictionary.to_pylist()):
-            if lang not in self.lang_files:
-                continue
-            at = np.flatnonzero(codes == code)
-            rows.append(at)
-            parts.append(matcher_for(self.lang_files[lang], self.cfg.case_sensitive, worldwide=True)(captions.take(at)))
-        rest = np.setdiff1d(np.arange(len(captions)), np.concatenate(rows) if rows else [], assume_unique=True)
-        rows.append(rest)
-        parts.append(pa.ListArray.from_arrays(pa.array(np.zeros(len(rest) + 1, np.int32)), pa.array([], pa.int32())))
-        order = np.argsort(np.concatenate(rows), kind="stable")
-        return pa.concat_arrays([p.cast(pa.list_(pa.int32())) for p in parts]).take(pa.array(order))
+            run = grouped.slice(bounds[code], bounds[code + 1] - bounds[code])
+            if lang in self.lang_files:
+                parts.append(matcher_for(self.lang_files[lang], self.cfg.case_sensitive, worldwide=True)(run))
+            else:
+                empty = pa.array(np.zeros(len(run) + 1, np.int32))
+                parts.append(pa.ListArray.from_arrays(empty, pa.array([], pa.int32())))
+        matched = pa.concat_arrays([p.cast(pa.list_(pa.int32())) for p in parts]) if parts else pa.array(
+            [], pa.list_(pa.int32()))  # fmt: skip
+        inverse = np.empty(len(order), np.int64)
+        inverse[order] = np.arange(len(order))
+        return matched.take(pa.array(inverse))
 
     def __call__(self, inputs: dict[str, pa.Table]) -> pa.Table:
         dl = inputs["download"]
@@ -158,7 +171,7 @@ class WorldMatch(Match):
 
     def side(self, inputs: dict[str, pa.Table], out: pa.Table) -> dict[str, pa.Table]:
         """This shard's counted matches per (language, entry)."""
-        langs = self.languages_of(out[S.UID], inputs["scores"])
+        langs = self.languages_of(inputs["download"][S.UID], inputs["scores"])  # the call's rows, in its order
         return {LANG_COUNTS_DIR: lang_entry_counts(out[S.MATCHED_ENTRY_IDS].combine_chunks(), langs,
                                                    out[S.COUNTED].combine_chunks())}  # fmt: skip
 
@@ -521,6 +534,10 @@ def run_worldwide(pool: Pool, cfg: MetaclipConfig, engine: Any, progress: bool =
         "worldwide": {"metadata_dir": cfg.metadata_dir, "unlisted_languages": cfg.unlisted_languages,
                       "t_en": t_en, "tail_share_p": p, "languages": languages.to_pylist()},
     }  # fmt: skip
+    if p == 0:  # MetaCLIP 2's rule then keeps no sample of any other language: say so
+        summary["worldwide"]["note"] = (
+            f"p = 0: no English entry has fewer than t_en = {t_en:g} matches, so every other language's t is 0 "
+            "and none of its samples is kept; raise metaclip.t")  # fmt: skip
     write_json_atomic(pool.aggregates_dir / "metaclip.json", summary)
     from pipeline.metaclip.report import write_languages_report, write_report
 
