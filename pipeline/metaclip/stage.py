@@ -460,74 +460,45 @@ def run_metaclip(pool: Pool, cfg: MetaclipConfig, engine: Any, progress: bool = 
 
 def run_worldwide(pool: Pool, cfg: MetaclipConfig, engine: Any, progress: bool = True) -> dict[str, Any]:
     """MetaCLIP 2's balancing over the matched pool (``global_count``, then ``curate``): counts per
-    (language, entry) summed by the engine, t_en as configured, p = W.t_to_p(English counts, t_en),
-    t_lang = W.p_to_t(the language's counts, p), then every shard balanced; the per-language table is
+    (language, entry) summed by the engine, t_en as configured, p = t_to_p(English counts, t_en),
+    t_lang = p_to_t(the language's counts, p), then every shard balanced; the per-language table is
     written to ``aggregates/metaclip_languages.parquet`` and the summary's ``worldwide`` key."""
-    from pipeline.engines.base import Table
     from pipeline.metaclip import worldwide as W
 
     shards = pool.require_complete(MATCH_STAGE)
     files = W.metadata_files(cfg.metadata_dir, cfg.metadata)
-    sql = "select lang, entry_id, sum(n) as n from counts group by lang, entry_id order by lang, entry_id"
-    summed = engine.query(sql, {"counts": Table.of([pool.aggregates_dir / LANG_COUNTS_DIR / f"{s:05d}.parquet"
-                                                    for s in shards], S.LANG_ENTRY_N_SCHEMA)})  # fmt: skip
+    counts, names = _lang_counts(pool, engine, shards, files)
     markers = pool.completed(MATCH_STAGE)
     pool_size = sum(m["counts"]["counted"] for m in markers.values())
     reachable = sum(m["counts"]["counted_matched"] for m in markers.values())
-    counts, names, sizes = {}, {}, {}
-    by_lang = summed.group_by("lang").aggregate([("entry_id", "list"), ("n", "list")]).to_pylist()
-    found = {row["lang"]: row for row in by_lang}
-    for lang in sorted(files):  # one language's list in memory at a time
-        entries = W.load_lang_entries(files[lang])
-        dense = np.zeros(len(entries), np.int64)
-        if lang in found:
-            dense[np.asarray(found[lang]["entry_id_list"], np.int64)] = found[lang]["n_list"]
-        counts[lang], sizes[lang] = dense, len(entries)
-        names[lang] = [entries[i] for i in np.flatnonzero(dense)]
     if W.ENGLISH not in counts or not counts[W.ENGLISH].sum():
         raise UserError(f"{pool.root}: worldwide balancing needs English matches: t_en sets the tail share p "
                         "that every other language keeps, and no counted English caption matched an English entry")
     t_en = resolve_t(pool, cfg, engine, counts[W.ENGLISH], pool_size, reachable, "")
     p = W.t_to_p(counts[W.ENGLISH], t_en)
     ts = {lang: (t_en if lang == W.ENGLISH else W.p_to_t(c, p)) for lang, c in counts.items()}
-    parts = []
-    for lang in sorted(counts):
-        ids = np.flatnonzero(counts[lang])
-        parts.append(pa.table({"lang": pa.array([lang] * len(ids), pa.string()), "entry_id": pa.array(ids, pa.int32()),
-                               "entry": pa.array(names[lang], pa.string()), "count": counts[lang][ids],
-                               "p": W.lang_probabilities(counts[lang][ids], ts[lang]),
-                               "kept": np.zeros(len(ids), np.int64)}, schema=S.LANG_ENTRY_COUNTS_SCHEMA))  # fmt: skip
-    table = pa.concat_tables(parts) if parts else S.LANG_ENTRY_COUNTS_SCHEMA.empty_table()
+    table = _lang_entries(counts, names, ts)
     blob = hashlib.sha256()
     for lang in sorted(counts):
         blob.update(f"{lang}|{ts[lang]!r}|".encode() + counts[lang].tobytes())
-    digest = blob.hexdigest()[:16]
     entries_path = pool.aggregates_dir / LANG_ENTRIES_FILE
     write_parquet_atomic(entries_path, table)
 
-    match = WorldMatch(cfg, _bound(pool, cfg))
-    step = WorldBalance(str(pool.root), cfg, t_en, digest, match)
+    step = WorldBalance(str(pool.root), cfg, t_en, blob.hexdigest()[:16], WorldMatch(cfg, _bound(pool, cfg)))
     runner.run_step(pool, engine, step, runner.plan(pool, step, shards), progress=progress)
 
-    kept_files = [pool.aggregates_dir / LANG_KEPT_DIR / f"{s:05d}.parquet" for s in shards]
-    kept = engine.query("select lang, entry_id, sum(n) as n from kept group by lang, entry_id",
-                        {"kept": Table.of(kept_files, S.LANG_ENTRY_N_SCHEMA)})  # fmt: skip
-    kept_n = {(r["lang"], r["entry_id"]): r["n"] for r in kept.to_pylist()}
+    kept_n, per_lang = _lang_kept(pool, engine, shards)
     table = table.set_column(5, "kept", pa.array([kept_n.get((lang, e), 0) for lang, e in zip(
         table["lang"].to_pylist(), table["entry_id"].to_pylist(), strict=True)], pa.int64()))  # fmt: skip
     write_parquet_atomic(entries_path, table)
-    sample_files = [pool.aggregates_dir / LANG_SAMPLES_DIR / f"{s:05d}.parquet" for s in shards]
-    per = engine.query("select lang, sum(counted) as counted, sum(matched) as matched, sum(kept) as kept "
-                       "from per group by lang", {"per": Table.of(sample_files, S.LANG_SAMPLES_SCHEMA)})  # fmt: skip
-    per_lang = {r["lang"]: r for r in per.to_pylist()}
     langs = sorted(set(counts) | set(per_lang), key=lambda x: (x == W.OTHER, x))
-    languages = W.lang_table(langs, [sizes.get(lang, 0) for lang in langs], counts, ts,
-                           kept={k: int(v["kept"]) for k, v in per_lang.items()},
-                           samples={k: int(v["counted"]) for k, v in per_lang.items()})  # fmt: skip
+    languages = W.lang_table(langs, [len(counts.get(lang, ())) for lang in langs], counts, ts,
+                             kept={k: int(v["kept"]) for k, v in per_lang.items()},
+                             samples={k: int(v["counted"]) for k, v in per_lang.items()})  # fmt: skip
     write_parquet_atomic(pool.aggregates_dir / LANGUAGES_FILE, languages)
     summary = {
         "t": t_en, "seed": cfg.seed, "metadata": cfg.metadata, "metadata_sha256": file_digest(cfg.metadata),
-        "entries": sizes.get(W.ENGLISH, 0), "pool_size": pool_size, "samples_matched": reachable,
+        "entries": len(counts[W.ENGLISH]), "pool_size": pool_size, "samples_matched": reachable,
         "samples_kept": sum(m["counts"]["kept"] for m in pool.completed(STAGE).values()),
         "entries_matched": int(sum((c > 0).sum() for c in counts.values())),
         "entries_over_t": int(sum((c > ts[lang]).sum() for lang, c in counts.items())),
@@ -541,11 +512,63 @@ def run_worldwide(pool: Pool, cfg: MetaclipConfig, engine: Any, progress: bool =
     write_json_atomic(pool.aggregates_dir / "metaclip.json", summary)
     from pipeline.metaclip.report import write_languages_report, write_report
 
-    write_report(pool.report_dir(STAGE), W.load_lang_entries(files[W.ENGLISH]), counts[W.ENGLISH],
-                 _dense_kept(kept_n, W.ENGLISH, sizes[W.ENGLISH]), t_en)  # English's distribution, as MetaCLIP 1's
+    english = _dense_kept(kept_n, W.ENGLISH, len(counts[W.ENGLISH]))
+    write_report(pool.report_dir(STAGE), W.load_lang_entries(files[W.ENGLISH]), counts[W.ENGLISH], english,
+                 t_en)  # English's distribution, as MetaCLIP 1's  # fmt: skip
     write_languages_report(pool.report_dir(STAGE), summary["worldwide"])
     pool.update_manifest()
     return summary
+
+
+def _lang_counts(pool: Pool, engine: Any, shards: list[int], files: dict[str, Any]
+                 ) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:  # fmt: skip
+    """Each language's counted samples per entry (dense over its list: MetaCLIP 2's ``p_to_t``
+    sorts every entry's count, zeros included), summed by the engine from the shards' files, and
+    the names of the entries that matched. One language's list is in memory at a time."""
+    from pipeline.engines.base import Table
+    from pipeline.metaclip.worldwide import load_lang_entries
+
+    sql = "select lang, entry_id, sum(n) as n from counts group by lang, entry_id order by lang, entry_id"
+    summed = engine.query(sql, {"counts": Table.of([pool.aggregates_dir / LANG_COUNTS_DIR / f"{s:05d}.parquet"
+                                                    for s in shards], S.LANG_ENTRY_N_SCHEMA)})  # fmt: skip
+    found = {row["lang"]: row for row in
+             summed.group_by("lang").aggregate([("entry_id", "list"), ("n", "list")]).to_pylist()}  # fmt: skip
+    counts, names = {}, {}
+    for lang in sorted(files):
+        entries = load_lang_entries(files[lang])
+        dense = np.zeros(len(entries), np.int64)
+        if lang in found:
+            dense[np.asarray(found[lang]["entry_id_list"], np.int64)] = found[lang]["n_list"]
+        counts[lang], names[lang] = dense, [entries[i] for i in np.flatnonzero(dense)]
+    return counts, names
+
+
+def _lang_entries(counts: dict[str, np.ndarray], names: dict[str, list[str]], ts: dict[str, float]) -> pa.Table:
+    """``metaclip_lang_entries``: count and ``min(1, t_lang / count)`` of every matched entry."""
+    from pipeline.metaclip.worldwide import lang_probabilities
+
+    parts = []
+    for lang in sorted(counts):
+        ids = np.flatnonzero(counts[lang])
+        parts.append(pa.table({"lang": pa.array([lang] * len(ids), pa.string()), "entry_id": pa.array(ids, pa.int32()),
+                               "entry": pa.array(names[lang], pa.string()), "count": counts[lang][ids],
+                               "p": lang_probabilities(counts[lang][ids], ts[lang]),
+                               "kept": np.zeros(len(ids), np.int64)}, schema=S.LANG_ENTRY_COUNTS_SCHEMA))  # fmt: skip
+    return pa.concat_tables(parts) if parts else S.LANG_ENTRY_COUNTS_SCHEMA.empty_table()
+
+
+def _lang_kept(pool: Pool, engine: Any, shards: list[int]) -> tuple[dict[tuple[str, int], int], dict[str, Any]]:
+    """Kept samples per (language, entry), and counted, matched and kept samples per language,
+    summed by the engine from the balancing's per-shard files."""
+    from pipeline.engines.base import Table
+
+    kept_files = [pool.aggregates_dir / LANG_KEPT_DIR / f"{s:05d}.parquet" for s in shards]
+    kept = engine.query("select lang, entry_id, sum(n) as n from kept group by lang, entry_id",
+                        {"kept": Table.of(kept_files, S.LANG_ENTRY_N_SCHEMA)})  # fmt: skip
+    sample_files = [pool.aggregates_dir / LANG_SAMPLES_DIR / f"{s:05d}.parquet" for s in shards]
+    per = engine.query("select lang, sum(counted) as counted, sum(matched) as matched, sum(kept) as kept "
+                       "from per group by lang", {"per": Table.of(sample_files, S.LANG_SAMPLES_SCHEMA)})  # fmt: skip
+    return {(r["lang"], r["entry_id"]): r["n"] for r in kept.to_pylist()}, {r["lang"]: r for r in per.to_pylist()}
 
 
 def _dense_kept(kept: dict[tuple[str, int], int], lang: str, size: int) -> np.ndarray:

@@ -188,9 +188,9 @@ def fold_column(langs: pa.Array | pa.ChunkedArray, listed: frozenset[str], unlis
 
 @functools.lru_cache(maxsize=4)
 def _dir_digest(files: tuple[tuple[str, str, int, int], ...]) -> str:
-    from pipeline.metaclip.matching import file_digest
+    from pipeline.store.parquet import file_sha256
 
-    blob = "|".join(f"{lang}:{file_digest(path)}" for lang, path, _, _ in files)
+    blob = "|".join(f"{lang}:{file_sha256(path)}" for lang, path, _, _ in files)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
