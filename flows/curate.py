@@ -184,15 +184,25 @@ def report_task(cfg: PipelineConfig) -> str:
 
 
 def _submit_batches(task_fn: Any, cfg: PipelineConfig, engine: Engine, shards: list[int]) -> list[Exception]:
-    """Run ``task_fn`` once per batch of shards with the configured retries; collect failures."""
+    """Run ``task_fn`` once per batch of shards with the configured retries; collect failures. After
+    each download batch, the early warning (a failing run: its top error classes) is published once
+    as the ``download-warning`` artifact."""
     configured = task_fn.with_options(retries=cfg.flow.task_retries, retry_delay_seconds=cfg.flow.task_retry_delay_s)
     futures = [configured.submit(cfg, engine, batch) for batch in batches(shards, cfg.download.shards_per_task)]
-    errors = []
+    errors, warned = [], False
     for future in futures:
         try:
             future.result()
         except Exception as exc:  # report every failed batch, not only the first
             errors.append(exc)
+        if task_fn is download_batch and not warned:
+            from pipeline.download.stage import health
+
+            line = health(Pool(cfg.pool), cfg.download)
+            if line is not None:
+                warned = True
+                create_markdown_artifact(markdown=f"**{line}**", key="download-warning",
+                                         description=f"Download of {cfg.pool} going badly")  # fmt: skip
     return errors
 
 

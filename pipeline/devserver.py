@@ -9,7 +9,8 @@ follows from its token, so two runs serve identical bytes:
 - about 2% share one of 50 images with other URLs (exact duplicates, for deduplication), and 1% get
   one of those 50 images resized and re-encoded (near duplicates, for semantic deduplication);
 - about 1.5% answer 404, 1% a truncated JPEG, 1% an HTML page, 0.5% only after ``slow_seconds``
-  (longer than the demo's timeout).
+  (longer than the demo's timeout);
+- with ``fail_share``, that share of all URLs answers 503 instead (a run going badly).
 
 This module is independent of the rest of ``pipeline`` (stdlib and Pillow only).
 """
@@ -42,6 +43,11 @@ def kind_of(token: str) -> str:
         if bucket < edge:
             return kind
     return "ok"
+
+
+def fails(token: str, fail_share: float) -> bool:
+    """Whether a server with ``fail_share`` answers ``token`` with 503."""
+    return bool(fail_share) and int(token[-4:], 16) % 1000 < 1000 * fail_share
 
 
 def image_bytes(seed: int) -> bytes:
@@ -123,6 +129,8 @@ class _Handler(BaseHTTPRequestHandler):
         if len(token) != 16 or token.strip("0123456789abcdef"):
             return self._send(404, b"not found", "text/plain")
         kind = kind_of(token)
+        if fails(token, self.server.fail_share):
+            return self._send(503, b"unavailable", "text/plain")  # a failing run (fail_share)
         if kind == "missing":
             return self._send(404, b"not found", "text/plain")
         if kind == "not_image":
@@ -156,13 +164,17 @@ class DemoImageServer:
         request_queue_size = 256  # many downloader threads connect at once
         slow_seconds = 3.0
         latency_seconds = 0.0
+        fail_share = 0.0
 
-    def __init__(self, port: int = 0, slow_seconds: float = 3.0, host: str = "127.0.0.1", latency_seconds: float = 0.0):
+    def __init__(self, port: int = 0, slow_seconds: float = 3.0, host: str = "127.0.0.1", latency_seconds: float = 0.0,
+                 fail_share: float = 0.0):  # fmt: skip
         """Args:
         port: TCP port on loopback; 0 picks a free one.
         slow_seconds: Delay of the deliberately slow answers.
         host: Address to bind (keep it on loopback).
         latency_seconds: Delay added to every other image answer, to pace a test run.
+        fail_share: Share of URLs (by the last 4 hex digits of their token) answered 503, a run
+            going badly (:func:`fails`).
         """
         try:
             self._server = self._HTTPServer((host, port), _Handler)
@@ -170,6 +182,7 @@ class DemoImageServer:
             raise OSError(f"demo image server: cannot listen on {host}:{port}: {exc}") from exc
         self._server.slow_seconds = slow_seconds
         self._server.latency_seconds = latency_seconds
+        self._server.fail_share = fail_share
         self._thread = threading.Thread(target=self._server.serve_forever, name="demo-images", daemon=True)
 
     @property

@@ -72,6 +72,11 @@ def connect(pool: Pool, con: duckdb.DuckDBPyConnection | None = None, shards: li
                 continue
         files, schema = pool.table_files(stage, done)
         cols = ", ".join(_quote(f.name) for f in schema)
+        if stage == BASE_STAGE:  # why each failed row failed, derived (pipeline.download.errors)
+            from pipeline.download.errors import error_class_sql
+            from pipeline.store.schema import ERROR_CLASS
+
+            cols += f", {error_class_sql()} AS {ERROR_CLASS}"
         file_list = "[" + ", ".join("'" + str(f).replace("'", "''") + "'" for f in files) + "]"
         where = "" if wanted is None else f" WHERE shard IN ({', '.join(map(str, sorted(wanted)))})"
         con.execute(f"CREATE OR REPLACE VIEW {_quote(stage)} AS SELECT {cols} FROM read_parquet({file_list})" + where)
@@ -202,6 +207,9 @@ def stats(pool: Pool) -> dict[str, Any]:
                     item["errors"][error] = n
             entry["samples"] = sum(v["count"] for v in by_status.values())
             entry["status"] = by_status
+            classes = con.execute("SELECT error_class, count(*) FROM download WHERE error_class IS NOT NULL "
+                                  "GROUP BY 1 ORDER BY 2 DESC, 1").fetchall()  # fmt: skip
+            entry["error_classes"] = {name: int(n) for name, n in classes}
         if stage == "metaclip":  # MetaCLIP 2's worldwide balancing: t and kept samples per language
             languages = pool.aggregates_dir / "metaclip_languages.parquet"
             if languages.exists():
@@ -252,6 +260,9 @@ def format_stats(report: dict[str, Any], max_errors: int = 8) -> str:
             lines.append(f"  ... {entry['damaged_count'] - len(entry['damaged'])} more damaged files (`curate verify`)")
         if "status" not in entry:
             lines.append("  " + ", ".join(f"{k}: {v}" for k, v in sorted(entry["counts"].items())))
+        if entry.get("error_classes"):
+            by_class = ", ".join(f"{k} {v}" for k, v in entry["error_classes"].items())
+            lines.append(f"  failed, by error class: {by_class}")
         if entry.get("languages"):
             lines.append(f"  {'language':<9} {'samples':>9} {'matches':>9} {'t':>9} {'tail share':>10} {'kept':>9}")
             for row in entry["languages"]:

@@ -73,8 +73,8 @@ def drop_reasons(con: Any, columns: set[str]) -> list[tuple[str, int]]:
             n = con.execute(f"select count(*) from samples where {S.METACLIP_KEEP} = false").fetchall()[0][0]
             rows.append(("MetaCLIP: not drawn", n))
         return rows
-    rows = con.execute(f"select 'download: ' || {S.STATUS}, count(*) from samples where {S.STATUS} <> 'success' "
-                       "group by 1").fetchall()  # fmt: skip
+    rows = con.execute(f"select 'download: ' || coalesce({S.ERROR_CLASS}, {S.STATUS}), count(*) from samples "
+                       f"where {S.STATUS} <> 'success' group by 1").fetchall()  # fmt: skip
     if S.DROP_REASON in columns:
         rows += con.execute(f"select 'filter: ' || {S.DROP_REASON}, count(*) from samples where {S.DROP_REASON} "
                             "is not null and drop_reason <> 'downloaded' group by 1").fetchall()  # fmt: skip

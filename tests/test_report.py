@@ -45,7 +45,7 @@ def test_report_holds_every_section(reported):
     assert page == pool.root / "report" / "index.html"
     for png in ("funnel.png", "clip_score.png", "metaclip_entries.png", "cluster_sizes.png"):
         assert f"src='{png}'" in text and (page.parent / png).stat().st_size > 5000
-    assert "filter: min_side" in text and "download: failed_to_download" in text
+    assert "filter: min_side" in text and "download: http_4xx" in text  # the dev server's 404s, by error class
     assert "release (export)" in text and "MetaCLIP balanced" in text
     assert text.count("class='thumb'") == 12  # 6 kept, 6 dropped, each with its caption
     assert "Samples dropped" in text

@@ -224,10 +224,13 @@ def commit(pool: Pool, name: str, shard: int, table: pa.Table, digest: str, coun
 
 
 def run_step(pool: Pool, engine: Engine, step: Step, shards: Sequence[int], *, progress: bool = True,
-             desc: str | None = None) -> dict[int, dict[str, int]]:  # fmt: skip
+             desc: str | None = None, on_result: Any = None) -> dict[int, dict[str, int]]:  # fmt: skip
     """Run ``step`` over ``shards`` (already planned: :func:`plan`) with ``engine``. A ``one_model``
     step on a one-machine engine runs here, every shard through one set-up instance (a streaming
     step's loader decoding in its ``workers`` processes); elsewhere one engine task per shard.
+
+    ``on_result(shard, counts)``: called in the driver as each shard finishes (not for a
+    ``one_model`` step run here).
 
     Returns:
         The markers' counts by shard.
@@ -240,7 +243,7 @@ def run_step(pool: Pool, engine: Engine, step: Step, shards: Sequence[int], *, p
         return _in_process(pool, step, shards, progress)
     fn = functools.partial(run_shard, str(pool.root), step)
     return map_shards(pool, engine, fn, shards, desc=desc or step.name, weights=pool.shard_sizes(shards),
-                      progress=progress)  # fmt: skip
+                      progress=progress, on_result=on_result)  # fmt: skip
 
 
 def _in_process(pool: Pool, step: Step, shards: list[int], progress: bool) -> dict[int, dict[str, int]]:
@@ -261,14 +264,15 @@ def _in_process(pool: Pool, step: Step, shards: list[int], progress: bool) -> di
 
 
 def collect(engine: Engine, fn: Any, shards: list[int], *, desc: str, weights: dict[int, int] | None = None,
-            progress: bool = True) -> dict[int, Any]:  # fmt: skip
+            progress: bool = True, on_result: Any = None) -> dict[int, Any]:  # fmt: skip
     """``engine.map_shards``: the results by shard, or :class:`~pipeline.engines.base.ShardFailures`
     naming every failed shard (the others finished). Writes nothing: readers (export) use it too."""
     from pipeline.engines.base import ShardFailures
 
     if not shards:
         return {}
-    result = engine.map_shards(fn, shards, desc=desc, weights=weights, progress=progress)
+    extra = {} if on_result is None else {"on_result": on_result}
+    result = engine.map_shards(fn, shards, desc=desc, weights=weights, progress=progress, **extra)
     if result.failures:
         raise ShardFailures(desc, result.failures)
     return result.results
@@ -286,13 +290,14 @@ def finished(pool: Pool, desc: str, result: ShardResults) -> dict[int, Any]:
 
 
 def map_shards(pool: Pool, engine: Engine, fn: Any, shards: list[int], *, desc: str,
-               weights: dict[int, int] | None = None, progress: bool = True) -> dict[int, Any]:  # fmt: skip
+               weights: dict[int, int] | None = None, progress: bool = True,
+               on_result: Any = None) -> dict[int, Any]:  # fmt: skip
     """:func:`collect` for a step that writes into ``pool``: when some shards failed, the manifest is
     rebuilt from the finished ones' markers before the failures are raised."""
     from pipeline.engines.base import ShardFailures
 
     try:
-        return collect(engine, fn, shards, desc=desc, weights=weights, progress=progress)
+        return collect(engine, fn, shards, desc=desc, weights=weights, progress=progress, on_result=on_result)
     except ShardFailures:
         pool.update_manifest()
         raise

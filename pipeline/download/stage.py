@@ -39,7 +39,7 @@ from pipeline.store.parquet import Pool, file_sha256, recorded_change, shard_nam
 STAGE = "download"
 _FETCHED_SCHEMES = ("http", "https")
 # Fields that change where or how fast the work runs, never its output.
-_RUNTIME_FIELDS = ("input", "processes", "threads", "shards_per_task")
+_RUNTIME_FIELDS = ("input", "processes", "threads", "shards_per_task", "warn_success_rate", "warn_min_samples")
 
 
 log = logging.getLogger(__name__)
@@ -808,8 +808,12 @@ class Download(Step):
         return table
 
     def counts(self, out: pa.Table) -> dict[str, int]:
-        """Samples by status, ``samples`` and, with a ``bbox_col``, ``blurred``."""
+        """Samples by status, failed samples by error class (``error:<class>``), ``samples`` and,
+        with a ``bbox_col``, ``blurred``."""
+        from pipeline.download.errors import CLASS_PREFIX, class_counts
+
         counts = {k: int(v) for k, v in zip(*_value_counts(out[S.STATUS]), strict=True)}
+        counts.update({CLASS_PREFIX + k: v for k, v in class_counts(out).items()})
         counts["samples"] = out.num_rows
         if self.cfg.bbox_col:
             counts["blurred"] = int(pc.sum(out[S.BLURRED]).as_py() or 0)
@@ -886,6 +890,44 @@ def run_download(
     todo = plan_shards(pool, cfg, engine, shards)[1]
     if todo:
         where = bind(pool, cfg.where, "download.where", skip=(STAGE,)) if cfg.where is not None else None
-        runner.run_step(pool, engine, Download(pool, cfg, where), todo, progress=progress)
+        watch = _Health(cfg, pool.completed(STAGE))
+        runner.run_step(pool, engine, Download(pool, cfg, where), todo, progress=progress, on_result=watch)
     pool.update_manifest()
     return {s: pool.marker(STAGE, s)["counts"] for s in todo}
+
+
+class _Health:
+    """The early warning (:func:`pipeline.download.errors.health_warning`): the pool's download
+    counts so far plus each shard's as it finishes; the warning is logged once per run."""
+
+    def __init__(self, cfg: DownloadConfig, done: dict[int, dict[str, Any]]):
+        from collections import Counter
+
+        self.cfg, self.warned = cfg, False
+        self.totals: Counter[str] = Counter()
+        for marker in done.values():
+            self.totals.update(marker["counts"])
+
+    def __call__(self, shard: int, counts: dict[str, int]) -> None:
+        from pipeline.download.errors import health_warning
+
+        self.totals.update(counts)
+        if not self.warned and self.cfg.warn_success_rate > 0:
+            line = health_warning(dict(self.totals), self.cfg.warn_success_rate, self.cfg.warn_min_samples)
+            if line is not None:
+                self.warned = True
+                log.warning("%s", line)
+
+
+def health(pool: Pool, cfg: DownloadConfig) -> str | None:
+    """The early warning over every finished shard of the pool (the flow publishes it), or None."""
+    from collections import Counter
+
+    from pipeline.download.errors import health_warning
+
+    totals: Counter[str] = Counter()
+    for marker in pool.completed(STAGE).values():
+        totals.update(marker["counts"])
+    if cfg.warn_success_rate <= 0:
+        return None
+    return health_warning(dict(totals), cfg.warn_success_rate, cfg.warn_min_samples)

@@ -120,6 +120,7 @@ class Engine(Protocol):
         desc: str,
         weights: Mapping[int, int] | None = None,
         progress: bool = True,
+        on_result: Callable[[int, Any], None] | None = None,
     ) -> ShardResults:
         """Run ``fn(shard)`` for every shard.
 
@@ -129,6 +130,8 @@ class Engine(Protocol):
             desc: Label for the progress display.
             weights: Samples per shard, so progress counts samples rather than shards.
             progress: Show progress on the terminal.
+            on_result: Called in the driver with each finished shard and its result, as the engine
+                learns of it (the download's early warning).
         """
         ...
 

@@ -128,6 +128,7 @@ class LocalEngine:
         desc: str,
         weights: Mapping[int, int] | None = None,
         progress: bool = True,
+        on_result: Callable[[int, Any], None] | None = None,
     ) -> ShardResults:
         out = ShardResults()
         weights = weights or dict.fromkeys(shards, 1)
@@ -135,7 +136,7 @@ class LocalEngine:
         with bar:
             if self.workers == 1 or len(shards) <= 1:
                 for shard in shards:
-                    self._record(out, shard, _call(fn, shard))
+                    self._record(out, shard, _call(fn, shard), on_result)
                     bar.update(weights.get(shard, 0))
                 return out
             executor = self._workers()
@@ -143,7 +144,7 @@ class LocalEngine:
                 futures = {executor.submit(_call, fn, shard): shard for shard in shards}
                 for future in as_completed(futures):
                     shard = futures[future]
-                    self._record(out, shard, future.result())
+                    self._record(out, shard, future.result(), on_result)
                     bar.update(weights.get(shard, 0))
             except BrokenProcessPool:  # a worker died (killed, out of memory): the next map starts new ones
                 with self._lock:
@@ -153,10 +154,13 @@ class LocalEngine:
         return out
 
     @staticmethod
-    def _record(out: ShardResults, shard: int, result: tuple[bool, Any]) -> None:
+    def _record(out: ShardResults, shard: int, result: tuple[bool, Any],
+                on_result: Callable[[int, Any], None] | None = None) -> None:  # fmt: skip
         ok, value = result
         if ok:
             out.results[shard] = value
+            if on_result is not None:
+                on_result(shard, value)
         else:
             out.failures[shard] = value
 

@@ -147,6 +147,7 @@ class SparkEngine:
         desc: str,
         weights: Mapping[int, int] | None = None,
         progress: bool = True,
+        on_result: Callable[[int, Any], None] | None = None,
     ) -> ShardResults:
         out = ShardResults()
         if not shards:
@@ -157,9 +158,11 @@ class SparkEngine:
             frame = self.spark.createDataFrame(rdd, "shard int")
             schema = "shard int, ok boolean, value string"
             rows = frame.mapInArrow(_shard_task(fn, self.cfg.task_max_failures, str(Path.cwd())), schema).collect()
-            for row in rows:
+            for row in rows:  # collected when the job ends: on_result sees them all then
                 if row.ok:
                     out.results[row.shard] = json.loads(row.value)
+                    if on_result is not None:
+                        on_result(row.shard, out.results[row.shard])
                 else:
                     out.failures[row.shard] = row.value
                 bar.update(weights.get(row.shard, 0))

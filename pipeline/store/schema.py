@@ -34,6 +34,9 @@ STATUS_FAILED_DOWNLOAD = "failed_to_download"
 STATUS_FAILED_RESIZE = "failed_to_resize"
 STATUS_INVALID_URL = "invalid_url"
 STATUS_NOT_SELECTED = "not_selected"  # left out by ``download.where`` (curated before the download)
+# the class of a failed row, derived from status and error_message in the download view
+# (:mod:`pipeline.download.errors`), never stored: a pool downloaded before it has the column too
+ERROR_CLASS = "error_class"
 STATUSES = (STATUS_SUCCESS, STATUS_FAILED_DOWNLOAD, STATUS_FAILED_RESIZE, STATUS_INVALID_URL, STATUS_NOT_SELECTED)
 BLURRED = "blurred"
 

@@ -1,0 +1,85 @@
+"""Why downloads failed (``error_class``) and the early warning of a run going badly, on the dev server.
+
+The expected class of every row follows from what the dev server does with its URL (its documented
+``kind_of``: 404, truncated JPEG, HTML page, slow answer), a port nothing listens on, and a URL
+that is not http(s); none is computed by the classifier under test.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.devserver import DemoImageServer, fails, kind_of, token_for
+from pipeline.download import run_download
+from pipeline.engines.local import LocalEngine
+from pipeline.query import connect, format_stats, stats
+from pipeline.store.parquet import Pool
+from tests.conftest import laion_rows, make_config
+
+EXPECTED = {"ok": None, "duplicate": None, "near_duplicate": None, "missing": "http_4xx", "truncated": "decode",
+            "not_image": "decode", "slow": "timeout"}  # fmt: skip
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_every_failed_row_gets_its_error_class(tmp_path, image_server):
+    rows = laion_rows(400, offset=7000)
+    listed = rows["url"].to_pylist()
+    web = [u.lower().startswith(("http://", "https://")) for u in listed]
+    urls = [image_server.url_for(u) if ok else u for u, ok in zip(listed, web, strict=True)]
+    expected = [EXPECTED[kind_of(token_for(u))] if ok else "invalid_url" for u, ok in zip(listed, web, strict=True)]
+    refused = f"http://127.0.0.1:{_closed_port()}/img/0000000000000000.jpg"
+    urls += [refused, "ftp://example.com/a.jpg"]
+    expected += ["connect", "invalid_url"]
+    captions = [*rows["caption"].to_pylist(), "refused", "ftp"]
+    pq.write_table(pa.table({"url": urls, "caption": captions}), tmp_path / "u.parquet")
+    cfg = make_config(tmp_path / "pool", tmp_path / "u.parquet", samples_per_shard=200, timeout=1.0)
+    pool = Pool(cfg.pool)
+    run_download(pool, cfg.download, LocalEngine(2), progress=False)
+    con = connect(pool)
+    got = dict(con.execute("select url, error_class from download").fetchall())
+    con.close()
+    assert [got[u] for u in urls] == expected
+    assert {"http_4xx", "decode", "timeout", "connect", "invalid_url"} <= set(expected)
+    report = stats(pool)["stages"]["download"]
+    want = {c: expected.count(c) for c in set(expected) if c}
+    assert report["error_classes"] == want
+    markers = pool.completed("download")
+    assert {k: sum(m["counts"].get(f"error:{k}", 0) for m in markers.values()) for k in want} == want
+    assert "failed, by error class: " in format_stats(stats(pool))
+
+
+def test_a_run_going_badly_is_warned_about_once_with_its_top_error_classes(tmp_path, caplog):
+    rows = laion_rows(300, offset=8000)
+    with DemoImageServer(fail_share=0.8) as server:
+        urls = [server.url_for(u) for u in rows["url"].to_pylist()]
+        pq.write_table(pa.table({"url": urls, "caption": rows["caption"]}), tmp_path / "u.parquet")
+        cfg = make_config(tmp_path / "pool", tmp_path / "u.parquet", samples_per_shard=50, warn_min_samples=100)
+        with caplog.at_level(logging.WARNING, logger="pipeline.download.stage"):
+            run_download(Pool(cfg.pool), cfg.download, LocalEngine(2), progress=False)
+    failing = sum(fails(token_for(u), 0.8) for u in rows["url"].to_pylist())
+    assert failing > 200
+    warnings = [r.getMessage() for r in caplog.records if "succeeded" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    line = warnings[0]
+    assert "download.warn_success_rate" in line and "http_5xx" in line and "retry" in line
+    first = line.split("top errors: ")[1]
+    assert first.startswith("http_5xx")
+
+
+def test_a_healthy_run_is_not_warned_about(tmp_path, image_server, caplog):
+    rows = laion_rows(200, offset=9000)
+    pq.write_table(pa.table({"url": [image_server.url_for(u) for u in rows["url"].to_pylist()],
+                             "caption": rows["caption"]}), tmp_path / "u.parquet")  # fmt: skip
+    cfg = make_config(tmp_path / "pool", tmp_path / "u.parquet", samples_per_shard=50, warn_min_samples=50)
+    with caplog.at_level(logging.WARNING, logger="pipeline.download.stage"):
+        run_download(Pool(cfg.pool), cfg.download, LocalEngine(2), progress=False)
+    assert not [r for r in caplog.records if "succeeded" in r.getMessage()]
