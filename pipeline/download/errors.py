@@ -41,10 +41,10 @@ HINTS = {
     "dns": "the resolver fails under load: use a caching DNS resolver (img2dataset's README: bind9 or "
            "knot-resolver on the machine), or fewer threads",
     "timeout": "servers answer slowly: raise download.timeout, or lower download.threads",
-    "stalled": "servers trickle bytes: the per-request deadline ended them; retry later",
+    "stalled": "servers trickle bytes until the deadline: retry later",
     "connect": "connections are refused or reset: check the network and proxy; retry later",
-    "http_429": "hosts rate-limit this crawler: lower download.per_host_concurrency or threads",
-    "http_5xx": "servers fail: retry later (curate download POOL --retry http_5xx)",
+    "http_429": "hosts rate-limit this crawler: lower download.threads or processes, retry later",
+    "http_5xx": "servers fail: retry later",
     "http_4xx": "the URLs are gone or forbidden: expected on old lists, not retried",
     "ssl": "TLS handshakes fail: check the machine's CA certificates and clock",
     "opted_out": "sites opt out (X-Robots-Tag): expected, never retried",
