@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
+import string
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +46,14 @@ def spacing(text: str) -> str:
     return spaced
 
 
-def load_entries(path: str | Path) -> list[str]:
-    """Metadata entries from a JSON list of strings (MetaCLIP's ``metadata.json`` format).
+def load_entries(path: str | Path, worldwide: bool = False) -> list[str]:
+    """Metadata entries from a JSON list of strings (MetaCLIP's ``metadata.json`` format); with
+    ``worldwide``, one language's ``{lang}.json`` of MetaCLIP 2, which may also be the object
+    ``build_metadata.py`` writes (``{entry: source}``: its keys), and whose entries must be
+    non-empty and free of NUL.
 
     Raises:
-        ValueError: the file is not a JSON list of strings; names the file.
+        UserError: the file is not such a list; names the file (and the entry).
     """
     path = Path(path)
     try:
@@ -58,9 +62,45 @@ def load_entries(path: str | Path) -> list[str]:
         raise UserError(f"{path}: metadata file not found") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: not valid JSON: {exc}") from None
+    if worldwide and isinstance(entries, dict):
+        entries = list(entries)
     if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
-        raise UserError(f"{path}: expected a JSON list of strings (MetaCLIP's metadata.json format)")
+        name = "{lang}.json" if worldwide else "metadata.json"
+        raise UserError(f"{path}: expected a JSON list of strings (MetaCLIP's {name} format)")
+    for i, entry in enumerate(entries if worldwide else ()):
+        if not entry or "\x00" in entry:
+            raise UserError(f"{path}: entry {i} is empty or contains a NUL character")
     return entries
+
+
+# get_spaced_metadata's punctuation: ASCII's and these (substr_matching.py's additional_punctuation,
+# with build_metadata.py's inverted question mark)
+_EXTRA_PUNCT = frozenset("，。、；：？¿！“”‘’（）【】《》〈〉「」『』～—")
+_PUNCT = frozenset(string.punctuation) | _EXTRA_PUNCT
+# is_cjk_or_similar's code point ranges: CJK ideographs, radicals and description characters;
+# Thai, Lao, Burmese, Khmer, Tibetan
+_NO_SPACE_RANGES = (
+    (0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
+    (0x2B820, 0x2CEAF), (0x2CEB0, 0x2EBEF), (0xF900, 0xFAFF), (0x2E80, 0x2EFF), (0x2F00, 0x2FDF), (0x2FF0, 0x2FFF),
+    (0x0E00, 0x0E7F), (0x0E80, 0x0EFF), (0x1000, 0x109F), (0x1780, 0x17FF), (0x0F00, 0x0FFF),
+)  # fmt: skip
+
+
+@functools.lru_cache(maxsize=65536)  # a few thousand distinct first and last characters per language
+def is_cjk_or_similar(char: str) -> bool:
+    """MetaCLIP 2's test for a character that needs no space beside it (``is_cjk_or_similar``)."""
+    code = ord(char)
+    return any(lo <= code <= hi for lo, hi in _NO_SPACE_RANGES) or char in _PUNCT
+
+
+def spaced_entry(entry: str) -> str:
+    """An entry as MetaCLIP 2's automaton holds it (``get_spaced_metadata``): a space before it
+    unless its first character is CJK-like or punctuation, and after it likewise for its last."""
+    if not is_cjk_or_similar(entry[0]):
+        entry = f" {entry}"
+    if not is_cjk_or_similar(entry[-1]):
+        entry = f"{entry} "
+    return entry
 
 
 def file_digest(path: str | Path) -> str:
@@ -102,9 +142,7 @@ class SubstringMatcher:
             import ahocorasick_rs
 
             if self.worldwide:
-                from pipeline.metaclip.worldwide import load_lang_entries, spaced_entry
-
-                self.entries, pad = load_lang_entries(self.metadata), spaced_entry
+                self.entries, pad = load_entries(self.metadata, worldwide=True), spaced_entry
             else:
                 self.entries, pad = load_entries(self.metadata), lambda entry: f" {entry} "
             self.num_entries = len(self.entries)

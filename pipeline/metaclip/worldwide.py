@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
-import string
 from pathlib import Path
 from typing import Any
 
@@ -41,40 +39,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.errors import UserError
+from pipeline.metaclip.matching import is_cjk_or_similar, load_entries, spaced_entry  # noqa: F401 - MetaCLIP 2's rules
 
 OTHER = "other"
 ENGLISH = "en"
-# get_spaced_metadata's punctuation: ASCII's and these (substr_matching.py's additional_punctuation,
-# with build_metadata.py's inverted question mark)
-_EXTRA_PUNCT = frozenset("，。、；：？¿！“”‘’（）【】《》〈〉「」『』～—")
-_PUNCT = frozenset(string.punctuation) | _EXTRA_PUNCT
-# is_cjk_or_similar's code point ranges: CJK ideographs, radicals and description characters;
-# Thai, Lao, Burmese, Khmer, Tibetan
-_NO_SPACE_RANGES = (
-    (0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
-    (0x2B820, 0x2CEAF), (0x2CEB0, 0x2EBEF), (0xF900, 0xFAFF), (0x2E80, 0x2EFF), (0x2F00, 0x2FDF), (0x2FF0, 0x2FFF),
-    (0x0E00, 0x0E7F), (0x0E80, 0x0EFF), (0x1000, 0x109F), (0x1780, 0x17FF), (0x0F00, 0x0FFF),
-)  # fmt: skip
 # lid.176 labels that are a variant of a metadata language (MetaCLIP merges a Wikipedia code with
 # "_" into the code before it: zh_yue, zh_classical, zh_min_nan -> zh); the rest fold by rule
 LID_VARIANTS = {"yue": "zh"}
-
-
-@functools.lru_cache(maxsize=65536)  # a few thousand distinct first and last characters per language
-def is_cjk_or_similar(char: str) -> bool:
-    """MetaCLIP 2's test for a character that needs no space beside it (``is_cjk_or_similar``)."""
-    code = ord(char)
-    return any(lo <= code <= hi for lo, hi in _NO_SPACE_RANGES) or char in _PUNCT
-
-
-def spaced_entry(entry: str) -> str:
-    """An entry as MetaCLIP 2's automaton holds it (``get_spaced_metadata``): a space before it
-    unless its first character is CJK-like or punctuation, and after it likewise for its last."""
-    if not is_cjk_or_similar(entry[0]):
-        entry = f" {entry}"
-    if not is_cjk_or_similar(entry[-1]):
-        entry = f"{entry} "
-    return entry
 
 
 def t_to_p(entry_counts: np.ndarray, t: float) -> float:
@@ -138,31 +109,15 @@ def metadata_files(metadata_dir: str | Path, english: str | Path | None = None) 
         files[ENGLISH] = Path(english)
     if not files:
         raise UserError(f"{folder}: no {{lang}}.json metadata file in metaclip.metadata_dir")
+    langs = set(files) | {OTHER}
+    if len({lang_key(lang) for lang in langs}) < len(langs):  # 32 bits of sha256 each: never seen, but checked
+        raise UserError(f"{folder}: two language codes share a draw key (lang_key); rename one file")
     return files
 
 
 def load_lang_entries(path: str | Path) -> list[str]:
-    """One language's entries: a JSON list of strings, or an object whose keys are the entries
-    (MetaCLIP 2's ``build_metadata.py`` writes ``{entry: source}``).
-
-    Raises:
-        UserError: names the file and what is wrong with it.
-    """
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path}: metadata file not found") from None
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON: {exc}") from None
-    if isinstance(data, dict):
-        data = list(data)
-    if not isinstance(data, list) or not all(isinstance(e, str) for e in data):
-        raise UserError(f"{path}: expected a JSON list of strings (MetaCLIP's {{lang}}.json format)")
-    for i, entry in enumerate(data):
-        if not entry or "\x00" in entry:
-            raise UserError(f"{path}: entry {i} is empty or contains a NUL character")
-    return data
+    """One language's entries (:func:`pipeline.metaclip.matching.load_entries` with ``worldwide``)."""
+    return load_entries(path, worldwide=True)
 
 
 def fold_language(lid: str | None, listed: frozenset[str], unlisted: str) -> str:
