@@ -121,13 +121,18 @@ def main() -> None:
                 passes.append(time.perf_counter() - start)
             engine.close()
             time.sleep(1.5)  # one more poll
-        matched = sum(m["counts"]["matched"] for m in target.completed("metaclip_match").values())
+        markers = target.completed("metaclip_match").values()
+        matched = sum(m["counts"]["matched"] for m in markers)
+        matches = sum(m["counts"]["matches"] for m in markers)  # (caption, entry) pairs found: the work
         results[name] = {"first_pass_s": round(passes[0], 2), "second_pass_s": round(passes[1], 2),
                          "first_pass_captions_per_s_per_core": round(args.captions / passes[0] / args.workers),
                          "second_pass_captions_per_s_per_core": round(args.captions / passes[1] / args.workers),
-                         "samples_matched": matched,
+                         "samples_matched": matched, "matches": matches,
+                         "second_pass_matches_per_s_per_core": round(matches / passes[1] / args.workers),
                          "peak_gib": {k: round(v, 3) for k, v in sorted(peaks.peaks.items())}}  # fmt: skip
         print(name, results[name], flush=True)
+    per_match = [results[side]["second_pass_matches_per_s_per_core"] for side in ("worldwide", "english")]
+    results["worldwide_over_english_per_match"] = round(per_match[0] / per_match[1], 3)
     for which in ("first", "second"):
         key = f"{which}_pass_captions_per_s_per_core"
         results[f"worldwide_over_english_{which}_pass"] = round(results["worldwide"][key] / results["english"][key], 3)
