@@ -84,7 +84,10 @@ class DownloadConfig:
         min_image_size: Drop images whose shorter side is below this (img2dataset), 0 disables.
         max_aspect_ratio: Drop images with ``max(w, h) / min(w, h)`` above this; ``None`` disables.
         max_image_area: Drop images with more pixels than this (decompression bombs).
-        timeout: Seconds to wait for one URL.
+        timeout: Seconds to wait for one URL (img2dataset's: per connect and per read).
+        deadline: Seconds one whole response may take, however it trickles: past it the fetch
+            ends as ``stalled`` (a server sending a few bytes now and then never trips ``timeout``;
+            img2dataset#74, #164, #289). Null: no deadline.
         retries: Extra attempts per URL after a failure.
         samples_per_shard: Input rows per shard; the shard is the unit of work, retry and resume.
         processes: Worker processes (each downloads one shard at a time).
@@ -101,7 +104,7 @@ class DownloadConfig:
 
     __pydantic_config__ = _STRICT
     ADDED_FIELDS: ClassVar[tuple[str, ...]] = ("uid_col", "extra_cols", "bbox_col", "where", "size_cols",
-                                               "warn_success_rate", "warn_min_samples")  # fmt: skip
+                                               "warn_success_rate", "warn_min_samples", "deadline")  # fmt: skip
 
     input: str
     input_format: InputFormat | None = None
@@ -121,6 +124,7 @@ class DownloadConfig:
     max_aspect_ratio: float | None = None
     max_image_area: int = 89_478_485  # Pillow's decompression-bomb limit
     timeout: float = 10.0
+    deadline: float | None = 60.0
     retries: int = 0
     samples_per_shard: int = 10_000
     processes: int = 2
@@ -134,6 +138,7 @@ class DownloadConfig:
     def __post_init__(self) -> None:
         _require(bool(self.input), "input", "must name a URL list file")
         _require(0 <= self.warn_success_rate <= 1, "warn_success_rate", "must be in 0..1")
+        _require(self.deadline is None or self.deadline > 0, "deadline", "must be > 0 or null")
         _require(self.warn_min_samples >= 0, "warn_min_samples", "must be >= 0")
         _require(bool(self.url_col), "url_col", "must not be empty")
         named = [c for c in (self.url_col, self.caption_col, self.uid_col, self.bbox_col) if c]

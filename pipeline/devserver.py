@@ -10,7 +10,8 @@ follows from its token, so two runs serve identical bytes:
   one of those 50 images resized and re-encoded (near duplicates, for semantic deduplication);
 - about 1.5% answer 404, 1% a truncated JPEG, 1% an HTML page, 0.5% only after ``slow_seconds``
   (longer than the demo's timeout);
-- with ``fail_share``, that share of all URLs answers 503 instead (a run going badly).
+- with ``fail_share``, that share of all URLs answers 503 instead (a run going badly);
+- ``/trickle/<token>.jpg`` sends its image 64 bytes every 0.1 s (a stalled server).
 
 This module is independent of the rest of ``pipeline`` (stdlib and Pillow only).
 """
@@ -123,6 +124,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         parts = self.path.strip("/").split("/")
+        if len(parts) == 2 and parts[0] == "trickle" and parts[1].endswith(".jpg"):
+            token = parts[1].removesuffix(".jpg")
+            if len(token) != 16 or token.strip("0123456789abcdef"):
+                return self._send(404, b"not found", "text/plain")
+            return self._trickle(image_bytes(int(token, 16)))
         if len(parts) != 2 or parts[0] != "img" or not parts[1].endswith(".jpg"):
             return self._send(404, b"not found", "text/plain")
         token = parts[1].removesuffix(".jpg")
@@ -141,6 +147,21 @@ class _Handler(BaseHTTPRequestHandler):
         elif self.server.latency_seconds:
             time.sleep(self.server.latency_seconds)
         return self._send(200, body, "image/jpeg")
+
+    def _trickle(self, body: bytes) -> None:
+        """``/trickle/<token>.jpg``: the image, 64 bytes every 0.1 s (a stalled server: each read
+        gets data in time, the whole response takes minutes)."""
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            for i in range(0, len(body), 64):
+                self.wfile.write(body[i : i + 64])
+                self.wfile.flush()
+                time.sleep(0.1)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up
+            pass
 
     def _send(self, code: int, body: bytes, content_type: str) -> None:
         try:

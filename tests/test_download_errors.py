@@ -83,3 +83,30 @@ def test_a_healthy_run_is_not_warned_about(tmp_path, image_server, caplog):
     with caplog.at_level(logging.WARNING, logger="pipeline.download.stage"):
         run_download(Pool(cfg.pool), cfg.download, LocalEngine(2), progress=False)
     assert not [r for r in caplog.records if "succeeded" in r.getMessage()]
+
+
+def test_a_trickling_server_ends_as_stalled_within_the_deadline(tmp_path, image_server):
+    """Each read of a trickling answer gets bytes within ``timeout``, so only the whole-response
+    deadline ends it: the rows are ``stalled``, the others download, and the run finishes."""
+    import time
+
+    rows = laion_rows(40, offset=9500)
+    listed = rows["url"].to_pylist()
+    trickle = {3, 17, 29}
+    urls = [f"{image_server.base_url}/trickle/{token_for(u)}.jpg" if i in trickle else image_server.url_for(u)
+            for i, u in enumerate(listed)]  # fmt: skip
+    pq.write_table(pa.table({"url": urls, "caption": rows["caption"]}), tmp_path / "u.parquet")
+    cfg = make_config(tmp_path / "pool", tmp_path / "u.parquet", samples_per_shard=20, timeout=1.0, deadline=2.0)
+    start = time.monotonic()
+    run_download(Pool(cfg.pool), cfg.download, LocalEngine(2), progress=False)
+    took = time.monotonic() - start
+    con = connect(Pool(cfg.pool))
+    sql = "select url, status, error_class, error_message from download"
+    got = {u: (s, c, e) for u, s, c, e in con.execute(sql).fetchall()}
+    con.close()
+    for i in trickle:
+        status, cls, message = got[urls[i]]
+        assert (status, cls) == ("failed_to_download", "stalled") and "download.deadline (2 s)" in message
+    normal = [got[u] for i, u in enumerate(urls) if i not in trickle and kind_of(token_for(listed[i])) == "ok"]
+    assert normal and all(s == "success" for s, _, _ in normal)
+    assert took < 30  # a trickled image takes minutes at 64 bytes per 0.1 s

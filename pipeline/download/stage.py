@@ -680,11 +680,15 @@ def stage_hash(cfg: DownloadConfig) -> str:
     return config_hash(cfg, exclude=_RUNTIME_FIELDS)
 
 
-def _http_only_redirects() -> None:
-    """Make urllib (which img2dataset fetches with) refuse redirects to anything but http(s).
+def _install_opener(deadline: float | None) -> None:
+    """The urllib opener img2dataset fetches with, in this worker: redirects only to http(s), and
+    every response read under ``deadline`` (:class:`_Deadline`).
 
     The input is checked for http(s) URLs, but urllib's default redirect handler would still follow
-    a server's redirect to ``ftp://``. Installed once per worker process, before any download.
+    a server's redirect to ``ftp://``. img2dataset's ``download_image`` opens each URL with
+    ``urllib.request.urlopen`` and reads the body whole; the deadline wraps the response that opener
+    returns, so img2dataset's fetch itself is used unchanged (not forked). Installed before each
+    shard's download.
     """
     import urllib.request
     from urllib.error import HTTPError
@@ -696,14 +700,57 @@ def _http_only_redirects() -> None:
                 raise HTTPError(newurl, code, f"redirect to a non-http(s) URL refused: {newurl}", headers, fp)
             return super().redirect_request(req, fp, code, msg, headers, newurl)
 
-    urllib.request.install_opener(urllib.request.build_opener(HttpOnlyRedirects))
+    class WholeResponseDeadline(urllib.request.BaseHandler):
+        handler_order = 1001  # after urllib's error processor: only a response that is read gets one
+
+        def http_response(self, request, response):  # type: ignore[no-untyped-def]
+            return _Deadline(response, deadline) if deadline is not None else response
+
+        https_response = http_response
+
+    urllib.request.install_opener(urllib.request.build_opener(HttpOnlyRedirects, WholeResponseDeadline))
+
+
+class _Deadline:
+    """A urllib response whose body must arrive within ``seconds`` of the response's headers: read in
+    pieces (each one socket read), and a ``TimeoutError`` whose text starts ``stalled`` (the error
+    class) once the time is up. Everything else is the response's own."""
+
+    def __init__(self, response: Any, seconds: float):
+        import time
+
+        self._response, self._seconds, self._end = response, seconds, time.monotonic() + seconds
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._response, name)
+
+    def __enter__(self) -> _Deadline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._response.close()
+
+    def read(self, amt: int | None = None) -> bytes:
+        import time
+
+        parts, size = [], 0
+        while amt is None or size < amt:
+            if time.monotonic() > self._end:
+                raise TimeoutError(f"stalled: the response did not finish within download.deadline "
+                                   f"({self._seconds:g} s)")  # fmt: skip
+            piece = self._response.read1(65536 if amt is None else min(65536, amt - size))
+            if not piece:
+                break
+            parts.append(piece)
+            size += len(piece)
+        return b"".join(parts)
 
 
 def _downloader(cfg: DownloadConfig, out_dir: Path, column_list: list[str]) -> Any:
     """img2dataset's ``Downloader`` and ``Resizer`` set up as its ``download()`` would for ``cfg``,
     with its ``BoundingBoxBlurrer`` when ``bbox_col`` is set (as ``download(bbox_col=...)`` does)."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    _http_only_redirects()
+    _install_opener(cfg.deadline)
     from img2dataset.downloader import Downloader
     from img2dataset.resizer import Resizer
     from img2dataset.writer import WebDatasetSampleWriter
