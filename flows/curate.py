@@ -195,10 +195,12 @@ def _submit_batches(task_fn: Any, cfg: PipelineConfig, engine: Engine, shards: l
             future.result()
         except Exception as exc:  # report every failed batch, not only the first
             errors.append(exc)
-        if task_fn is download_batch and not warned:
-            from pipeline.download.stage import health
+        if task_fn is download_batch and not warned:  # over the markers, as the batch's manifest update reads them
+            from pipeline.download.errors import health_warning
+            from pipeline.download.stage import download_totals
 
-            line = health(Pool(cfg.pool), cfg.download)
+            line = health_warning(dict(download_totals(Pool(cfg.pool))), cfg.download.warn_success_rate,
+                                  cfg.download.warn_min_samples)  # fmt: skip
             if line is not None:
                 warned = True
                 create_markdown_artifact(markdown=f"**{line}**", key="download-warning",

@@ -221,14 +221,13 @@ def cmd_metaclip(args: argparse.Namespace) -> int:
     with _locked(args, Pool(cfg.pool)):
         summary = run_metaclip(Pool(cfg.pool), cfg.metaclip, get_engine(cfg))
     worldwide = summary.get("worldwide")
-    if worldwide:  # the per-language rows as a table, not 40 JSON objects
+    if worldwide:  # the per-language rows as a table after the JSON, not 40 JSON objects in it
+        summary = {**summary, "worldwide": {k: v for k, v in worldwide.items() if k != "languages"}}
+    print(json.dumps(summary, indent=2))
+    if worldwide:
         from pipeline.metaclip.report import languages_markdown
 
-        summary = {**summary, "worldwide": {k: v for k, v in worldwide.items() if k != "languages"}}
-        print(json.dumps(summary, indent=2))
         print("\n".join(languages_markdown(worldwide)))
-        return 0
-    print(json.dumps(summary, indent=2))
     return 0
 
 

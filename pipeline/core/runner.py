@@ -271,8 +271,7 @@ def collect(engine: Engine, fn: Any, shards: list[int], *, desc: str, weights: d
 
     if not shards:
         return {}
-    extra = {} if on_result is None else {"on_result": on_result}
-    result = engine.map_shards(fn, shards, desc=desc, weights=weights, progress=progress, **extra)
+    result = engine.map_shards(fn, shards, desc=desc, weights=weights, progress=progress, on_result=on_result)
     if result.failures:
         raise ShardFailures(desc, result.failures)
     return result.results

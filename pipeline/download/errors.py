@@ -94,7 +94,7 @@ def health_warning(counts: dict[str, int], rate: float, min_samples: int) -> str
     counts summed) is below ``rate`` past ``min_samples`` attempts: the rate, the top error classes
     and a hint for each; None otherwise."""
     attempted = sum(counts.get(s, 0) for s in _ATTEMPTED)
-    if attempted < min_samples or not attempted:
+    if rate <= 0 or attempted < min_samples or not attempted:  # a rate of 0 turns the warning off
         return None
     success = counts.get(S.STATUS_SUCCESS, 0) / attempted
     if success >= rate:

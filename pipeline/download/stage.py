@@ -19,6 +19,7 @@ import contextlib
 import functools
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -937,7 +938,7 @@ def run_download(
     todo = plan_shards(pool, cfg, engine, shards)[1]
     if todo:
         where = bind(pool, cfg.where, "download.where", skip=(STAGE,)) if cfg.where is not None else None
-        watch = _Health(cfg, pool.completed(STAGE))
+        watch = _Health(cfg, download_totals(pool))
         runner.run_step(pool, engine, Download(pool, cfg, where), todo, progress=progress, on_result=watch)
     pool.update_manifest()
     return {s: pool.marker(STAGE, s)["counts"] for s in todo}
@@ -947,34 +948,23 @@ class _Health:
     """The early warning (:func:`pipeline.download.errors.health_warning`): the pool's download
     counts so far plus each shard's as it finishes; the warning is logged once per run."""
 
-    def __init__(self, cfg: DownloadConfig, done: dict[int, dict[str, Any]]):
-        from collections import Counter
-
-        self.cfg, self.warned = cfg, False
-        self.totals: Counter[str] = Counter()
-        for marker in done.values():
-            self.totals.update(marker["counts"])
+    def __init__(self, cfg: DownloadConfig, totals: Counter[str]):
+        self.cfg, self.totals, self.warned = cfg, totals, False
 
     def __call__(self, shard: int, counts: dict[str, int]) -> None:
         from pipeline.download.errors import health_warning
 
         self.totals.update(counts)
-        if not self.warned and self.cfg.warn_success_rate > 0:
+        if not self.warned:
             line = health_warning(dict(self.totals), self.cfg.warn_success_rate, self.cfg.warn_min_samples)
             if line is not None:
                 self.warned = True
                 log.warning("%s", line)
 
 
-def health(pool: Pool, cfg: DownloadConfig) -> str | None:
-    """The early warning over every finished shard of the pool (the flow publishes it), or None."""
-    from collections import Counter
-
-    from pipeline.download.errors import health_warning
-
+def download_totals(pool: Pool) -> Counter[str]:
+    """The download markers' counts summed over the pool's finished shards (by status and error class)."""
     totals: Counter[str] = Counter()
     for marker in pool.completed(STAGE).values():
         totals.update(marker["counts"])
-    if cfg.warn_success_rate <= 0:
-        return None
-    return health_warning(dict(totals), cfg.warn_success_rate, cfg.warn_min_samples)
+    return totals

@@ -46,10 +46,23 @@ def sample_probabilities(matched: pa.ListArray, entry_p: np.ndarray) -> np.ndarr
     """``1 - prod(1 - p_e)`` over each sample's matched entries; 0 for no match."""
     parents = pa.compute.list_parent_indices(matched).to_numpy()
     flat = matched.flatten().to_numpy(zero_copy_only=False)
+    return pair_probabilities(parents, entry_p[flat], len(matched))
+
+
+def pair_probabilities(parents: np.ndarray, pair_p: np.ndarray, n: int) -> np.ndarray:
+    """``1 - prod(1 - p)`` over each of ``n`` samples' (sample, entry) pairs (``parents``: each
+    pair's sample, ``pair_p``: its entry's probability); 0 for a sample with no pair."""
     with np.errstate(divide="ignore"):
-        log_miss = np.log1p(-entry_p[flat])  # -inf where p_e == 1
-    total = np.bincount(parents, weights=log_miss, minlength=len(matched))
+        log_miss = np.log1p(-pair_p)  # -inf where p == 1
+    total = np.bincount(parents, weights=log_miss, minlength=n)
     return 1.0 - np.exp(total)
+
+
+def pair_draws(uids: pa.Array, parents: np.ndarray, keys: np.ndarray, pair_p: np.ndarray, seed: int) -> np.ndarray:
+    """MetaCLIP's draw: a sample is kept when one of its (sample, entry) pairs is drawn, each with its
+    entry's probability; each pair's draw is keyed by (seed, the sample's uid, the pair's ``keys``)."""
+    draws = uniform(uid_to_uint64(uids)[parents], keys, seed)
+    return np.bincount(parents[draws < pair_p], minlength=len(uids)) > 0
 
 
 def t_for_size(matched: pa.ListArray, counts: np.ndarray, target: float) -> float:
@@ -91,9 +104,7 @@ def balance(
     entry_p = entry_probabilities(counts, t)
     parents = pa.compute.list_parent_indices(matched).to_numpy()
     flat = matched.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
-    draws = uniform(uid_to_uint64(uids)[parents], flat.astype(np.uint64), seed)
-    kept_pairs = draws < entry_p[flat]
-    keep = np.bincount(parents[kept_pairs], minlength=len(uids)) > 0
+    keep = pair_draws(uids, parents, flat.astype(np.uint64), entry_p[flat], seed)
     return sample_probabilities(matched, entry_p), keep
 
 

@@ -282,9 +282,9 @@ class WorldBalance(Balance):
     def setup(self) -> None:
         _load_lang_p(self.entries_path, self.counts_digest)
 
-    def _decide(self, inputs: dict[str, pa.Table]) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+    def __call__(self, inputs: dict[str, pa.Table]) -> pa.Table:
+        from pipeline.metaclip.balancing import pair_draws, pair_probabilities
         from pipeline.metaclip.worldwide import lang_key
-        from pipeline.sampling import uid_to_uint64, uniform
 
         match = inputs[MATCH_STAGE]
         langs = self.match.languages_of(match[S.UID], inputs["scores"])
@@ -295,20 +295,15 @@ class WorldBalance(Balance):
         flat = matched.flatten().to_numpy(zero_copy_only=False).astype(np.uint64)
         keys = row_key[encoded.indices.to_numpy(zero_copy_only=False)][parents] | flat
         known, p = _load_lang_p(self.entries_path, self.counts_digest)
-        at = np.minimum(np.searchsorted(known, keys), max(len(known) - 1, 0))
-        entry_p = np.where((known[at] == keys) if len(known) else np.zeros(len(keys), bool), p[at] if len(p) else 1.0,
-                           1.0)  # an entry no counted sample matched: count 0, p 1  # fmt: skip
-        with np.errstate(divide="ignore"):
-            miss = np.bincount(parents, weights=np.log1p(-entry_p), minlength=len(matched))
-        draws = uniform(uid_to_uint64(match[S.UID])[parents], keys, self.seed)
-        keep = np.bincount(parents[draws < entry_p], minlength=len(matched)) > 0
-        keep &= match[S.COUNTED].to_numpy(zero_copy_only=False)
-        return langs, 1.0 - np.exp(miss), keep
-
-    def __call__(self, inputs: dict[str, pa.Table]) -> pa.Table:
-        match = inputs[MATCH_STAGE]
-        _, p, keep = self._decide(inputs)
-        return pa.table({S.UID: match[S.UID], S.METACLIP_P: p, S.METACLIP_KEEP: keep})
+        at = np.searchsorted(known, keys)
+        found = at < len(known)
+        found[found] = known[at[found]] == keys[found]
+        pair_p = np.ones(len(keys))  # an entry no counted sample matched: count 0, p 1
+        pair_p[found] = p[at[found]]
+        keep = pair_draws(match[S.UID], parents, keys, pair_p, self.seed) & match[S.COUNTED].to_numpy(
+            zero_copy_only=False)  # fmt: skip
+        return pa.table({S.UID: match[S.UID], S.METACLIP_P: pair_probabilities(parents, pair_p, len(matched)),
+                         S.METACLIP_KEEP: keep})  # fmt: skip
 
     def side(self, inputs: dict[str, pa.Table], out: pa.Table) -> dict[str, pa.Table]:
         """The shard's kept samples per (language, entry), and counted, matched and kept samples per language."""

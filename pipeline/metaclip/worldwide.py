@@ -156,7 +156,7 @@ def metadata_digest(files: dict[str, Path]) -> str:
 
 
 def lang_table(langs: list[str], entries: list[int], counts: dict[str, np.ndarray], t: dict[str, float],
-               kept: dict[str, int] | None = None, samples: dict[str, int] | None = None) -> pa.Table:  # fmt: skip
+               kept: dict[str, int], samples: dict[str, int]) -> pa.Table:  # fmt: skip
     """``aggregates/metaclip_languages.parquet``: per language its entries, matches, t, tail share."""
     from pipeline.store import schema as S
 
@@ -170,6 +170,6 @@ def lang_table(langs: list[str], entries: list[int], counts: dict[str, np.ndarra
         rows["matches"].append(total)
         rows["t"].append(float(t.get(lang, 0.0)))
         rows["tail_share"].append(float(c[c < t.get(lang, 0.0)].sum() / total) if total else None)
-        rows["samples"].append((samples or {}).get(lang, 0))
-        rows["kept"].append((kept or {}).get(lang, 0))
+        rows["samples"].append(samples.get(lang, 0))
+        rows["kept"].append(kept.get(lang, 0))
     return pa.table(rows, schema=S.METACLIP_LANGUAGES_SCHEMA)
