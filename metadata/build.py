@@ -101,11 +101,11 @@ def build(wordnet_dir: Path, min_zipf: float) -> tuple[list[str], dict[str, int]
 WORLDWIDE_CAP = 251_465  # build_metadata.py: upper_bound_unigram
 MAX_ENTRY_CHARS = 256  # build_metadata.py: max_len
 WORDFREQ_TO_WIKI = {"nb": "no", "fil": "tl"}  # wordfreq's code -> MetaCLIP's (Wikipedia's)
-_EXTRA_PUNCT = set("，。、；：？¿！“”‘’（）【】《》〈〉「」『』～—")  # build_metadata.py: additional_punctuation
-
-
 def _pure_punctuation(word: str) -> bool:
-    return all(c in string.punctuation or c in _EXTRA_PUNCT for c in word)
+    """MetaCLIP 2's ``is_pure_punctuations``: ASCII punctuation and its additional (CJK) marks."""
+    from pipeline.metaclip.matching import PUNCTUATION
+
+    return all(c in PUNCTUATION for c in word)
 
 
 def language_list(lang: str, cap: int = WORLDWIDE_CAP) -> tuple[list[str], str]:

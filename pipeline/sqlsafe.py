@@ -121,12 +121,12 @@ def confine(con: duckdb.DuckDBPyConnection, root: str | Path) -> duckdb.DuckDBPy
         spill.mkdir(parents=True, exist_ok=True)
     else:
         spill = Path(tempfile.mkdtemp(prefix="clipcurate-query-"))
-    con.execute("SET temp_directory = " + _literal(str(spill)))
-    folders = ", ".join(_literal(str(f).rstrip("/") + "/") for f in (pool, spill))
+    con.execute("SET temp_directory = " + literal(str(spill)))
+    folders = ", ".join(literal(str(f).rstrip("/") + "/") for f in (pool, spill))
     con.execute(f"SET allowed_directories = [{folders}]")
     con.execute("SET enable_external_access = false")
     return con
 
 
-def _literal(text: str) -> str:
+def literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"

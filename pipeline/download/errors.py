@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipeline.sqlsafe import literal
 from pipeline.store import schema as S
 
 # (class, statuses it applies to, a regular expression over error_message (RE2, case-insensitive);
@@ -56,18 +57,14 @@ HINTS = {
 }
 
 
-def _quote(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
 def error_class_sql(status: str = S.STATUS, error: str = S.ERROR) -> str:
     """The ``CASE`` expression of a row's class (NULL for a success or a row not selected)."""
     whens = []
     for name, statuses, pattern in CLASSES:
-        cond = f"{status} IN ({', '.join(_quote(s) for s in statuses)})"
+        cond = f"{status} IN ({', '.join(literal(s) for s in statuses)})"
         if pattern is not None:
-            cond += f" AND regexp_matches(lower(coalesce({error}, '')), {_quote(pattern)})"
-        whens.append(f"WHEN {cond} THEN {_quote(name)}")
+            cond += f" AND regexp_matches(lower(coalesce({error}, '')), {literal(pattern)})"
+        whens.append(f"WHEN {cond} THEN {literal(name)}")
     return "CASE " + " ".join(whens) + " END"
 
 

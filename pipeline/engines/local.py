@@ -24,6 +24,7 @@ from typing import Any
 from pipeline.engines.base import ShardResults, Table, describe_failure
 from pipeline.errors import UserError
 from pipeline.progress import Progress
+from pipeline.sqlsafe import literal
 
 
 def _call(fn: Callable[[int], Any], shard: int) -> tuple[bool, Any]:
@@ -41,10 +42,6 @@ def _one_thread_each() -> None:
         os.environ[name] = "1"
 
 
-def _sql_literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
 def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
@@ -57,7 +54,7 @@ def register_tables(con: Any, tables: Mapping[str, Table]) -> None:
             con.register(f"_empty_{name}", table.schema.empty_table())
             con.execute(f"CREATE OR REPLACE VIEW {_quote(name)} AS SELECT * FROM {_quote('_empty_' + name)}")
             continue
-        files = "[" + ", ".join(_sql_literal(f) for f in table.files) + "]"
+        files = "[" + ", ".join(literal(f) for f in table.files) + "]"
         cols = ", ".join(_quote(f.name) for f in table.schema)
         con.execute(f"CREATE OR REPLACE VIEW {_quote(name)} AS SELECT {cols} FROM read_parquet({files})")
 
@@ -172,8 +169,8 @@ class LocalEngine:
         con = duckdb.connect()
         spill = self.temp_directory or str(Path(tempfile.gettempdir()) / f"clipcurate-duckdb-{os.getuid()}")
         Path(spill).mkdir(parents=True, exist_ok=True)
-        con.execute(f"SET memory_limit = {_sql_literal(self.memory_limit)}")
-        con.execute(f"SET temp_directory = {_sql_literal(spill)}")
+        con.execute(f"SET memory_limit = {literal(self.memory_limit)}")
+        con.execute(f"SET temp_directory = {literal(spill)}")
         con.execute("SET preserve_insertion_order = true")  # a COPY keeps its query's ORDER BY
         if self.threads:
             con.execute(f"SET threads = {int(self.threads)}")
@@ -199,7 +196,7 @@ class LocalEngine:
             register_tables(con, tables)
             tmp.mkdir()
             query = f"SELECT * FROM ({sql}) ORDER BY {_quote(order_by)}" if order_by else sql
-            target = _sql_literal(str(tmp / "part-00000.parquet"))
+            target = literal(str(tmp / "part-00000.parquet"))
             con.execute(f"COPY ({query}) TO {target} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 2048)")
             replace_dir(tmp, out)
         finally:

@@ -75,8 +75,7 @@ def load_entries(path: str | Path, worldwide: bool = False) -> list[str]:
 
 # get_spaced_metadata's punctuation: ASCII's and these (substr_matching.py's additional_punctuation,
 # with build_metadata.py's inverted question mark)
-_EXTRA_PUNCT = frozenset("，。、；：？¿！“”‘’（）【】《》〈〉「」『』～—")
-_PUNCT = frozenset(string.punctuation) | _EXTRA_PUNCT
+PUNCTUATION = frozenset(string.punctuation) | frozenset("，。、；：？¿！“”‘’（）【】《》〈〉「」『』～—")
 # is_cjk_or_similar's code point ranges: CJK ideographs, radicals and description characters;
 # Thai, Lao, Burmese, Khmer, Tibetan
 _NO_SPACE_RANGES = (
@@ -90,7 +89,7 @@ _NO_SPACE_RANGES = (
 def is_cjk_or_similar(char: str) -> bool:
     """MetaCLIP 2's test for a character that needs no space beside it (``is_cjk_or_similar``)."""
     code = ord(char)
-    return any(lo <= code <= hi for lo, hi in _NO_SPACE_RANGES) or char in _PUNCT
+    return any(lo <= code <= hi for lo, hi in _NO_SPACE_RANGES) or char in PUNCTUATION
 
 
 def spaced_entry(entry: str) -> str:
