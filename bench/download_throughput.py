@@ -27,10 +27,10 @@ sys.path.insert(0, str(REPO))
 SETTINGS = {"processes": 2, "threads": 32, "samples_per_shard": 1000, "image_size": 512, "timeout": 2.0, "retries": 1}
 
 
-def _serve(port_queue: multiprocessing.Queue) -> None:
+def _serve(port_queue: multiprocessing.Queue, **flaky: float) -> None:
     from pipeline.devserver import DemoImageServer
 
-    server = DemoImageServer(slow_seconds=3.0)
+    server = DemoImageServer(slow_seconds=3.0, **flaky)
     port_queue.put(server.base_url)
     with server:
         while True:
@@ -52,13 +52,13 @@ def run_img2dataset(url_list: Path, out: Path) -> float:
     return time.perf_counter() - start
 
 
-def run_stage(url_list: Path, out: Path) -> float:
+def run_stage(url_list: Path, out: Path, **download: object) -> float:
     from pipeline.config import parse_config
     from pipeline.download import run_download
     from pipeline.engines.local import LocalEngine
     from pipeline.store.parquet import Pool
 
-    cfg = parse_config({"pool": str(out), "download": {"input": str(url_list), **SETTINGS}})
+    cfg = parse_config({"pool": str(out), "download": {"input": str(url_list), **SETTINGS, **download}})
     start = time.perf_counter()
     run_download(Pool(cfg.pool), cfg.download, LocalEngine(SETTINGS["processes"]), progress=False)
     return time.perf_counter() - start

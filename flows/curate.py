@@ -1,6 +1,7 @@
 """The ``curate`` flow: a list of stages (:data:`STAGES`), one Prefect task per batch of shards.
 
-Each entry runs when the config has its section: download; embed (per shard batch); quality
+Each entry runs when the config has its section: a retry pass of the download's failed rows
+(``download.retry``); download; embed (per shard batch); quality
 scores (per shard batch); MetaCLIP
 (matching per shard batch, then one global balancing task); filters (scores per shard batch,
 then the recipe's global steps and decisions); MoDE clustering (global fit, per-shard
@@ -63,6 +64,20 @@ def plan_download(cfg: PipelineConfig, engine: Engine) -> list[int]:
     """Validate the URL list into the pool; return the shards still to download."""
     _, todo = plan_shards(Pool(cfg.pool), cfg.download, engine)
     return todo
+
+
+@task(name="retry-download", cache_policy=NO_CACHE)
+def retry_download(cfg: PipelineConfig, engine: Engine) -> dict[str, Any]:
+    """One retry pass of ``download.retry``'s error classes over the shards finished in earlier runs
+    (each row at most ``download.max_attempts`` times in all); their later stages are redone by
+    the stages after it. Nothing when ``download.retry`` is empty."""
+    from pipeline.download.retry import format_retry, run_retry
+
+    if not cfg.download.retry:
+        return {"shards": [], "by_class": {}}
+    result = run_retry(Pool(cfg.pool), cfg.download, engine)
+    print(format_retry(result))
+    return result
 
 
 @task(name="download-shards", cache_policy=NO_CACHE)
@@ -256,6 +271,7 @@ class FlowStage:
 
 
 STAGES = [
+    FlowStage("download", finish=retry_download),
     FlowStage("download", plan_download, download_batch, artifact="download"),
     FlowStage("embed", plan_embed, embed_batch, artifact="embed"),
     FlowStage("quality", plan_quality, quality_batch, artifact="quality"),
@@ -265,7 +281,8 @@ STAGES = [
     FlowStage("rebalance", finish=rebalance_task, artifact="rebalance"),
 ]
 # MetaCLIP's order (``download.where``): the caption stages on the listed captions, then the rest
-TEXT_FIRST = [STAGES[3], FlowStage("filters", plan_filters, filter_scores_batch, listed=True), *STAGES]
+_METACLIP = next(s for s in STAGES if s.section == "metaclip")
+TEXT_FIRST = [_METACLIP, FlowStage("filters", plan_filters, filter_scores_batch, listed=True), *STAGES]
 
 
 def stages_for(cfg: PipelineConfig) -> list[FlowStage]:
@@ -298,7 +315,8 @@ def curate(config_path: str, overrides: dict[str, Any] | None = None) -> dict[st
         errors: list[Exception] = []
         ingested = ingest_task(cfg, engine)
         state = _cycle_state(cfg, ingested)
-        if cfg.flow.skip_unchanged and not ingested["new_files"] and _unchanged(pool, state):
+        if cfg.flow.skip_unchanged and not ingested["new_files"] and _unchanged(pool, state) and not _retry_due(
+                cfg, pool):  # fmt: skip
             create_markdown_artifact(markdown=_cycle_markdown(ingested, None, pool, skipped=True), key="curate-cycle",
                                      description=f"Curation cycle of {pool.root}")  # fmt: skip
             return {**pool.build_manifest(), "cycle": "unchanged"}
@@ -349,6 +367,16 @@ def _cycle_state(cfg: PipelineConfig, ingested: dict[str, Any]) -> str:
     blob = json.dumps([config_dict(cfg), ingested["num_shards"], ingested["num_rows"]], sort_keys=True,
                       default=str)  # fmt: skip
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _retry_due(cfg: PipelineConfig, pool: Pool) -> bool:
+    """Whether ``download.retry`` has rows to fetch again (below ``download.max_attempts``): then a
+    cycle runs though nothing else changed."""
+    from pipeline.download.errors import check_retry_classes
+    from pipeline.download.retry import plan_retry
+
+    classes = check_retry_classes(cfg.download.retry)
+    return bool(classes) and bool(plan_retry(pool, cfg.download, classes))
 
 
 def _unchanged(pool: Pool, state: str) -> bool:

@@ -2,6 +2,7 @@
 
 curate run CONFIG [--set KEY=VALUE ...]      the curate flow (Prefect, no server needed)
 curate download CONFIG [--set ...]           the download stage alone, without Prefect
+curate download CONFIG|POOL --retry CLASS[,CLASS...]   fetch again only the rows that failed so
 curate demo CONFIG                           the offline demo: image server + the flow
 curate filter POOL|CONFIG [--recipe NAME]    DataComp filters and dedup, then keep / drop_reason
 curate export POOL --out DIR [--where SQL] [--recipe NAME] [--shuffle-seed S] [--overwrite]   a release
@@ -106,10 +107,39 @@ def cmd_download(args: argparse.Namespace) -> int:
     from pipeline.download import run_download
     from pipeline.engines import get_engine
 
+    if args.retry is not None:
+        return _retry(args)
     cfg = load_config(args.config, _overrides(args.set))
     with _locked(args, Pool(cfg.pool)):
         run_download(Pool(cfg.pool), cfg.download, get_engine(cfg))
     return _print_stats(Pool(cfg.pool))
+
+
+def _retry(args: argparse.Namespace) -> int:
+    """``curate download CONFIG|POOL --retry CLASSES``: one retry pass; given a pool, with the
+    download settings it recorded and the local engine."""
+    from pipeline.config import parse_config, with_overrides
+    from pipeline.download.errors import check_retry_classes
+    from pipeline.download.retry import format_retry, run_retry
+    from pipeline.engines import get_engine
+
+    classes = check_retry_classes(args.retry, "--retry")
+    if Path(args.config).is_dir():
+        pool = _existing_pool(args.config)
+        recorded = pool.stage_config("download")
+        if recorded is None:
+            raise UserError(f"{args.config}: nothing downloaded yet, so nothing to retry")
+        settings = {"pool": str(pool.root), "download": {**recorded["config"], "input": "-"}}
+        cfg = parse_config(with_overrides(settings, _overrides(args.set)), "curate download")
+    else:
+        cfg = load_config(args.config, _overrides(args.set))
+        pool = Pool(cfg.pool)
+    with _locked(args, pool):
+        result = run_retry(pool, cfg.download, get_engine(cfg), classes)
+    print(format_retry(result))
+    if result["shards"]:
+        print("the retried shards' later stages are redone by the next `curate run`")
+    return 0
 
 
 def cmd_import_embeddings(args: argparse.Namespace) -> int:
@@ -481,6 +511,10 @@ def _add_stage_commands(sub: Any) -> None:
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
         p.add_argument("--wait", action="store_true", help="wait for another writer of the pool instead of refusing")
         p.set_defaults(fn=fn)
+        if name == "download":
+            p.add_argument("--retry", metavar="CLASS[,CLASS...]",
+                           help="fetch again only the rows of finished shards that failed with these error classes "
+                                "(timeout,http_5xx,...); CONFIG may then be a pool directory")  # fmt: skip
     p = sub.add_parser("embed", help="run the embedding stage alone")
     p.add_argument("target", help="a config file, or a pool directory with --model/--checkpoint")
     p.add_argument("--model", default="ViT-B-32")

@@ -100,11 +100,26 @@ class DownloadConfig:
             ``warn_min_samples``: the top error classes and what to do about each. DataComp's users
             report 86-95% success; 0.8 flags a run well below that. 0 disables.
         warn_min_samples: Samples fetched before the success rate is judged.
+        per_host_concurrency: At most this many requests in flight to one host across a worker
+            process's threads (``processes`` workers: up to ``processes`` times this per host).
+            Null: no limit (img2dataset's behaviour).
+        retry_after_max: An HTTP 429 or 503 with ``Retry-After`` is asked again after the time it
+            names, while the waits for one URL sum to at most this many seconds; 0: never waits.
+        shard_time_limit: Seconds one shard's download may take: no request starts after it, and
+            responses still arriving end then, as ``stalled`` (their rows retriable); the shard is
+            then finished with every row it has. Null: no limit.
+        retry: Error classes (``error_class``) whose rows a run fetches again on finished shards
+            (``curate download --retry``; in the flow, once per run before the new shards), e.g.
+            ``[timeout, http_5xx, http_429, connect, dns, stalled]``. Empty: no retry pass.
+        max_attempts: A row is fetched at most this many times in all (``attempts`` in the
+            ``download`` table), so a permanently failing URL stops being retried.
     """
 
     __pydantic_config__ = _STRICT
     ADDED_FIELDS: ClassVar[tuple[str, ...]] = ("uid_col", "extra_cols", "bbox_col", "where", "size_cols",
-                                               "warn_success_rate", "warn_min_samples", "deadline")  # fmt: skip
+                                               "warn_success_rate", "warn_min_samples", "deadline",
+                                               "per_host_concurrency", "retry_after_max", "shard_time_limit",
+                                               "retry", "max_attempts")  # fmt: skip
 
     input: str
     input_format: InputFormat | None = None
@@ -134,9 +149,19 @@ class DownloadConfig:
     disallowed_header_directives: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
     warn_success_rate: float = 0.8
     warn_min_samples: int = 1000
+    per_host_concurrency: int | None = None
+    retry_after_max: float = 30.0
+    shard_time_limit: float | None = None
+    retry: tuple[str, ...] = ()
+    max_attempts: int = 3
 
     def __post_init__(self) -> None:
         _require(bool(self.input), "input", "must name a URL list file")
+        _require(self.per_host_concurrency is None or self.per_host_concurrency > 0, "per_host_concurrency",
+                 "must be > 0 or null")  # fmt: skip
+        _require(self.retry_after_max >= 0, "retry_after_max", "must be >= 0")
+        _require(self.shard_time_limit is None or self.shard_time_limit > 0, "shard_time_limit", "must be > 0 or null")
+        _require(self.max_attempts >= 1, "max_attempts", "must be >= 1")
         _require(0 <= self.warn_success_rate <= 1, "warn_success_rate", "must be in 0..1")
         _require(self.deadline is None or self.deadline > 0, "deadline", "must be > 0 or null")
         _require(self.warn_min_samples >= 0, "warn_min_samples", "must be >= 0")
@@ -892,13 +917,18 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Pi
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if data is None:
         raise ConfigError(f"{path}: config file is empty")
+    return parse_config(with_overrides(data, overrides), str(path))
+
+
+def with_overrides(data: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """``data`` (a config as read) with ``overrides``' dotted keys (``download.processes``) set."""
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
-    return parse_config(data, str(path))
+    return data
 
 
 def config_dict(cfg: Any, exclude: tuple[str, ...] = ()) -> dict[str, Any]:

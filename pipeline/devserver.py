@@ -10,8 +10,16 @@ follows from its token, so two runs serve identical bytes:
   one of those 50 images resized and re-encoded (near duplicates, for semantic deduplication);
 - about 1.5% answer 404, 1% a truncated JPEG, 1% an HTML page, 0.5% only after ``slow_seconds``
   (longer than the demo's timeout);
-- with ``fail_share``, that share of all URLs answers 503 instead (a run going badly);
-- ``/trickle/<token>.jpg`` sends its image 64 bytes every 0.1 s (a stalled server).
+- with ``fail_share``, that share of all URLs answers 503 instead (a run going badly), and with
+  ``slow_share`` another share answers only after ``slow_seconds`` (both can be changed while the
+  server runs: a flaky web that recovers); with ``transient_share``, that share of requests fails
+  once, whatever the URL (half 503, half an answer after ``slow_seconds``): the n-th request for a
+  token fails when ``md5(token:n)`` says so (:func:`transient`), so a later request may succeed;
+- ``/trickle/<token>.jpg`` sends its image 64 bytes every 0.1 s (a stalled server);
+- ``/busy/<seconds>/<token>.jpg`` answers its first request with 429 and ``Retry-After: <seconds>``,
+  later ones with the image (a rate-limiting host);
+- it records, per ``Host`` header, the most requests it served at once (``max_in_flight``), and
+  when each request for a token arrived (``arrivals``).
 
 This module is independent of the rest of ``pipeline`` (stdlib and Pillow only).
 """
@@ -49,6 +57,23 @@ def kind_of(token: str) -> str:
 def fails(token: str, fail_share: float) -> bool:
     """Whether a server with ``fail_share`` answers ``token`` with 503."""
     return bool(fail_share) and int(token[-4:], 16) % 1000 < 1000 * fail_share
+
+
+def slows(token: str, slow_share: float) -> bool:
+    """Whether a server with ``slow_share`` answers ``token`` only after ``slow_seconds`` (tokens
+    other than :func:`fails`' share: the digits before its last four)."""
+    return bool(slow_share) and int(token[-8:-4], 16) % 1000 < 1000 * slow_share
+
+
+def transient(token: str, n: int, share: float) -> str | None:
+    """What a server with ``transient_share`` does with the ``n``-th request (1-based) for ``token``:
+    ``"503"``, ``"slow"`` or None (answer as usual)."""
+    if not share:
+        return None
+    bucket = int(hashlib.md5(f"{token}:{n}".encode(), usedforsecurity=False).hexdigest()[:6], 16) % 100_000
+    if bucket >= 100_000 * share:
+        return None
+    return "503" if bucket % 2 else "slow"
 
 
 def image_bytes(seed: int) -> bytes:
@@ -123,18 +148,33 @@ class _Handler(BaseHTTPRequestHandler):
     server: DemoImageServer._HTTPServer  # type: ignore[name-defined]
 
     def do_GET(self) -> None:
+        host = (self.headers.get("Host") or "").rsplit(":", 1)[0]
+        self.server.entered(host)
+        try:
+            self._get()
+        finally:
+            self.server.left(host)
+
+    def _get(self) -> None:
         parts = self.path.strip("/").split("/")
-        if len(parts) == 2 and parts[0] == "trickle" and parts[1].endswith(".jpg"):
-            token = parts[1].removesuffix(".jpg")
-            if len(token) != 16 or token.strip("0123456789abcdef"):
-                return self._send(404, b"not found", "text/plain")
-            return self._trickle(image_bytes(int(token, 16)))
-        if len(parts) != 2 or parts[0] != "img" or not parts[1].endswith(".jpg"):
-            return self._send(404, b"not found", "text/plain")
-        token = parts[1].removesuffix(".jpg")
+        token = parts[-1].removesuffix(".jpg") if parts[-1].endswith(".jpg") else ""
         if len(token) != 16 or token.strip("0123456789abcdef"):
             return self._send(404, b"not found", "text/plain")
+        self.server.arrived(token)
+        if len(parts) == 2 and parts[0] == "trickle":
+            return self._trickle(image_bytes(int(token, 16)))
+        if len(parts) == 3 and parts[0] == "busy" and parts[1].isdigit():
+            if len(self.server.arrivals[token]) == 1:
+                return self._send(429, b"slow down", "text/plain", {"Retry-After": parts[1]})
+            return self._send(200, image_bytes(int(token, 16)), "image/jpeg")
+        if len(parts) != 2 or parts[0] != "img":
+            return self._send(404, b"not found", "text/plain")
         kind = kind_of(token)
+        glitch = transient(token, len(self.server.arrivals[token]), self.server.transient_share)
+        if glitch == "503":
+            return self._send(503, b"unavailable", "text/plain")
+        if glitch == "slow":
+            time.sleep(self.server.slow_seconds)
         if fails(token, self.server.fail_share):
             return self._send(503, b"unavailable", "text/plain")  # a failing run (fail_share)
         if kind == "missing":
@@ -142,7 +182,7 @@ class _Handler(BaseHTTPRequestHandler):
         if kind == "not_image":
             return self._send(200, b"<html><body>This is not an image</body></html>", "text/html")
         body = served_image(token) or b""
-        if kind == "slow":
+        if kind == "slow" or slows(token, self.server.slow_share):
             time.sleep(self.server.slow_seconds)
         elif self.server.latency_seconds:
             time.sleep(self.server.latency_seconds)
@@ -163,9 +203,11 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):  # the client gave up
             pass
 
-    def _send(self, code: int, body: bytes, content_type: str) -> None:
+    def _send(self, code: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
         try:
             self.send_response(code)
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -186,9 +228,31 @@ class DemoImageServer:
         slow_seconds = 3.0
         latency_seconds = 0.0
         fail_share = 0.0
+        slow_share = 0.0
+        transient_share = 0.0
+
+        def server_activate(self) -> None:
+            super().server_activate()
+            self.lock = threading.Lock()
+            self.in_flight: dict[str, int] = {}
+            self.max_in_flight: dict[str, int] = {}
+            self.arrivals: dict[str, list[float]] = {}
+
+        def entered(self, host: str) -> None:
+            with self.lock:
+                self.in_flight[host] = self.in_flight.get(host, 0) + 1
+                self.max_in_flight[host] = max(self.max_in_flight.get(host, 0), self.in_flight[host])
+
+        def left(self, host: str) -> None:
+            with self.lock:
+                self.in_flight[host] -= 1
+
+        def arrived(self, token: str) -> None:
+            with self.lock:
+                self.arrivals.setdefault(token, []).append(time.time())
 
     def __init__(self, port: int = 0, slow_seconds: float = 3.0, host: str = "127.0.0.1", latency_seconds: float = 0.0,
-                 fail_share: float = 0.0):  # fmt: skip
+                 fail_share: float = 0.0, slow_share: float = 0.0, transient_share: float = 0.0):  # fmt: skip
         """Args:
         port: TCP port on loopback; 0 picks a free one.
         slow_seconds: Delay of the deliberately slow answers.
@@ -196,6 +260,8 @@ class DemoImageServer:
         latency_seconds: Delay added to every other image answer, to pace a test run.
         fail_share: Share of URLs (by the last 4 hex digits of their token) answered 503, a run
             going badly (:func:`fails`).
+        slow_share: Another share of URLs answered after ``slow_seconds`` (:func:`slows`).
+        transient_share: Share of requests that fail once (:func:`transient`).
         """
         try:
             self._server = self._HTTPServer((host, port), _Handler)
@@ -203,8 +269,29 @@ class DemoImageServer:
             raise OSError(f"demo image server: cannot listen on {host}:{port}: {exc}") from exc
         self._server.slow_seconds = slow_seconds
         self._server.latency_seconds = latency_seconds
-        self._server.fail_share = fail_share
+        self.flaky(fail_share, slow_share)
+        self._server.transient_share = transient_share
         self._thread = threading.Thread(target=self._server.serve_forever, name="demo-images", daemon=True)
+
+    def flaky(self, fail_share: float = 0.0, slow_share: float = 0.0) -> None:
+        """Set (or, with no arguments, clear) the shares of 503 and slow answers, also while serving."""
+        self._server.fail_share, self._server.slow_share = fail_share, slow_share
+
+    @property
+    def max_in_flight(self) -> dict[str, int]:
+        """Per ``Host`` header (without the port): the most requests served at once so far."""
+        with self._server.lock:
+            return dict(self._server.max_in_flight)
+
+    @property
+    def arrivals(self) -> dict[str, list[float]]:
+        """Per token: when each of its requests arrived (``time.time()``)."""
+        with self._server.lock:
+            return {k: list(v) for k, v in self._server.arrivals.items()}
+
+    def url_on(self, host: str, path: str) -> str:
+        """``http://<host>:<port>/<path>``: this server under another host name (``localhost``)."""
+        return f"http://{host}:{self._server.server_address[1]}/{path}"
 
     @property
     def base_url(self) -> str:

@@ -399,3 +399,41 @@ def test_worldwide_metaclip_runs_through_the_flow_with_each_captions_language(tm
     assert manifest["release"]["counts"]["samples"] == kept > 0
     card = (tmp_path / "release" / "README.md").read_text()
     assert "MetaCLIP 2 worldwide balancing, per language" in card and "| fr |" in card
+
+
+def test_a_scheduled_cycle_retries_the_transient_failures_of_earlier_runs(tmp_path, prefect_harness):
+    """``download.retry`` in the config: the first run downloads from a failing server; when it
+    recovers, the next run (nothing else new) retries the ``http_5xx`` rows once, recovers them and
+    redoes MetaCLIP only on the shards it rewrote; a third run finds nothing due and is skipped."""
+    from flows.curate import run
+    from pipeline.devserver import DemoImageServer, fails, kind_of, token_for
+
+    rows = laion_rows(90, offset=5200)
+    with DemoImageServer(fail_share=0.2) as server:
+        good = ("ok", "duplicate", "near_duplicate")  # kind_of: what the server answers with an image
+        failing = [i for i, u in enumerate(rows["url"].to_pylist()) if fails(token_for(u), 0.2)
+                   and kind_of(token_for(u)) in good]  # fmt: skip
+        pq.write_table(point_at(rows, server), tmp_path / "u.parquet")
+        cfg = make_config(tmp_path / "pool", tmp_path / "u.parquet", samples_per_shard=30, retry=("http_5xx",))
+        cfg = dataclasses.replace(cfg, metaclip=MetaclipConfig(metadata=str(REPO / "metadata/entries.json"), t=3))
+        config = write_config(tmp_path / "c.yaml", cfg)
+        run(str(config))
+        pool = Pool(cfg.pool)
+        status = dict(zip(*(pool.read_table("download")[c].to_pylist() for c in ("row", "status")), strict=True))
+        assert failing and all(status[i] == "failed_to_download" for i in failing)
+        match_before = {s: pool.marker_path("metaclip_match", s).stat().st_mtime_ns for s in range(3)}
+
+        server.flaky()  # the web recovers
+        run(str(config))
+        table = pool.read_table("download")
+        status = dict(zip(table["row"].to_pylist(), table["status"].to_pylist(), strict=True))
+        attempts = dict(zip(table["row"].to_pylist(), table["attempts"].to_pylist(), strict=True))
+        assert all(status[i] == "success" and attempts[i] == 2 for i in failing)
+        match_after = {s: pool.marker_path("metaclip_match", s).stat().st_mtime_ns for s in range(3)}
+        retried = {i // 30 for i in failing}
+        assert {s for s in range(3) if match_after[s] != match_before[s]} == retried
+
+        run(str(config))  # nothing left to retry (every http_5xx row recovered): the cycle is skipped
+        from prefect.artifacts import Artifact
+
+        assert "Nothing new" in Artifact.get("curate-cycle").data

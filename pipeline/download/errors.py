@@ -68,18 +68,49 @@ def error_class_sql(status: str = S.STATUS, error: str = S.ERROR) -> str:
     return "CASE " + " ".join(whens) + " END"
 
 
-def class_counts(table: Any) -> dict[str, int]:
-    """Failed rows of a download table (Arrow, with ``status`` and ``error_message``) by class."""
+def error_classes(table: Any) -> Any:
+    """Each row's class (an Arrow string array, null for a success or a row not selected) of a
+    download table (Arrow, with ``status`` and ``error_message``): :func:`error_class_sql` run by DuckDB."""
     import duckdb
 
     con = duckdb.connect()
     try:
         con.register("t", table.select([S.STATUS, S.ERROR]))
-        rows = con.execute(f"SELECT c, count(*) FROM (SELECT {error_class_sql()} AS c FROM t) WHERE c IS NOT NULL "
-                           "GROUP BY c").fetchall()  # fmt: skip
+        return con.sql(f"SELECT {error_class_sql()} AS c FROM t").to_arrow_table()["c"]
     finally:
         con.close()
-    return {name: int(n) for name, n in rows}
+
+
+def class_counts(table: Any) -> dict[str, int]:
+    """Failed rows of a download table (Arrow, with ``status`` and ``error_message``) by class."""
+    import pyarrow.compute as pc
+
+    counts = pc.value_counts(error_classes(table).drop_null())
+    return {name: int(n) for name, n in zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist(),
+                                            strict=True)}  # fmt: skip
+
+
+# never fetched again: the URL is not http(s), or the site said no
+NOT_RETRIED = {"invalid_url": "its URLs are not http(s)", "opted_out": "the sites opted out (X-Robots-Tag)"}
+
+
+def check_retry_classes(classes: Any, key: str = "download.retry") -> list[str]:
+    """``classes`` (a list, or one comma-separated string) as the error classes a retry pass may
+    refetch, in :data:`CLASSES` order.
+
+    Raises:
+        UserError: a name is not a class, or is one never retried; the message names it.
+    """
+    from pipeline.errors import UserError
+
+    names = [c.strip() for c in (classes.split(",") if isinstance(classes, str) else classes) if c.strip()]
+    known = [name for name, _, _ in CLASSES]
+    for name in names:
+        if name in NOT_RETRIED:
+            raise UserError(f"{key}: {name!r} is never retried: {NOT_RETRIED[name]}")
+        if name not in known:
+            raise UserError(f"{key}: {name!r} is not an error class; the classes are {', '.join(known)}")
+    return [name for name in known if name in names]
 
 
 CLASS_PREFIX = "error:"  # a download marker's counts of failed rows by class: "error:dns", ...

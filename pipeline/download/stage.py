@@ -40,7 +40,9 @@ from pipeline.store.parquet import Pool, file_sha256, recorded_change, shard_nam
 STAGE = "download"
 _FETCHED_SCHEMES = ("http", "https")
 # Fields that change where or how fast the work runs, never its output.
-_RUNTIME_FIELDS = ("input", "processes", "threads", "shards_per_task", "warn_success_rate", "warn_min_samples")
+# Politeness, time limits and retry passes change when a fetch succeeds, not what a success holds.
+_RUNTIME_FIELDS = ("input", "processes", "threads", "shards_per_task", "warn_success_rate", "warn_min_samples",
+                   "per_host_concurrency", "retry_after_max", "shard_time_limit", "retry", "max_attempts")
 
 
 log = logging.getLogger(__name__)
@@ -561,14 +563,15 @@ def _ingest(pool: Pool, cfg: DownloadConfig, engine: Any, files: list[Path], pla
               "duplicates_dropped": int(counts.sum()) - n,
               "ingested_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "files": [_file_record(f, int(c)) for f, c in zip(files, counts, strict=True)]}  # fmt: skip
-    plan = _plan_of(source, cfg, [*ingests, ingest])
+    plan = _plan_of(source, cfg, [*ingests, ingest], attempts=plan.get("download_attempts", False) if plan else True)
     write_json_atomic(pool.plan_path, plan)  # last: the plan marks the input prepared
     shutil.rmtree(work)
     return plan
 
 
-def _plan_of(source: Path, cfg: DownloadConfig, ingests: list[dict[str, Any]]) -> dict[str, Any]:
-    """``input/plan.json``: the totals over every ingest, the settings that shard the input, the ingests."""
+def _plan_of(source: Path, cfg: DownloadConfig, ingests: list[dict[str, Any]], attempts: bool) -> dict[str, Any]:
+    """``input/plan.json``: the totals over every ingest, the settings that shard the input, the ingests
+    (``download_attempts``: the download table records ``attempts``; a pool prepared before has none)."""
     return {
         "source": str(source.resolve()) if source.exists() else str(source),
         "source_files": sum(len(i["files"] or []) for i in ingests),
@@ -578,6 +581,7 @@ def _plan_of(source: Path, cfg: DownloadConfig, ingests: list[dict[str, Any]]) -
         "num_rows": sum(i["num_rows"] for i in ingests),
         "num_shards": ingests[-1]["first_shard"] + ingests[-1]["num_shards"],
         **_plan_settings(cfg),
+        **({"download_attempts": True} if attempts else {}),
         "ingests": ingests,
     }
 
@@ -681,16 +685,18 @@ def stage_hash(cfg: DownloadConfig) -> str:
     return config_hash(cfg, exclude=_RUNTIME_FIELDS)
 
 
-def _install_opener(deadline: float | None) -> None:
-    """The urllib opener img2dataset fetches with, in this worker: redirects only to http(s), and
-    every response read under ``deadline`` (:class:`_Deadline`).
+def _install_opener(cfg: DownloadConfig) -> None:
+    """The urllib opener img2dataset fetches with, in this worker, for one shard (:class:`_Polite`):
+    redirects only to http(s), every response read under ``download.deadline``, at most
+    ``per_host_concurrency`` requests in flight to one host, ``Retry-After`` honoured, and nothing
+    fetched past the shard's ``shard_time_limit``.
 
-    The input is checked for http(s) URLs, but urllib's default redirect handler would still follow
-    a server's redirect to ``ftp://``. img2dataset's ``download_image`` opens each URL with
-    ``urllib.request.urlopen`` and reads the body whole; the deadline wraps the response that opener
-    returns, so img2dataset's fetch itself is used unchanged (not forked). Installed before each
-    shard's download.
+    img2dataset's ``download_image`` opens each URL with ``urllib.request.urlopen`` (which calls the
+    installed opener's ``open``) and reads the body whole inside a ``with``. Its fetch function is
+    used unchanged, not forked: everything here wraps the opener it calls. Installed before each
+    shard's download (the shard's clock starts then).
     """
+    import time
     import urllib.request
     from urllib.error import HTTPError
     from urllib.parse import urlsplit
@@ -701,26 +707,117 @@ def _install_opener(deadline: float | None) -> None:
                 raise HTTPError(newurl, code, f"redirect to a non-http(s) URL refused: {newurl}", headers, fp)
             return super().redirect_request(req, fp, code, msg, headers, newurl)
 
-    class WholeResponseDeadline(urllib.request.BaseHandler):
-        handler_order = 1001  # after urllib's error processor: only a response that is read gets one
+    end = None if cfg.shard_time_limit is None else time.monotonic() + cfg.shard_time_limit
+    urllib.request.install_opener(_Polite(urllib.request.build_opener(HttpOnlyRedirects), cfg, end))
 
-        def http_response(self, request, response):  # type: ignore[no-untyped-def]
-            return _Deadline(response, deadline) if deadline is not None else response
 
-        https_response = http_response
+_HOST_SLOTS: dict[tuple[str, int], Any] = {}  # per (host, limit): a semaphore shared by this worker's download threads
 
-    urllib.request.install_opener(urllib.request.build_opener(HttpOnlyRedirects, WholeResponseDeadline))
+
+def _host_slot(host: str, limit: int) -> Any:
+    import threading
+
+    slot = _HOST_SLOTS.get((host, limit))
+    if slot is None:
+        slot = _HOST_SLOTS.setdefault((host, limit), threading.BoundedSemaphore(limit))
+    return slot
+
+
+class _Polite:
+    """An opener (what ``urllib.request.urlopen`` calls ``open`` on) around urllib's own:
+
+    - ``download.per_host_concurrency``: a request holds one of its host's slots (a semaphore per
+      host, shared by the worker's threads) from connecting until its response is closed;
+    - HTTP 429/503 with ``Retry-After`` (seconds or an HTTP date): the slot is released, the thread
+      sleeps that long and asks again, while the waits for this URL sum to at most
+      ``download.retry_after_max`` and end before the shard's time limit; past that, the error
+      stands (``http_429``/``http_5xx``, retriable later);
+    - the shard's time limit (``end``, monotonic): no request starts after it, and a response being
+      read ends at it, as ``stalled`` (:class:`_Deadline`).
+    """
+
+    def __init__(self, opener: Any, cfg: DownloadConfig, end: float | None):
+        self.opener, self.cfg, self.end = opener, cfg, end
+
+    def _past_end(self) -> None:
+        import time
+
+        if self.end is not None and time.monotonic() >= self.end:
+            raise TimeoutError(f"stalled: the shard's time limit (download.shard_time_limit, "
+                               f"{self.cfg.shard_time_limit:g} s) was reached")  # fmt: skip
+
+    def open(self, fullurl: Any, data: Any = None, timeout: Any = None) -> Any:
+        import time
+        from urllib.error import HTTPError
+        from urllib.parse import urlsplit
+
+        url = fullurl if isinstance(fullurl, str) else fullurl.full_url
+        host = (urlsplit(url).hostname or "").lower()
+        limit = self.cfg.per_host_concurrency
+        waited = 0.0
+        while True:
+            self._past_end()
+            slot = _host_slot(host, limit) if limit else None
+            if slot is not None:
+                slot.acquire()
+            try:
+                response = self.opener.open(fullurl, data, timeout)
+            except HTTPError as err:
+                if slot is not None:
+                    slot.release()
+                pause = _retry_after(err)
+                if pause is None or waited + pause > self.cfg.retry_after_max or (
+                        self.end is not None and time.monotonic() + pause >= self.end):  # fmt: skip
+                    raise
+                err.close()
+                time.sleep(pause)
+                waited += pause
+                continue
+            except BaseException:
+                if slot is not None:
+                    slot.release()
+                raise
+            stop = None if self.cfg.deadline is None else time.monotonic() + self.cfg.deadline
+            if self.end is not None:
+                stop = self.end if stop is None else min(stop, self.end)
+            return _Deadline(response, stop, self._why(stop), slot)
+
+    def _why(self, stop: float | None) -> str:
+        import time
+
+        if self.end is not None and stop == self.end and (self.cfg.deadline is None
+                                                           or self.end < time.monotonic() + self.cfg.deadline):
+            return f"the shard's time limit (download.shard_time_limit, {self.cfg.shard_time_limit:g} s) was reached"
+        return f"the response did not finish within download.deadline ({self.cfg.deadline:g} s)"
+
+
+def _retry_after(err: Any) -> float | None:
+    """The seconds an HTTP 429 or 503 asks to wait (``Retry-After``: seconds or an HTTP date), or None."""
+    import email.utils
+    import time
+
+    if err.code not in (429, 503) or err.headers is None:
+        return None
+    value = (err.headers.get("Retry-After") or "").strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
 class _Deadline:
-    """A urllib response whose body must arrive within ``seconds`` of the response's headers: read in
+    """A urllib response whose body must arrive by ``stop`` (monotonic; None: no limit): read in
     pieces (each one socket read), and a ``TimeoutError`` whose text starts ``stalled`` (the error
-    class) once the time is up. Everything else is the response's own."""
+    class) with ``why`` once the time is up. Closing it releases its host slot. Everything else is
+    the response's own."""
 
-    def __init__(self, response: Any, seconds: float):
-        import time
-
-        self._response, self._seconds, self._end = response, seconds, time.monotonic() + seconds
+    def __init__(self, response: Any, stop: float | None, why: str, slot: Any = None):
+        self._response, self._stop, self._why, self._slot = response, stop, why, slot
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._response, name)
@@ -729,16 +826,25 @@ class _Deadline:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._response.close()
+        self.close()
+
+    def close(self) -> None:
+        try:
+            self._response.close()
+        finally:
+            slot, self._slot = self._slot, None
+            if slot is not None:
+                slot.release()
 
     def read(self, amt: int | None = None) -> bytes:
         import time
 
+        if self._stop is None:
+            return self._response.read() if amt is None else self._response.read(amt)
         parts, size = [], 0
         while amt is None or size < amt:
-            if time.monotonic() > self._end:
-                raise TimeoutError(f"stalled: the response did not finish within download.deadline "
-                                   f"({self._seconds:g} s)")  # fmt: skip
+            if time.monotonic() > self._stop:
+                raise TimeoutError(f"stalled: {self._why}")
             piece = self._response.read1(65536 if amt is None else min(65536, amt - size))
             if not piece:
                 break
@@ -747,11 +853,11 @@ class _Deadline:
         return b"".join(parts)
 
 
-def _downloader(cfg: DownloadConfig, out_dir: Path, column_list: list[str]) -> Any:
+def downloader(cfg: DownloadConfig, out_dir: Path, column_list: list[str]) -> Any:
     """img2dataset's ``Downloader`` and ``Resizer`` set up as its ``download()`` would for ``cfg``,
     with its ``BoundingBoxBlurrer`` when ``bbox_col`` is set (as ``download(bbox_col=...)`` does)."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    _install_opener(cfg.deadline)
+    _install_opener(cfg)
     from img2dataset.downloader import Downloader
     from img2dataset.resizer import Resizer
     from img2dataset.writer import WebDatasetSampleWriter
@@ -794,19 +900,20 @@ def _blurrer() -> Any:
     return BoundingBoxBlurrer()
 
 
-def _write_feather(path: Path, table: pa.Table) -> None:
+def write_feather(path: Path, table: pa.Table) -> None:
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
 
 
-def _download_table(schema: pa.Schema, cfg: DownloadConfig, fetched: pa.Table, refused: pa.Table,
+def download_table(schema: pa.Schema, cfg: DownloadConfig, fetched: pa.Table, refused: pa.Table,
                     skipped: pa.Table, shard: int) -> pa.Table:  # fmt: skip
     """img2dataset's sidecar rows plus the refused and unselected URLs, in input order, as the pool's
     download schema (with a ``bbox_col``: ``blurred``, a fetched image with at least one box)."""
-    parts = [fetched]
+    parts = [fetched.append_column(S.ATTEMPTS, pa.array(np.ones(fetched.num_rows, np.int32)))]
     for rows, status, reason in ((refused, S.STATUS_INVALID_URL, "unsupported URL: only http:// and https:// URLs "
                                   "are fetched"), (skipped, S.STATUS_NOT_SELECTED, None)):  # fmt: skip
         rows = rows.append_column(S.STATUS, pa.array([status] * rows.num_rows, pa.string()))
+        rows = rows.append_column(S.ATTEMPTS, pa.array(np.zeros(rows.num_rows, np.int32)))
         parts.append(rows.append_column(S.ERROR, pa.array([reason] * rows.num_rows, pa.string())))
     if cfg.bbox_col:
         for i, part in enumerate(parts):
@@ -846,9 +953,9 @@ class Download(Step):
         feather = scratch / f"{name}.feather"
         extras = [c for c in rows.column_names if c not in S.INPUT_SCHEMA.names]
         to_fetch = rows.filter(pc.and_(wanted, fetchable)).select([S.URL, S.CAPTION, S.UID, S.ROW, *extras])
-        _write_feather(feather, to_fetch)
-        _downloader(self.cfg, scratch, to_fetch.column_names).download_shard((shard, str(feather)))
-        table = _download_table(self.schema, self.cfg, pq.read_table(scratch / f"{name}.parquet"),
+        write_feather(feather, to_fetch)
+        downloader(self.cfg, scratch, to_fetch.column_names).download_shard((shard, str(feather)))
+        table = download_table(self.schema, self.cfg, pq.read_table(scratch / f"{name}.parquet"),
                                 rows.filter(pc.and_(wanted, pc.invert(fetchable))), rows.filter(pc.invert(wanted)),
                                 shard)  # fmt: skip
         if table.num_rows != rows.num_rows:
@@ -908,13 +1015,19 @@ def check_where(pool: Pool, where: str) -> list[str]:
     return stages
 
 
+def check_config(pool: Pool, cfg: DownloadConfig) -> None:
+    """Record the download's settings on the first run; refuse a run whose output-shaping settings
+    differ from those the finished shards were made with (:meth:`Pool.check_stage_config`)."""
+    pool.check_stage_config(STAGE, config_dict(cfg, _RUNTIME_FIELDS), stage_hash(cfg))
+
+
 def plan_shards(pool: Pool, cfg: DownloadConfig, engine: Any,
                 shards: list[int] | None = None) -> tuple[dict[str, Any], list[int]]:  # fmt: skip
     """Prepare the pool's input and return its plan and the shards not yet downloaded (with a
     ``where``: once the stages it reads are finished). ``shards``: a batch already planned (the
     input was prepared): only its markers are read."""
     plan = prepare(pool, cfg, engine) if shards is None else pool.read_plan()
-    pool.check_stage_config(STAGE, config_dict(cfg, _RUNTIME_FIELDS), stage_hash(cfg))
+    check_config(pool, cfg)
     candidates = range(plan["num_shards"]) if shards is None else shards
     todo = [s for s in candidates if not pool.is_done(STAGE, s)]
     if todo and cfg.where is not None:

@@ -157,9 +157,10 @@ def check_predicate(pool: Pool, where: str | None) -> list[str]:
         con.sql(f"select {S.UID} from samples where {predicate} limit 0").fetchall()
     except duckdb.Error as exc:  # duckdb's errors name the bad column or syntax
         raise ExportError(f"export predicate {where!r} over `samples`: {str(exc).splitlines()[0]}") from None
-    # a release holds fetched samples only: the derived error_class is NULL for every one of them
+    # a release holds fetched samples only: the derived error_class is NULL for every one of them, and
+    # how many fetches a sample took (attempts) is the pool's bookkeeping, not the sample's
     return [r[0] for r in con.execute("describe samples").fetchall()
-            if r[0] not in EMBEDDING_COLUMNS and r[0] != S.ERROR_CLASS]  # fmt: skip
+            if r[0] not in EMBEDDING_COLUMNS and r[0] not in (S.ERROR_CLASS, S.ATTEMPTS)]  # fmt: skip
 
 
 def plan_source_shard(pool_root: str, plan_dir: str, where: str | None, rules: list | None, seed: int | None,

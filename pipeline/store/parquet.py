@@ -517,9 +517,10 @@ class Pool:
         if not self.input_path.exists():
             return S.DOWNLOAD_SCHEMA
         extra = [f for f in pq.read_schema(self.input_path) if f.name not in S.INPUT_SCHEMA.names]
-        if (self.read_plan() or {}).get("bbox_col"):
+        plan = self.read_plan() or {}
+        if plan.get("bbox_col"):
             extra.append(pa.field(S.BLURRED, pa.bool_()))
-        return S.download_schema(extra)
+        return S.download_schema(extra, attempts=bool(plan.get("download_attempts")))
 
     def write_table(self, stage: str, shard: int, table: pa.Table) -> Path:
         schema = self._fixed_schema(stage)

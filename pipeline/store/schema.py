@@ -27,6 +27,7 @@ LISTED = "listed"  # the prepared URL list (input/urls*.parquet): every row, bef
 ORIGINAL_WIDTH = "original_width"
 ORIGINAL_HEIGHT = "original_height"
 SHA256 = "sha256"
+ATTEMPTS = "attempts"
 
 # Download statuses: img2dataset's own two failure classes plus the URLs we refuse to fetch.
 STATUS_SUCCESS = "success"
@@ -71,15 +72,18 @@ DOWNLOAD_SCHEMA = pa.schema(
         pa.field(ORIGINAL_WIDTH, pa.int32()),  # as served, before resizing (DataComp's basic filter uses these)
         pa.field(ORIGINAL_HEIGHT, pa.int32()),
         pa.field(SHA256, pa.string()),  # of the downloaded bytes, before any re-encoding
+        pa.field(ATTEMPTS, pa.int32()),  # times fetched (0: never; a retry pass adds one, download.max_attempts)
     ]
 )
 
 
 
-def download_schema(extra: list[pa.Field] | None = None) -> pa.Schema:
+def download_schema(extra: list[pa.Field] | None = None, attempts: bool = True) -> pa.Schema:
     """The ``download`` table of a pool whose input carries ``extra`` columns (``download.extra_cols``,
-    ``bbox_col`` and, with a ``bbox_col``, ``blurred``) after the declared ones."""
-    return pa.schema(list(DOWNLOAD_SCHEMA) + list(extra or []))
+    ``bbox_col`` and, with a ``bbox_col``, ``blurred``) after the declared ones; without ``attempts``
+    for a pool prepared before the column existed (its plan has no ``download_attempts``)."""
+    declared = [f for f in DOWNLOAD_SCHEMA if attempts or f.name != ATTEMPTS]
+    return pa.schema(declared + list(extra or []))
 
 
 MATCHED_ENTRY_IDS = "matched_entry_ids"
