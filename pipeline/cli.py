@@ -11,6 +11,8 @@ curate verify POOL [--deep]                  check every completion marker again
 curate serve CONFIG --cron "0 3 * * *"       the flow on a schedule (Prefect server)
 curate query POOL SQL | --name NAME [--config CONFIG] [--format table|csv|json]
 curate stats POOL [--json]
+curate index POOL [--space image|caption]   a faiss index of the pool's embeddings (incremental)
+curate search POOL (--uid U | --text T | --image FILE) [-k 20] [--where SQL]   nearest samples
 """
 
 from __future__ import annotations
@@ -418,6 +420,39 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_index(args: argparse.Namespace) -> int:
+    from pipeline.index import build_index
+
+    pool = _existing_pool(args.pool)
+    with _locked(args, pool):
+        manifest = build_index(pool, _engine(args.config, pool, args.workers), args.space,
+                               exact_below=args.exact_below)  # fmt: skip
+    kind = manifest["factory"] or "exact (flat)"
+    print(f"{args.space} index of {pool.root}: {manifest['rows']} vectors in {len(manifest['shards'])} shard(s), "
+          f"{kind}; encoded {len(manifest['encoded'])} shard(s) this run")  # fmt: skip
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from pipeline.index.search import Searcher, query_vector, search
+
+    pool = _existing_pool(args.pool)
+    searcher = Searcher(pool, args.space, nprobe=args.nprobe)
+    note = searcher.stale()
+    if note:
+        print(note, file=sys.stderr)
+    vector = query_vector(pool, args.space, uid=args.uid, text=args.text, image=args.image)
+    hits = search(pool, vector, k=args.k, where=args.where, space=args.space, searcher=searcher)
+    if args.json:
+        for row in hits.to_pylist():
+            print(json.dumps(row))
+        return 0
+    for row in hits.to_pylist():
+        caption = (row["caption"] or "").replace("\n", " ")
+        print(f"{row['rank']:>3}  {row['score']:.4f}  {row['uid']}  {caption[:100]}")
+    return 0
+
+
 def _print_stats(pool: Pool) -> int:
     from pipeline.query import format_stats, stats
 
@@ -496,6 +531,30 @@ def cmd_query(args: argparse.Namespace) -> int:
         for row in table.to_pylist():
             print(json.dumps(row, default=str))
     return 0
+
+
+def _add_index_commands(sub: Any) -> None:
+    """``index`` and ``search``: nearest-neighbour search over the pool's embeddings."""
+    p = sub.add_parser("index", help="build or update a faiss index of the pool's embeddings")
+    p.add_argument("pool")
+    p.add_argument("--space", default="image", choices=("image", "caption"))
+    p.add_argument("--exact-below", type=int, default=50_000, help="an exact index up to this many vectors")
+    p.add_argument("--config", help="a config whose engine builds it (default: the local engine)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--wait", action="store_true", help="wait for another writer of the pool instead of refusing")
+    p.set_defaults(fn=cmd_index)
+    p = sub.add_parser("search", help="the samples nearest a sample, a text or an image (read-only)")
+    p.add_argument("pool")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--uid")
+    what.add_argument("--text")
+    what.add_argument("--image")
+    p.add_argument("-k", type=int, default=20)
+    p.add_argument("--where", help="SQL over the samples view: only samples it selects")
+    p.add_argument("--space", default="image", choices=("image", "caption"))
+    p.add_argument("--nprobe", type=int, default=32, help="inverted lists visited (an IVF index)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_search)
 
 
 def _add_stage_commands(sub: Any) -> None:
@@ -619,6 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="curate", description="Curate CLIP training sets.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_stage_commands(sub)
+    _add_index_commands(sub)
     _add_export_command(sub)
     _add_other_commands(sub)
     return parser
