@@ -131,7 +131,7 @@ def build_pool(root: Path, rows: int, seed: int = 0) -> None:
     pool = Pool(root)
     shards = (rows + PER_SHARD - 1) // PER_SHARD
     plan = {"num_shards": shards, "samples_per_shard": PER_SHARD, "num_rows": rows, "source": "synthetic",
-            "source_rows": rows, "duplicates_dropped": 0}  # fmt: skip
+            "source_rows": rows, "duplicates_dropped": 0, "download_attempts": True}  # fmt: skip
     write_json_atomic(pool.plan_path, plan)
     embed_schema, caption_schema = S.embed_schema(DIM), S.caption_embed_schema(DIM)
     for shard in range(shards):
@@ -155,7 +155,7 @@ def build_pool(root: Path, rows: int, seed: int = 0) -> None:
             S.CAPTION: caps, S.STATUS: np.where(ok, S.STATUS_SUCCESS, S.STATUS_FAILED_DOWNLOAD).tolist(),
             S.ERROR: pa.nulls(n, pa.string()), S.WIDTH: pa.array(w, mask=~ok), S.HEIGHT: pa.array(h, mask=~ok),
             S.ORIGINAL_WIDTH: pa.array(w, mask=~ok), S.ORIGINAL_HEIGHT: pa.array(h, mask=~ok),
-            S.SHA256: pa.array(sha, mask=~ok),
+            S.SHA256: pa.array(sha, mask=~ok), S.ATTEMPTS: pa.array(np.ones(n, np.int32)),
         }, schema=S.DOWNLOAD_SCHEMA)  # fmt: skip
         pool.write_table("download", shard, download)
         _tar(pool.shard_tar(shard), keys, uids, ok)

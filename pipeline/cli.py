@@ -13,6 +13,7 @@ curate query POOL SQL | --name NAME [--config CONFIG] [--format table|csv|json]
 curate stats POOL [--json]
 curate index POOL [--space image|caption]   a faiss index of the pool's embeddings (incremental)
 curate search POOL (--uid U | --text T | --image FILE) [-k 20] [--where SQL]   nearest samples
+curate browse POOL [--port 8765] [--host 127.0.0.1] [--token T]   a read-only web app over the pool
 """
 
 from __future__ import annotations
@@ -453,6 +454,14 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_browse(args: argparse.Namespace) -> int:
+    from pipeline.browse import serve
+
+    pool = _existing_pool(args.pool)
+    serve(pool, host=args.host, port=args.port, token=args.token)
+    return 0
+
+
 def _print_stats(pool: Pool) -> int:
     from pipeline.query import format_stats, stats
 
@@ -555,6 +564,12 @@ def _add_index_commands(sub: Any) -> None:
     p.add_argument("--nprobe", type=int, default=32, help="inverted lists visited (an IVF index)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_search)
+    p = sub.add_parser("browse", help="a read-only web app over the pool: samples, drops, duplicates, clusters")
+    p.add_argument("pool")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--host", default="127.0.0.1", help="another host than loopback requires a token")
+    p.add_argument("--token", help="the token requests must carry (default on a non-loopback host: a new one)")
+    p.set_defaults(fn=cmd_browse)
 
 
 def _add_stage_commands(sub: Any) -> None:

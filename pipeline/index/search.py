@@ -95,9 +95,8 @@ def query_vector(pool: Pool, space: str, uid: str | None = None, text: str | Non
     stage, column = SPACES[space]
     if uid is not None:
         from pipeline.core.vectors import as_float32
-        from pipeline.query import connect
 
-        con = connect(pool, confined=True)
+        con = connect(pool)
         try:
             found = con.execute(f"select shard from {stage} where uid = ?", [uid]).fetchall()
         finally:
@@ -145,16 +144,17 @@ def _encoded(pool: Pool, stage: str, text: str | None, image: str | None) -> np.
 
 
 def search(pool: Pool, vector: np.ndarray, k: int = 20, where: str | None = None, space: str = "image",
-           searcher: Searcher | None = None) -> pa.Table:  # fmt: skip
+           searcher: Searcher | None = None, con: Any = None) -> pa.Table:  # fmt: skip
     """The ``k`` nearest samples to ``vector`` that ``where`` selects: ``rank``, ``uid``, ``score``
-    (cosine similarity), ``caption``."""
-    from pipeline.query import connect
+    (cosine similarity), ``caption``. ``searcher`` and ``con`` (a confined connection,
+    :func:`connect`): an opened index and connection to reuse across queries."""
     from pipeline.sqlsafe import check_expression
 
     searcher = searcher or Searcher(pool, space)
     if where is not None:
         check_expression(where, "--where")
-    con = connect(pool, confined=True)
+    own = con is None
+    con = connect(pool) if own else con
     try:
         ask, total = k if where is None else 4 * k, searcher.index.ntotal
         while True:
@@ -167,10 +167,18 @@ def search(pool: Pool, vector: np.ndarray, k: int = 20, where: str | None = None
             ask = min(4 * ask, total)
         captions = _captions(con, [u for u, _ in hits])
     finally:
-        con.close()
+        if own:
+            con.close()
     return pa.table({"rank": pa.array(range(1, len(hits) + 1), pa.int32()), S.UID: [u for u, _ in hits],
                      "score": pa.array([s for _, s in hits], pa.float32()),
                      S.CAPTION: [captions.get(u) for u, _ in hits]})  # fmt: skip
+
+
+def connect(pool: Pool) -> Any:
+    """The pool's views on a confined connection (user SQL runs on it: :func:`pipeline.query.connect`)."""
+    from pipeline.query import connect as views
+
+    return views(pool, confined=True)
 
 
 def _selected(con: Any, uids: list[str], where: str | None) -> set[str]:
