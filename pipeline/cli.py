@@ -427,7 +427,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     pool = _existing_pool(args.pool)
     with _locked(args, pool):
         manifest = build_index(pool, _engine(args.config, pool, args.workers), args.space,
-                               exact_below=args.exact_below)  # fmt: skip
+                               exact_below=args.exact_below, segment_rows=args.segment_rows)  # fmt: skip
     kind = manifest["factory"] or "exact (flat)"
     print(f"{args.space} index of {pool.root}: {manifest['rows']} vectors in {len(manifest['shards'])} shard(s), "
           f"{kind}; encoded {len(manifest['encoded'])} shard(s) this run")  # fmt: skip
@@ -548,6 +548,8 @@ def _add_index_commands(sub: Any) -> None:
     p.add_argument("pool")
     p.add_argument("--space", default="image", choices=("image", "caption"))
     p.add_argument("--exact-below", type=int, default=50_000, help="an exact index up to this many vectors")
+    p.add_argument("--segment-rows", type=int, default=1_000_000,
+                   help="vectors per merged segment (a merge task's memory: about this many times dim bytes)")
     p.add_argument("--config", help="a config whose engine builds it (default: the local engine)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--wait", action="store_true", help="wait for another writer of the pool instead of refusing")

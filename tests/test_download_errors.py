@@ -12,6 +12,7 @@ import socket
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from pipeline.devserver import DemoImageServer, fails, kind_of, token_for
 from pipeline.download import run_download
@@ -85,28 +86,44 @@ def test_a_healthy_run_is_not_warned_about(tmp_path, image_server, caplog):
     assert not [r for r in caplog.records if "succeeded" in r.getMessage()]
 
 
-def test_a_trickling_server_ends_as_stalled_within_the_deadline(tmp_path, image_server):
+@pytest.mark.parametrize(("limits", "said"), [({"deadline": 2.0}, "download.deadline (2 s)"),
+                                              ({"deadline": None, "shard_time_limit": 3.0},
+                                               "download.shard_time_limit")])  # fmt: skip
+def test_a_trickling_server_ends_as_stalled_within_the_limit(tmp_path, image_server, limits, said):
     """Each read of a trickling answer gets bytes within ``timeout``, so only the whole-response
-    deadline ends it: the rows are ``stalled``, the others download, and the run finishes."""
+    deadline, or the shard's time limit, ends it: the rows are ``stalled``, the others download,
+    every sample in the tar is one the table says succeeded, and the run finishes."""
+    import tarfile
     import time
+
+    from pipeline.devserver import image_bytes
 
     rows = laion_rows(40, offset=9500)
     listed = rows["url"].to_pylist()
-    trickle = {3, 17, 29}
+    # three whose image takes over 10 s at 64 bytes per 0.1 s
+    trickle = set(sorted(i for i, u in enumerate(listed) if len(image_bytes(int(token_for(u), 16))) > 6400)[:3])
+    assert len(trickle) == 3
     urls = [f"{image_server.base_url}/trickle/{token_for(u)}.jpg" if i in trickle else image_server.url_for(u)
             for i, u in enumerate(listed)]  # fmt: skip
     pq.write_table(pa.table({"url": urls, "caption": rows["caption"]}), tmp_path / "u.parquet")
-    cfg = make_config(tmp_path / "pool", tmp_path / "u.parquet", samples_per_shard=20, timeout=1.0, deadline=2.0)
+    cfg = make_config(tmp_path / "pool", tmp_path / "u.parquet", samples_per_shard=20, timeout=1.0, **limits)
     start = time.monotonic()
     run_download(Pool(cfg.pool), cfg.download, LocalEngine(2), progress=False)
     took = time.monotonic() - start
     con = connect(Pool(cfg.pool))
-    sql = "select url, status, error_class, error_message from download"
-    got = {u: (s, c, e) for u, s, c, e in con.execute(sql).fetchall()}
+    got = {u: (s, c, e) for u, s, c, e in con.execute("select url, status, error_class, error_message "
+                                                      "from download").fetchall()}  # fmt: skip
+    ok = {(shard, key) for shard, key in con.execute("select shard, key from download where status = 'success'")
+          .fetchall()}  # fmt: skip
     con.close()
     for i in trickle:
         status, cls, message = got[urls[i]]
-        assert (status, cls) == ("failed_to_download", "stalled") and "download.deadline (2 s)" in message
+        assert (status, cls) == ("failed_to_download", "stalled") and said in message
     normal = [got[u] for i, u in enumerate(urls) if i not in trickle and kind_of(token_for(listed[i])) == "ok"]
     assert normal and all(s == "success" for s, _, _ in normal)
     assert took < 30  # a trickled image takes minutes at 64 bytes per 0.1 s
+    in_tars = set()
+    for shard in (0, 1):
+        with tarfile.open(Pool(cfg.pool).root / "shards" / f"{shard:05d}.tar") as tar:
+            in_tars |= {(shard, m.name.split(".")[0]) for m in tar}
+    assert in_tars == ok

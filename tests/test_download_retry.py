@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import tarfile
-import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -199,33 +198,3 @@ def test_retry_after_is_honoured_within_its_bound(tmp_path):
         assert second - first >= 1.0  # the server's own clock: it asked for 1 s
     assert {s for (s,) in _table(Pool(cfg.pool), "select status from download")} == {"success"}
     assert {c for (c,) in _table(Pool(off.pool), "select error_class from download")} == {"http_429"}
-
-
-def test_a_shard_time_limit_ends_a_trickling_shard_as_stalled(tmp_path, image_server):
-    from pipeline.devserver import image_bytes
-
-    rows = laion_rows(20, offset=9600)
-    listed = rows["url"].to_pylist()
-    # two whose image takes over 10 s at 64 bytes per 0.1 s
-    trickle = {i for i, u in enumerate(listed) if len(image_bytes(int(token_for(u), 16))) > 6400}
-    trickle = set(sorted(trickle)[:2])
-    assert len(trickle) == 2
-    urls = [f"{image_server.base_url}/trickle/{token_for(u)}.jpg" if i in trickle else image_server.url_for(u)
-            for i, u in enumerate(listed)]  # fmt: skip
-    pq.write_table(pa.table({"url": urls, "caption": rows["caption"]}), tmp_path / "u.parquet")
-    cfg = make_config(tmp_path / "pool", tmp_path / "u.parquet", samples_per_shard=20, timeout=1.0, deadline=None,
-                      shard_time_limit=3.0)  # fmt: skip
-    start = time.monotonic()
-    run_download(Pool(cfg.pool), cfg.download, LocalEngine(1), progress=False)
-    took = time.monotonic() - start
-    got = {u: (s, c, e) for u, s, c, e in _table(Pool(cfg.pool), "select url, status, error_class, error_message "
-                                                              "from download")}  # fmt: skip
-    for i in trickle:
-        status, cls, message = got[urls[i]]
-        assert (status, cls) == ("failed_to_download", "stalled") and "download.shard_time_limit" in message
-    normal = [got[u] for i, u in enumerate(urls) if i not in trickle and kind_of(token_for(listed[i])) == "ok"]
-    assert normal and all(s == "success" for s, _, _ in normal)
-    assert took < 20  # a trickled image takes minutes at 64 bytes per 0.1 s
-    with tarfile.open(Pool(cfg.pool).root / "shards" / "00000.tar") as tar:
-        in_tar = {m.name.split(".")[0] for m in tar}
-    assert in_tar == {k for (k,) in _table(Pool(cfg.pool), "select key from download where status = 'success'")}

@@ -121,3 +121,22 @@ def test_curate_index_and_search_from_the_command_line(pool, capsys):
     assert main(["search", str(pool.root), "--uid", uid, "-k", "5", "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(rows) == 5 and rows[0]["uid"] == uid and [r["rank"] for r in rows] == [1, 2, 3, 4, 5]
+
+
+def test_segments_search_as_one_index_and_only_a_changed_segment_is_merged_again(pool):
+    whole = build_index(pool, LocalEngine(2), exact_below=0, progress=False)
+    uids, _ = _stored(pool)
+    queries = [query_vector(pool, "image", uid=u) for u in uids[::25]]
+    one = [search(pool, q, k=10)["uid"].to_pylist() for q in queries]
+    shutil.rmtree(pool.root / "index")
+    cut = build_index(pool, LocalEngine(2), exact_below=0, segment_rows=100, progress=False)
+    assert [s["shards"] for s in cut["segments"]] == [[0], [1], [2, 3]]  # shard 3: the ftp row, no vector
+    assert cut["rows"] == whole["rows"]
+    many = [search(pool, q, k=10)["uid"].to_pylist() for q in queries]
+    assert many == one  # each segment's best, merged: what one index over every shard finds
+    marker = pool.marker_path("embed", 2)  # shard 2 re-embedded under another digest
+    record = json.loads(marker.read_text())
+    record["config_hash"] = "another-model"
+    marker.write_text(json.dumps(record))
+    again = build_index(pool, LocalEngine(2), exact_below=0, segment_rows=100, progress=False)
+    assert again["encoded"] == [2] and again["merged"] == [2]

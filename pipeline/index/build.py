@@ -18,9 +18,10 @@ in the download table's order); ``ids/{shard}.parquet`` maps positions back to u
 
 What a build depends on is recorded in ``index.json``: per shard, the version of its embeddings
 (the embed marker's digest and its table's sha256), and the trained quantizer's digest. A re-run
-encodes again only the shards whose embeddings changed or are new (a grown pool), reusing the
-trained quantizer while the pool's size asks for about the same number of lists (within 2x);
-otherwise it trains again and re-encodes every shard. The merged files are written under new names,
+encodes again only the shards whose embeddings changed or are new (a grown pool), and merges again
+only the segments holding them, reusing the trained quantizer while the pool's size asks for about
+the same number of lists (within 2x); otherwise it trains again and re-encodes every shard. The
+merged files are written under new names (a segment's digest),
 ``index.json`` is replaced last, and only then are the files of the previous build deleted, each
 by the name ``index.json`` listed (or had announced as ``pending`` before a killed build made them).
 """
@@ -49,6 +50,7 @@ from pipeline.store.parquet import Pool, shard_name, write_json_atomic, write_pa
 # a space: the stage whose table holds the vectors, and the column
 SPACES = {"image": ("embed", S.IMAGE_EMBEDDING), "caption": ("caption_embed", S.CAPTION_EMBEDDING)}
 EXACT_BELOW = 50_000  # vectors: an exact index up to this many (at most 200 MB of float32 at 1024 dims)
+SEGMENT_ROWS = 1_000_000  # vectors per merged segment (its merge maps about 1 GB at 512 dims)
 MAX_TRAIN = 100_000  # vectors in the training sample (fixed: the driver's memory does not grow with the pool)
 ID_SHIFT = 32
 
@@ -136,11 +138,12 @@ def _part_task(pool_root: str, space: str, kind: str, shard: int) -> int:
 
 
 def build_index(pool: Pool, engine: Any, space: str = "image", exact_below: int = EXACT_BELOW,
-                progress: bool = True) -> dict[str, Any]:  # fmt: skip
+                segment_rows: int = SEGMENT_ROWS, progress: bool = True) -> dict[str, Any]:  # fmt: skip
     """Build or bring up to date the ``space`` index of ``pool`` (module docstring).
 
     Returns:
-        The index's manifest (``index.json``), with ``encoded``: the shards encoded by this run.
+        The index's manifest (``index.json``), with ``encoded``: the shards encoded by this run, and
+        ``merged``: the segments merged by it.
 
     Raises:
         IndexUnavailable: the pool has no finished shard of the space's stage.
@@ -169,19 +172,44 @@ def build_index(pool: Pool, engine: Any, space: str = "image", exact_below: int 
     sizes = {int(s): n for s, n in (old.get("sizes") or {}).items() if reuse}
     sizes.update(counts)
     sizes = {s: sizes[s] for s in versions}
-    digest = hashlib.sha256(json.dumps([trained["digest"], versions], sort_keys=True).encode()).hexdigest()[:16]
-    files = _merged_files(kind, digest)
+    segments = _segments(kind, trained["digest"], versions, sizes, segment_rows)
+    files = [f for seg in segments for f in seg["files"]]
+    digest = hashlib.sha256(json.dumps([seg["digest"] for seg in segments]).encode()).hexdigest()[:16]
     manifest = {"space": space, "stage": stage, "column": column, "kind": kind, "dim": dim, "model": model,
                 "trained": trained["digest"], "nlist": trained.get("nlist"), "factory": trained.get("factory"),
-                "trained_rows": trained.get("trained_rows"),
-                "digest": digest, "rows": int(sum(sizes.values())), "shards": {str(s): v for s, v in versions.items()},
-                "sizes": {str(s): n for s, n in sizes.items()}, "files": files, "built_at": time.time()}  # fmt: skip
-    if old.get("digest") != digest or not all((folder / f).exists() for f in files):
+                "trained_rows": trained.get("trained_rows"), "digest": digest, "rows": int(sum(sizes.values())),
+                "shards": {str(s): v for s, v in versions.items()}, "sizes": {str(s): n for s, n in sizes.items()},
+                "segments": segments, "files": files, "built_at": time.time()}  # fmt: skip
+    todo = [i for i, seg in enumerate(segments) if not all((folder / f).exists() for f in seg["files"])]
+    if todo:
         write_json_atomic(folder / "index.json", {**old, "pending": files})  # a killed build's files are ours
-        _merge(folder, kind, list(versions), files, dim)
+        merge = functools.partial(_merge_segment, str(folder), kind, dim, segments)
+        runner.collect(engine, merge, todo, desc=f"index {space} merge", progress=progress)
     write_json_atomic(folder / "index.json", manifest)
     _remove_unlisted(folder, old, manifest, versions)
-    return {**manifest, "encoded": due}
+    return {**manifest, "encoded": due, "merged": todo}
+
+
+def _segments(kind: str, trained: str, versions: dict[int, str], sizes: dict[int, int],
+              segment_rows: int) -> list[dict[str, Any]]:  # fmt: skip
+    """The shards in order, cut into segments of at most ``segment_rows`` vectors (a shard larger
+    than that alone); a flat index is one segment. Each segment's files are named by its digest
+    (the trained quantizer and its shards' versions), so only a segment whose shards changed, or a
+    new one, is merged again."""
+    groups: list[list[int]] = [[]]
+    held = 0
+    for shard in versions:
+        if kind == "ivf" and groups[-1] and held + sizes[shard] > segment_rows:
+            groups.append([])
+            held = 0
+        groups[-1].append(shard)
+        held += sizes[shard]
+    out = []
+    for shards in groups:
+        digest = hashlib.sha256(json.dumps([trained, [(s, versions[s]) for s in shards]]).encode()).hexdigest()[:16]
+        files = [f"seg-{digest}.index", f"seg-{digest}.ivfdata"] if kind == "ivf" else [f"flat-{digest}.index"]
+        out.append({"shards": shards, "digest": digest, "files": files})
+    return out
 
 
 def _trained(pool: Pool, engine: Any, old: dict[str, Any], kind: str, rows: int, dim: int, model: str,
@@ -221,33 +249,32 @@ def _trained(pool: Pool, engine: Any, old: dict[str, Any], kind: str, rows: int,
 SPACES_BY_STAGE = {stage: space for space, (stage, _) in SPACES.items()}
 
 
-def _merged_files(kind: str, digest: str) -> list[str]:
-    return [f"merged-{digest}.index", f"merged-{digest}.ivfdata"] if kind == "ivf" else [f"flat-{digest}.index"]
-
-
-def _merge(folder: Path, kind: str, shards: list[int], files: list[str], dim: int) -> None:
-    """The searchable index from the parts: IVF parts merged into inverted lists on disk, or the
+def _merge_segment(folder: str, kind: str, dim: int, segments: list[dict[str, Any]], i: int) -> int:
+    """One segment's searchable index from its shards' parts (an engine task: its memory is the
+    segment's, set by ``segment_rows``): the IVF parts merged into inverted lists on disk, or the
     flat index's vectors added from the id files."""
     import faiss
 
+    base, seg = Path(folder), segments[i]
     if kind == "ivf":
         from faiss.contrib.ondisk import merge_ondisk
 
-        index = faiss.read_index(str(folder / "trained.index"))
+        index = faiss.read_index(str(base / "trained.index"))
         with faiss_quiet():
-            merge_ondisk(index, [str(folder / "parts" / f"{shard_name(s)}.index") for s in shards],
-                         str(folder / files[1]))  # fmt: skip
-            faiss.write_index(index, str(folder / files[0]))
-        return
+            merge_ondisk(index, [str(base / "parts" / f"{shard_name(s)}.index") for s in seg["shards"]],
+                         str(base / seg["files"][1]))  # fmt: skip
+            faiss.write_index(index, str(base / seg["files"][0]))
+        return int(index.ntotal)
     index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-    for shard in shards:
-        table = pq.read_table(folder / "ids" / f"{shard_name(shard)}.parquet", columns=["id", "vector"])
+    for shard in seg["shards"]:
+        table = pq.read_table(base / "ids" / f"{shard_name(shard)}.parquet", columns=["id", "vector"])
         if table.num_rows:
             x = S.vectors(table["vector"].combine_chunks()).astype(np.float32)
             index.add_with_ids(np.ascontiguousarray(x), table["id"].to_numpy())
-    tmp = folder / f".{files[0]}.tmp"
+    tmp = base / f".{seg['files'][0]}.tmp"
     faiss.write_index(index, str(tmp))
-    os.replace(tmp, folder / files[0])
+    os.replace(tmp, base / seg["files"][0])
+    return int(index.ntotal)
 
 
 def _remove_pending(folder: Path, old: dict[str, Any]) -> None:

@@ -48,13 +48,17 @@ class Searcher:
             raise IndexUnavailable(f"{pool.root}: no {space} index; run `curate index {pool.root}` first")
         self.pool, self.space, self.manifest = pool, space, manifest
         folder = index_dir(pool, space)
-        path = str(folder / manifest["files"][0])
-        if manifest["kind"] == "ivf":  # the inverted lists stay on disk, memory-mapped beside the index file
-            with faiss_quiet():
-                self.index = faiss.read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR)
-            faiss.extract_index_ivf(self.index).nprobe = nprobe
-        else:
-            self.index = faiss.read_index(path)
+        self.segments = []
+        for segment in manifest.get("segments") or [{"files": manifest["files"]}]:
+            path = str(folder / segment["files"][0])
+            if manifest["kind"] == "ivf":  # the inverted lists stay on disk, memory-mapped beside the index file
+                with faiss_quiet():
+                    index = faiss.read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR)
+                faiss.extract_index_ivf(index).nprobe = nprobe
+            else:
+                index = faiss.read_index(path)
+            self.segments.append(index)
+        self.ntotal = sum(index.ntotal for index in self.segments)
         self._uids: dict[int, pa.Array] = {}
 
     def stale(self) -> str | None:
@@ -85,8 +89,14 @@ class Searcher:
         """The ``k`` nearest indexed vectors (inner product of unit vectors) of each row of ``x``."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-        scores, ids = self.index.search(x, min(k, self.index.ntotal))
-        return ids, scores
+        k = max(1, min(k, self.ntotal))
+        found = [index.search(x, k) for index in self.segments]
+        if len(found) == 1:
+            return found[0][1], found[0][0]
+        scores = np.concatenate([f[0] for f in found], axis=1)  # each segment's best k, then the best of them
+        ids = np.concatenate([f[1] for f in found], axis=1)
+        best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(ids, best, axis=1), np.take_along_axis(scores, best, axis=1)
 
 
 def query_vector(pool: Pool, space: str, uid: str | None = None, text: str | None = None,
@@ -156,22 +166,29 @@ def search(pool: Pool, vector: np.ndarray, k: int = 20, where: str | None = None
     own = con is None
     con = connect(pool) if own else con
     try:
-        ask, total = k if where is None else 4 * k, searcher.index.ntotal
+        ask, total = k if where is None else 4 * k, searcher.ntotal
         while True:
             ids, scores = searcher.search(vector, ask)
-            found = [(u, float(s)) for u, s in zip(searcher.uids(ids[0]), scores[0], strict=True) if u is not None]
-            kept = _selected(con, [u for u, _ in found], where)
-            hits = [(u, s) for u, s in found if u in kept][:k]
+            found = [(u, float(sc), int(i) >> ID_SHIFT) for u, sc, i in
+                     zip(searcher.uids(ids[0]), scores[0], ids[0], strict=True) if u is not None]  # fmt: skip
+            kept = _selected(con, found, where)
+            hits = [hit for hit in found if hit[0] in kept][:k]
             if len(hits) >= k or ask >= total:
                 break
             ask = min(4 * ask, total)
-        captions = _captions(con, [u for u, _ in hits])
+        captions = _captions(con, hits)
     finally:
         if own:
             con.close()
-    return pa.table({"rank": pa.array(range(1, len(hits) + 1), pa.int32()), S.UID: [u for u, _ in hits],
-                     "score": pa.array([s for _, s in hits], pa.float32()),
-                     S.CAPTION: [captions.get(u) for u, _ in hits]})  # fmt: skip
+    return pa.table({"rank": pa.array(range(1, len(hits) + 1), pa.int32()), S.UID: [h[0] for h in hits],
+                     "score": pa.array([h[1] for h in hits], pa.float32()),
+                     S.CAPTION: [captions.get(h[0]) for h in hits]})  # fmt: skip
+
+
+def _in_shards(hits: list[tuple[str, float, int]]) -> str:
+    """``shard in (...)`` of the hits' shards (whole numbers from the index's ids): DuckDB then reads
+    only those shards' files, by their statistics, instead of the whole pool."""
+    return f"shard in ({', '.join(str(s) for s in sorted({h[2] for h in hits}) or [-1])})"
 
 
 def connect(pool: Pool) -> Any:
@@ -181,26 +198,22 @@ def connect(pool: Pool) -> Any:
     return views(pool, confined=True)
 
 
-def _selected(con: Any, uids: list[str], where: str | None) -> set[str]:
+def _selected(con: Any, hits: list[tuple[str, float, int]], where: str | None) -> set[str]:
     if where is None:
-        return set(uids)
+        return {h[0] for h in hits}
     import duckdb
 
     from pipeline.errors import UserError
 
-    con.register("_wanted", pa.table({S.UID: pa.array(uids, pa.string())}))
     try:
-        rows = con.execute(f"select uid from samples where uid in (select uid from _wanted) and ({where})").fetchall()
+        rows = con.execute(f"select uid from samples where {_in_shards(hits)} and uid in (select unnest(?)) "
+                           f"and ({where})", [[h[0] for h in hits]]).fetchall()  # fmt: skip
     except duckdb.Error as exc:
         raise UserError(f"--where {where!r}: {str(exc).splitlines()[0]}") from None
-    finally:
-        con.unregister("_wanted")
-    return {u for u, in rows}
+    return {u for (u,) in rows}
 
 
-def _captions(con: Any, uids: list[str]) -> dict[str, str | None]:
-    con.register("_hits", pa.table({S.UID: pa.array(uids, pa.string())}))
-    try:
-        return dict(con.execute("select uid, caption from samples where uid in (select uid from _hits)").fetchall())
-    finally:
-        con.unregister("_hits")
+def _captions(con: Any, hits: list[tuple[str, float, int]]) -> dict[str, str | None]:
+    rows = con.execute(f"select uid, caption from download where {_in_shards(hits)} and uid in (select unnest(?))",
+                       [[h[0] for h in hits]]).fetchall()  # fmt: skip
+    return dict(rows)
