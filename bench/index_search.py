@@ -50,15 +50,16 @@ def _queries(pool, n: int):  # type: ignore[no-untyped-def]
     return np.concatenate(rows)[:n]
 
 
-def run_build(root: Path) -> dict:
+def run_build(root: Path, segment_rows: int) -> dict:
     from pipeline.engines.local import LocalEngine
     from pipeline.index import build_index
     from pipeline.store.parquet import Pool
 
     start = time.perf_counter()
-    manifest = build_index(Pool(root), LocalEngine(2), progress=False)
+    manifest = build_index(Pool(root), LocalEngine(2), segment_rows=segment_rows, progress=False)
     return {"seconds": time.perf_counter() - start, "factory": manifest["factory"], "rows": manifest["rows"],
-            "nlist": manifest["nlist"]}  # fmt: skip
+            "nlist": manifest["nlist"], "segments": len(manifest["segments"]),
+            "segment_rows": segment_rows}  # fmt: skip
 
 
 def run_search(root: Path, queries: int) -> dict:
@@ -114,14 +115,15 @@ def run_recall(root: Path, queries: int) -> dict:
     return out
 
 
-def measure(mode: str, root: Path, queries: int) -> dict:
+def measure(mode: str, root: Path, queries: int, segment_rows: int) -> dict:
     """Run ``mode`` in a fresh process; its result, its own peak and its largest worker's."""
     out = root.parent / f".{mode}.json"
     if mode == "build":  # from no index: the bench's own pool
         import shutil
 
         shutil.rmtree(root / "index" / "image", ignore_errors=True)
-    cmd = [sys.executable, __file__, "--child", mode, "--pool", str(root), "--queries", str(queries), "--out", str(out)]
+    cmd = [sys.executable, __file__, "--child", mode, "--pool", str(root), "--queries", str(queries), "--out", str(out),
+           "--segment-rows", str(segment_rows)]  # fmt: skip
     proc = subprocess.Popen(cmd)
     with Peaks([proc.pid], lambda p, first: None if first else "workers") as peaks:
         proc.wait()
@@ -139,26 +141,29 @@ def main() -> None:
     ap.add_argument("--recall-size", type=int, default=100_000)
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--segment-rows", type=int, default=1_000_000)
+    ap.add_argument("--modes", nargs="+", default=["build", "search"], choices=("build", "search"))
     ap.add_argument("--child", choices=("build", "search", "recall"), help=argparse.SUPPRESS)
     ap.add_argument("--pool", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        fn = {"build": lambda: run_build(args.pool), "search": lambda: run_search(args.pool, args.queries),
+        fn = {"build": lambda: run_build(args.pool, args.segment_rows),
+              "search": lambda: run_search(args.pool, args.queries),
               "recall": lambda: run_recall(args.pool, args.queries)}[args.child]  # fmt: skip
         result = fn()
         args.out.write_text(json.dumps({**result, "peak_rss_gib": round(peak_gib(), 3)}))
         return
     from bench.scale import build_pool
 
-    jobs = [(size, mode) for size in args.sizes for mode in ("build", "search")]
+    jobs = [(size, mode) for size in args.sizes for mode in args.modes]
     if args.recall_size:
         jobs = [(args.recall_size, "build"), (args.recall_size, "recall"), *jobs]
     for size, mode in jobs:
         root = args.work / str(size) / "pool"
         if not (root / "input" / "plan.json").exists():
             build_pool(root, size)
-        line = {"size": size, "step": mode, **measure(mode, root, args.queries)}
+        line = {"size": size, "step": mode, **measure(mode, root, args.queries, args.segment_rows)}
         print(json.dumps(line), flush=True)
         if args.json:
             with args.json.open("a") as f:

@@ -270,6 +270,24 @@ def report_file(b: Browser, name: str) -> tuple[bytes, str] | None:
     return path.read_bytes(), kinds.get(path.suffix, "application/octet-stream")
 
 
+def _guard(token: str) -> Any:
+    """The middleware that refuses a request without ``token`` (a cookie once it was given)."""
+    from fastapi import Request
+    from fastapi.responses import Response
+
+    async def guard(request: Request, call_next: Any) -> Any:
+        given = (request.query_params.get("token") or request.cookies.get(COOKIE)
+                 or request.headers.get("authorization", "").removeprefix("Bearer "))  # fmt: skip
+        if not given or not hmac.compare_digest(given, token):
+            return Response("a token is required (printed when the browser started)", status_code=401)
+        response = await call_next(request)
+        if request.query_params.get("token"):
+            response.set_cookie(COOKIE, token, httponly=True, samesite="strict")
+        return response
+
+    return guard
+
+
 def make_app(pool: Pool, token: str | None = None) -> Any:
     """The FastAPI app over ``pool``; with ``token``, every request must carry it."""
     import contextlib
@@ -286,18 +304,8 @@ def make_app(pool: Pool, token: str | None = None) -> Any:
 
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
 
-    async def guard(request: Request, call_next: Any) -> Any:
-        given = (request.query_params.get("token") or request.cookies.get(COOKIE)
-                 or request.headers.get("authorization", "").removeprefix("Bearer "))  # fmt: skip
-        if not given or not hmac.compare_digest(given, token):
-            return Response("a token is required (printed when the browser started)", status_code=401)
-        response = await call_next(request)
-        if request.query_params.get("token"):
-            response.set_cookie(COOKIE, token, httponly=True, samesite="strict")
-        return response
-
     if token is not None:  # on loopback without a token, no per-request cost
-        app.middleware("http")(guard)
+        app.middleware("http")(_guard(token))
 
     @app.exception_handler(UserError)
     async def user_error(request: Request, exc: UserError) -> Any:

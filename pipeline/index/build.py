@@ -257,12 +257,10 @@ def _merge_segment(folder: str, kind: str, dim: int, segments: list[dict[str, An
 
     base, seg = Path(folder), segments[i]
     if kind == "ivf":
-        from faiss.contrib.ondisk import merge_ondisk
-
         index = faiss.read_index(str(base / "trained.index"))
         with faiss_quiet():
-            merge_ondisk(index, [str(base / "parts" / f"{shard_name(s)}.index") for s in seg["shards"]],
-                         str(base / seg["files"][1]))  # fmt: skip
+            _merge_ondisk(index, [str(base / "parts" / f"{shard_name(s)}.index") for s in seg["shards"]],
+                          str(base / seg["files"][1]))  # fmt: skip
             faiss.write_index(index, str(base / seg["files"][0]))
         return int(index.ntotal)
     index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
@@ -275,6 +273,27 @@ def _merge_segment(folder: str, kind: str, dim: int, segments: list[dict[str, An
     faiss.write_index(index, str(tmp))
     os.replace(tmp, base / seg["files"][0])
     return int(index.ntotal)
+
+
+def _merge_ondisk(index: Any, parts: list[str], ivfdata: str) -> None:
+    """faiss's ``contrib.ondisk.merge_ondisk``, except that the parts' memory-mapped inverted lists
+    are released afterwards: faiss's helper disowns them (``own_invlists = False``), so in an engine
+    worker that merges several segments their mappings accumulate (the worker's peak grew with the
+    pool: 0.69 GiB at 1M, 1.38 GiB at 4M, 250k-vector segments). Here the parts stay owned by their
+    indexes, alive until the merge is done, and are unmapped when those go."""
+    import faiss
+
+    opened = [faiss.read_index(path, faiss.IO_FLAG_MMAP) for path in parts]
+    lists = faiss.InvertedListsPtrVector()
+    for part in opened:
+        lists.push_back(faiss.extract_index_ivf(part).invlists)
+    ivf = faiss.extract_index_ivf(index)
+    merged = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, ivfdata)
+    ntotal = merged.merge_from_multiple(lists.data(), lists.size(), False)
+    index.ntotal = ivf.ntotal = ntotal
+    ivf.replace_invlists(merged, True)
+    merged.this.disown()  # the index owns it now
+    del lists, opened
 
 
 def _remove_pending(folder: Path, old: dict[str, Any]) -> None:
