@@ -87,7 +87,7 @@ def test_a_healthy_run_is_not_warned_about(tmp_path, image_server, caplog):
 
 
 @pytest.mark.parametrize(("limits", "said"), [({"deadline": 2.0}, "download.deadline (2 s)"),
-                                              ({"deadline": None, "shard_time_limit": 3.0},
+                                              ({"deadline": None, "shard_time_limit": 4.0},
                                                "download.shard_time_limit")])  # fmt: skip
 def test_a_trickling_server_ends_as_stalled_within_the_limit(tmp_path, image_server, limits, said):
     """Each read of a trickling answer gets bytes within ``timeout``, so only the whole-response
@@ -120,7 +120,7 @@ def test_a_trickling_server_ends_as_stalled_within_the_limit(tmp_path, image_ser
         status, cls, message = got[urls[i]]
         assert (status, cls) == ("failed_to_download", "stalled") and said in message
     normal = [got[u] for i, u in enumerate(urls) if i not in trickle and kind_of(token_for(listed[i])) == "ok"]
-    assert normal and all(s == "success" for s, _, _ in normal)
+    assert normal and all(s == "success" for s, _, _ in normal), [(i // 20, got[u]) for i, u in enumerate(urls)]
     assert took < 30  # a trickled image takes minutes at 64 bytes per 0.1 s
     in_tars = set()
     for shard in (0, 1):

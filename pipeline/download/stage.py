@@ -857,7 +857,6 @@ def downloader(cfg: DownloadConfig, out_dir: Path, column_list: list[str]) -> An
     """img2dataset's ``Downloader`` and ``Resizer`` set up as its ``download()`` would for ``cfg``,
     with its ``BoundingBoxBlurrer`` when ``bbox_col`` is set (as ``download(bbox_col=...)`` does)."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    _install_opener(cfg)
     from img2dataset.downloader import Downloader
     from img2dataset.resizer import Resizer
     from img2dataset.writer import WebDatasetSampleWriter
@@ -873,6 +872,7 @@ def downloader(cfg: DownloadConfig, out_dir: Path, column_list: list[str]) -> An
         max_aspect_ratio=cfg.max_aspect_ratio if cfg.max_aspect_ratio is not None else float("inf"),
         blurrer=_blurrer() if cfg.bbox_col else None,
     )
+    _install_opener(cfg)  # after the imports: a fresh worker's import time is not the shard's time
     return Downloader(
         sample_writer_class=WebDatasetSampleWriter,
         resizer=resizer,
