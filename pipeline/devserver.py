@@ -148,12 +148,19 @@ class _Handler(BaseHTTPRequestHandler):
     server: DemoImageServer._HTTPServer  # type: ignore[name-defined]
 
     def do_GET(self) -> None:
-        host = (self.headers.get("Host") or "").rsplit(":", 1)[0]
-        self.server.entered(host)
+        self._host = (self.headers.get("Host") or "").rsplit(":", 1)[0]
+        self.server.entered(self._host)
         try:
             self._get()
         finally:
-            self.server.left(host)
+            self._done()
+
+    def _done(self) -> None:
+        """The request stops counting as in flight: before its body is written (a client that read
+        it all may send its next request before this thread runs again), or when it ends."""
+        if getattr(self, "_host", None) is not None:
+            self.server.left(self._host)
+            self._host = None
 
     def _get(self) -> None:
         parts = self.path.strip("/").split("/")
@@ -211,6 +218,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
+            self._done()
             self.wfile.write(body)
         except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
             pass
