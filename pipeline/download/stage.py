@@ -743,8 +743,7 @@ class _Polite:
         import time
 
         if self.end is not None and time.monotonic() >= self.end:
-            raise TimeoutError(f"stalled: the shard's time limit (download.shard_time_limit, "
-                               f"{self.cfg.shard_time_limit:g} s) was reached")  # fmt: skip
+            raise TimeoutError(f"stalled: {self._limit_reached()}")
 
     def open(self, fullurl: Any, data: Any = None, timeout: Any = None) -> Any:
         import time
@@ -777,18 +776,16 @@ class _Polite:
                 if slot is not None:
                     slot.release()
                 raise
-            stop = None if self.cfg.deadline is None else time.monotonic() + self.cfg.deadline
-            if self.end is not None:
-                stop = self.end if stop is None else min(stop, self.end)
-            return _Deadline(response, stop, self._why(stop), slot)
+            stop, why = None, ""
+            if self.cfg.deadline is not None:
+                stop = time.monotonic() + self.cfg.deadline
+                why = f"the response did not finish within download.deadline ({self.cfg.deadline:g} s)"
+            if self.end is not None and (stop is None or self.end < stop):
+                stop, why = self.end, self._limit_reached()
+            return _Deadline(response, stop, why, slot)
 
-    def _why(self, stop: float | None) -> str:
-        import time
-
-        if self.end is not None and stop == self.end and (self.cfg.deadline is None
-                                                           or self.end < time.monotonic() + self.cfg.deadline):
-            return f"the shard's time limit (download.shard_time_limit, {self.cfg.shard_time_limit:g} s) was reached"
-        return f"the response did not finish within download.deadline ({self.cfg.deadline:g} s)"
+    def _limit_reached(self) -> str:
+        return f"the shard's time limit (download.shard_time_limit, {self.cfg.shard_time_limit:g} s) was reached"
 
 
 def _retry_after(err: Any) -> float | None:
