@@ -197,12 +197,15 @@ def _duplicates(b: Browser, record: dict[str, Any]) -> str:
         return "<p>No deduplication in this pool.</p>"
     group = record.get("dup_group")
     lead = group or record["uid"]
-    rows = b.sql("select uid, caption, dup_kind from samples where (dup_group = ? or uid = ?) and uid <> ? "
-                 "and status = 'success' order by uid limit 50", [lead, lead, record["uid"]])  # fmt: skip
+    # the group's lead first: a large group must still show the sample it kept
+    rows = b.sql("select uid, caption, dup_kind, count(*) over () from samples where (dup_group = ? or uid = ?) "
+                 "and uid <> ? and status = 'success' order by uid = ? desc, uid limit 50",
+                 [lead, lead, record["uid"], lead])  # fmt: skip
     if not rows:
         return "<p>None: no other sample shares its image.</p>"
-    cells = "".join(_thumb(u, c, k or "kept (the group's first)") for u, c, k in rows)
-    return f"<div class='grid dups'>{cells}</div>"
+    cells = "".join(_thumb(u, c, k or "kept (the group's first)") for u, c, k, _ in rows)
+    more = f"<p>{rows[0][3] - len(rows)} more not shown.</p>" if rows[0][3] > len(rows) else ""
+    return f"<div class='grid dups'>{cells}</div>{more}"
 
 
 def _neighbours(b: Browser, uid: str) -> str:
