@@ -25,7 +25,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from pipeline.config import PipelineConfig, load_config
+from pipeline.config import PipelineConfig, load_config, text_uses
 from pipeline.download import plan_shards, run_download
 from pipeline.engines import get_engine
 from pipeline.engines.base import Engine
@@ -91,7 +91,7 @@ def plan_embed(cfg: PipelineConfig, engine: Engine) -> list[int]:
     """Shards still to embed with this model and checkpoint (hashes the weights file, loads no model)."""
     from pipeline.embed import pending_shards
 
-    return pending_shards(Pool(cfg.pool), cfg.embed)
+    return pending_shards(Pool(cfg.pool), cfg.embed, text_needed=bool(text_uses(cfg)))
 
 
 @task(name="embed-shards", cache_policy=NO_CACHE)
@@ -99,7 +99,7 @@ def embed_batch(cfg: PipelineConfig, engine: Engine, shards: list[int]) -> dict[
     """Embed one batch of shards (image/text embeddings, clip_score, caption embeddings)."""
     from pipeline.embed import run_embed
 
-    return run_embed(Pool(cfg.pool), cfg.embed, engine, shards=shards)
+    return run_embed(Pool(cfg.pool), cfg.embed, engine, shards=shards, text_needed=bool(text_uses(cfg)))
 
 
 @task(name="plan-quality", cache_policy=NO_CACHE)

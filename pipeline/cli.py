@@ -160,7 +160,7 @@ def cmd_import_embeddings(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from pipeline.config import EmbedConfig
+    from pipeline.config import EmbedConfig, text_uses
     from pipeline.embed import run_embed
     from pipeline.engines import get_engine
 
@@ -169,13 +169,15 @@ def cmd_embed(args: argparse.Namespace) -> int:
             raise ConfigError("curate embed POOL needs --checkpoint (or give a config file instead of POOL)")
         pool, embed = Pool(args.target), EmbedConfig(model=args.model, checkpoint=args.checkpoint)
         engine = _engine(None, pool)
+        needed = True  # no config says what reads the embed table: as before embed.text
     else:
         cfg = load_config(args.target, _overrides(args.set))
         if cfg.embed is None:
             raise ConfigError(f"{args.target}: has no `embed` section")
         pool, embed, engine = Pool(cfg.pool), cfg.embed, get_engine(cfg)
+        needed = bool(text_uses(cfg))
     with _locked(args, pool):
-        done = run_embed(pool, embed, engine)
+        done = run_embed(pool, embed, engine, text_needed=needed)
     print(f"embedded {len(done)} shard(s): {sum(c['samples'] for c in done.values())} samples, "
           f"{sum(c['decode_errors'] for c in done.values())} decode errors")  # fmt: skip
     return 0

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -286,10 +287,16 @@ class EmbedConfig:
             decoded once and preprocessed for every model (``clip_score_<name>``).
         watermark: LAION-5B's watermark detector, in the same decode pass (``watermark``); ``None``:
             no watermark score.
+        text: Run the text tower (``text_embedding`` and ``clip_score``): ``on``, ``off``, or
+            ``auto``: only where the run needs it (``caption_model: clip``, a ``clip_score`` rule on
+            the computed score, ``clip_score`` named in a SQL fragment of the config, or
+            ``export.embeddings``) or the pool's finished shards already have it. Off, the image
+            tower alone runs (about twice the images/s of ViT-B/32 on CPU, docs/benchmarks.md), and
+            both columns are null.
     """
 
     __pydantic_config__ = _STRICT
-    ADDED_FIELDS: ClassVar[tuple[str, ...]] = ("source", "scorers", "watermark")
+    ADDED_FIELDS: ClassVar[tuple[str, ...]] = ("source", "scorers", "watermark", "text")
 
     model: str = "ViT-B-32"
     checkpoint: str | None = None
@@ -303,9 +310,12 @@ class EmbedConfig:
     max_image_pixels: int = 89_478_485
     scorers: tuple[ScorerConfig, ...] = ()
     watermark: WatermarkConfig | None = None
+    text: Literal["auto", "on", "off"] = "auto"
 
     def __post_init__(self) -> None:
         _require(bool(self.model), "model", "must name an open_clip architecture")
+        _require(self.text != "off" or self.caption_model != "clip", "text",
+                 "off leaves no text embeddings for caption_model: clip; use minilm, null, or text: auto")  # fmt: skip
         names = [s.name for s in self.scorers]
         _require(len(set(names)) == len(names), "scorers", "names a scorer twice")
         _require(not self.scorers or self.source is None, "scorers", "score computed embeddings, not imported ones")
@@ -816,6 +826,38 @@ class PipelineConfig:
                  "download and counts the whole listed pool, as MetaCLIP does")  # fmt: skip
         for name, sql in self.queries.items():
             _sql(sql, f"queries.{name}", statement=True)
+        if self.embed is not None and self.embed.text == "off" and self.embed.source is None:
+            uses = text_uses(self)
+            _require(not uses, "embed.text", f"off, but {uses[0] if uses else ''} reads the text tower's output "
+                     "(text_embedding or clip_score); set embed.text: auto")  # fmt: skip
+
+
+_CLIP_SCORE_WORD = re.compile(r"\bclip_score\b")
+
+
+def text_uses(cfg: PipelineConfig) -> list[str]:
+    """The keys of ``cfg`` that read what the text tower computes (``text_embedding``, the computed
+    ``clip_score``): ``embed.caption_model: clip``, a ``clip_score`` rule of the filter recipe without
+    ``column``/``score`` (those read a published or a further scorer's score), a SQL fragment naming
+    ``clip_score``, ``export.embeddings``. Empty: ``embed.text: auto`` runs the image tower alone."""
+    from pipeline.filters.rules import BUILTIN_RECIPES, parse_rule
+
+    uses = []
+    if cfg.embed is not None and cfg.embed.caption_model == "clip":
+        uses.append("embed.caption_model: clip")
+    if cfg.filters is not None:
+        specs = cfg.filters.recipes.get(cfg.filters.recipe, BUILTIN_RECIPES.get(cfg.filters.recipe, ()))
+        for spec in specs:
+            rule = parse_rule(spec) if spec.strip().startswith("clip_score") else None
+            if rule is not None and not rule.params.get("column") and not rule.params.get("score"):
+                uses.append(f"filters.recipe {cfg.filters.recipe} ({spec})")
+    fragments = {f"{name}.where": getattr(getattr(cfg, name), "where", None)
+                 for name in ("download", "metaclip", "rebalance", "export") if getattr(cfg, name) is not None}
+    fragments.update({f"queries.{name}": sql for name, sql in cfg.queries.items()})
+    uses += [key for key, sql in fragments.items() if sql and _CLIP_SCORE_WORD.search(sql)]
+    if cfg.export is not None and cfg.export.embeddings:
+        uses.append("export.embeddings")
+    return uses
 
 
 _ADAPTER: TypeAdapter[PipelineConfig] | None = None

@@ -22,6 +22,7 @@ from pipeline.embed import (
     run_embed,
 )
 from pipeline.engines.local import LocalEngine
+from pipeline.errors import UserError
 from pipeline.store.parquet import Pool
 from pipeline.store.webdataset import decode_image, iter_shard
 from tests.conftest import LAION, embed_cfg
@@ -168,3 +169,59 @@ def test_minilm_scores_paraphrases_above_unrelated_captions():
     for i in range(len(PARAPHRASES)):
         unrelated = np.delete(sim[i], i)
         assert sim[i, i] > unrelated.max() + 0.1, (originals[i], sim[i, i], unrelated.max())
+
+
+def _config(**sections):  # type: ignore[no-untyped-def]
+    from pipeline.config import parse_config
+
+    embed = {"model": "clipcurate-tiny", "checkpoint": "w.safetensors", "caption_model": "minilm",
+             **sections.pop("embed", {})}  # fmt: skip
+    return parse_config({"pool": "p", "download": {"input": "u"}, "embed": embed, **sections})
+
+
+def test_the_text_tower_is_asked_for_only_by_what_reads_its_output():
+    from pipeline.config import ConfigError, text_uses
+
+    assert text_uses(_config(filters={"recipe": "basic"})) == []
+    assert text_uses(_config(filters={"recipe": "clip_score"})) == ["filters.recipe clip_score (clip_score)"]
+    assert text_uses(_config(filters={"recipe": "laion2b"})) == ["filters.recipe laion2b (clip_score(threshold=0.28))"]
+    # a published score (DataComp's metadata) or a further scorer's: not this model's text tower
+    mine = {"recipes": {"mine": ["clip_score(column=clip_l14_similarity_score, threshold=0.3)"]}, "recipe": "mine"}
+    assert text_uses(_config(filters=mine)) == []
+    assert text_uses(_config(embed={"caption_model": "clip"})) == ["embed.caption_model: clip"]
+    assert text_uses(_config(export={"out": "r", "where": "keep and clip_score > 0.2"})) == ["export.where"]
+    assert text_uses(_config(export={"out": "r", "where": "keep and clip_score_b16 > 0.2"})) == []
+    assert text_uses(_config(queries={"top": "select uid from samples order by clip_score"})) == ["queries.top"]
+    assert text_uses(_config(export={"out": "r", "embeddings": True})) == ["export.embeddings"]
+    with pytest.raises(ConfigError, match=r"embed\.text: off, but filters\.recipe clip_score \(clip_score\) reads"):
+        _config(embed={"text": "off"}, filters={"recipe": "clip_score"})
+    with pytest.raises(ConfigError, match=r"embed\.text: off leaves no text embeddings for caption_model: clip"):
+        _config(embed={"text": "off", "caption_model": "clip"})
+
+
+def test_without_the_text_tower_the_image_embeddings_are_the_same_and_the_text_columns_null(
+    embedded, downloaded_pool, tiny_checkpoint, tmp_path
+):
+    pool, _ = embedded
+    alone = Pool(shutil.copytree(downloaded_pool[0].root, tmp_path / "alone"))
+    cfg = embed_cfg(tiny_checkpoint, caption_model=None)
+    counts = run_embed(alone, cfg, LocalEngine(1), progress=False, text_needed=False)
+    assert sum(c["embedded"] for c in counts.values()) > 0
+    both, image_only = pool.read_table(STAGE), alone.read_table(STAGE)
+    assert image_only["uid"].to_pylist() == both["uid"].to_pylist()
+    assert image_only["image_embedding"].equals(both["image_embedding"])
+    assert image_only["decode_error"].equals(both["decode_error"])
+    assert image_only["text_embedding"].null_count == image_only.num_rows
+    assert image_only["clip_score"].null_count == image_only.num_rows
+    assert alone.stage_config(STAGE)["config"]["text"] is False
+    # the same config asked to run the text tower on that pool: refused by name, not mixed
+    with pytest.raises(UserError, match="text: False -> None"):
+        run_embed(alone, cfg, LocalEngine(1), progress=False, text_needed=True)
+
+
+def test_a_pool_embedded_with_the_text_tower_keeps_it_under_auto(embedded, tiny_checkpoint):
+    from pipeline.embed.stage import runs_text
+
+    pool, _ = embedded  # made with the text tower, so its record has no `text`
+    assert runs_text(pool, embed_cfg(tiny_checkpoint, caption_model=None), needed=False)
+    assert not runs_text(pool, embed_cfg(tiny_checkpoint, caption_model=None, text="off"), needed=False)

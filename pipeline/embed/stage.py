@@ -161,26 +161,32 @@ class ClipEmbedder:
 
 
 def stage_hash(cfg: EmbedConfig, weights_sha256: str, scorer_sha256: tuple[str, ...] = (),
-               watermark_sha256: str | None = None) -> str:  # fmt: skip
+               watermark_sha256: str | None = None, text: bool = True) -> str:  # fmt: skip
     """What the embed tables depend on: model, weights (by content), precision, caption encoder,
-    each further scorer's model and weights (``scorer_sha256``, in ``cfg.scorers``' order) and the
-    watermark detector's (``watermark_sha256``: its architecture and weights)."""
+    each further scorer's model and weights (``scorer_sha256``, in ``cfg.scorers``' order), the
+    watermark detector's (``watermark_sha256``: its architecture and weights) and whether the text
+    tower ran."""
     blob = f"{cfg.model}|{weights_sha256}|{cfg.precision}|{cfg.caption_model}|{cfg.max_image_pixels}"
     for scorer, sha in zip(cfg.scorers, scorer_sha256, strict=True):  # none: the digest of a pool made before
         blob += f"|{scorer.name}:{scorer.model}:{sha}"
     if watermark_sha256 is not None:  # none: the digest of a pool made before
         blob += f"|watermark:{watermark_sha256}"
+    if not text:  # with it: the digest of a pool made before
+        blob += "|text:off"
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _embed_batch(embedder: ClipEmbedder, batch: dict[str, Any], dim: int) -> tuple[np.ndarray, np.ndarray]:
+def _embed_batch(embedder: ClipEmbedder, batch: dict[str, Any], dim: int,
+                 text: bool = True) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """The batch's image embeddings (zeros where an image did not decode) and, with ``text``, its
+    captions' (zeros without: the text tower is not run)."""
     n = len(batch["uid"])
     image = np.zeros((n, dim), np.float32)
     ok = [i for i, e in enumerate(batch["error"]) if e is None]
     if ok:
         image[ok] = embedder.encode_images(batch["pixels"][ok])
-    text = embedder.encode_texts(batch["caption"]) if n else np.zeros((0, dim), np.float32)
-    return image, text
+    captions = embedder.encode_texts(batch["caption"]) if n and text else np.zeros((n, dim), np.float32)
+    return image, captions
 
 
 def _watermark_batch(detector: Any, errors: list[str | None], pixels: Any) -> np.ndarray:
@@ -209,10 +215,10 @@ class Embed(Step):
     one_model = True
 
     def __init__(self, cfg: EmbedConfig, weights_sha256: str, scorer_sha256: tuple[str, ...] = (),
-                 watermark_sha256: str | None = None):  # fmt: skip
-        digest = stage_hash(cfg, weights_sha256, scorer_sha256, watermark_sha256)
+                 watermark_sha256: str | None = None, text: bool = True):  # fmt: skip
+        digest = stage_hash(cfg, weights_sha256, scorer_sha256, watermark_sha256, text)
         super().__init__(reads=(IMAGES_READ,), digest=digest)
-        self.cfg = cfg
+        self.cfg, self.text = cfg, text
         self.batch_size, self.workers, self.max_pixels = cfg.batch_size, cfg.workers, cfg.max_image_pixels
         self.device, self.threads = cfg.device, cfg.threads  # not in the digest: they key the set-up model
         self._embedder: ClipEmbedder | None = None
@@ -251,7 +257,7 @@ class Embed(Step):
         n_models = len(self._models())
         per_model = pixels if n_models > 1 and pixels is not None else (pixels,) * n_models
         dim = self._embedder.dim
-        image, text = _embed_batch(self._embedder, {**batch, "pixels": per_model[0]}, dim)
+        image, text = _embed_batch(self._embedder, {**batch, "pixels": per_model[0]}, dim, self.text)
         rows = {"index": pa.array(batch["index"], pa.int64()), S.UID: pa.array(batch["uid"], pa.string()),
                 S.DECODE_ERROR: pa.array(batch["error"], pa.string()),
                 S.IMAGE_EMBEDDING: S.vector_column(image, dtype=np.float32),
@@ -271,9 +277,10 @@ class Embed(Step):
         image, text = S.vectors(rows[S.IMAGE_EMBEDDING]), S.vectors(rows[S.TEXT_EMBEDDING])
         valid = rows[S.DECODE_ERROR].is_null().to_numpy(zero_copy_only=False)
         score = (image * text).sum(axis=1).astype(np.float32)
+        scored = valid & self.text  # without the text tower: no caption vector, no clip_score
         out = {S.UID: rows[S.UID], S.IMAGE_EMBEDDING: S.vector_column(image, valid),
-               S.TEXT_EMBEDDING: S.vector_column(text),
-               S.CLIP_SCORE: pa.array(score, pa.float32(), mask=~valid), S.DECODE_ERROR: rows[S.DECODE_ERROR],
+               S.TEXT_EMBEDDING: S.vector_column(text, None if self.text else scored),
+               S.CLIP_SCORE: pa.array(score, pa.float32(), mask=~scored), S.DECODE_ERROR: rows[S.DECODE_ERROR],
                S.MODEL: pa.array([self.cfg.model] * n, pa.string()),
                S.CHECKPOINT_SHA256: pa.array([sha] * n, pa.string())}  # fmt: skip
         extra = [f"{S.SCORER_PREFIX}{name}" for name, _ in self._scorers]
@@ -293,10 +300,22 @@ def scorer_config(cfg: EmbedConfig, scorer: ScorerConfig) -> EmbedConfig:
                        threads=cfg.threads, caption_model=None)  # fmt: skip
 
 
-def embed_steps(pool: Pool, cfg: EmbedConfig) -> list[Step]:
+def runs_text(pool: Pool, cfg: EmbedConfig, needed: bool = True) -> bool:
+    """Whether the text tower runs: ``embed.text`` on, or ``auto`` where the run ``needed`` it
+    (:func:`pipeline.embed.needs.text_needed`) or the pool's embed table was made with it (a pool
+    made before ``embed.text`` keeps its config, and so its finished shards)."""
+    if cfg.text != "auto":
+        return cfg.text == "on"
+    recorded = pool.stage_config(STAGE)
+    return needed or (recorded is not None and recorded["config"].get("text", True) is not False)
+
+
+def embed_steps(pool: Pool, cfg: EmbedConfig, text_needed: bool = True) -> list[Step]:
     """The embed stage's steps for ``cfg``: the embedding (or the import of published vectors), then
     the caption embedding. Records the stage's config in the pool (refusing one that differs from
-    the finished shards'); needs the checkpoint's sha256, not a loaded model, so planning stays cheap."""
+    the finished shards'); needs the checkpoint's sha256, not a loaded model, so planning stays cheap.
+    ``text_needed``: the rest of the run reads ``text_embedding`` or ``clip_score`` (``embed.text:
+    auto``)."""
     if cfg.source is not None:
         from pipeline.embed.imported import import_steps
 
@@ -308,7 +327,8 @@ def embed_steps(pool: Pool, cfg: EmbedConfig) -> list[Step]:
         from pipeline.quality.watermark import detector_digest
 
         watermark = detector_digest(cfg.watermark)
-    embed = Embed(cfg, weights, scorers, watermark)
+    text = runs_text(pool, cfg, text_needed)
+    embed = Embed(cfg, weights, scorers, watermark, text)
     recorded = {"model": cfg.model, "checkpoint_sha256": weights, "checkpoint": str(Path(cfg.checkpoint).resolve()),
                 "precision": cfg.precision, "caption_model": cfg.caption_model}  # fmt: skip
     if cfg.scorers:
@@ -316,23 +336,27 @@ def embed_steps(pool: Pool, cfg: EmbedConfig) -> list[Step]:
                                for s, sha in zip(cfg.scorers, scorers, strict=True)]  # fmt: skip
     if cfg.watermark is not None:
         recorded["watermark"] = {"model": cfg.watermark.model, "digest": watermark}
+    if not text:
+        recorded["text"] = False
     pool.check_stage_config(STAGE, recorded, embed.digest)
     # the caption table's digest is the embed table's (which covers the caption model): as before the split
     return [embed] + ([CaptionEmbed(cfg.caption_model, embed.digest, device=cfg.device)] if cfg.caption_model else [])
 
 
-def pending_shards(pool: Pool, cfg: EmbedConfig, shards: list[int] | None = None) -> list[int]:
+def pending_shards(pool: Pool, cfg: EmbedConfig, shards: list[int] | None = None,
+                   text_needed: bool = True) -> list[int]:  # fmt: skip
     """Shards (of every downloaded one, or of ``shards``: a planned batch, whose markers alone are
     read) where a step of the embed stage is due."""
     shards = pool.require_complete("download") if shards is None else list(shards)
-    due = {s for step in embed_steps(pool, cfg) for s in runner.plan(pool, step, shards)}
+    due = {s for step in embed_steps(pool, cfg, text_needed) for s in runner.plan(pool, step, shards)}
     return [s for s in shards if s in due]
 
 
 def run_embed(pool: Pool, cfg: EmbedConfig, engine: Engine, shards: list[int] | None = None,
-              progress: bool = True) -> dict[int, dict[str, int]]:  # fmt: skip
+              progress: bool = True, text_needed: bool = True) -> dict[int, dict[str, int]]:  # fmt: skip
     """Run the embed stage's steps over ``shards`` (default: every downloaded shard) with ``engine``:
     on one machine one model streams every due shard, on a cluster one task per shard.
+    ``text_needed``: see :func:`embed_steps`.
 
     Returns:
         The embed step's counts by shard, for the shards this call embedded (or imported).
@@ -345,7 +369,7 @@ def run_embed(pool: Pool, cfg: EmbedConfig, engine: Engine, shards: list[int] | 
 
     files = imported.check_source(cfg) if cfg.source is not None else []  # a bad file is named before any work
     shards = pool.require_complete("download") if shards is None else list(shards)
-    steps = embed_steps(pool, cfg)
+    steps = embed_steps(pool, cfg, text_needed)
     plans = [runner.plan(pool, step, shards) for step in steps]
     if not any(plans):
         return {}

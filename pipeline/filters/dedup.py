@@ -171,8 +171,8 @@ def count_shard(pool_root: str, shard: int) -> int:
     from pipeline.store import schema as S
     from pipeline.store.parquet import Pool
 
-    embed = Pool(pool_root).read_shard("embed", shard, columns=[S.UID, S.CLIP_SCORE])
-    uids = embed[S.UID].filter(pc.is_valid(embed[S.CLIP_SCORE]))  # null exactly when no image embedding
+    embed = Pool(pool_root).read_shard("embed", shard, columns=[S.UID, S.DECODE_ERROR])
+    uids = embed[S.UID].filter(pc.is_null(embed[S.DECODE_ERROR]))  # null exactly when there is an image embedding
     return int(pc.sum(pc.invert(pc.is_in(uids, value_set=_exact_dropped(pool_root, shard)))).as_py() or 0)
 
 

@@ -158,8 +158,8 @@ def count_shard(pool_root: str, shard: int) -> dict[str, int]:
     from pipeline.store.parquet import Pool
 
     pool = Pool(pool_root)
-    embed = pool.read_shard("embed", shard, columns=[S.UID, S.CLIP_SCORE])
-    embedded = embed[S.UID].filter(pc.is_valid(embed[S.CLIP_SCORE]))  # null exactly when no image embedding
+    embed = pool.read_shard("embed", shard, columns=[S.UID, S.DECODE_ERROR])
+    embedded = embed[S.UID].filter(pc.is_null(embed[S.DECODE_ERROR]))  # null exactly when there is an image embedding
     captioned = _with_caption_ok(pool, shard, pa.table({S.UID: embedded}))
     return {"embedded": len(embedded), "captioned": captioned.num_rows}
 
