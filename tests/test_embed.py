@@ -225,3 +225,25 @@ def test_a_pool_embedded_with_the_text_tower_keeps_it_under_auto(embedded, tiny_
     pool, _ = embedded  # made with the text tower, so its record has no `text`
     assert runs_text(pool, embed_cfg(tiny_checkpoint, caption_model=None), needed=False)
     assert not runs_text(pool, embed_cfg(tiny_checkpoint, caption_model=None, text="off"), needed=False)
+
+
+def test_bf16_and_decoding_workers_give_the_fp32_inline_embeddings(embedded, downloaded_pool, tiny_checkpoint,
+                                                                   tmp_path):  # fmt: skip
+    """Each speed option against the stage's fp32, inline-decoded vectors: bf16 (open_clip's mixed
+    precision, the pixels cast to the convolution's dtype) within cosine 0.99; decoding workers exactly."""
+    pool, _ = embedded
+    reference = {t: _stored(pool, f"{t}_embedding").astype(np.float32) for t in ("image", "text")}
+    valid = pool.read_table(STAGE)["decode_error"].is_null().to_numpy(zero_copy_only=False)
+    for name, options in (("bf16", {"precision": "bf16"}), ("inline", {"workers": 0})):
+        other = Pool(shutil.copytree(downloaded_pool[0].root, tmp_path / name))
+        run_embed(other, embed_cfg(tiny_checkpoint, caption_model=None, **options), LocalEngine(1), progress=False)
+        assert other.read_table(STAGE)["uid"].equals(pool.read_table(STAGE)["uid"])
+        for tower, ref in reference.items():
+            got = _stored(other, f"{tower}_embedding").astype(np.float32)
+            rows = valid if tower == "image" else np.ones(len(ref), bool)
+            a, b = got[rows], ref[rows]
+            cosine = (a * b).sum(axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+            if name == "bf16":
+                assert cosine.min() > 0.99 and not np.array_equal(got, ref), tower  # bf16 ran, and agrees
+            else:
+                assert np.array_equal(got, ref), tower

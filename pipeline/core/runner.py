@@ -175,6 +175,7 @@ def run_stream(pool_root: str, step: Step, shards: Sequence[int], *, workers: in
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, num_workers=workers,
         multiprocessing_context="spawn" if workers else None, prefetch_factor=4 if workers else None,
+        pin_memory=step.pin_memory,
     )  # fmt: skip
     sizes = pool.shard_sizes(list(shards))
     parts: dict[int, list[pa.Table]] = {}

@@ -106,6 +106,7 @@ class Step:
     batch_size: int = 0
     workers: int = 0
     max_pixels: int = 0
+    pin_memory: bool = False  # batches in page-locked memory (set by setup: a CUDA model copies them without blocking)
 
     def __init__(self, *, reads: tuple[Read, ...], digest: str, where: Where | None = None):
         self.reads = reads

@@ -102,6 +102,7 @@ class ClipEmbedder:
         self.tokenizer: Any = None
         self.device = "cpu"
         self.checkpoint_sha256 = ""
+        self.input_dtype: Any = None  # the pixels' dtype: the low precision's, or None (fp32)
 
     def setup(self) -> ClipEmbedder:
         if self.model is not None:
@@ -128,6 +129,10 @@ class ClipEmbedder:
         except (RuntimeError, AssertionError, KeyError) as exc:  # weights of another architecture
             raise EmbedError(f"embed.checkpoint: {path} does not fit {self.cfg.model}: {exc}") from None
         self.model, self.preprocess = model.eval(), preprocess
+        # fp16/bf16 are open_clip's mixed precision: the convolutions and linear layers in the low
+        # precision, the norms and embeddings in fp32; the pixels go in as the convolution's dtype
+        # (not the first parameter's, an fp32 embedding: the input then clashes with the conv)
+        self.input_dtype = open_clip.get_input_dtype(precision)
         self.tokenizer = open_clip.get_tokenizer(self.cfg.model)
         self.checkpoint_sha256 = checkpoint_sha256(path)
         return self
@@ -144,8 +149,8 @@ class ClipEmbedder:
         import torch
 
         with torch.inference_mode():
-            dtype = next(self.model.parameters()).dtype
-            feats = self.model.encode_image(pixels.to(self.device, dtype=dtype), normalize=True)
+            pixels = pixels.to(self.device, dtype=self.input_dtype or torch.float32, non_blocking=True)
+            feats = self.model.encode_image(pixels, normalize=True)
         return feats.float().cpu().numpy()
 
     def encode_texts(self, captions: list[str]) -> np.ndarray:
@@ -233,6 +238,8 @@ class Embed(Step):
                 from pipeline.quality.watermark import WatermarkDetector
 
                 self._watermark = WatermarkDetector(self.cfg.watermark, self._embedder.device).setup()
+            # on CUDA the loader pins each batch, and encode_images copies it with non_blocking=True
+            self.pin_memory = self._embedder.device.startswith("cuda")
 
     def schema_of(self, out: pa.Table) -> pa.Schema:
         return S.embed_schema(out.schema.field(S.IMAGE_EMBEDDING).type.list_size, tuple(n for n, _ in self._scorers),
