@@ -270,7 +270,12 @@ class EmbedConfig:
         checkpoint: Local path of the weights file (``.safetensors``, ``.bin`` or ``.pt``). No
             weights are downloaded: a hub tag is refused with instructions.
         precision: ``fp32``, ``fp16``, ``bf16``, or ``auto`` (fp16 on CUDA, fp32 on CPU).
-        device: ``auto`` (CUDA if present, else CPU), ``cpu`` or ``cuda``/``cuda:N``.
+        device: ``auto`` (CUDA if present, else CPU), ``cpu`` or ``cuda``/``cuda:N``. A CUDA device on a
+            machine without one falls back to the CPU, saying so once.
+        devices: Several devices on one machine (``[cuda:0, cuda:1, ...]``): one process per device,
+            each with its own model and decoding workers, the shards shared out by size; empty:
+            ``device`` alone. On Spark, a task's GPU is the one Spark's resource scheduling gave it
+            (``spark.task.resource.gpu.amount``; README, "Embedding on GPUs").
         batch_size: Images per forward pass.
         workers: Processes decoding and preprocessing images while the model computes; 0 decodes
             in the main process between batches. On a CPU-only machine the model already uses
@@ -296,7 +301,7 @@ class EmbedConfig:
     """
 
     __pydantic_config__ = _STRICT
-    ADDED_FIELDS: ClassVar[tuple[str, ...]] = ("source", "scorers", "watermark", "text")
+    ADDED_FIELDS: ClassVar[tuple[str, ...]] = ("source", "scorers", "watermark", "text", "devices")
 
     model: str = "ViT-B-32"
     checkpoint: str | None = None
@@ -311,6 +316,7 @@ class EmbedConfig:
     scorers: tuple[ScorerConfig, ...] = ()
     watermark: WatermarkConfig | None = None
     text: Literal["auto", "on", "off"] = "auto"
+    devices: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _require(bool(self.model), "model", "must name an open_clip architecture")
@@ -325,8 +331,9 @@ class EmbedConfig:
         _require(bool(self.checkpoint) != (self.source is not None), "checkpoint",
                  "give the local path of a weights file, or embed.source to import published embeddings "
                  "(not both)")  # fmt: skip
-        _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
-                 f"must be auto, cpu or cuda[:N], got {self.device!r}")  # fmt: skip
+        for key, device in (("device", self.device), *(("devices", d) for d in self.devices)):
+            _require(device in ("auto", "cpu") or device.startswith("cuda"), key,
+                     f"must be auto, cpu or cuda[:N], got {device!r}")  # fmt: skip
         _require(self.batch_size > 0, "batch_size", "must be > 0")
         _require(self.workers >= 0, "workers", "must be >= 0")
         _require(self.threads is None or self.threads > 0, "threads", "must be > 0 or null")

@@ -247,3 +247,33 @@ def test_bf16_and_decoding_workers_give_the_fp32_inline_embeddings(embedded, dow
                 assert cosine.min() > 0.99 and not np.array_equal(got, ref), tower  # bf16 ran, and agrees
             else:
                 assert np.array_equal(got, ref), tower
+
+
+def test_one_process_per_device_gives_the_same_tables_and_cuda_falls_back_to_the_cpu(
+    embedded, downloaded_pool, tiny_checkpoint, tmp_path, caplog
+):
+    """embed.devices on a machine without CUDA: two device processes, each its own model, both on
+    the CPU (said once), sharing the shards; the tables equal the one-process run's."""
+    import torch
+
+    from pipeline.core.runner import share_out
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the fallback to the CPU is not taken")
+    pool, _ = embedded
+    assert share_out({0: 10, 1: 30, 2: 20, 3: 10}, 2) == [[1], [0, 2, 3]]
+    spread = Pool(shutil.copytree(downloaded_pool[0].root, tmp_path / "spread"))
+    cfg = embed_cfg(tiny_checkpoint, devices=["cuda:0", "cuda:1"])
+    done = run_embed(spread, cfg, LocalEngine(1), progress=False)
+    assert sorted(done) == sorted(pool.completed(STAGE))
+    for stage in (STAGE, CAPTION_STAGE):
+        for shard in sorted(pool.completed(stage)):
+            ours, theirs = pq.read_table(spread.table_path(stage, shard)), pq.read_table(pool.table_path(stage, shard))
+            assert ours.equals(theirs), (stage, shard)
+    from pipeline.embed.captions import resolve_device
+
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert resolve_device("cuda:7") == resolve_device("cuda:7") == "cpu"
+    assert [r.getMessage() for r in caplog.records if "cuda:7" in r.getMessage()] == [
+        "embed device cuda:7: no CUDA device here (torch.cuda.is_available() is False); on the CPU"]

@@ -162,7 +162,14 @@ def run_stream(pool_root: str, step: Step, shards: Sequence[int], *, workers: in
     ``workers`` spawned processes (0: inline) while the step encodes each batch; a shard is
     finished as soon as every loader worker sent its last batch of it. Each worker takes every
     ``workers``-th sample of a shard and never mixes shards in a batch. Each finished shard's counts
-    go into ``done`` (returned), which keeps them when a later shard fails."""
+    go into ``done`` (returned), which keeps them when a later shard fails.
+
+    A finished shard's rows are put in order, written and marked by one writer thread while the
+    model goes on with the next shard (the write is off the forward's critical path: on a GPU a
+    shard's forward takes seconds, its write a fraction of one). A write's error stops the run at
+    the next batch; the shards written before it are kept."""
+    import concurrent.futures
+
     import torch
 
     from pipeline.errors import DamagedError
@@ -181,17 +188,27 @@ def run_stream(pool_root: str, step: Step, shards: Sequence[int], *, workers: in
     parts: dict[int, list[pa.Table]] = {}
     lasts: dict[int, int] = {}
     done = {} if done is None else done
-    with Progress(total=sum(sizes.values()), desc=step.name, enabled=progress) as bar:
+    writes: list[concurrent.futures.Future[None]] = []
+
+    def write(shard: int, inputs: dict[str, pa.Table]) -> None:
+        done[shard] = finish_shard(pool, step, shard, inputs, step(inputs), shard_digest(pool, step, shard))
+        bar.update(sizes[shard])
+
+    with (Progress(total=sum(sizes.values()), desc=step.name, enabled=progress) as bar,
+          concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{step.name}-writer") as writer):  # fmt: skip
         for batch in loader:
+            for finished_write in [w for w in writes if w.done()]:
+                finished_write.result()  # a failed write stops the run here
+                writes.remove(finished_write)
             if "fatal" in batch:  # from a loader worker: re-raised here, as its message alone
                 raise DamagedError(batch["fatal"])
             shard = batch["shard"]
             parts.setdefault(shard, []).append(step.encode(batch))
             lasts[shard] = lasts.get(shard, 0) + batch["last"]
             if lasts[shard] == max(1, workers):
-                inputs = {read.key: pa.concat_tables(parts.pop(shard))}
-                done[shard] = finish_shard(pool, step, shard, inputs, step(inputs), shard_digest(pool, step, shard))
-                bar.update(sizes[shard])
+                writes.append(writer.submit(write, shard, {read.key: pa.concat_tables(parts.pop(shard))}))
+        for pending in writes:
+            pending.result()
     return done
 
 
@@ -240,6 +257,8 @@ def run_step(pool: Pool, engine: Engine, step: Step, shards: Sequence[int], *, p
         ShardFailures: some shards failed; the others are finished and kept, the manifest rebuilt.
     """
     shards = list(shards)
+    if step.one_model and engine.one_machine and len(step.devices) > 1 and len(shards) > 1:
+        return _on_devices(pool, step, shards)
     if step.one_model and engine.one_machine and shards:
         return _in_process(pool, step, shards, progress)
     fn = functools.partial(run_shard, str(pool.root), step)
@@ -262,6 +281,47 @@ def _in_process(pool: Pool, step: Step, shards: list[int], progress: bool) -> di
         if done:
             pool.update_manifest()
         raise
+
+
+def share_out(sizes: dict[int, int], parts: int) -> list[list[int]]:
+    """``sizes``' shards in ``parts`` groups of about equal samples: largest first, each to the
+    lightest group so far (each group in shard order)."""
+    groups: list[list[int]] = [[] for _ in range(parts)]
+    load = [0] * parts
+    for shard in sorted(sizes, key=lambda s: (-sizes[s], s)):
+        lightest = load.index(min(load))
+        groups[lightest].append(shard)
+        load[lightest] += sizes[shard]
+    return [sorted(g) for g in groups]
+
+
+def _on_devices(pool: Pool, step: Step, shards: list[int]) -> dict[int, dict[str, int]]:
+    """A one-model step on several devices of this machine: one spawned process per device, each
+    with its own set-up model (:meth:`Step.on_device`) streaming its share of the shards. Every
+    process runs to its end; the shards they finished are kept, and the first error is raised."""
+    import concurrent.futures
+    import multiprocessing
+
+    groups = share_out(pool.shard_sizes(shards), len(step.devices))
+    done: dict[int, dict[str, int]] = {}
+    errors: list[BaseException] = []
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+    with concurrent.futures.ProcessPoolExecutor(len(step.devices), mp_context=context) as pool_of_devices:
+        futures = [pool_of_devices.submit(_device_part, str(pool.root), step.on_device(device), group)
+                   for device, group in zip(step.devices, groups, strict=True) if group]  # fmt: skip
+        for future in concurrent.futures.as_completed(futures):
+            try:
+                done.update(future.result())
+            except BaseException as exc:  # the other devices finish first; raised below
+                errors.append(exc)
+    if errors:
+        pool.update_manifest()
+        raise errors[0]
+    return done
+
+
+def _device_part(pool_root: str, step: Step, shards: list[int]) -> dict[int, dict[str, int]]:
+    return _in_process(Pool(pool_root), step, shards, False)
 
 
 def collect(engine: Engine, fn: Any, shards: list[int], *, desc: str, weights: dict[int, int] | None = None,

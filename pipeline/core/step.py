@@ -107,11 +107,16 @@ class Step:
     workers: int = 0
     max_pixels: int = 0
     pin_memory: bool = False  # batches in page-locked memory (set by setup: a CUDA model copies them without blocking)
+    devices: tuple[str, ...] = ()  # a one-model step on several devices of one machine: one process each (on_device)
 
     def __init__(self, *, reads: tuple[Read, ...], digest: str, where: Where | None = None):
         self.reads = reads
         self.digest = digest
         self.where = where  # a bound predicate over the pool's samples; its uids arrive as inputs[SELECTED]
+
+    def on_device(self, device: str) -> Step:
+        """This step, not set up, for one of :attr:`devices` (a step with devices overrides it)."""
+        raise NotImplementedError(f"{self.name} runs on one device")
 
     def setup(self) -> None:
         """Load what the step holds (once per worker process: the runner keeps the set-up step)."""

