@@ -261,7 +261,7 @@ def test_one_process_per_device_gives_the_same_tables_and_cuda_falls_back_to_the
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the fallback to the CPU is not taken")
     pool, _ = embedded
-    assert share_out({0: 10, 1: 30, 2: 20, 3: 10}, 2) == [[1], [0, 2, 3]]
+    assert share_out({0: 10, 1: 30, 2: 20, 3: 10}, 2) == [[1, 3], [0, 2]]  # 40 samples each
     spread = Pool(shutil.copytree(downloaded_pool[0].root, tmp_path / "spread"))
     cfg = embed_cfg(tiny_checkpoint, devices=["cuda:0", "cuda:1"])
     done = run_embed(spread, cfg, LocalEngine(1), progress=False)
