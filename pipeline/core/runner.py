@@ -164,12 +164,8 @@ def run_stream(pool_root: str, step: Step, shards: Sequence[int], *, workers: in
     ``workers``-th sample of a shard and never mixes shards in a batch. Each finished shard's counts
     go into ``done`` (returned), which keeps them when a later shard fails.
 
-    A finished shard's rows are put in order, written and marked by one writer thread while the
-    model goes on with the next shard (the write is off the forward's critical path: on a GPU a
-    shard's forward takes seconds, its write a fraction of one). A write's error stops the run at
-    the next batch; the shards written before it are kept."""
-    import concurrent.futures
-
+    A finished shard is written here, between batches: a writer thread beside the model was tried
+    and gave nothing measurable on a CPU (docs/benchmarks.md, issue 26), so it is not used."""
     import torch
 
     from pipeline.errors import DamagedError
@@ -188,27 +184,17 @@ def run_stream(pool_root: str, step: Step, shards: Sequence[int], *, workers: in
     parts: dict[int, list[pa.Table]] = {}
     lasts: dict[int, int] = {}
     done = {} if done is None else done
-    writes: list[concurrent.futures.Future[None]] = []
-
-    def write(shard: int, inputs: dict[str, pa.Table]) -> None:
-        done[shard] = finish_shard(pool, step, shard, inputs, step(inputs), shard_digest(pool, step, shard))
-        bar.update(sizes[shard])
-
-    with (Progress(total=sum(sizes.values()), desc=step.name, enabled=progress) as bar,
-          concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{step.name}-writer") as writer):  # fmt: skip
+    with Progress(total=sum(sizes.values()), desc=step.name, enabled=progress) as bar:
         for batch in loader:
-            for finished_write in [w for w in writes if w.done()]:
-                finished_write.result()  # a failed write stops the run here
-                writes.remove(finished_write)
             if "fatal" in batch:  # from a loader worker: re-raised here, as its message alone
                 raise DamagedError(batch["fatal"])
             shard = batch["shard"]
             parts.setdefault(shard, []).append(step.encode(batch))
             lasts[shard] = lasts.get(shard, 0) + batch["last"]
             if lasts[shard] == max(1, workers):
-                writes.append(writer.submit(write, shard, {read.key: pa.concat_tables(parts.pop(shard))}))
-        for pending in writes:
-            pending.result()
+                inputs = {read.key: pa.concat_tables(parts.pop(shard))}
+                done[shard] = finish_shard(pool, step, shard, inputs, step(inputs), shard_digest(pool, step, shard))
+                bar.update(sizes[shard])
     return done
 
 
