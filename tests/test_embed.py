@@ -277,3 +277,26 @@ def test_one_process_per_device_gives_the_same_tables_and_cuda_falls_back_to_the
         assert resolve_device("cuda:7") == resolve_device("cuda:7") == "cpu"
     assert [r.getMessage() for r in caplog.records if "cuda:7" in r.getMessage()] == [
         "embed device cuda:7: no CUDA device here (torch.cuda.is_available() is False); on the CPU"]
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_cuda(), reason="no CUDA device on this machine: the GPU branch is not run")
+def test_on_a_gpu_the_stage_gives_the_cpu_vectors_in_fp16(embedded, downloaded_pool, tiny_checkpoint, tmp_path):
+    """The GPU branch: `auto` precision (fp16), pinned batches copied without blocking, decoding
+    workers; the vectors agree with the CPU's fp32 ones within cosine 0.99."""
+    pool, _ = embedded
+    gpu = Pool(shutil.copytree(downloaded_pool[0].root, tmp_path / "gpu"))
+    run_embed(gpu, embed_cfg(tiny_checkpoint, device="cuda", workers=2), LocalEngine(1), progress=False)
+    valid = pool.read_table(STAGE)["decode_error"].is_null().to_numpy(zero_copy_only=False)
+    for tower in ("image", "text"):
+        a = _stored(gpu, f"{tower}_embedding").astype(np.float32)
+        b = _stored(pool, f"{tower}_embedding").astype(np.float32)
+        rows = valid if tower == "image" else np.ones(len(a), bool)
+        cosine = (a[rows] * b[rows]).sum(axis=1) / np.linalg.norm(a[rows], axis=1) / np.linalg.norm(b[rows], axis=1)
+        assert cosine.min() > 0.99, tower
