@@ -300,3 +300,25 @@ def test_on_a_gpu_the_stage_gives_the_cpu_vectors_in_fp16(embedded, downloaded_p
         rows = valid if tower == "image" else np.ones(len(a), bool)
         cosine = (a[rows] * b[rows]).sum(axis=1) / np.linalg.norm(a[rows], axis=1) / np.linalg.norm(b[rows], axis=1)
         assert cosine.min() > 0.99, tower
+
+
+def test_curate_embed_runs_the_text_tower_only_when_the_config_reads_it(downloaded_pool, tiny_checkpoint, tmp_path,
+                                                                        capsys):  # fmt: skip
+    import yaml
+
+    from pipeline.cli import main
+
+    pool = Pool(shutil.copytree(downloaded_pool[0].root, tmp_path / "pool"))
+    embed = {"model": "clipcurate-tiny", "checkpoint": str(tiny_checkpoint), "caption_model": None}
+    config = {"pool": str(pool.root), "download": {"input": "unused.parquet"}, "filters": {"recipe": "basic"},
+              "embed": embed}  # fmt: skip
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["embed", str(path)]) == 0
+    table = pool.read_table(STAGE)
+    assert table["clip_score"].null_count == table["text_embedding"].null_count == table.num_rows
+    assert table["image_embedding"].null_count < table.num_rows
+    # the recipe now reads the computed clip_score: the image-only shards are named, not mixed
+    path.write_text(yaml.safe_dump({**config, "filters": {"recipe": "clip_score"}}))
+    assert main(["embed", str(path)]) != 0
+    assert "another config (text: False -> None)" in capsys.readouterr().err
