@@ -106,7 +106,7 @@ class Step:
     batch_size: int = 0
     workers: int = 0
     max_pixels: int = 0
-    pin_memory: bool = False  # batches in page-locked memory (set by setup: a CUDA model copies them without blocking)
+    pin_memory: bool = False  # batches in page-locked memory (a step whose model is on CUDA: copied without blocking)
     devices: tuple[str, ...] = ()  # a one-model step on several devices of one machine: one process each (on_device)
 
     def __init__(self, *, reads: tuple[Read, ...], digest: str, where: Where | None = None):
