@@ -119,8 +119,12 @@ def confine(con: duckdb.DuckDBPyConnection, root: str | Path) -> duckdb.DuckDBPy
     if os.access(staging if staging.exists() else pool, os.W_OK):
         spill = staging / "duckdb-query"
         spill.mkdir(parents=True, exist_ok=True)
-    else:
+    else:  # this process's own folder, removed when it exits (a reader leaves nothing behind)
+        import atexit
+        import shutil
+
         spill = Path(tempfile.mkdtemp(prefix="clipcurate-query-"))
+        atexit.register(shutil.rmtree, spill, ignore_errors=True)
     con.execute("SET temp_directory = " + literal(str(spill)))
     folders = ", ".join(literal(str(f).rstrip("/") + "/") for f in (pool, spill))
     con.execute(f"SET allowed_directories = [{folders}]")

@@ -342,7 +342,10 @@ def _without_write_access(args: list[str], cwd: Path) -> subprocess.CompletedPro
     cmd = [str(Path(sys.executable).parent / "curate"), *args]
     if os.geteuid() == 0:
         cmd = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", *cmd]
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
+    scratch = cwd.parent / "tmpdir"  # the process's temp dir: a confined reader's spill folder goes here
+    scratch.mkdir(exist_ok=True)
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TMPDIR": str(scratch)})  # fmt: skip
 
 
 def test_a_read_only_pool_is_read_and_never_written(pool, tmp_path):
@@ -366,6 +369,7 @@ def test_a_read_only_pool_is_read_and_never_written(pool, tmp_path):
         assert done.returncode == 2 and "Traceback" not in done.stderr
         assert f"curate: {pool.root}: cannot be written" in done.stderr
         assert snapshot(pool.root) == before and not any(cwd.iterdir())
+        assert not list((tmp_path / "tmpdir").glob("clipcurate-query-*"))  # each reader removed its spill folder
     finally:
         subprocess.run(["chmod", "-R", "u+w", str(pool.root)], check=True)
 
