@@ -213,11 +213,11 @@ def _neighbours(b: Browser, uid: str) -> str:
         return f"<p>No index: run <code>curate index {html.escape(str(b.pool.root))}</code>.</p>"
     from pipeline.index.search import query_vector, search
 
-    try:
-        vector = query_vector(b.pool, "image", uid=uid)
-    except UserError as exc:
-        return f"<p>{html.escape(str(exc))}</p>"
-    with b.lock:
+    with b.lock:  # the uid's shard found on the browser's own connection: a sample page opens none
+        try:
+            vector = query_vector(b.pool, "image", uid=uid, con=b.con)
+        except UserError as exc:
+            return f"<p>{html.escape(str(exc))}</p>"
         hits = search(b.pool, vector, k=9, searcher=b.searcher, con=b.con)
     cells = "".join(_thumb(u, c, f"{s:.3f}") for u, s, c in zip(hits["uid"].to_pylist(), hits["score"].to_pylist(),
                                                                   hits["caption"].to_pylist(), strict=True) if u != uid)

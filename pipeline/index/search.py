@@ -100,17 +100,20 @@ class Searcher:
 
 
 def query_vector(pool: Pool, space: str, uid: str | None = None, text: str | None = None,
-                 image: str | None = None) -> np.ndarray:  # fmt: skip
-    """The query as a ``(1, dim)`` vector (module docstring)."""
+                 image: str | None = None, con: Any = None) -> np.ndarray:  # fmt: skip
+    """The query as a ``(1, dim)`` vector (module docstring). ``con``: an open connection to the
+    pool's views to find ``uid``'s shard with (the browser's, under its lock); else one is opened."""
     stage, column = SPACES[space]
     if uid is not None:
         from pipeline.core.vectors import as_float32
 
-        con = connect(pool)
+        own = con is None
+        con = connect(pool) if own else con
         try:
             found = con.execute(f"select shard from {stage} where uid = ?", [uid]).fetchall()
         finally:
-            con.close()
+            if own:
+                con.close()
         if not found:
             raise IndexUnavailable(f"--uid {uid}: no such sample with a {stage} row in {pool.root}")
         table = pool.read_shard(stage, found[0][0], columns=[S.UID, column])
