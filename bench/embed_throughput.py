@@ -14,6 +14,7 @@ bare / stage. The model load is timed once, apart.
 from __future__ import annotations
 
 import argparse
+import itertools
 import multiprocessing
 import os
 import shutil
@@ -30,8 +31,11 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 
-def make_pool(work: Path, images: int) -> Path:
-    """Download ``images`` demo URLs (successes only) into a one-shard pool."""
+def make_pool(work: Path, images: int, per_shard: int | None = None, generated: bool = False) -> Path:
+    """Download ``images`` images from the loopback server into a pool (one shard, or shards of
+    ``per_shard``): the demo's URLs the server answers with an image, or (``generated``) as many
+    generated URLs of that kind as asked, captioned with the demo's captions in turn."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
     from download_throughput import _serve
 
@@ -45,37 +49,66 @@ def make_pool(work: Path, images: int) -> Path:
     queue = ctx.Queue()
     server = ctx.Process(target=_serve, args=(queue,), daemon=True)
     server.start()
-    base_url = queue.get(timeout=30)
+    base_url = queue.get(timeout=60)
     table = pq.read_table(REPO / "data" / "laion_10k.parquet")
-    ok = [i for i, u in enumerate(table["URL"].to_pylist()) if u.startswith("http") and kind_of(token_for(u)) == "ok"]
-    pq.write_table(table.take(ok[:images]), work / "src.parquet")
-    rewrite_url_list(work / "src.parquet", work / "urls.parquet", base_url)
-    cfg = parse_config(
-        {"pool": str(work / "pool"), "download": {"input": str(work / "urls.parquet"), "samples_per_shard": images}}
-    )
-    run_download(Pool(cfg.pool), cfg.download, LocalEngine(2), progress=False)
+    if generated:
+        tokens = (token_for(f"generated-{i}") for i in itertools.count())
+        urls = [f"{base_url}/img/{t}.jpg" for t in itertools.islice((t for t in tokens if kind_of(t) == "ok"), images)]
+        captions = table["TEXT"].to_pylist()
+        pq.write_table(pa.table({"url": urls, "caption": [captions[j % len(captions)] or "" for j in range(images)]}),
+                       work / "urls.parquet")  # fmt: skip
+    else:
+        urls = table["URL"].to_pylist()
+        ok = [i for i, u in enumerate(urls) if u.startswith("http") and kind_of(token_for(u)) == "ok"]
+        pq.write_table(table.take(ok[:images]), work / "src.parquet")
+        rewrite_url_list(work / "src.parquet", work / "urls.parquet", base_url)
+    download = {"input": str(work / "urls.parquet"), "samples_per_shard": per_shard or images, "threads": 64}
+    cfg = parse_config({"pool": str(work / "pool"), "download": download})
+    run_download(Pool(cfg.pool), cfg.download, LocalEngine(max(2, min(8, (os.cpu_count() or 2) - 1))), progress=False)
     server.terminate()
     return work / "pool"
 
 
-def bare_forward(embedder, pool_root: Path, batch_size: int) -> tuple[float, int]:
+def sync() -> None:
+    """Wait for the GPU's queued work (nothing on a CPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def bare_forward(embedder, pool_root: Path, batch_size: int, text: bool = True) -> tuple[float, int]:
+    """Seconds and images of the model alone over every image of the pool, decoded, preprocessed
+    (and tokenised) before the clock: batches copied to the embedder's device in its input dtype,
+    ``encode_image`` (and ``encode_text``)."""
     import torch
 
     from pipeline.store.parquet import Pool
     from pipeline.store.webdataset import decode_image, iter_shard
 
-    samples = list(iter_shard(Pool(pool_root).shard_tar(0)))
+    pool = Pool(pool_root)
+    samples = [s for shard in pool.completed("download") for s in iter_shard(pool.shard_tar(shard))]
     pixels = torch.stack([embedder.preprocess(decode_image(s["jpg"])[0]) for s in samples])
     tokens = embedder.tokenizer([s["txt"] for s in samples])
+    if embedder.device.startswith("cuda"):
+        pixels, tokens = pixels.pin_memory(), tokens.pin_memory()
+    dtype = embedder.input_dtype or torch.float32
+    sync()
     start = time.perf_counter()
     with torch.inference_mode():
         for i in range(0, len(samples), batch_size):
-            embedder.model.encode_image(pixels[i : i + batch_size], normalize=True)
-            embedder.model.encode_text(tokens[i : i + batch_size], normalize=True)
+            x = pixels[i : i + batch_size].to(embedder.device, dtype=dtype, non_blocking=True)
+            embedder.model.encode_image(x, normalize=True).float().cpu()
+            if text:
+                t = tokens[i : i + batch_size].to(embedder.device, non_blocking=True)
+                embedder.model.encode_text(t, normalize=True).float().cpu()
+    sync()
     return time.perf_counter() - start, len(samples)
 
 
-def stage(cfg, pool_root: Path) -> tuple[float, int]:
+def stage(cfg, pool_root: Path, text_needed: bool = True) -> tuple[float, int]:
+    """Seconds and images of ``run_embed`` over the pool (its embed tables removed first), the
+    model loaded before the clock."""
     from pipeline.core import runner
     from pipeline.embed import embed_steps, run_embed
     from pipeline.engines.local import LocalEngine
@@ -84,10 +117,11 @@ def stage(cfg, pool_root: Path) -> tuple[float, int]:
     pool = Pool(pool_root)
     for name in ("completions/embed", "completions/caption_embed", "tables/embed", "tables/caption_embed"):
         shutil.rmtree(pool.root / name, ignore_errors=True)
-    for step in embed_steps(pool, cfg):  # the models load here, untimed (once per setting: the runner keeps them)
+    for step in embed_steps(pool, cfg, text_needed):  # the models load here, untimed (the runner keeps them)
         runner.ready(step)
     start = time.perf_counter()
-    done = run_embed(pool, cfg, LocalEngine(1), progress=False)
+    done = run_embed(pool, cfg, LocalEngine(1), progress=False, text_needed=text_needed)
+    sync()
     return time.perf_counter() - start, sum(c["samples"] for c in done.values())
 
 

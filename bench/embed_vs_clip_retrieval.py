@@ -1,9 +1,10 @@
 """The embed stage beside clip-retrieval's ``inference`` and the bare model forward, side by side.
 
 Same images (one WebDataset shard of the demo's images, fetched from the loopback server into a
-pool by ``bench/embed_throughput.py``'s :func:`make_pool`), same open_clip model with the same
-random weights from one local ``.safetensors`` file, same batch size, same torch threads. Two
-kinds of work: image embeddings only, and image + caption embeddings.
+pool by ``bench/embed_throughput.py``'s :func:`make_pool`, whose ``bare_forward`` and ``stage``
+time the project's side), same open_clip model with the same random weights from one local
+``.safetensors`` file, same batch size, same torch threads. Two kinds of work: image embeddings
+only, and image + caption embeddings.
 
 - **clip-retrieval 2.45** runs in its own virtualenv (``--venv``, created on first use: it pins
   ``numpy<2``, ``pyarrow<16`` and ``open-clip-torch<3``, so it cannot share the project's), on
@@ -40,7 +41,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -112,52 +112,21 @@ def clip_retrieval(python: Path, tar: Path, out: Path, checkpoint: Path, model: 
     return result
 
 
-def stage(cfg: Any, pool_root: Path, text: bool) -> dict[str, Any]:
-    """One ``run_embed`` over the pool (model loaded before the clock); seconds and vectors by key."""
+def stage_vectors(pool_root: Path, text: bool) -> dict[str, Any]:
+    """The embed table's vectors by tar key, as the stage stored them."""
     import numpy as np
 
-    from pipeline.core import runner
-    from pipeline.embed import embed_steps, run_embed
-    from pipeline.engines.local import LocalEngine
     from pipeline.store import schema as S
     from pipeline.store.parquet import Pool
 
     pool = Pool(pool_root)
-    for name in ("completions/embed", "completions/caption_embed", "tables/embed", "tables/caption_embed"):
-        shutil.rmtree(pool.root / name, ignore_errors=True)
-    for step in embed_steps(pool, cfg, text_needed=text):  # the models load here, untimed (the runner keeps them)
-        runner.ready(step)
-    start = time.perf_counter()
-    done = run_embed(pool, cfg, LocalEngine(1), progress=False, text_needed=text)
-    seconds = time.perf_counter() - start
     table = pool.read_table("embed")
     keys = dict(zip(*(pool.read_table("download").column(c).to_pylist() for c in (S.UID, S.KEY)), strict=True))
     order = [keys[u] for u in table[S.UID].to_pylist()]
-    out = {"seconds": seconds, "samples": sum(c["samples"] for c in done.values()),
-           "image": dict(zip(order, S.vectors(table[S.IMAGE_EMBEDDING]).astype(np.float32), strict=True))}  # fmt: skip
+    out = {"image": dict(zip(order, S.vectors(table[S.IMAGE_EMBEDDING]).astype(np.float32), strict=True))}
     if text:
         out["text"] = dict(zip(order, S.vectors(table[S.TEXT_EMBEDDING]).astype(np.float32), strict=True))
     return out
-
-
-def bare_forward(embedder: Any, pool_root: Path, batch_size: int, text: bool) -> dict[str, Any]:
-    """The model alone over pixels and tokens prepared before the clock, in the embedder's precision."""
-    import torch
-
-    from pipeline.store.parquet import Pool
-    from pipeline.store.webdataset import decode_image, iter_shard
-
-    samples = list(iter_shard(Pool(pool_root).shard_tar(0)))
-    dtype = embedder.input_dtype or torch.float32
-    pixels = torch.stack([embedder.preprocess(decode_image(s["jpg"])[0]) for s in samples]).to(dtype)
-    tokens = embedder.tokenizer([s["txt"] for s in samples])
-    start = time.perf_counter()
-    with torch.inference_mode():
-        for i in range(0, len(samples), batch_size):
-            embedder.model.encode_image(pixels[i : i + batch_size], normalize=True)
-            if text:
-                embedder.model.encode_text(tokens[i : i + batch_size], normalize=True)
-    return {"seconds": time.perf_counter() - start, "samples": len(samples)}
 
 
 def min_cosine(a: dict[str, Any], b: dict[str, Any]) -> float:
@@ -185,9 +154,9 @@ def _parse() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def _record(rates: dict[str, list[float]], name: str, run: dict[str, Any], n: int) -> None:
-    rates.setdefault(name, []).append(n / run["seconds"])
-    print(f"  {name:<34} {n} images {run['seconds']:6.1f} s {n / run['seconds']:6.2f} images/s", flush=True)
+def _record(rates: dict[str, list[float]], name: str, seconds: float, n: int) -> None:
+    rates.setdefault(name, []).append(n / seconds)
+    print(f"  {name:<34} {n} images {seconds:6.1f} s {n / seconds:6.2f} images/s", flush=True)
 
 
 def main() -> None:
@@ -221,19 +190,21 @@ def _one_kind(args: argparse.Namespace, python: Path, work: Path, pool_root: Pat
               embedders: dict[str, Any], text: bool, rates: dict[str, list[float]],
               cosines: dict[str, float]) -> None:  # fmt: skip
     """clip-retrieval, then per precision the bare forward and the stage with each ``workers``."""
+    from embed_throughput import bare_forward, stage
+
     kind = "image+text" if text else "image"
     cr = clip_retrieval(python, pool_root / "shards" / "00000.tar", work / "cr", checkpoint, args.model,
                         args.batch_size, args.cr_workers, text)  # fmt: skip
     n = len(cr["image"])
-    _record(rates, f"{kind} clip-retrieval fp32", cr, n)
+    _record(rates, f"{kind} clip-retrieval fp32", cr["seconds"], n)
     for precision, embedder in embedders.items():
-        _record(rates, f"{kind} bare {precision}", bare_forward(embedder, pool_root, args.batch_size, text), n)
+        _record(rates, f"{kind} bare {precision}", *bare_forward(embedder, pool_root, args.batch_size, text))
         for workers in args.workers:
             caption = "clip" if text else None
             cfg = dataclasses.replace(base, precision=precision, workers=workers, caption_model=caption,
                                       text="on" if text else "off")  # fmt: skip
-            run = stage(cfg, pool_root, text)
-            _record(rates, f"{kind} stage {precision} workers={workers}", run, run["samples"])
+            _record(rates, f"{kind} stage {precision} workers={workers}", *stage(cfg, pool_root, text))
+            run = stage_vectors(pool_root, text)
             for tower in ("image", "text") if text else ("image",):
                 key = f"{kind} {tower}: stage {precision} vs clip-retrieval fp32"
                 cosines[key] = min(cosines.get(key, 1.0), min_cosine(run[tower], cr[tower]))
