@@ -129,8 +129,9 @@ def _plain_members(path: Path) -> dict[str, tuple[int, int]] | None:
 def _pax_records(data: bytes) -> dict[str, str]:
     records, at = {}, 0
     while at < len(data) and data[at:at + 1] != b"\0":
-        length = int(data[at:data.index(b" ", at)])
-        key, _, value = data[data.index(b" ", at) + 1:at + length - 1].partition(b"=")
+        space = data.index(b" ", at)
+        length = int(data[at:space])
+        key, _, value = data[space + 1 : at + length - 1].partition(b"=")
         records[key.decode("utf-8")] = value.decode("utf-8")
         at += length
     return records

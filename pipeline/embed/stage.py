@@ -321,7 +321,7 @@ def scorer_config(cfg: EmbedConfig, scorer: ScorerConfig) -> EmbedConfig:
 
 def runs_text(pool: Pool, cfg: EmbedConfig, needed: bool = True) -> bool:
     """Whether the text tower runs: ``embed.text`` on, or ``auto`` where the run ``needed`` it
-    (:func:`pipeline.embed.needs.text_needed`) or the pool's embed table was made with it (a pool
+    (:func:`pipeline.config.text_uses`) or the pool's embed table was made with it (a pool
     made before ``embed.text`` keeps its config, and so its finished shards)."""
     if cfg.text != "auto":
         return cfg.text == "on"
